@@ -1,0 +1,70 @@
+//! Build script: makes the binaries find libtorch without LD_LIBRARY_PATH (rpath), and with
+//! the `cuda` feature compiles kernels/*.cu to PTX with nvcc.
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let libtorch = env::var("LIBTORCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| manifest.join(".libtorch/py/torch"));
+    let torch_lib = libtorch.join("lib");
+    // The wheel keeps the CUDA runtime (needed by libtorch_cpu) beside torch/, under nvidia/.
+    let cuda_lib = libtorch.join("../nvidia/cu13/lib");
+    for dir in [&torch_lib, &cuda_lib] {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+        println!("cargo:rustc-link-arg=-Wl,-rpath-link,{}", dir.display());
+    }
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        // tch links libtorch_cuda only as-needed; nothing references it directly, so without
+        // this the binary silently reports no CUDA device.
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-L{}", torch_lib.display());
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-ltorch");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        compile_kernels(&manifest);
+    }
+}
+
+fn compile_kernels(manifest: &Path) {
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=BRELU_CUDA_ARCH");
+    let kernels = manifest.join("kernels");
+    println!("cargo:rerun-if-changed={}", kernels.display());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
+    let arch = env::var("BRELU_CUDA_ARCH").unwrap_or_else(|_| "sm_90".to_string());
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
+        .expect("kernels/ directory is missing")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .filter(|p| p.file_stem().is_some_and(|s| s != "host_check"))
+        .collect();
+    sources.sort();
+    for src in &sources {
+        println!("cargo:rerun-if-changed={}", src.display());
+        let ptx = out.join(src.file_stem().unwrap()).with_extension("ptx");
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+            .arg(format!("-arch={arch}"))
+            .arg("-I")
+            .arg(&kernels)
+            .arg("-o")
+            .arg(&ptx)
+            .arg(src)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("nvcc failed ({s}) compiling {}", src.display()),
+            Err(e) => panic!(
+                "the `cuda` feature needs nvcc, but running `{nvcc}` failed: {e}. \
+                 Put nvcc on PATH or set NVCC=/path/to/nvcc (`make cuda-setup` installs it from PyPI \
+                 into .nvcc/)."
+            ),
+        }
+    }
+}
