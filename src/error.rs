@@ -1,7 +1,103 @@
-//! Crate error type.
+//! The crate's error type. Variants name what failed (file, field, tensor, site) so the CLI
+//! can print one sentence a user can act on.
+use std::path::PathBuf;
+
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    // ---- files ----
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not valid JSON/TOML or lacks a required field.
+    #[error("{path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+
+    // ---- models and weights ----
+    /// No architecture of that name in the registry.
+    #[error("unknown model '{name}' (known: {known})")]
+    UnknownModel { name: String, known: String },
+    /// The network cannot take this input shape.
+    #[error("shape error at {op}: {msg}")]
+    Shape { op: String, msg: String },
+    /// A weight file lacks a tensor, has a wrongly shaped one, or one the model does not know.
+    #[error("{path}: tensor '{tensor}': {msg}")]
+    Weights {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+
+    // ---- specs ----
+    /// A spec does not match the model (unknown site, channel count, patch too large, ...).
+    #[error("{path}: {msg}")]
+    Spec { path: PathBuf, msg: String },
+    /// A patch-size catalog entry is invalid.
+    #[error("catalog: {0}")]
+    Catalog(String),
+
+    // ---- usage ----
+    /// An argument or configuration value is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    // ---- backends ----
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }
+
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn parse(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Parse {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn spec(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Spec {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename, so a reader
+/// never sees a half-written file and an interrupted write loses nothing.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}

@@ -1,4 +1,21 @@
-//! brelu: block-ReLU networks for cheap secure inference.
+//! brelu: block-ReLU networks for cheap secure multi-party inference.
+//!
+//! In secure inference every ReLU costs a secure sign test (a DReLU); block ReLU lets one
+//! DReLU decide a whole patch of a channel. Data flows one way:
+//!
+//! ```text
+//! models (graph + sites) --> distortion tables --> knapsack --> spec --> fine-tune / secure
+//!        \______ ops (block ReLU kernels) _______/                 ^
+//!                                                 spec (options, catalogs, costs)
+//! ```
+//!
+//! Modules: [`spec`] (options, catalogs, spec files, cost model), [`models`] (architectures
+//! as op graphs with named ReLU sites, weights), [`ops`] (block-ReLU operators), [`cli`]
+//! (the `brelu` command).
+pub mod cli;
 pub mod error;
+pub mod models;
 pub mod ops;
 pub mod spec;
+
+pub use error::{Error, Result};

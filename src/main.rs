@@ -1,4 +1,10 @@
+//! The `brelu` binary: parse arguments, run, print errors with their causes.
+use clap::Parser;
+
 fn main() {
-    let t = tch::Tensor::from_slice(&[1.0f32, -2.0]).relu();
-    println!("{t}");
+    let cli = brelu::cli::Cli::parse();
+    if let Err(e) = brelu::cli::run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -21,9 +21,10 @@ pub fn patch_mask(x: &Tensor, bh: i64, bw: i64) -> Tensor {
     let (n, c, h, w) = x.size4().expect("block ReLU input must be [N, C, H, W]");
     let (ph, pw) = ((h + bh - 1) / bh, (w + bw - 1) / bw);
     let padded = x.constant_pad_nd([0, pw * bw - w, 0, ph * bh - h]);
-    let sums = padded
-        .view([n, c, ph, bh, pw, bw])
-        .sum_dim_intlist([3i64, 5].as_slice(), false, x.kind());
+    let sums =
+        padded
+            .view([n, c, ph, bh, pw, bw])
+            .sum_dim_intlist([3i64, 5].as_slice(), false, x.kind());
     sums.gt(0.0)
         .to_kind(x.kind())
         .view([n, c, ph, 1, pw, 1])
@@ -44,7 +45,7 @@ pub fn block_relu_mask(x: &Tensor, options: &[PatchOption]) -> Tensor {
     if groups.len() == 1 {
         return option_mask(&x, *groups.keys().next().unwrap());
     }
-    let mask = x.zeros_like();
+    let mut mask = x.zeros_like();
     for (o, channels) in groups {
         let idx = Tensor::from_slice(&channels).to_device(x.device());
         let m = option_mask(&x.index_select(1, &idx), o);
@@ -81,7 +82,7 @@ pub fn simulate(x: &Tensor, perturbations: &[(usize, PatchOption)]) -> Tensor {
         .map(|&(c, o)| {
             let y = relu.copy();
             let xc = x.narrow(1, c as i64, 1);
-            let _ = y.narrow(1, c as i64, 1).copy_(&(&xc * option_mask(&xc, o)));
+            y.narrow(1, c as i64, 1).copy_(&(&xc * option_mask(&xc, o)));
             y
         })
         .collect();

@@ -1,3 +1,12 @@
 //! Block-ReLU specs: per-channel options, patch-size catalogs, spec files and costs.
+pub mod catalog;
+pub mod cost;
+pub mod file;
 pub mod option;
+pub mod site;
+
+pub use catalog::Catalog;
+pub use cost::{spec_cost, CostModel, SiteCost, SpecCost};
+pub use file::Spec;
 pub use option::PatchOption;
+pub use site::SiteInfo;

@@ -1,0 +1,80 @@
+//! The `brelu` command line: argument definitions and one function per subcommand. Library
+//! errors get context here; `main` prints the chain and sets the exit code.
+mod models;
+mod spec;
+mod table;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// Block-ReLU networks for cheap secure inference.
+///
+/// Typical flow: `brelu sites` to see a model's ReLU layers, `brelu spec uniform` or the
+/// knapsack to make a spec (one patch size per channel), `brelu spec stats` to see what it
+/// costs in DReLUs and bytes.
+#[derive(Parser, Debug)]
+#[command(name = "brelu", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the architectures in the model zoo.
+    Models(models::ModelsArgs),
+    /// Table of a model's ReLU sites with their activation shapes and ReLU counts.
+    Sites(models::SitesArgs),
+    /// Make and inspect block-ReLU spec files.
+    #[command(subcommand)]
+    Spec(spec::SpecCommand),
+}
+
+/// A model and the input size it runs at.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Architecture name (see `brelu models`).
+    #[arg(long, short)]
+    pub model: String,
+    /// Input size as C,H,W (default: the architecture's own, e.g. 3,32,32 for CIFAR models).
+    #[arg(long, value_parser = parse_input)]
+    pub input: Option<[usize; 3]>,
+}
+
+/// Parses `3,32,32` or `3x32x32`.
+pub fn parse_input(s: &str) -> std::result::Result<[usize; 3], String> {
+    let d: Vec<usize> = s
+        .split([',', 'x'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("expected C,H,W (e.g. 3,32,32), got '{s}'"))?;
+    match d.as_slice() {
+        [c, h, w] if *c > 0 && *h > 0 && *w > 0 => Ok([*c, *h, *w]),
+        _ => Err(format!("expected three positive numbers C,H,W, got '{s}'")),
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Models(a) => models::models(a),
+        Command::Sites(a) => models::sites(a),
+        Command::Spec(c) => spec::run(c),
+    }
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Resolves `--model`/`--input` into an architecture and its input size.
+fn resolve_model(a: &ModelArgs) -> Result<(&'static dyn crate::models::Architecture, [usize; 3])> {
+    let arch = crate::models::find(&a.model)?;
+    let input = a.input.unwrap_or_else(|| arch.default_input());
+    if input[1] == 0 || input[2] == 0 {
+        bail!("input {input:?} must be positive");
+    }
+    Ok((arch, input))
+}

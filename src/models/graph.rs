@@ -1,0 +1,395 @@
+//! The network description every model compiles to: a straight-line list of ops over value
+//! slots. One description serves the plaintext forward pass (tch), running from a site with
+//! cached earlier values (distortion extraction), shape inference (the site dry run), batch-norm
+//! folding and, later, secure inference, so none of those needs per-model code.
+use crate::error::{Error, Result};
+
+/// Index of a value (a tensor) in a graph; slot 0 is the input image batch.
+pub type Slot = usize;
+
+/// One operation. Parameter names (`name`) are torchvision state-dict prefixes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Conv {
+        x: Slot,
+        y: Slot,
+        name: String,
+        cin: usize,
+        cout: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pad: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        bias: bool,
+    },
+    /// Batch norm over channels with running statistics (`name.running_mean`, ...).
+    BatchNorm {
+        x: Slot,
+        y: Slot,
+        name: String,
+        channels: usize,
+        eps: f64,
+    },
+    /// A ReLU site: ordinary ReLU or block ReLU per channel, as the active spec says.
+    Act {
+        x: Slot,
+        y: Slot,
+        site: usize,
+    },
+    Add {
+        a: Slot,
+        b: Slot,
+        y: Slot,
+    },
+    MaxPool {
+        x: Slot,
+        y: Slot,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
+    /// Average pool that divides by the number of in-bounds pixels (count_include_pad=False),
+    /// which is what secure inference computes.
+    AvgPool {
+        x: Slot,
+        y: Slot,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
+    /// [N, C, H, W] -> [N, C].
+    GlobalAvgPool {
+        x: Slot,
+        y: Slot,
+    },
+    Linear {
+        x: Slot,
+        y: Slot,
+        name: String,
+        cin: usize,
+        cout: usize,
+    },
+}
+
+impl Op {
+    /// Slots this op reads.
+    pub fn inputs(&self) -> Vec<Slot> {
+        match self {
+            Op::Add { a, b, .. } => vec![*a, *b],
+            Op::Conv { x, .. }
+            | Op::BatchNorm { x, .. }
+            | Op::Act { x, .. }
+            | Op::MaxPool { x, .. }
+            | Op::AvgPool { x, .. }
+            | Op::GlobalAvgPool { x, .. }
+            | Op::Linear { x, .. } => vec![*x],
+        }
+    }
+
+    /// The slot this op writes.
+    pub fn output(&self) -> Slot {
+        match self {
+            Op::Conv { y, .. }
+            | Op::BatchNorm { y, .. }
+            | Op::Act { y, .. }
+            | Op::Add { y, .. }
+            | Op::MaxPool { y, .. }
+            | Op::AvgPool { y, .. }
+            | Op::GlobalAvgPool { y, .. }
+            | Op::Linear { y, .. } => *y,
+        }
+    }
+}
+
+/// A model's computation: ops in execution order, the output slot and the site names.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub ops: Vec<Op>,
+    pub slots: usize,
+    pub output: Slot,
+    pub sites: Vec<String>,
+    /// For each site, the index in `ops` of its `Act` op.
+    pub site_ops: Vec<usize>,
+}
+
+/// Builds a [`Graph`]; model files call these in forward order.
+pub struct GraphBuilder {
+    g: Graph,
+}
+
+impl Default for GraphBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GraphBuilder {
+    pub fn new() -> Self {
+        GraphBuilder {
+            g: Graph {
+                slots: 1,
+                ..Graph::default()
+            },
+        }
+    }
+
+    /// The input image batch.
+    pub fn input(&self) -> Slot {
+        0
+    }
+
+    fn push(&mut self, make: impl FnOnce(Slot) -> Op) -> Slot {
+        let y = self.g.slots;
+        self.g.slots += 1;
+        self.g.ops.push(make(y));
+        y
+    }
+
+    /// A bias-free k x k convolution with "same"-style padding (k/2) times dilation.
+    pub fn conv(
+        &mut self,
+        x: Slot,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+    ) -> Slot {
+        self.conv_full(x, name, cin, cout, k, stride, 1, 1, false)
+    }
+
+    /// A depthwise k x k convolution.
+    pub fn conv_dw(&mut self, x: Slot, name: &str, c: usize, k: usize, stride: usize) -> Slot {
+        self.conv_full(x, name, c, c, k, stride, 1, c, false)
+    }
+
+    pub fn conv_full(
+        &mut self,
+        x: Slot,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        dilation: usize,
+        groups: usize,
+        bias: bool,
+    ) -> Slot {
+        let pad = dilation * (k - 1) / 2;
+        self.push(|y| Op::Conv {
+            x,
+            y,
+            name: name.to_string(),
+            cin,
+            cout,
+            kernel: [k, k],
+            stride: [stride, stride],
+            pad: [pad, pad],
+            dilation: [dilation, dilation],
+            groups,
+            bias,
+        })
+    }
+
+    pub fn bn(&mut self, x: Slot, name: &str, channels: usize) -> Slot {
+        self.push(|y| Op::BatchNorm {
+            x,
+            y,
+            name: name.to_string(),
+            channels,
+            eps: 1e-5,
+        })
+    }
+
+    /// A ReLU site named `site` (SPEC.md section 4 names).
+    pub fn act(&mut self, x: Slot, site: &str) -> Slot {
+        let site_index = self.g.sites.len();
+        self.g.sites.push(site.to_string());
+        self.g.site_ops.push(self.g.ops.len());
+        self.push(|y| Op::Act {
+            x,
+            y,
+            site: site_index,
+        })
+    }
+
+    pub fn add(&mut self, a: Slot, b: Slot) -> Slot {
+        self.push(|y| Op::Add { a, b, y })
+    }
+
+    pub fn max_pool(&mut self, x: Slot, kernel: usize, stride: usize, pad: usize) -> Slot {
+        self.push(|y| Op::MaxPool {
+            x,
+            y,
+            kernel,
+            stride,
+            pad,
+        })
+    }
+
+    pub fn avg_pool(&mut self, x: Slot, kernel: usize, stride: usize, pad: usize) -> Slot {
+        self.push(|y| Op::AvgPool {
+            x,
+            y,
+            kernel,
+            stride,
+            pad,
+        })
+    }
+
+    pub fn global_avg_pool(&mut self, x: Slot) -> Slot {
+        self.push(|y| Op::GlobalAvgPool { x, y })
+    }
+
+    pub fn linear(&mut self, x: Slot, name: &str, cin: usize, cout: usize) -> Slot {
+        self.push(|y| Op::Linear {
+            x,
+            y,
+            name: name.to_string(),
+            cin,
+            cout,
+        })
+    }
+
+    /// Finishes the graph with `output` as the network output.
+    pub fn finish(mut self, output: Slot) -> Graph {
+        self.g.output = output;
+        self.g
+    }
+}
+
+/// Shape of a value: [C, H, W] for feature maps, [F] after pooling to a vector.
+pub type Shape = Vec<usize>;
+
+fn out_len(len: usize, k: usize, stride: usize, pad: usize, dilation: usize) -> Option<usize> {
+    let eff = dilation * (k - 1) + 1;
+    (len + 2 * pad).checked_sub(eff).map(|v| v / stride + 1)
+}
+
+impl Graph {
+    /// Shapes of every slot (per sample) for an input of shape [C, H, W]: the dry run that
+    /// finds each site's [C, H, W]. Fails on an input the network cannot take, naming the op.
+    pub fn infer_shapes(&self, input: [usize; 3]) -> Result<Vec<Shape>> {
+        let mut shapes: Vec<Option<Shape>> = vec![None; self.slots];
+        shapes[0] = Some(input.to_vec());
+        for op in &self.ops {
+            let get = |s: Slot| {
+                shapes[s]
+                    .clone()
+                    .expect("graph slots are written before read")
+            };
+            let bad = |what: String| Error::Shape {
+                op: op_name(op),
+                msg: what,
+            };
+            let y = match op {
+                Op::Conv {
+                    x,
+                    cin,
+                    cout,
+                    kernel,
+                    stride,
+                    pad,
+                    dilation,
+                    ..
+                } => {
+                    let s = get(*x);
+                    if s.len() != 3 || s[0] != *cin {
+                        return Err(bad(format!("expected [{cin}, H, W] input, got {s:?}")));
+                    }
+                    let h = out_len(s[1], kernel[0], stride[0], pad[0], dilation[0]);
+                    let w = out_len(s[2], kernel[1], stride[1], pad[1], dilation[1]);
+                    match (h, w) {
+                        (Some(h), Some(w)) if h > 0 && w > 0 => vec![*cout, h, w],
+                        _ => return Err(bad(format!("input {s:?} is smaller than the kernel"))),
+                    }
+                }
+                Op::BatchNorm { x, channels, .. } => {
+                    let s = get(*x);
+                    if s[0] != *channels {
+                        return Err(bad(format!("expected {channels} channels, got {s:?}")));
+                    }
+                    s
+                }
+                Op::Act { x, .. } => get(*x),
+                Op::Add { a, b, .. } => {
+                    let (sa, sb) = (get(*a), get(*b));
+                    if sa != sb {
+                        return Err(bad(format!("operands differ: {sa:?} and {sb:?}")));
+                    }
+                    sa
+                }
+                Op::MaxPool {
+                    x,
+                    kernel,
+                    stride,
+                    pad,
+                    ..
+                }
+                | Op::AvgPool {
+                    x,
+                    kernel,
+                    stride,
+                    pad,
+                    ..
+                } => {
+                    let s = get(*x);
+                    match (
+                        out_len(s[1], *kernel, *stride, *pad, 1),
+                        out_len(s[2], *kernel, *stride, *pad, 1),
+                    ) {
+                        (Some(h), Some(w)) if h > 0 && w > 0 => vec![s[0], h, w],
+                        _ => return Err(bad(format!("input {s:?} is smaller than the window"))),
+                    }
+                }
+                Op::GlobalAvgPool { x, .. } => vec![get(*x)[0]],
+                Op::Linear { x, cin, cout, .. } => {
+                    let s = get(*x);
+                    if s != [*cin] {
+                        return Err(bad(format!("expected [{cin}] input, got {s:?}")));
+                    }
+                    vec![*cout]
+                }
+            };
+            shapes[op.output()] = Some(y);
+        }
+        Ok(shapes.into_iter().map(|s| s.unwrap_or_default()).collect())
+    }
+
+    /// Slots that hold a value computed before op `at` and read by an op after it: the state
+    /// that must be cached to resume the network just after op `at`. Includes `at`'s output.
+    pub fn live_after(&self, at: usize) -> Vec<Slot> {
+        let mut defined = vec![false; self.slots];
+        defined[0] = true;
+        for op in &self.ops[..=at] {
+            defined[op.output()] = true;
+        }
+        let mut live = vec![false; self.slots];
+        for op in &self.ops[at + 1..] {
+            for i in op.inputs() {
+                if defined[i] {
+                    live[i] = true;
+                }
+            }
+        }
+        if defined[self.output] {
+            live[self.output] = true;
+        }
+        (0..self.slots).filter(|&s| live[s]).collect()
+    }
+}
+
+/// A short description of an op for error messages.
+pub fn op_name(op: &Op) -> String {
+    match op {
+        Op::Conv { name, .. } | Op::BatchNorm { name, .. } | Op::Linear { name, .. } => {
+            name.clone()
+        }
+        Op::Act { site, .. } => format!("site #{site}"),
+        Op::Add { y, .. } => format!("add -> %{y}"),
+        Op::MaxPool { y, .. } => format!("max-pool -> %{y}"),
+        Op::AvgPool { y, .. } => format!("avg-pool -> %{y}"),
+        Op::GlobalAvgPool { y, .. } => format!("global-avg-pool -> %{y}"),
+    }
+}

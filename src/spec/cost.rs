@@ -1,0 +1,137 @@
+//! DReLU counts and the byte cost model of SPEC.md 8.6, used by reports and the knapsack.
+//!
+//! Bytes for one channel of n pixels with N DReLUs (patches): N DReLUs at a fixed cost each
+//! (Porthos-style 8*(6*8+14) = 496 bytes, SecureNN-style 8*(8*8+19) = 664 bytes) plus the
+//! block-ReLU multiply, 8*(3n + 2N) bytes. Identity and zero channels cost nothing.
+use super::{PatchOption, SiteInfo, Spec};
+use serde::Serialize;
+
+/// Bytes per DReLU, Porthos-style (6 bit-vectors of 8 bytes + 14 ring elements, 8 bytes each).
+pub const PORTHOS_BYTES_PER_DRELU: u64 = 8 * (6 * 8 + 14);
+/// Bytes per DReLU, SecureNN-style.
+pub const SECURENN_BYTES_PER_DRELU: u64 = 8 * (8 * 8 + 19);
+
+/// Which DReLU protocol the byte estimate assumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum CostModel {
+    Porthos,
+    SecureNn,
+}
+
+impl CostModel {
+    pub fn bytes_per_drelu(self) -> u64 {
+        match self {
+            CostModel::Porthos => PORTHOS_BYTES_PER_DRELU,
+            CostModel::SecureNn => SECURENN_BYTES_PER_DRELU,
+        }
+    }
+
+    /// Predicted bytes of one channel of an `h x w` map under `option`.
+    pub fn channel_bytes(self, option: PatchOption, h: usize, w: usize) -> u64 {
+        match option {
+            PatchOption::Patch { .. } => {
+                let n = (h * w) as u64;
+                let d = option.drelus(h, w) as u64;
+                d * self.bytes_per_drelu() + 8 * (3 * n + 2 * d)
+            }
+            PatchOption::Identity | PatchOption::Zero => 0,
+        }
+    }
+}
+
+/// Costs of one site under a spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SiteCost {
+    pub site: String,
+    pub channels: usize,
+    pub shape: [usize; 3],
+    /// ReLUs of the original network at this site.
+    pub relus: usize,
+    /// DReLUs the spec uses here.
+    pub drelus: usize,
+    pub identity_channels: usize,
+    pub zero_channels: usize,
+    pub bytes_porthos: u64,
+    pub bytes_securenn: u64,
+}
+
+/// Costs of a whole spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SpecCost {
+    pub model: String,
+    pub input: [usize; 3],
+    pub relus: usize,
+    pub drelus: usize,
+    /// drelus / relus.
+    pub ratio: f64,
+    pub bytes_porthos: u64,
+    pub bytes_securenn: u64,
+    /// Bytes of the ReLU layers of the original network (every channel ordinary ReLU).
+    pub original_bytes_porthos: u64,
+    pub original_bytes_securenn: u64,
+    pub sites: Vec<SiteCost>,
+}
+
+/// Costs of one site with per-channel `options`.
+pub fn site_cost(site: &SiteInfo, options: &[PatchOption]) -> SiteCost {
+    let (h, w) = (site.height, site.width);
+    let sum = |m: CostModel| options.iter().map(|&o| m.channel_bytes(o, h, w)).sum();
+    SiteCost {
+        site: site.name.clone(),
+        channels: site.channels,
+        shape: [site.channels, h, w],
+        relus: site.relus(),
+        drelus: options.iter().map(|o| o.drelus(h, w)).sum(),
+        identity_channels: options
+            .iter()
+            .filter(|o| **o == PatchOption::Identity)
+            .count(),
+        zero_channels: options.iter().filter(|o| **o == PatchOption::Zero).count(),
+        bytes_porthos: sum(CostModel::Porthos),
+        bytes_securenn: sum(CostModel::SecureNn),
+    }
+}
+
+/// Costs of a spec that has been validated against `sites`.
+pub fn spec_cost(spec: &Spec, sites: &[SiteInfo]) -> SpecCost {
+    let per_site: Vec<SiteCost> = sites
+        .iter()
+        .map(|s| site_cost(s, spec.sites.get(&s.name).map(Vec::as_slice).unwrap_or(&[])))
+        .collect();
+    let original: Vec<SiteCost> = sites
+        .iter()
+        .map(|s| site_cost(s, &vec![PatchOption::RELU; s.channels]))
+        .collect();
+    let relus: usize = sites.iter().map(SiteInfo::relus).sum();
+    let drelus: usize = per_site.iter().map(|s| s.drelus).sum();
+    SpecCost {
+        model: spec.model.clone(),
+        input: spec.input,
+        relus,
+        drelus,
+        ratio: drelus as f64 / relus.max(1) as f64,
+        bytes_porthos: per_site.iter().map(|s| s.bytes_porthos).sum(),
+        bytes_securenn: per_site.iter().map(|s| s.bytes_securenn).sum(),
+        original_bytes_porthos: original.iter().map(|s| s.bytes_porthos).sum(),
+        original_bytes_securenn: original.iter().map(|s| s.bytes_securenn).sum(),
+        sites: per_site,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_per_drelu_costs() {
+        assert_eq!(PORTHOS_BYTES_PER_DRELU, 496);
+        assert_eq!(SECURENN_BYTES_PER_DRELU, 664);
+        // 4x4 channel with 2x2 patches: 4 DReLUs, 16 pixels.
+        let b = CostModel::Porthos.channel_bytes(PatchOption::patch(2, 2), 4, 4);
+        assert_eq!(b, 4 * 496 + 8 * (3 * 16 + 2 * 4));
+        assert_eq!(
+            CostModel::SecureNn.channel_bytes(PatchOption::Identity, 4, 4),
+            0
+        );
+    }
+}
