@@ -45,6 +45,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A plot could not be drawn (e.g. no font).
+    #[error("plot {path}: {msg}")]
+    Plot { path: PathBuf, msg: String },
+
     // ---- backends ----
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

@@ -10,12 +10,17 @@
 //! ```
 //!
 //! Modules: [`spec`] (options, catalogs, spec files, cost model), [`models`] (architectures
-//! as op graphs with named ReLU sites, weights), [`ops`] (block-ReLU operators), [`cli`]
-//! (the `brelu` command).
+//! as op graphs with named ReLU sites, weights), [`ops`] (block-ReLU operators),
+//! [`distortion`] (distortion tables), [`knapsack`] (exact and Lagrangian solvers, reports),
+//! [`npy`] (the table file format), [`cli`] (the `brelu` command).
 pub mod cli;
+pub mod distortion;
 pub mod error;
+pub mod knapsack;
 pub mod models;
+pub mod npy;
 pub mod ops;
+pub mod plot;
 pub mod spec;
 
 pub use error::{Error, Result};

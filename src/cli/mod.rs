@@ -1,5 +1,6 @@
 //! The `brelu` command line: argument definitions and one function per subcommand. Library
 //! errors get context here; `main` prints the chain and sets the exit code.
+mod knapsack;
 mod models;
 mod spec;
 mod table;
@@ -28,6 +29,8 @@ pub enum Command {
     /// Make and inspect block-ReLU spec files.
     #[command(subcommand)]
     Spec(spec::SpecCommand),
+    /// Pick a patch size per channel from distortion tables under a DReLU budget.
+    Knapsack(knapsack::KnapsackArgs),
 }
 
 /// A model and the input size it runs at.
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Models(a) => models::models(a),
         Command::Sites(a) => models::sites(a),
         Command::Spec(c) => spec::run(c),
+        Command::Knapsack(a) => knapsack::run(a),
     }
 }
 

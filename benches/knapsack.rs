@@ -1,0 +1,164 @@
+//! Knapsack benchmarks: the exact solver against a reference that follows the published
+//! structure (full uint8 back-pointer table, one pass per option over the whole budget row,
+//! every option of every channel), on a ResNet18-CIFAR-sized instance at 6%; and the exact and
+//! Lagrangian solvers on a ResNet50-ImageNet-sized instance (run with
+//! `cargo bench --bench knapsack -- resnet50`). Instances are synthetic with a realistic shape:
+//! distortion grows with patch area, identity is the largest.
+use brelu::distortion::{DistortionTables, SiteTable};
+use brelu::knapsack::{dp, lagrange, BuildOptions, Problem};
+use brelu::models::{find, sites};
+use brelu::spec::{Catalog, PatchOption};
+use criterion::{criterion_group, criterion_main, Criterion};
+use indexmap::IndexMap;
+use std::time::{Duration, Instant};
+
+fn synthetic(model: &str, input: [usize; 3]) -> (Problem, Problem) {
+    let infos = sites(find(model).unwrap(), input).unwrap();
+    let cat = Catalog::builtin();
+    let mut state = 12345u64;
+    let mut rnd = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut tabs = IndexMap::new();
+    for s in &infos {
+        let opts = cat.options(s);
+        let mut values = Vec::with_capacity(s.channels * opts.len());
+        for _ in 0..s.channels {
+            let scale = 0.1 + rnd() * 10.0;
+            for o in &opts {
+                values.push(match o {
+                    PatchOption::Patch { bh: 1, bw: 1 } => 0.0,
+                    PatchOption::Patch { bh, bw } => {
+                        scale * ((*bh * *bw) as f64).ln() * (0.8 + 0.4 * rnd())
+                    }
+                    _ => scale * 4.0 * ((s.height * s.width) as f64).ln() * (0.9 + 0.2 * rnd()),
+                });
+            }
+        }
+        tabs.insert(
+            s.name.clone(),
+            SiteTable {
+                shape: [s.channels, s.height, s.width],
+                options: opts,
+                values,
+            },
+        );
+    }
+    let t = DistortionTables {
+        model: model.into(),
+        input,
+        estimator: "synthetic".into(),
+        samples: 0,
+        seed: 0,
+        model_hash: "synthetic".into(),
+        sites: tabs,
+    };
+    let p = Problem::build(&t, &infos, BuildOptions::default()).unwrap();
+    let raw = Problem::build(
+        &t,
+        &infos,
+        BuildOptions {
+            raw: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (p, raw)
+}
+
+/// The published structure: dp rows over the whole budget, one pass per option, a full
+/// channels x (budget+1) uint8 back-pointer table, then a backtrack.
+fn reference(p: &Problem, budget: u64) -> (f64, Vec<usize>) {
+    let b1 = budget as usize + 1;
+    let n = p.items.len();
+    let mut bp = vec![0u8; n * b1];
+    let mut prev = vec![0.0f64; b1];
+    let mut cur = vec![0.0f64; b1];
+    for (c, items) in p.items.iter().enumerate() {
+        cur.fill(f64::INFINITY);
+        let row = &mut bp[c * b1..(c + 1) * b1];
+        for (k, it) in items.iter().enumerate() {
+            let cost = it.cost as usize;
+            for b in cost..b1 {
+                let v = prev[b - cost] + it.dist;
+                if v < cur[b] {
+                    cur[b] = v;
+                    row[b] = k as u8;
+                }
+            }
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    let mut choice = vec![0; n];
+    let mut b = budget as usize;
+    for c in (0..n).rev() {
+        let k = bp[c * b1 + b] as usize;
+        choice[c] = k;
+        b -= p.items[c][k].cost as usize;
+    }
+    (prev[budget as usize], choice)
+}
+
+fn resnet18(c: &mut Criterion) {
+    let (p, raw) = synthetic("resnet18-cifar", [3, 32, 32]);
+    let budget = (p.relus() as f64 * 0.06).floor() as u64;
+    // One-shot comparison printed beside criterion's numbers (same process, same instance).
+    let t = Instant::now();
+    let (ref_obj, _) = reference(&raw, budget);
+    let t_ref = t.elapsed();
+    let t = Instant::now();
+    let ex = dp::solve(&p, budget, 2_000_000_000).unwrap();
+    let t_ex = t.elapsed();
+    let rel = (ex.objective - ref_obj).abs() / ref_obj;
+    eprintln!(
+        "resnet18-cifar 6% (budget {budget}, {} channels): reference {:.3} s, exact {:.3} s ({:.1}x), objective rel. diff {rel:.2e}",
+        p.items.len(),
+        t_ref.as_secs_f64(),
+        t_ex.as_secs_f64(),
+        t_ref.as_secs_f64() / t_ex.as_secs_f64()
+    );
+    let mut g = c.benchmark_group("knapsack-resnet18-cifar-6pct");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.bench_function("reference", |b| b.iter(|| reference(&raw, budget)));
+    g.bench_function("exact", |b| {
+        b.iter(|| dp::solve(&p, budget, 2_000_000_000).unwrap())
+    });
+    g.bench_function("lagrange", |b| {
+        b.iter(|| lagrange::solve(&p, budget).unwrap())
+    });
+    g.finish();
+}
+
+fn resnet50(c: &mut Criterion) {
+    let (p, _) = synthetic("resnet50", [3, 224, 224]);
+    let budget = (p.relus() as f64 * 0.06).floor() as u64;
+    let t = Instant::now();
+    let lg = lagrange::solve(&p, budget).unwrap();
+    let t_lg = t.elapsed();
+    let plan = dp::plan(&p, budget, 2_000_000_000).unwrap();
+    let t = Instant::now();
+    let ex = dp::solve(&p, budget, 2_000_000_000).unwrap();
+    let t_ex = t.elapsed();
+    eprintln!(
+        "resnet50 6% (budget {budget}, {} channels): exact {:.1} s (planned peak {:.2} GB, {:.2e} cells), lagrange {:.3} s, lagrange rel. gap to its bound {:.2e}, to exact {:.2e}",
+        p.items.len(),
+        t_ex.as_secs_f64(),
+        plan.peak_bytes as f64 / 1e9,
+        plan.cells,
+        t_lg.as_secs_f64(),
+        lg.gap() / lg.objective,
+        (lg.objective - ex.objective) / ex.objective
+    );
+    let mut g = c.benchmark_group("knapsack-resnet50-6pct");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.bench_function("lagrange", |b| {
+        b.iter(|| lagrange::solve(&p, budget).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, resnet18, resnet50);
+criterion_main!(benches);

@@ -1,0 +1,119 @@
+//! PNG plots with plotters. Text needs a TrueType font: the first of `BRELU_FONT` and the
+//! usual Debian font paths (package `fonts-dejavu-core`) is used.
+use crate::error::{Error, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Registers a font once; the error explains how to get one.
+fn ensure_font() -> std::result::Result<(), String> {
+    static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let candidates = std::env::var("BRELU_FONT").into_iter().chain(FONT_PATHS.iter().map(|s| s.to_string()));
+        for p in candidates {
+            if let Ok(bytes) = std::fs::read(&p) {
+                // Plot text lives for the whole process; the font bytes must too.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        Err("no TrueType font found: install the Debian package fonts-dejavu-core or set BRELU_FONT=/path/to/font.ttf".into())
+    })
+    .clone()
+}
+
+/// A line plot with one line (with markers) per series.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let perr = |m: String| Error::Plot {
+        path: path.to_path_buf(),
+        msg: m,
+    };
+    ensure_font().map_err(perr)?;
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        return Err(perr("nothing to plot".into()));
+    }
+    let pad = |a: f64, b: f64| {
+        let d = if b > a {
+            (b - a) * 0.05
+        } else {
+            a.abs().max(1.0) * 0.05
+        };
+        (a - d, b + d)
+    };
+    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
+    // The encoder picks the format from the extension, so the temporary name ends in .png.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp.png", std::process::id()));
+    {
+        let root = BitMapBackend::new(&tmp, (900, 600)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| perr(e.to_string());
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(80)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc(xlabel)
+            .y_desc(ylabel)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (i, (name, p)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+                .map_err(|x| e(&x))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(p.iter().map(|&pt| Circle::new(pt, 4, color.filled())))
+                .map_err(|x| e(&x))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
