@@ -44,7 +44,7 @@ pub fn block_relu_mask(x: &Tensor, options: &[PatchOption]) -> Tensor {
     if groups.len() == 1 {
         return option_mask(&x, *groups.keys().next().unwrap());
     }
-    let mask = x.zeros_like();
+    let mut mask = x.zeros_like();
     for (o, channels) in groups {
         let idx = Tensor::from_slice(&channels).to_device(x.device());
         let m = option_mask(&x.index_select(1, &idx), o);
