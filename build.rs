@@ -77,15 +77,24 @@ fn compile_host_check(nvcc: &str, kernels: &Path, out: &Path) {
     println!("cargo:rerun-if-changed={}", src.display());
     let exe = out.join("host_check");
     let mut cmd = Command::new(nvcc);
-    cmd.args(["-x", "cu", "-O2", "-std=c++17"]).arg("-I").arg(kernels);
+    cmd.args(["-x", "cu", "-O2", "-std=c++17"])
+        .arg("-I")
+        .arg(kernels);
     // nvcc links the static CUDA runtime; nvcc from PyPI keeps it in ../lib beside bin/.
-    if let Some(lib) = Path::new(nvcc).parent().map(|b| b.join("../lib")).filter(|l| l.is_dir()) {
+    if let Some(lib) = Path::new(nvcc)
+        .parent()
+        .map(|b| b.join("../lib"))
+        .filter(|l| l.is_dir())
+    {
         cmd.arg("-L").arg(lib);
     }
     let status = cmd.arg("-o").arg(&exe).arg(&src).status();
     match status {
         Ok(s) if s.success() => println!("cargo:rustc-env=BRELU_HOST_CHECK={}", exe.display()),
-        Ok(s) => panic!("nvcc failed ({s}) building the host harness {}", src.display()),
+        Ok(s) => panic!(
+            "nvcc failed ({s}) building the host harness {}",
+            src.display()
+        ),
         Err(e) => panic!("running `{nvcc}` for {} failed: {e}", src.display()),
     }
 }

@@ -45,8 +45,14 @@ fn random_option(r: &mut ChaCha8Rng, h: usize, w: usize) -> PatchOption {
         0 => PatchOption::Identity,
         1 => PatchOption::Zero,
         2 => PatchOption::RELU,
-        3 => PatchOption::patch(r.gen_range(h.div_ceil(2)..=h + 2) as u32, r.gen_range(w.div_ceil(2)..=w + 2) as u32),
-        _ => PatchOption::patch(r.gen_range(1..=4.min(h + 1)) as u32, r.gen_range(1..=4.min(w + 1)) as u32),
+        3 => PatchOption::patch(
+            r.gen_range(h.div_ceil(2)..=h + 2) as u32,
+            r.gen_range(w.div_ceil(2)..=w + 2) as u32,
+        ),
+        _ => PatchOption::patch(
+            r.gen_range(1..=4.min(h + 1)) as u32,
+            r.gen_range(1..=4.min(w + 1)) as u32,
+        ),
     }
 }
 
@@ -66,17 +72,24 @@ fn random_case(r: &mut ChaCha8Rng, i: usize) -> Case {
         8 => vec![PatchOption::patch(h as u32, w as u32); c],
         _ => (0..c).map(|_| random_option(r, h, w)).collect(),
     };
-    Case { shape: [n, c, h, w], options }
+    Case {
+        shape: [n, c, h, w],
+        options,
+    }
 }
 
 /// Multiples of 1/4 in [-2, 2]: every patch sum is exact in f32, and often exactly 0.
 fn exact_input(r: &mut ChaCha8Rng, case: &Case) -> Vec<f32> {
-    (0..case.numel()).map(|_| r.gen_range(-8i32..=8) as f32 * 0.25).collect()
+    (0..case.numel())
+        .map(|_| r.gen_range(-8i32..=8) as f32 * 0.25)
+        .collect()
 }
 
 /// Roughly normal values (sum of uniforms), not exact.
 fn real_input(r: &mut ChaCha8Rng, case: &Case) -> Vec<f32> {
-    (0..case.numel()).map(|_| (0..4).map(|_| r.gen::<f32>() - 0.5).sum::<f32>()).collect()
+    (0..case.numel())
+        .map(|_| (0..4).map(|_| r.gen::<f32>() - 0.5).sum::<f32>())
+        .collect()
 }
 
 fn tensor(data: &[f32], case: &Case) -> Tensor {
@@ -230,10 +243,15 @@ fn simulate_equals_reference() {
     for i in 0..40 {
         let case = random_case(&mut r, i);
         let [_, c, h, w] = case.shape;
-        let xv = if i % 2 == 0 { exact_input(&mut r, &case) } else { real_input(&mut r, &case) };
+        let xv = if i % 2 == 0 {
+            exact_input(&mut r, &case)
+        } else {
+            real_input(&mut r, &case)
+        };
         let x = tensor(&xv, &case);
-        let perts: Vec<(usize, PatchOption)> =
-            (0..r.gen_range(0..6)).map(|_| (r.gen_range(0..c), random_option(&mut r, h, w))).collect();
+        let perts: Vec<(usize, PatchOption)> = (0..r.gen_range(0..6))
+            .map(|_| (r.gen_range(0..c), random_option(&mut r, h, w)))
+            .collect();
         let want = reference::simulate(&x, &perts);
         let got = ops::f_simulate_with(Backend::Cpu, &x, &perts).unwrap();
         assert_eq!(got.size(), want.size(), "case {i}");
@@ -247,9 +265,20 @@ fn simulate_equals_reference() {
             for (j, &(cj, o)) in perts.iter().enumerate() {
                 let mut options = vec![PatchOption::RELU; c];
                 options[cj] = o;
-                let one = Case { shape: case.shape, options };
-                let mg: Vec<f32> = got[j * copy..(j + 1) * copy].iter().zip(&xv).map(|(y, x)| (y == x && *x != 0.0) as u8 as f32).collect();
-                let mw: Vec<f32> = want[j * copy..(j + 1) * copy].iter().zip(&xv).map(|(y, x)| (y == x && *x != 0.0) as u8 as f32).collect();
+                let one = Case {
+                    shape: case.shape,
+                    options,
+                };
+                let mg: Vec<f32> = got[j * copy..(j + 1) * copy]
+                    .iter()
+                    .zip(&xv)
+                    .map(|(y, x)| (y == x && *x != 0.0) as u8 as f32)
+                    .collect();
+                let mw: Vec<f32> = want[j * copy..(j + 1) * copy]
+                    .iter()
+                    .zip(&xv)
+                    .map(|(y, x)| (y == x && *x != 0.0) as u8 as f32)
+                    .collect();
                 mask_disagreements(&mg, &mw, &xv, &one, &format!("case {i} copy {j}"));
             }
         }
@@ -260,16 +289,28 @@ fn simulate_equals_reference() {
 fn simulate_matches_block_relu_per_copy() {
     // Each copy is exactly block_relu with one channel changed: ties the two kernels together.
     let mut r = rng(5);
-    let case = Case { shape: [2, 3, 7, 9], options: vec![PatchOption::RELU; 3] };
+    let case = Case {
+        shape: [2, 3, 7, 9],
+        options: vec![PatchOption::RELU; 3],
+    };
     let xv = real_input(&mut r, &case);
     let x = tensor(&xv, &case);
-    let perts = [(0, PatchOption::patch(2, 3)), (2, PatchOption::Identity), (1, PatchOption::Zero), (1, PatchOption::patch(7, 9))];
+    let perts = [
+        (0, PatchOption::patch(2, 3)),
+        (2, PatchOption::Identity),
+        (1, PatchOption::Zero),
+        (1, PatchOption::patch(7, 9)),
+    ];
     let sim = ops::f_simulate(&x, &perts).unwrap();
     for (j, &(c, o)) in perts.iter().enumerate() {
         let mut options = vec![PatchOption::RELU; 3];
         options[c] = o;
         let y = ops::f_block_relu(&x, &options).unwrap();
-        assert_bits(&to_vec(&sim.narrow(0, 2 * j as i64, 2)), &to_vec(&y), &format!("copy {j}"));
+        assert_bits(
+            &to_vec(&sim.narrow(0, 2 * j as i64, 2)),
+            &to_vec(&y),
+            &format!("copy {j}"),
+        );
     }
 }
 
@@ -278,18 +319,45 @@ fn dispatch_and_bad_input() {
     let x = Tensor::randn([2, 3, 5, 5], (Kind::Float, Device::Cpu));
     assert_eq!(Backend::for_tensor(&x), Backend::Cpu);
     assert_eq!(Backend::for_tensor(&x.transpose(2, 3)), Backend::Reference);
-    assert_eq!(Backend::for_tensor(&x.to_kind(Kind::Double)), Backend::Reference);
+    assert_eq!(
+        Backend::for_tensor(&x.to_kind(Kind::Double)),
+        Backend::Reference
+    );
     // Non-contiguous and f64 inputs fall back to the reference and still give the right answer.
-    let opts = vec![PatchOption::patch(2, 2), PatchOption::Identity, PatchOption::RELU];
+    let opts = vec![
+        PatchOption::patch(2, 2),
+        PatchOption::Identity,
+        PatchOption::RELU,
+    ];
     let xt = x.transpose(2, 3);
     let want = reference::block_relu(&xt.contiguous(), &opts);
-    assert_bits(&to_vec(&ops::f_block_relu(&xt, &opts).unwrap()), &to_vec(&want), "transposed");
+    assert_bits(
+        &to_vec(&ops::f_block_relu(&xt, &opts).unwrap()),
+        &to_vec(&want),
+        "transposed",
+    );
 
-    assert!(matches!(ops::f_block_relu(&x, &opts[..2]), Err(Error::ShapeMismatch { .. })));
-    assert!(matches!(ops::f_block_relu(&x.view([6, 5, 5]), &opts), Err(Error::ShapeMismatch { .. })));
-    let bad = vec![PatchOption::patch(0, 2), PatchOption::Identity, PatchOption::RELU];
-    assert!(matches!(ops::f_block_relu(&x, &bad), Err(Error::BadOption { channel: 0, .. })));
-    assert!(matches!(ops::f_simulate(&x, &[(3, PatchOption::RELU)]), Err(Error::BadOption { channel: 3, .. })));
+    assert!(matches!(
+        ops::f_block_relu(&x, &opts[..2]),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        ops::f_block_relu(&x.view([6, 5, 5]), &opts),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let bad = vec![
+        PatchOption::patch(0, 2),
+        PatchOption::Identity,
+        PatchOption::RELU,
+    ];
+    assert!(matches!(
+        ops::f_block_relu(&x, &bad),
+        Err(Error::BadOption { channel: 0, .. })
+    ));
+    assert!(matches!(
+        ops::f_simulate(&x, &[(3, PatchOption::RELU)]),
+        Err(Error::BadOption { channel: 3, .. })
+    ));
     assert!(ops::BlockRelu::new(bad).is_err());
     // Slice-level kernels check lengths instead of panicking.
     let t = table::build_table(&opts, "t").unwrap();
@@ -299,7 +367,10 @@ fn dispatch_and_bad_input() {
     assert!(cpu::backward(&[0.0; 4], &[1u8; 3], &mut [0.0; 4]).is_err());
     // Empty batch.
     let e = Tensor::zeros([0, 3, 5, 5], (Kind::Float, Device::Cpu));
-    assert_eq!(ops::f_block_relu(&e, &opts).unwrap().size(), vec![0, 3, 5, 5]);
+    assert_eq!(
+        ops::f_block_relu(&e, &opts).unwrap().size(),
+        vec![0, 3, 5, 5]
+    );
     assert_eq!(ops::f_simulate(&x, &[]).unwrap().size(), vec![0, 3, 5, 5]);
 }
 
@@ -311,7 +382,10 @@ fn cuda_tensor_without_cuda_feature_is_a_typed_error() {
     }
     let t = table::build_table(&[PatchOption::RELU], "t").unwrap();
     let x = Tensor::zeros([1, 1, 2, 2], (Kind::Float, Device::Cpu));
-    assert!(matches!(ops::cuda::forward(&x, &t), Err(Error::CudaNotCompiled { .. })));
+    assert!(matches!(
+        ops::cuda::forward(&x, &t),
+        Err(Error::CudaNotCompiled { .. })
+    ));
 }
 
 /// The nvcc-built host harness (`kernels/host_check.cu`): BRELU_HOST_CHECK at run time
@@ -323,23 +397,37 @@ fn host_check_exe() -> Option<std::path::PathBuf> {
         .filter(|p| p.is_file())
 }
 
-fn run_host_check(exe: &std::path::Path, mode: u32, dims: [i32; 5], entries: &[u8], x: &[f32]) -> Vec<u8> {
+fn run_host_check(
+    exe: &std::path::Path,
+    mode: u32,
+    dims: [i32; 5],
+    entries: &[u8],
+    x: &[f32],
+) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let (inp, out) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
     let mut bytes = Vec::new();
     bytes.extend_from_slice(&0x4348_5242u32.to_le_bytes());
     bytes.extend_from_slice(&mode.to_le_bytes());
-    dims.iter().for_each(|d| bytes.extend_from_slice(&d.to_le_bytes()));
+    dims.iter()
+        .for_each(|d| bytes.extend_from_slice(&d.to_le_bytes()));
     bytes.extend_from_slice(entries);
-    x.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    x.iter()
+        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
     std::fs::write(&inp, bytes).unwrap();
-    let status = std::process::Command::new(exe).arg(&inp).arg(&out).status().unwrap();
+    let status = std::process::Command::new(exe)
+        .arg(&inp)
+        .arg(&out)
+        .status()
+        .unwrap();
     assert!(status.success(), "host_check failed: {status}");
     std::fs::read(&out).unwrap()
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[test]
@@ -347,7 +435,10 @@ fn cuda_thread_functions_on_host_equal_cpu_kernel() {
     let Some(exe) = host_check_exe() else {
         // Only a build with `--features cuda` (nvcc present) produces the harness.
         println!("skipped: no host_check harness (build with --features cuda)");
-        assert!(!cfg!(feature = "cuda"), "built with `cuda` but the host harness is missing");
+        assert!(
+            !cfg!(feature = "cuda"),
+            "built with `cuda` but the host harness is missing"
+        );
         return;
     };
     let mut r = rng(6);
@@ -355,7 +446,11 @@ fn cuda_thread_functions_on_host_equal_cpu_kernel() {
         let case = random_case(&mut r, i);
         let [n, c, h, w] = case.shape;
         // Same sum order on both sides, so even real inputs must match bit for bit.
-        let xv = if i % 2 == 0 { exact_input(&mut r, &case) } else { real_input(&mut r, &case) };
+        let xv = if i % 2 == 0 {
+            exact_input(&mut r, &case)
+        } else {
+            real_input(&mut r, &case)
+        };
         let t = table_of(&case);
         let dims = [n as i32, c as i32, h as i32, w as i32, 0];
         let out = run_host_check(&exe, 0, dims, bytemuck::cast_slice(&t), &xv);
@@ -363,11 +458,16 @@ fn cuda_thread_functions_on_host_equal_cpu_kernel() {
         assert_eq!(out.len(), numel * 5, "case {i}: output size");
         let (mut y, mut m) = (vec![0f32; numel], vec![0u8; numel]);
         cpu::forward_mask(&xv, &mut y, &mut m, shape_of(&case), &t).unwrap();
-        assert_bits(&f32s(&out[..numel * 4]), &y, &format!("case {i} {case:?} host y"));
+        assert_bits(
+            &f32s(&out[..numel * 4]),
+            &y,
+            &format!("case {i} {case:?} host y"),
+        );
         assert_eq!(&out[numel * 4..], &m[..], "case {i} host mask");
 
-        let perts: Vec<(usize, PatchOption)> =
-            (0..r.gen_range(1..5)).map(|_| (r.gen_range(0..c), random_option(&mut r, h, w))).collect();
+        let perts: Vec<(usize, PatchOption)> = (0..r.gen_range(1..5))
+            .map(|_| (r.gen_range(0..c), random_option(&mut r, h, w)))
+            .collect();
         let e = table::build_sim_table(&perts, c, "t").unwrap();
         let dims = [n as i32, c as i32, h as i32, w as i32, e.len() as i32];
         let out = run_host_check(&exe, 1, dims, bytemuck::cast_slice(&e), &xv);
@@ -389,28 +489,55 @@ fn gpu_kernels_equal_cpu_kernel() {
     for i in 0..60 {
         let case = random_case(&mut r, i);
         let [_, c, h, w] = case.shape;
-        let xv = if i % 2 == 0 { exact_input(&mut r, &case) } else { real_input(&mut r, &case) };
+        let xv = if i % 2 == 0 {
+            exact_input(&mut r, &case)
+        } else {
+            real_input(&mut r, &case)
+        };
         let x = tensor(&xv, &case);
         let xg = x.to_device(dev);
         let cpu_y = to_vec(&ops::f_block_relu(&x, &case.options).unwrap());
         assert_eq!(Backend::for_tensor(&xg), Backend::Cuda);
-        assert_bits(&to_vec(&ops::f_block_relu(&xg, &case.options).unwrap()), &cpu_y, &format!("case {i} gpu forward"));
+        assert_bits(
+            &to_vec(&ops::f_block_relu(&xg, &case.options).unwrap()),
+            &cpu_y,
+            &format!("case {i} gpu forward"),
+        );
         let cpu_m = to_vec(&ops::f_block_relu_mask(&x, &case.options).unwrap());
-        assert_bits(&to_vec(&ops::f_block_relu_mask(&xg, &case.options).unwrap()), &cpu_m, &format!("case {i} gpu mask"));
+        assert_bits(
+            &to_vec(&ops::f_block_relu_mask(&xg, &case.options).unwrap()),
+            &cpu_m,
+            &format!("case {i} gpu mask"),
+        );
         let (yg, mg) = ops::f_forward_mask(&xg, &case.options).unwrap();
         assert_bits(&to_vec(&yg), &cpu_y, &format!("case {i} gpu forward_mask"));
         let g = tensor(&real_input(&mut r, &case), &case);
         let (_, mc) = ops::f_forward_mask(&x, &case.options).unwrap();
         let want_g = to_vec(&ops::f_backward(&g, &mc).unwrap());
-        assert_bits(&to_vec(&ops::f_backward(&g.to_device(dev), &mg).unwrap()), &want_g, &format!("case {i} gpu backward"));
+        assert_bits(
+            &to_vec(&ops::f_backward(&g.to_device(dev), &mg).unwrap()),
+            &want_g,
+            &format!("case {i} gpu backward"),
+        );
         // Training through autograd on the GPU.
         let xr = xg.detach().set_requires_grad(true);
-        (ops::f_block_relu(&xr, &case.options).unwrap() * g.to_device(dev)).sum(Kind::Float).backward();
-        assert_bits(&to_vec(&xr.grad()), &want_g, &format!("case {i} gpu autograd"));
+        (ops::f_block_relu(&xr, &case.options).unwrap() * g.to_device(dev))
+            .sum(Kind::Float)
+            .backward();
+        assert_bits(
+            &to_vec(&xr.grad()),
+            &want_g,
+            &format!("case {i} gpu autograd"),
+        );
 
-        let perts: Vec<(usize, PatchOption)> =
-            (0..r.gen_range(0..5)).map(|_| (r.gen_range(0..c), random_option(&mut r, h, w))).collect();
+        let perts: Vec<(usize, PatchOption)> = (0..r.gen_range(0..5))
+            .map(|_| (r.gen_range(0..c), random_option(&mut r, h, w)))
+            .collect();
         let want = to_vec(&ops::f_simulate(&x, &perts).unwrap());
-        assert_bits(&to_vec(&ops::f_simulate(&xg, &perts).unwrap()), &want, &format!("case {i} gpu simulate"));
+        assert_bits(
+            &to_vec(&ops::f_simulate(&xg, &perts).unwrap()),
+            &want,
+            &format!("case {i} gpu simulate"),
+        );
     }
 }

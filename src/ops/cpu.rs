@@ -31,7 +31,10 @@ impl Shape {
     }
     /// Number of elements, `None` on overflow.
     pub fn numel(&self) -> Option<usize> {
-        self.n.checked_mul(self.c)?.checked_mul(self.h)?.checked_mul(self.w)
+        self.n
+            .checked_mul(self.c)?
+            .checked_mul(self.h)?
+            .checked_mul(self.w)
     }
     fn dims(&self) -> Vec<usize> {
         vec![self.n, self.c, self.h, self.w]
@@ -87,14 +90,25 @@ fn keep(sum: f32) -> f32 {
     }
 }
 
-fn check_len(op: &'static str, what: &'static str, shape: Shape, len: usize, copies: usize) -> Result<()> {
+fn check_len(
+    op: &'static str,
+    what: &'static str,
+    shape: Shape,
+    len: usize,
+    copies: usize,
+) -> Result<()> {
     let want = shape.numel().and_then(|e| e.checked_mul(copies));
     if want == Some(len) {
         return Ok(());
     }
     let mut expected = shape.dims();
     expected[0] = shape.n.saturating_mul(copies);
-    Err(Error::ShapeMismatch { op, what, expected, got: vec![len] })
+    Err(Error::ShapeMismatch {
+        op,
+        what,
+        expected,
+        got: vec![len],
+    })
 }
 
 fn check_table(op: &'static str, shape: Shape, table: &[ChannelOpt]) -> Result<()> {
@@ -106,7 +120,10 @@ fn check_table(op: &'static str, shape: Shape, table: &[ChannelOpt]) -> Result<(
             got: vec![table.len()],
         });
     }
-    table.iter().enumerate().try_for_each(|(c, t)| t.validate(c, op))
+    table
+        .iter()
+        .enumerate()
+        .try_for_each(|(c, t)| t.validate(c, op))
 }
 
 /// Per-task scratch: column sums and the per-column mask of the current strip.
@@ -117,7 +134,10 @@ struct Scratch {
 
 impl Scratch {
     fn new(w: usize) -> Self {
-        Scratch { colsum: vec![0.0; w], mcol: vec![0.0; w] }
+        Scratch {
+            colsum: vec![0.0; w],
+            mcol: vec![0.0; w],
+        }
     }
 }
 
@@ -129,7 +149,14 @@ struct PlaneOut<'a, M> {
 }
 
 /// Runs one (n, c) plane `x` (h * w floats) with option `opt`.
-fn plane<M: MaskElem>(x: &[f32], h: usize, w: usize, opt: ChannelOpt, s: &mut Scratch, out: PlaneOut<'_, M>) {
+fn plane<M: MaskElem>(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    opt: ChannelOpt,
+    s: &mut Scratch,
+    out: PlaneOut<'_, M>,
+) {
     let PlaneOut { mut y, mut mask } = out;
     let constant = match opt.kind {
         KIND_IDENTITY => Some(1.0f32),
@@ -154,7 +181,9 @@ fn plane<M: MaskElem>(x: &[f32], h: usize, w: usize, opt: ChannelOpt, s: &mut Sc
             y.iter_mut().zip(x).for_each(|(o, a)| *o = a * keep(*a));
         }
         if let Some(m) = mask.as_deref_mut() {
-            m.iter_mut().zip(x).for_each(|(o, a)| *o = M::from_unit(keep(*a)));
+            m.iter_mut()
+                .zip(x)
+                .for_each(|(o, a)| *o = M::from_unit(keep(*a)));
         }
         return;
     }
@@ -169,11 +198,16 @@ fn plane<M: MaskElem>(x: &[f32], h: usize, w: usize, opt: ChannelOpt, s: &mut Sc
             let at = (r0 + r) * w;
             if let Some(y) = y.as_deref_mut() {
                 let yr = &mut y[at..at + w];
-                yr.iter_mut().zip(xr).zip(mcol).for_each(|((o, a), m)| *o = a * m);
+                yr.iter_mut()
+                    .zip(xr)
+                    .zip(mcol)
+                    .for_each(|((o, a), m)| *o = a * m);
             }
             if let Some(mk) = mask.as_deref_mut() {
                 let mr = &mut mk[at..at + w];
-                mr.iter_mut().zip(mcol).for_each(|(o, m)| *o = M::from_unit(*m));
+                mr.iter_mut()
+                    .zip(mcol)
+                    .for_each(|(o, m)| *o = M::from_unit(*m));
             }
         }
         r0 += rows;
@@ -190,7 +224,9 @@ fn strip_mask(xs: &[f32], rows: usize, w: usize, bw: usize, s: &mut Scratch) {
         let cs = &mut s.colsum[..w];
         cs.copy_from_slice(&xs[..w]);
         for r in 1..rows {
-            cs.iter_mut().zip(&xs[r * w..(r + 1) * w]).for_each(|(c, a)| *c += a);
+            cs.iter_mut()
+                .zip(&xs[r * w..(r + 1) * w])
+                .for_each(|(c, a)| *c += a);
         }
         &s.colsum[..w]
     };
@@ -221,14 +257,31 @@ pub fn forward(x: &[f32], y: &mut [f32], shape: Shape, table: &[ChannelOpt]) -> 
         return Ok(());
     }
     let chunk = planes_per_task(plane_len) * plane_len;
-    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).enumerate().for_each(|(t, (yc, xc))| {
-        let mut s = Scratch::new(shape.w);
-        let first = t * (chunk / plane_len);
-        for (i, (yp, xp)) in yc.chunks_mut(plane_len).zip(xc.chunks(plane_len)).enumerate() {
-            let opt = table[(first + i) % shape.c];
-            plane::<u8>(xp, shape.h, shape.w, opt, &mut s, PlaneOut { y: Some(yp), mask: None });
-        }
-    });
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(t, (yc, xc))| {
+            let mut s = Scratch::new(shape.w);
+            let first = t * (chunk / plane_len);
+            for (i, (yp, xp)) in yc
+                .chunks_mut(plane_len)
+                .zip(xc.chunks(plane_len))
+                .enumerate()
+            {
+                let opt = table[(first + i) % shape.c];
+                plane::<u8>(
+                    xp,
+                    shape.h,
+                    shape.w,
+                    opt,
+                    &mut s,
+                    PlaneOut {
+                        y: Some(yp),
+                        mask: None,
+                    },
+                );
+            }
+        });
     Ok(())
 }
 
@@ -257,10 +310,23 @@ pub fn forward_mask<M: MaskElem>(
         .for_each(|(t, ((yc, mc), xc))| {
             let mut s = Scratch::new(shape.w);
             let first = t * (chunk / plane_len);
-            let planes = yc.chunks_mut(plane_len).zip(mc.chunks_mut(plane_len)).zip(xc.chunks(plane_len));
+            let planes = yc
+                .chunks_mut(plane_len)
+                .zip(mc.chunks_mut(plane_len))
+                .zip(xc.chunks(plane_len));
             for (i, ((yp, mp), xp)) in planes.enumerate() {
                 let opt = table[(first + i) % shape.c];
-                plane(xp, shape.h, shape.w, opt, &mut s, PlaneOut { y: Some(yp), mask: Some(mp) });
+                plane(
+                    xp,
+                    shape.h,
+                    shape.w,
+                    opt,
+                    &mut s,
+                    PlaneOut {
+                        y: Some(yp),
+                        mask: Some(mp),
+                    },
+                );
             }
         });
     Ok(())
@@ -268,7 +334,12 @@ pub fn forward_mask<M: MaskElem>(
 
 /// The mask alone (0/1 per pixel), for callers that apply it themselves (the tch
 /// autograd path multiplies `x` by it).
-pub fn mask<M: MaskElem>(x: &[f32], mask: &mut [M], shape: Shape, table: &[ChannelOpt]) -> Result<()> {
+pub fn mask<M: MaskElem>(
+    x: &[f32],
+    mask: &mut [M],
+    shape: Shape,
+    table: &[ChannelOpt],
+) -> Result<()> {
     const OP: &str = "cpu::mask";
     check_len(OP, "input", shape, x.len(), 1)?;
     check_len(OP, "mask", shape, mask.len(), 1)?;
@@ -278,14 +349,31 @@ pub fn mask<M: MaskElem>(x: &[f32], mask: &mut [M], shape: Shape, table: &[Chann
         return Ok(());
     }
     let chunk = planes_per_task(plane_len) * plane_len;
-    mask.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).enumerate().for_each(|(t, (mc, xc))| {
-        let mut s = Scratch::new(shape.w);
-        let first = t * (chunk / plane_len);
-        for (i, (mp, xp)) in mc.chunks_mut(plane_len).zip(xc.chunks(plane_len)).enumerate() {
-            let opt = table[(first + i) % shape.c];
-            plane(xp, shape.h, shape.w, opt, &mut s, PlaneOut { y: None, mask: Some(mp) });
-        }
-    });
+    mask.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(t, (mc, xc))| {
+            let mut s = Scratch::new(shape.w);
+            let first = t * (chunk / plane_len);
+            for (i, (mp, xp)) in mc
+                .chunks_mut(plane_len)
+                .zip(xc.chunks(plane_len))
+                .enumerate()
+            {
+                let opt = table[(first + i) % shape.c];
+                plane(
+                    xp,
+                    shape.h,
+                    shape.w,
+                    opt,
+                    &mut s,
+                    PlaneOut {
+                        y: None,
+                        mask: Some(mp),
+                    },
+                );
+            }
+        });
     Ok(())
 }
 
@@ -305,7 +393,10 @@ pub fn backward<M: MaskElem>(grad_y: &[f32], mask: &[M], grad_x: &mut [f32]) -> 
         .zip(grad_y.par_chunks(TASK_ELEMS))
         .zip(mask.par_chunks(TASK_ELEMS))
         .for_each(|((gx, gy), m)| {
-            gx.iter_mut().zip(gy).zip(m).for_each(|((o, g), m)| *o = g * m.to_unit());
+            gx.iter_mut()
+                .zip(gy)
+                .zip(m)
+                .for_each(|((o, g), m)| *o = g * m.to_unit());
         });
     Ok(())
 }
@@ -339,7 +430,9 @@ pub fn simulate(x: &[f32], shape: Shape, entries: &[SimEntry], out: &mut [f32]) 
     let cb = planes_per_task(plane_len).min(shape.c);
     let blocks = shape.c.div_ceil(cb);
     // groups[n * blocks + b] holds the J output slices of channel block b of sample n.
-    let mut groups: Vec<Vec<&mut [f32]>> = (0..shape.n * blocks).map(|_| Vec::with_capacity(entries.len())).collect();
+    let mut groups: Vec<Vec<&mut [f32]>> = (0..shape.n * blocks)
+        .map(|_| Vec::with_capacity(entries.len()))
+        .collect();
     for (k, s) in out.chunks_mut(sample).enumerate() {
         let n = k % shape.n;
         for (b, blk) in s.chunks_mut(cb * plane_len).enumerate() {
@@ -361,7 +454,17 @@ pub fn simulate(x: &[f32], shape: Shape, entries: &[SimEntry], out: &mut [f32]) 
                 let at = (c - c0) * plane_len;
                 let yp = &mut ob[at..at + plane_len];
                 let xp = &xb[at..at + plane_len];
-                plane::<u8>(xp, shape.h, shape.w, entries[j].opt(), &mut s, PlaneOut { y: Some(yp), mask: None });
+                plane::<u8>(
+                    xp,
+                    shape.h,
+                    shape.w,
+                    entries[j].opt(),
+                    &mut s,
+                    PlaneOut {
+                        y: Some(yp),
+                        mask: None,
+                    },
+                );
             }
         }
     });

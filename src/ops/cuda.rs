@@ -49,21 +49,29 @@ pub fn is_compiled() -> bool {
 }
 
 fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda { op, message: format!("{e:?}") }
+    move |e| Error::Cuda {
+        op,
+        message: format!("{e:?}"),
+    }
 }
 
 /// The kernels of device `ordinal`, loaded once per process and cached.
 fn kernels(op: &'static str, ordinal: usize) -> Result<Arc<DeviceKernels>> {
     static CACHE: OnceLock<Mutex<HashMap<usize, Arc<DeviceKernels>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut cache = cache.lock().map_err(|_| Error::Cuda { op, message: "kernel cache poisoned".into() })?;
+    let mut cache = cache.lock().map_err(|_| Error::Cuda {
+        op,
+        message: "kernel cache poisoned".into(),
+    })?;
     if let Some(k) = cache.get(&ordinal) {
         return Ok(k.clone());
     }
     let err = driver_err(op);
     // `CudaContext::new` retains the primary context: the one libtorch's allocations live in.
     let ctx = CudaContext::new(ordinal).map_err(&err)?;
-    let br = ctx.load_module(Ptx::from_src(BLOCK_RELU_PTX)).map_err(&err)?;
+    let br = ctx
+        .load_module(Ptx::from_src(BLOCK_RELU_PTX))
+        .map_err(&err)?;
     let sim = ctx.load_module(Ptx::from_src(SIMULATE_PTX)).map_err(&err)?;
     let k = Arc::new(DeviceKernels {
         // The NULL stream: torch's default stream, see the module docs.
@@ -105,7 +113,10 @@ fn check_input(op: &'static str, x: &Tensor) -> Result<(usize, [usize; 4])> {
         });
     };
     let (n, c, h, w) = (n as usize, c as usize, h as usize, w as usize);
-    if w > MAX_W || h.saturating_mul(w) > i32::MAX as usize || n.saturating_mul(c) > i32::MAX as usize {
+    if w > MAX_W
+        || h.saturating_mul(w) > i32::MAX as usize
+        || n.saturating_mul(c) > i32::MAX as usize
+    {
         return Err(unsupported(format!(
             "[{n}, {c}, {h}, {w}] exceeds the kernels' limits (W <= {MAX_W}, H*W and N*C < 2^31)"
         )));
@@ -118,7 +129,10 @@ fn upload<T: bytemuck::Pod>(op: &'static str, rows: &[T], device: Device) -> Res
     let words: &[i32] = bytemuck::cast_slice(rows);
     Ok(Tensor::f_from_slice(words)
         .and_then(|t| t.f_to_device(device))
-        .map_err(|e| Error::Cuda { op, message: format!("uploading the option table: {e}") })?)
+        .map_err(|e| Error::Cuda {
+            op,
+            message: format!("uploading the option table: {e}"),
+        })?)
 }
 
 fn ptr(t: &Tensor) -> u64 {
@@ -127,9 +141,17 @@ fn ptr(t: &Tensor) -> u64 {
 
 fn check_table(op: &'static str, table: &[ChannelOpt], c: usize) -> Result<()> {
     if table.len() != c {
-        return Err(Error::ShapeMismatch { op, what: "option table", expected: vec![c], got: vec![table.len()] });
+        return Err(Error::ShapeMismatch {
+            op,
+            what: "option table",
+            expected: vec![c],
+            got: vec![table.len()],
+        });
     }
-    table.iter().enumerate().try_for_each(|(i, t)| t.validate(i, op))
+    table
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, t)| t.validate(i, op))
 }
 
 /// Which site kernel to launch.
@@ -141,12 +163,21 @@ enum SiteKernel {
 }
 
 /// Launches one site kernel: one block per plane, outputs allocated by torch.
-fn launch_site(op: &'static str, which: SiteKernel, x: &Tensor, table: &[ChannelOpt]) -> Result<(Tensor, Tensor)> {
+fn launch_site(
+    op: &'static str,
+    which: SiteKernel,
+    x: &Tensor,
+    table: &[ChannelOpt],
+) -> Result<(Tensor, Tensor)> {
     let (ordinal, [n, c, h, w]) = check_input(op, x)?;
     check_table(op, table, c)?;
     let device = x.device();
     let y = Tensor::f_empty_like(x)?;
-    let mask_kind = if matches!(which, SiteKernel::Mask) { Kind::Float } else { Kind::Uint8 };
+    let mask_kind = if matches!(which, SiteKernel::Mask) {
+        Kind::Float
+    } else {
+        Kind::Uint8
+    };
     let mask = match which {
         SiteKernel::Forward => Tensor::f_empty([0], (Kind::Uint8, device))?,
         _ => Tensor::f_empty(x.size(), (mask_kind, device))?,
@@ -158,7 +189,11 @@ fn launch_site(op: &'static str, which: SiteKernel, x: &Tensor, table: &[Channel
     let tab = upload(op, table, device)?;
     let (xp, yp, mp, tp) = (ptr(x), ptr(&y), ptr(&mask), ptr(&tab));
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
-    let cfg = LaunchConfig { grid_dim: ((n * c) as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: ((n * c) as u32, 1, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = match which {
         SiteKernel::Forward => &k.fwd,
         SiteKernel::ForwardMask => &k.fwd_mask,
@@ -205,7 +240,10 @@ pub fn forward_mask(x: &Tensor, table: &[ChannelOpt]) -> Result<(Tensor, Tensor)
 pub fn backward(grad_y: &Tensor, mask: &Tensor) -> Result<Tensor> {
     const OP: &str = "cuda::backward";
     let Device::Cuda(ordinal) = grad_y.device() else {
-        return Err(Error::UnsupportedTensor { op: OP, reason: "grad is not on CUDA".into() });
+        return Err(Error::UnsupportedTensor {
+            op: OP,
+            reason: "grad is not on CUDA".into(),
+        });
     };
     if grad_y.kind() != Kind::Float
         || !grad_y.is_contiguous()
@@ -216,7 +254,9 @@ pub fn backward(grad_y: &Tensor, mask: &Tensor) -> Result<Tensor> {
     {
         return Err(Error::UnsupportedTensor {
             op: OP,
-            reason: "grad must be contiguous f32 and mask contiguous u8 of the same shape and device".into(),
+            reason:
+                "grad must be contiguous f32 and mask contiguous u8 of the same shape and device"
+                    .into(),
         });
     }
     let gx = Tensor::f_empty_like(grad_y)?;
@@ -226,8 +266,14 @@ pub fn backward(grad_y: &Tensor, mask: &Tensor) -> Result<Tensor> {
     }
     let k = kernels(OP, ordinal)?;
     let (gp, mp, xp) = (ptr(grad_y), ptr(mask), ptr(&gx));
-    let blocks = (numel as u64).div_ceil(BLOCK_THREADS as u64).min(BACKWARD_BLOCKS as u64) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let blocks = (numel as u64)
+        .div_ceil(BLOCK_THREADS as u64)
+        .min(BACKWARD_BLOCKS as u64) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = k.stream.launch_builder(&k.bwd);
     b.arg(&gp).arg(&mp).arg(&xp).arg(&numel);
     // SAFETY: mirrors bwd(const float* grad_y, const uint8_t* mask, float* grad_x, int64_t n);
@@ -254,10 +300,16 @@ pub fn simulate(x: &Tensor, entries: &[SimEntry]) -> Result<Tensor> {
     }
     let planes = entries.len().saturating_mul(n).saturating_mul(c);
     if planes > i32::MAX as usize {
-        return Err(Error::UnsupportedTensor { op: OP, reason: format!("{planes} output planes exceed 2^31") });
+        return Err(Error::UnsupportedTensor {
+            op: OP,
+            reason: format!("{planes} output planes exceed 2^31"),
+        });
     }
     let device = x.device();
-    let out = Tensor::f_empty([(entries.len() * n) as i64, c as i64, h as i64, w as i64], (Kind::Float, device))?;
+    let out = Tensor::f_empty(
+        [(entries.len() * n) as i64, c as i64, h as i64, w as i64],
+        (Kind::Float, device),
+    )?;
     if out.numel() == 0 {
         return Ok(out);
     }
@@ -265,9 +317,19 @@ pub fn simulate(x: &Tensor, entries: &[SimEntry]) -> Result<Tensor> {
     let tab = upload(OP, entries, device)?;
     let (xp, op, tp) = (ptr(x), ptr(&out), ptr(&tab));
     let (ni, ci, hi, wi) = (n as i32, c as i32, h as i32, w as i32);
-    let cfg = LaunchConfig { grid_dim: (planes as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (planes as u32, 1, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = k.stream.launch_builder(&k.simulate);
-    b.arg(&xp).arg(&op).arg(&tp).arg(&ni).arg(&ci).arg(&hi).arg(&wi);
+    b.arg(&xp)
+        .arg(&op)
+        .arg(&tp)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&hi)
+        .arg(&wi);
     // SAFETY: mirrors simulate(const float* x, float* out, const SimEntry* entries, int N,
     // int C, int H, int W); x is contiguous f32 [N, C, H, W] on this device, out was
     // allocated as [J*N, C, H, W], the table has J validated entries, and the grid has

@@ -12,7 +12,9 @@ pub fn is_compiled() -> bool {
 
 /// Inference forward on a CUDA tensor.
 pub fn forward(_x: &Tensor, _table: &[ChannelOpt]) -> Result<Tensor> {
-    Err(Error::CudaNotCompiled { op: "cuda::forward" })
+    Err(Error::CudaNotCompiled {
+        op: "cuda::forward",
+    })
 }
 
 /// The f32 0/1 mask of a CUDA tensor.
@@ -22,15 +24,21 @@ pub fn mask(_x: &Tensor, _table: &[ChannelOpt]) -> Result<Tensor> {
 
 /// Forward writing `y` and a u8 mask in one pass.
 pub fn forward_mask(_x: &Tensor, _table: &[ChannelOpt]) -> Result<(Tensor, Tensor)> {
-    Err(Error::CudaNotCompiled { op: "cuda::forward_mask" })
+    Err(Error::CudaNotCompiled {
+        op: "cuda::forward_mask",
+    })
 }
 
 /// `grad_x = mask * grad_y`.
 pub fn backward(_grad_y: &Tensor, _mask: &Tensor) -> Result<Tensor> {
-    Err(Error::CudaNotCompiled { op: "cuda::backward" })
+    Err(Error::CudaNotCompiled {
+        op: "cuda::backward",
+    })
 }
 
 /// Batched simulation.
 pub fn simulate(_x: &Tensor, _entries: &[SimEntry]) -> Result<Tensor> {
-    Err(Error::CudaNotCompiled { op: "cuda::simulate" })
+    Err(Error::CudaNotCompiled {
+        op: "cuda::simulate",
+    })
 }

@@ -53,7 +53,12 @@ impl Backend {
 fn check_site(op: &'static str, x: &Tensor, options: usize) -> Result<cpu::Shape> {
     let shape = tensor_bridge::shape4(op, x)?;
     if shape.c != options {
-        return Err(Error::ShapeMismatch { op, what: "options (one per channel)", expected: vec![shape.c], got: vec![options] });
+        return Err(Error::ShapeMismatch {
+            op,
+            what: "options (one per channel)",
+            expected: vec![shape.c],
+            got: vec![options],
+        });
     }
     Ok(shape)
 }
@@ -91,14 +96,23 @@ pub fn f_block_relu_with(backend: Backend, x: &Tensor, options: &[PatchOption]) 
 }
 
 /// The f32 0/1 mask of `x`, computed outside autograd.
-fn mask_with(backend: Backend, op: &'static str, x: &Tensor, shape: cpu::Shape, table: &[ChannelOpt]) -> Result<Tensor> {
+fn mask_with(
+    backend: Backend,
+    op: &'static str,
+    x: &Tensor,
+    shape: cpu::Shape,
+    table: &[ChannelOpt],
+) -> Result<Tensor> {
     match backend {
         Backend::Cuda => cuda::mask(x, table),
         Backend::Cpu => {
             let xs = tensor_bridge::cpu_f32(op, x)?;
             tensor_bridge::new_cpu_f32(op, &dims(shape), |m| cpu::mask(xs, m, shape, table))
         }
-        Backend::Reference => Ok(reference::block_relu_mask(x, &table.iter().map(|t| t.to_option()).collect::<Vec<_>>())),
+        Backend::Reference => Ok(reference::block_relu_mask(
+            x,
+            &table.iter().map(|t| t.to_option()).collect::<Vec<_>>(),
+        )),
     }
 }
 
@@ -134,10 +148,15 @@ pub fn f_forward_mask(x: &Tensor, options: &[PatchOption]) -> Result<(Tensor, Te
             let xs = tensor_bridge::cpu_f32(OP, x)?;
             let mut y = None;
             let mask = tensor_bridge::new_cpu_u8(OP, &dims(shape), |m| {
-                y = Some(tensor_bridge::new_cpu_f32(OP, &dims(shape), |y| cpu::forward_mask(xs, y, m, shape, &table))?);
+                y = Some(tensor_bridge::new_cpu_f32(OP, &dims(shape), |y| {
+                    cpu::forward_mask(xs, y, m, shape, &table)
+                })?);
                 Ok(())
             })?;
-            let y = y.ok_or(Error::UnsupportedTensor { op: OP, reason: "output was not written".into() })?;
+            let y = y.ok_or(Error::UnsupportedTensor {
+                op: OP,
+                reason: "output was not written".into(),
+            })?;
             Ok((y, mask))
         }
     }
@@ -149,7 +168,12 @@ pub fn f_backward(grad_y: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if grad_y.size() != mask.size() || mask.kind() != Kind::Uint8 {
         return Err(Error::UnsupportedTensor {
             op: OP,
-            reason: format!("mask must be u8 of grad's shape {:?}, got {:?} {:?}", grad_y.size(), mask.kind(), mask.size()),
+            reason: format!(
+                "mask must be u8 of grad's shape {:?}, got {:?} {:?}",
+                grad_y.size(),
+                mask.kind(),
+                mask.size()
+            ),
         });
     }
     let _guard = tch::no_grad_guard();
@@ -169,7 +193,11 @@ pub fn f_simulate(x: &Tensor, perturbations: &[(usize, PatchOption)]) -> Result<
 }
 
 /// [`f_simulate`] on a chosen backend.
-pub fn f_simulate_with(backend: Backend, x: &Tensor, perturbations: &[(usize, PatchOption)]) -> Result<Tensor> {
+pub fn f_simulate_with(
+    backend: Backend,
+    x: &Tensor,
+    perturbations: &[(usize, PatchOption)],
+) -> Result<Tensor> {
     const OP: &str = "simulate";
     let shape = tensor_bridge::shape4(OP, x)?;
     let entries = build_sim_table(perturbations, shape.c, OP)?;

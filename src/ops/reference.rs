@@ -21,9 +21,10 @@ pub fn patch_mask(x: &Tensor, bh: i64, bw: i64) -> Tensor {
     let (n, c, h, w) = x.size4().expect("block ReLU input must be [N, C, H, W]");
     let (ph, pw) = ((h + bh - 1) / bh, (w + bw - 1) / bw);
     let padded = x.constant_pad_nd([0, pw * bw - w, 0, ph * bh - h]);
-    let sums = padded
-        .view([n, c, ph, bh, pw, bw])
-        .sum_dim_intlist([3i64, 5].as_slice(), false, x.kind());
+    let sums =
+        padded
+            .view([n, c, ph, bh, pw, bw])
+            .sum_dim_intlist([3i64, 5].as_slice(), false, x.kind());
     sums.gt(0.0)
         .to_kind(x.kind())
         .view([n, c, ph, 1, pw, 1])

@@ -32,7 +32,12 @@ const _: () = assert!(std::mem::align_of::<ChannelOpt>() == 4);
 
 impl ChannelOpt {
     /// The plain ReLU (1 x 1 patches).
-    pub const RELU: ChannelOpt = ChannelOpt { kind: KIND_PATCH, bh: 1, bw: 1, pad: 0 };
+    pub const RELU: ChannelOpt = ChannelOpt {
+        kind: KIND_PATCH,
+        bh: 1,
+        bw: 1,
+        pad: 0,
+    };
 
     /// Converts one option; `channel` only names the culprit in the error.
     pub fn from_option(o: PatchOption, channel: usize, op: &'static str) -> Result<Self> {
@@ -45,24 +50,48 @@ impl ChannelOpt {
                         reason: format!("patch {bh}x{bw} must have 1 <= bh, bw <= 2^31-1"),
                     });
                 }
-                ChannelOpt { kind: KIND_PATCH, bh, bw, pad: 0 }
+                ChannelOpt {
+                    kind: KIND_PATCH,
+                    bh,
+                    bw,
+                    pad: 0,
+                }
             }
-            PatchOption::Identity => ChannelOpt { kind: KIND_IDENTITY, bh: 1, bw: 1, pad: 0 },
-            PatchOption::Zero => ChannelOpt { kind: KIND_ZERO, bh: 1, bw: 1, pad: 0 },
+            PatchOption::Identity => ChannelOpt {
+                kind: KIND_IDENTITY,
+                bh: 1,
+                bw: 1,
+                pad: 0,
+            },
+            PatchOption::Zero => ChannelOpt {
+                kind: KIND_ZERO,
+                bh: 1,
+                bw: 1,
+                pad: 0,
+            },
         })
     }
 
     /// Checks an entry that did not come from [`ChannelOpt::from_option`].
     pub fn validate(&self, channel: usize, op: &'static str) -> Result<()> {
         let ok = match self.kind {
-            KIND_PATCH => self.bh >= 1 && self.bw >= 1 && self.bh <= i32::MAX as u32 && self.bw <= i32::MAX as u32,
+            KIND_PATCH => {
+                self.bh >= 1
+                    && self.bw >= 1
+                    && self.bh <= i32::MAX as u32
+                    && self.bw <= i32::MAX as u32
+            }
             KIND_IDENTITY | KIND_ZERO => true,
             _ => false,
         };
         if ok {
             Ok(())
         } else {
-            Err(Error::BadOption { op, channel, reason: format!("malformed table entry {self:?}") })
+            Err(Error::BadOption {
+                op,
+                channel,
+                reason: format!("malformed table entry {self:?}"),
+            })
         }
     }
 
@@ -71,7 +100,10 @@ impl ChannelOpt {
         match self.kind {
             KIND_IDENTITY => PatchOption::Identity,
             KIND_ZERO => PatchOption::Zero,
-            _ => PatchOption::Patch { bh: self.bh, bw: self.bw },
+            _ => PatchOption::Patch {
+                bh: self.bh,
+                bw: self.bw,
+            },
         }
     }
 }
@@ -101,7 +133,12 @@ const _: () = assert!(std::mem::size_of::<SimEntry>() == 16);
 impl SimEntry {
     /// The option of the perturbed channel.
     pub fn opt(&self) -> ChannelOpt {
-        ChannelOpt { kind: self.kind, bh: self.bh, bw: self.bw, pad: 0 }
+        ChannelOpt {
+            kind: self.kind,
+            bh: self.bh,
+            bw: self.bw,
+            pad: 0,
+        }
     }
 }
 
@@ -122,7 +159,12 @@ pub fn build_sim_table(
                 });
             }
             let t = ChannelOpt::from_option(o, c, op)?;
-            Ok(SimEntry { channel: c as u32, kind: t.kind, bh: t.bh, bw: t.bw })
+            Ok(SimEntry {
+                channel: c as u32,
+                kind: t.kind,
+                bh: t.bh,
+                bw: t.bw,
+            })
         })
         .collect()
 }
@@ -133,11 +175,23 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_empty_patches() {
-        for o in [PatchOption::RELU, PatchOption::patch(3, 5), PatchOption::Identity, PatchOption::Zero] {
+        for o in [
+            PatchOption::RELU,
+            PatchOption::patch(3, 5),
+            PatchOption::Identity,
+            PatchOption::Zero,
+        ] {
             assert_eq!(ChannelOpt::from_option(o, 0, "t").unwrap().to_option(), o);
         }
         assert!(ChannelOpt::from_option(PatchOption::patch(0, 2), 4, "t").is_err());
-        assert!(ChannelOpt { kind: 7, bh: 1, bw: 1, pad: 0 }.validate(0, "t").is_err());
+        assert!(ChannelOpt {
+            kind: 7,
+            bh: 1,
+            bw: 1,
+            pad: 0
+        }
+        .validate(0, "t")
+        .is_err());
         assert!(build_sim_table(&[(3, PatchOption::RELU)], 3, "t").is_err());
     }
 }

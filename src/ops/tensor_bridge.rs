@@ -12,7 +12,10 @@ use tch::{Device, Kind, Tensor};
 /// The NCHW sizes of `x`, or an error naming `op` when `x` is not 4-D.
 pub(crate) fn shape4(op: &'static str, x: &Tensor) -> Result<Shape> {
     if !x.defined() {
-        return Err(Error::UnsupportedTensor { op, reason: "undefined tensor".into() });
+        return Err(Error::UnsupportedTensor {
+            op,
+            reason: "undefined tensor".into(),
+        });
     }
     let size = x.size();
     match size.as_slice() {
@@ -56,7 +59,10 @@ pub(crate) fn cpu_f32<'a>(op: &'static str, x: &'a Tensor) -> Result<&'a [f32]> 
 /// [`cpu_f32`].
 pub(crate) fn cpu_u8<'a>(op: &'static str, x: &'a Tensor) -> Result<&'a [u8]> {
     if !x.defined() || x.device() != Device::Cpu || x.kind() != Kind::Uint8 || !x.is_contiguous() {
-        return Err(Error::UnsupportedTensor { op, reason: "mask must be a contiguous CPU u8 tensor".into() });
+        return Err(Error::UnsupportedTensor {
+            op,
+            reason: "mask must be a contiguous CPU u8 tensor".into(),
+        });
     }
     borrow(x)
 }
@@ -88,7 +94,10 @@ where
         return Ok(t);
     }
     if !t.is_contiguous() || t.kind().elt_size_in_bytes() != std::mem::size_of::<T>() {
-        return Err(Error::UnsupportedTensor { op, reason: "fresh tensor has an unexpected layout".into() });
+        return Err(Error::UnsupportedTensor {
+            op,
+            reason: "fresh tensor has an unexpected layout".into(),
+        });
     }
     let ptr = t.data_ptr() as *mut T;
     // SAFETY: `t` was just allocated, contiguous, with `n` elements of size_of::<T>() bytes

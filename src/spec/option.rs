@@ -76,7 +76,10 @@ impl PatchOption {
             serde_json::Value::Array(a) if a.len() == 2 => {
                 let bh = a[0].as_u64().filter(|&x| x >= 1 && x <= u32::MAX as u64)?;
                 let bw = a[1].as_u64().filter(|&x| x >= 1 && x <= u32::MAX as u64)?;
-                Some(PatchOption::Patch { bh: bh as u32, bw: bw as u32 })
+                Some(PatchOption::Patch {
+                    bh: bh as u32,
+                    bw: bw as u32,
+                })
             }
             _ => None,
         }
