@@ -82,7 +82,7 @@ pub fn simulate(x: &Tensor, perturbations: &[(usize, PatchOption)]) -> Tensor {
         .map(|&(c, o)| {
             let y = relu.copy();
             let xc = x.narrow(1, c as i64, 1);
-            let _ = y.narrow(1, c as i64, 1).copy_(&(&xc * option_mask(&xc, o)));
+            y.narrow(1, c as i64, 1).copy_(&(&xc * option_mask(&xc, o)));
             y
         })
         .collect();
