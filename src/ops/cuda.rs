@@ -127,12 +127,12 @@ fn check_input(op: &'static str, x: &Tensor) -> Result<(usize, [usize; 4])> {
 /// The table in device memory (a torch tensor, so torch's allocator owns it).
 fn upload<T: bytemuck::Pod>(op: &'static str, rows: &[T], device: Device) -> Result<Tensor> {
     let words: &[i32] = bytemuck::cast_slice(rows);
-    Ok(Tensor::f_from_slice(words)
+    Tensor::f_from_slice(words)
         .and_then(|t| t.f_to_device(device))
         .map_err(|e| Error::Cuda {
             op,
             message: format!("uploading the option table: {e}"),
-        })?)
+        })
 }
 
 fn ptr(t: &Tensor) -> u64 {
