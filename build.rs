@@ -67,4 +67,34 @@ fn compile_kernels(manifest: &Path) {
             ),
         }
     }
+    compile_host_check(&nvcc, &kernels, &out);
+}
+
+/// Builds kernels/host_check.cu into a host executable (no GPU needed) with the same nvcc,
+/// and tells the tests where it is through BRELU_HOST_CHECK.
+fn compile_host_check(nvcc: &str, kernels: &Path, out: &Path) {
+    let src = kernels.join("host_check.cu");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let exe = out.join("host_check");
+    let mut cmd = Command::new(nvcc);
+    cmd.args(["-x", "cu", "-O2", "-std=c++17"])
+        .arg("-I")
+        .arg(kernels);
+    // nvcc links the static CUDA runtime; nvcc from PyPI keeps it in ../lib beside bin/.
+    if let Some(lib) = Path::new(nvcc)
+        .parent()
+        .map(|b| b.join("../lib"))
+        .filter(|l| l.is_dir())
+    {
+        cmd.arg("-L").arg(lib);
+    }
+    let status = cmd.arg("-o").arg(&exe).arg(&src).status();
+    match status {
+        Ok(s) if s.success() => println!("cargo:rustc-env=BRELU_HOST_CHECK={}", exe.display()),
+        Ok(s) => panic!(
+            "nvcc failed ({s}) building the host harness {}",
+            src.display()
+        ),
+        Err(e) => panic!("running `{nvcc}` for {} failed: {e}", src.display()),
+    }
 }

@@ -1,0 +1,16 @@
+// device_block.cuh: the executor that runs common.cuh's phase code as one CUDA thread of a
+// block (the host harness has its own executor that loops over all thread indices).
+#pragma once
+#include "common.cuh"
+
+struct DeviceBlock {
+    __device__ int threads() const { return blockDim.x; }
+    template <class F>
+    __device__ void run(F f) { f((int)threadIdx.x); }
+    __device__ void sync() { __syncthreads(); }
+};
+
+// Shared scratch of one block: the tile's column sums and patch flags.
+#define BR_SHARED_SCRATCH                        \
+    __shared__ float br_colsum_s[BR_TILE_COLS]; \
+    __shared__ float br_flag_s[BR_TILE_COLS];

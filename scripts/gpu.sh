@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Builds the CUDA test and bench binaries here (no GPU needed) and packs them into .gpu/
+# with a run.sh for a GPU machine.
+#
+# Usage: scripts/gpu.sh build      build with --features cuda --release, fill .gpu/
+#        (then, on the GPU machine, from the repository root)  .gpu/run.sh [bench-filter]
+#
+# .gpu/ holds: the stripped test executables (tests/*.rs and the lib unit tests), the bench
+# executable, the nvcc-built host harness (host_check), and run.sh. The binaries link
+# libtorch dynamically; run.sh points LD_LIBRARY_PATH at the torch/lib of the machine's
+# python3 (plus its nvidia/*/lib folders), so that machine needs `pip install torch` (2.11,
+# CUDA 13 build) and an NVIDIA driver; nothing else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-build}" in
+build) ;;
+*)
+  echo "usage: scripts/gpu.sh build" >&2
+  exit 2
+  ;;
+esac
+
+NVCC="$(scripts/nvcc-path.sh)"
+export NVCC
+echo "gpu.sh: building with NVCC=$NVCC" >&2
+json="$(mktemp)"
+trap 'rm -f "$json"' EXIT
+cargo test --release --features cuda --no-run --message-format=json >"$json"
+cargo bench --features cuda --bench block_relu --no-run --message-format=json >>"$json"
+
+rm -rf .gpu
+mkdir -p .gpu/bin
+# Executables of test and bench targets, from cargo's JSON messages.
+python3 - "$json" <<'PY'
+import json, os, shutil, sys
+seen = set()
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    is_bench = "bench" in t["kind"]
+    if not (m["profile"].get("test") or is_bench):
+        continue
+    name = "bench-" + t["name"] if is_bench else "test-" + t["kind"][0] + "-" + t["name"]
+    if name in seen:
+        continue
+    seen.add(name)
+    shutil.copy(m["executable"], os.path.join(".gpu/bin", name))
+    print("gpu.sh: packed", name, file=sys.stderr)
+PY
+hc="$(ls -t target/release/build/brelu-*/out/host_check 2>/dev/null | head -1)"
+if [ -n "$hc" ]; then cp "$hc" .gpu/bin/host_check; fi
+strip .gpu/bin/* 2>/dev/null || true
+
+cat >.gpu/run.sh <<'RUN'
+#!/usr/bin/env bash
+# Runs the packed CUDA tests, then the GPU benches (criterion filter, default `gpu_`).
+# Usage, from the repository root on the GPU machine: .gpu/run.sh [bench-filter]
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+torch="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
+libs="$torch/lib"
+for d in "$torch"/../nvidia/*/lib "$torch"/../nvidia/cu13/lib; do [ -d "$d" ] && libs="$libs:$d"; done
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export BRELU_HOST_CHECK="$here/bin/host_check"
+nvidia-smi -L || true
+status=0
+for t in "$here"/bin/test-*; do
+  echo "=== $(basename "$t")"
+  "$t" --nocapture || status=1
+done
+echo "=== benches"
+"$here"/bin/bench-block_relu --bench "${1:-gpu_}" || status=1
+exit $status
+RUN
+chmod +x .gpu/run.sh
+du -sh .gpu
+size=$(du -sm .gpu | cut -f1)
+if [ "$size" -ge 64 ]; then echo "gpu.sh: warning: .gpu/ is ${size} MiB (limit 64)" >&2; fi
+echo "gpu.sh: done; on the GPU machine run .gpu/run.sh from the repository root" >&2
