@@ -34,7 +34,7 @@ cuda-setup: setup
 
 ## Build with the CUDA kernels (nvcc from PyPI, see cuda-setup).
 cuda-build: cuda-setup
-	NVCC=$$(scripts/nvcc-path.sh) $(CARGO) build --release --features cuda --all-targets
+	NVCC=$$(scripts/nvcc-path.sh) $(CARGO) build --features cuda --all-targets
 
 ## Build CUDA binaries here, run tests and benches on a lent GPU machine (see scripts/gpu.sh).
 gpu: cuda-setup

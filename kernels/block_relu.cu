@@ -9,7 +9,7 @@
 extern "C" __global__ void __launch_bounds__(BR_THREADS)
 block_relu_fwd_f32(const float* __restrict__ x, float* __restrict__ y, const ChannelOpt* __restrict__ table,
                    int channels, int h, int w) {
-    BR_SHARED_SCRATCH
+    BR_SHARED_SCRATCH(h, w)
     DeviceBlock ex;
     const int64_t plane = blockIdx.x;
     const int64_t off = plane * h * w;
@@ -21,7 +21,7 @@ block_relu_fwd_f32(const float* __restrict__ x, float* __restrict__ y, const Cha
 extern "C" __global__ void __launch_bounds__(BR_THREADS)
 block_relu_fwd_mask_f32(const float* __restrict__ x, float* __restrict__ y, uint8_t* __restrict__ mask,
                         const ChannelOpt* __restrict__ table, int channels, int h, int w) {
-    BR_SHARED_SCRATCH
+    BR_SHARED_SCRATCH(h, w)
     DeviceBlock ex;
     const int64_t plane = blockIdx.x;
     const int64_t off = plane * h * w;
@@ -32,7 +32,7 @@ block_relu_fwd_mask_f32(const float* __restrict__ x, float* __restrict__ y, uint
 extern "C" __global__ void __launch_bounds__(BR_THREADS)
 block_relu_mask_f32(const float* __restrict__ x, float* __restrict__ mask, const ChannelOpt* __restrict__ table,
                     int channels, int h, int w) {
-    BR_SHARED_SCRATCH
+    BR_SHARED_SCRATCH(h, w)
     DeviceBlock ex;
     const int64_t plane = blockIdx.x;
     const int64_t off = plane * h * w;

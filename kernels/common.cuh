@@ -40,6 +40,13 @@ constexpr int BR_THREADS = 256;
 // W the kernels accept (the host side checks it).
 constexpr int BR_TILE_COLS = 2048;
 
+// Floats of column-sum (and of flag) scratch a plane needs: a tile never has more column
+// sums than BR_TILE_COLS nor than the plane has pixels.
+BR_HD int br_scratch_floats(int h, int w) {
+    int64_t n = (int64_t)h * w;
+    return n < BR_TILE_COLS ? (int)n : BR_TILE_COLS;
+}
+
 // The tie rule: a patch is kept iff its sum is > 0 (an exact 0 gives 0).
 BR_HD float br_keep(float sum) { return sum > 0.f ? 1.f : 0.f; }
 

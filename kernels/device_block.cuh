@@ -10,7 +10,10 @@ struct DeviceBlock {
     __device__ void sync() { __syncthreads(); }
 };
 
-// Shared scratch of one block: the tile's column sums and patch flags.
-#define BR_SHARED_SCRATCH                        \
-    __shared__ float br_colsum_s[BR_TILE_COLS]; \
-    __shared__ float br_flag_s[BR_TILE_COLS];
+// Shared scratch of one block: the tile's column sums and patch flags, sized at launch
+// (2 * br_scratch_floats(h, w) floats) so that blocks over small planes stay small and many
+// fit on one SM.
+#define BR_SHARED_SCRATCH(h, w)                  \
+    extern __shared__ float br_dyn_s[];         \
+    float* br_colsum_s = br_dyn_s;              \
+    float* br_flag_s = br_dyn_s + br_scratch_floats(h, w);

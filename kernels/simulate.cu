@@ -8,7 +8,7 @@
 extern "C" __global__ void __launch_bounds__(BR_THREADS)
 block_relu_simulate_f32(const float* __restrict__ x, float* __restrict__ out, const SimEntry* __restrict__ entries,
                         int n, int channels, int h, int w) {
-    BR_SHARED_SCRATCH
+    BR_SHARED_SCRATCH(h, w)
     DeviceBlock ex;
     const int64_t q = blockIdx.x;
     const int64_t per_copy = (int64_t)n * channels;

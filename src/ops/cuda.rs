@@ -26,8 +26,25 @@ use tch::{Device, Kind, Tensor};
 const BLOCK_RELU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/block_relu.ptx"));
 const SIMULATE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/simulate.ptx"));
 
-/// Threads per block: BR_THREADS in kernels/common.cuh.
+/// Most threads per block: BR_THREADS in kernels/common.cuh.
 const BLOCK_THREADS: u32 = 256;
+/// Column sums per tile: BR_TILE_COLS in kernels/common.cuh.
+const TILE_COLS: usize = 2048;
+
+/// Launch shape for one-block-per-plane kernels: small planes get small blocks (a multiple of
+/// a warp, at least one thread per pixel up to 256) and only the shared scratch they use
+/// (`br_scratch_floats` in kernels/common.cuh), so that many of them share an SM instead of
+/// leaving most threads idle.
+fn plane_config(planes: usize, h: usize, w: usize) -> LaunchConfig {
+    let hw = h * w;
+    let threads = hw.div_ceil(32).clamp(1, BLOCK_THREADS as usize / 32) * 32;
+    let scratch = hw.min(TILE_COLS);
+    LaunchConfig {
+        grid_dim: (planes as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: (2 * scratch * std::mem::size_of::<f32>()) as u32,
+    }
+}
 /// Widest plane the kernels take: BR_TILE_COLS in kernels/common.cuh.
 const MAX_W: usize = 2048;
 /// Blocks for the elementwise backward (grid-stride loop beyond that).
@@ -124,15 +141,45 @@ fn check_input(op: &'static str, x: &Tensor) -> Result<(usize, [usize; 4])> {
     Ok((ordinal, [n, c, h, w]))
 }
 
-/// The table in device memory (a torch tensor, so torch's allocator owns it).
+/// The table in device memory (a torch tensor, so torch's allocator owns it). Tables are
+/// cached by content: a site's options rarely change between calls, and a pageable
+/// host-to-device copy would stall the host on every call. The key is a cheap 64-bit hash
+/// (SipHash over a 32 KB table costs more than the kernel); a hit is confirmed by comparing
+/// the host copy.
 fn upload<T: bytemuck::Pod>(op: &'static str, rows: &[T], device: Device) -> Result<Tensor> {
+    const MAX_CACHED: usize = 512;
+    type Cache = Mutex<HashMap<(Device, usize, u64), (Vec<i32>, Tensor)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let words: &[i32] = bytemuck::cast_slice(rows);
-    Tensor::f_from_slice(words)
+    let hash = words.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &w| {
+        (h ^ w as u32 as u64)
+            .wrapping_mul(0x1000_0000_01b3)
+            .rotate_left(29)
+    });
+    let key = (device, words.len(), hash);
+    let mut cache = CACHE
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .map_err(|_| Error::Cuda {
+            op,
+            message: "table cache poisoned".into(),
+        })?;
+    if let Some((host, t)) = cache.get(&key) {
+        if host.as_slice() == words {
+            return Ok(t.shallow_clone());
+        }
+    }
+    let t = Tensor::f_from_slice(words)
         .and_then(|t| t.f_to_device(device))
         .map_err(|e| Error::Cuda {
             op,
             message: format!("uploading the option table: {e}"),
-        })
+        })?;
+    if cache.len() >= MAX_CACHED {
+        cache.clear();
+    }
+    cache.insert(key, (words.to_vec(), t.shallow_clone()));
+    Ok(t)
 }
 
 fn ptr(t: &Tensor) -> u64 {
@@ -189,11 +236,7 @@ fn launch_site(
     let tab = upload(op, table, device)?;
     let (xp, yp, mp, tp) = (ptr(x), ptr(&y), ptr(&mask), ptr(&tab));
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
-    let cfg = LaunchConfig {
-        grid_dim: ((n * c) as u32, 1, 1),
-        block_dim: (BLOCK_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = plane_config(n * c, h, w);
     let f = match which {
         SiteKernel::Forward => &k.fwd,
         SiteKernel::ForwardMask => &k.fwd_mask,
@@ -214,7 +257,8 @@ fn launch_site(
     // x is a contiguous f32 CUDA tensor of N*C*H*W elements (checked); y (f32) and mask (u8,
     // or f32 for `mask`) were allocated with x's size on x's device; the table holds C
     // validated 16-byte entries. The grid has N*C blocks, one per plane, so every access
-    // stays inside those buffers, and W <= BR_TILE_COLS keeps shared-memory indices in range.
+    // stays inside those buffers; W <= BR_TILE_COLS and the dynamic shared memory of
+    // `plane_config` (2 * min(H*W, BR_TILE_COLS) floats) keep shared-memory indices in range.
     // All buffers are torch allocations that stay alive (held here or freed to torch's
     // stream-ordered cache) until the kernel has run on the NULL stream.
     unsafe { b.launch(cfg) }.map_err(driver_err(op))?;
@@ -317,11 +361,7 @@ pub fn simulate(x: &Tensor, entries: &[SimEntry]) -> Result<Tensor> {
     let tab = upload(OP, entries, device)?;
     let (xp, op, tp) = (ptr(x), ptr(&out), ptr(&tab));
     let (ni, ci, hi, wi) = (n as i32, c as i32, h as i32, w as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (planes as u32, 1, 1),
-        block_dim: (BLOCK_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = plane_config(planes, h, w);
     let mut b = k.stream.launch_builder(&k.simulate);
     b.arg(&xp)
         .arg(&op)
