@@ -304,6 +304,45 @@ fn cli_writes_a_spec_within_budget_that_validates() {
         assert_eq!(rep["drelus"].as_u64().unwrap(), cost.drelus as u64);
         assert!(rep["bound"].as_f64().unwrap() <= rep["objective"].as_f64().unwrap() + 1e-9);
     }
+    // A sweep writes one spec per ratio, the numbers and the plot.
+    let sweep = dir.path().join("sweep");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args([
+            "knapsack",
+            "--model",
+            "resnet18-cifar-light",
+            "--sweep",
+            "0.03,0.09",
+            "-d",
+        ])
+        .arg(&tdir)
+        .arg("-o")
+        .arg(&sweep)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reps: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sweep.join("sweep.json")).unwrap()).unwrap();
+    let (lo, hi) = (&reps[0], &reps[1]);
+    assert!(lo["drelus"].as_u64() <= hi["drelus"].as_u64());
+    assert!(lo["objective"].as_f64().unwrap() >= hi["objective"].as_f64().unwrap());
+    for r in ["0.03", "0.09"] {
+        Spec::load(
+            &sweep.join(format!("spec-{r}.json")),
+            "resnet18-cifar-light",
+            [3, 32, 32],
+            &infos,
+        )
+        .unwrap();
+    }
+    let png = std::fs::read(sweep.join("sweep.png"))
+        .expect("sweep.png (needs a TrueType font, e.g. fonts-dejavu-core)");
+    assert_eq!(&png[1..4], b"PNG");
+
     // A budget below the minimum is refused, naming the minimum (identity costs 0, so use
     // tables without identity).
     let mut t2 = t.clone();
