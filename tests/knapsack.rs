@@ -137,9 +137,10 @@ fn exact_equals_brute_force_and_lagrange_brackets_it() {
                 "case {case} budget {budget}: exact {} brute {want}",
                 got.objective
             );
-            // The checkpointed path (segments of 1 and 2 channels) finds the same optimum.
-            for seg in [1, 2] {
-                let cp = dp::solve_segmented(&p, budget, seg).unwrap();
+            // Every path (whole table or checkpoint segments of 1 and 2 channels, with and
+            // without reduced-cost fixing) finds the same optimum.
+            for (seg, reduced) in [(1, true), (2, true), (1, false), (1000, false)] {
+                let cp = dp::solve_segmented(&p, budget, seg, reduced).unwrap();
                 assert!(
                     close(cp.objective, want),
                     "case {case}: checkpointed {} brute {want}",

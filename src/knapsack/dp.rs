@@ -7,6 +7,10 @@
 //! compiler vectorises. Memory: the choice table (channels x budget) is never held whole when it
 //! would not fit `max_memory`: rows are checkpointed every S channels and each segment's choices
 //! are recomputed during the backtrack (about twice the arithmetic, a fraction of the memory).
+//! Work: before the DP, reduced-cost fixing removes every item that the Lagrangian bound
+//! proves cannot be in a solution better than the Lagrangian heuristic's (see [`reduce`]);
+//! the DP then runs over the few items left, and its optimum is the optimum of the original
+//! instance.
 use super::problem::Problem;
 use super::Solution;
 use crate::error::{Error, Result};
@@ -168,15 +172,89 @@ fn extend(row: &mut [f64], from: usize, to: usize) {
     }
 }
 
+/// An instance with the items that cannot be optimal removed.
+pub struct Reduced {
+    /// The same channels, each with its surviving items.
+    pub problem: Problem,
+    /// Per channel, the original index of each surviving item.
+    pub kept: Vec<Vec<usize>>,
+    /// The Lagrangian solution used for the reduction (a feasible incumbent).
+    pub lagrange: Solution,
+}
+
+/// Reduced-cost fixing. For a multiplier l >= 0, L = sum_j min_k (d_jk + l c_jk) - l B is a
+/// lower bound on every solution, and one that uses item k in channel j is at least L + r_jk
+/// (r_jk: the item's reduced cost, d + l c minus the channel's minimum). An item with
+/// L + r_jk above the objective U of a known feasible solution therefore is in no solution
+/// better than U; dropping it keeps every optimum. l is the LP multiplier, U the Lagrangian
+/// heuristic's objective; a small tolerance keeps borderline items (rounding).
+pub fn reduce(p: &Problem, budget: u64) -> Result<Reduced> {
+    let lg = super::lagrange::solve(p, budget)?;
+    let l = lg.multiplier.unwrap_or(0.0);
+    let free = p.free_budget(budget)? as f64;
+    let mins: Vec<f64> = p
+        .items
+        .iter()
+        .map(|it| {
+            it.iter()
+                .map(|i| i.dist + l * i.cost as f64)
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let lower = mins.iter().sum::<f64>() - l * free;
+    let ub = lg.objective;
+    let tol = 1e-9 * (ub.abs() + l * free + 1.0);
+    let mut problem = p.clone();
+    let mut kept = Vec::with_capacity(p.items.len());
+    for (j, it) in p.items.iter().enumerate() {
+        let keep: Vec<usize> = (0..it.len())
+            .filter(|&k| lower + (it[k].dist + l * it[k].cost as f64 - mins[j]) <= ub + tol)
+            .collect();
+        problem.items[j] = keep.iter().map(|&k| it[k]).collect();
+        kept.push(keep);
+    }
+    Ok(Reduced {
+        problem,
+        kept,
+        lagrange: lg,
+    })
+}
+
 /// Solves exactly within `max_memory` bytes.
 pub fn solve(p: &Problem, budget: u64, max_memory: u64) -> Result<Solution> {
-    let plan = plan(p, budget, max_memory)?;
-    solve_planned(p, budget, plan)
+    let r = reduce(p, budget)?;
+    let plan = plan(&r.problem, budget, max_memory)?;
+    solve_reduced(p, &r, budget, plan)
+}
+
+/// Runs the DP on a reduced instance and maps the solution back to `p`'s items.
+pub fn solve_reduced(p: &Problem, r: &Reduced, budget: u64, plan: Plan) -> Result<Solution> {
+    let mut sol = solve_planned(&r.problem, budget, plan)?;
+    for (c, k) in sol.choice.iter_mut().enumerate() {
+        *k = r.kept[c][*k];
+    }
+    let (objective, cost) = p.evaluate(&sol.choice);
+    sol.objective = objective;
+    sol.bound = objective;
+    sol.cost = cost;
+    Ok(sol)
 }
 
 /// Solves with checkpoint segments of `segment` channels (`>= channels`: one full choice
-/// table). `solve` picks the segment from the memory bound; this exists to test both paths.
-pub fn solve_segmented(p: &Problem, budget: u64, segment: usize) -> Result<Solution> {
+/// table), with or without the reduction. `solve` picks the segment from the memory bound and
+/// always reduces; this exists to test every path.
+pub fn solve_segmented(
+    p: &Problem,
+    budget: u64,
+    segment: usize,
+    reduced: bool,
+) -> Result<Solution> {
+    if reduced {
+        let r = reduce(p, budget)?;
+        let mut pl = plan(&r.problem, budget, u64::MAX)?;
+        pl.segment = segment;
+        return solve_reduced(p, &r, budget, pl);
+    }
     let mut pl = plan(p, budget, u64::MAX)?;
     pl.segment = segment;
     solve_planned(p, budget, pl)
@@ -278,5 +356,6 @@ fn solve_planned(p: &Problem, budget: u64, plan: Plan) -> Result<Solution> {
         bound: obj,
         dp_objective: Some(objective),
         peak_bytes: Some(plan.peak_bytes),
+        multiplier: None,
     })
 }

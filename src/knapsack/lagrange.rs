@@ -71,6 +71,7 @@ pub fn solve(p: &Problem, budget: u64) -> Result<Solution> {
     let mut lp = base;
     let mut lp_left = left as f64;
     let mut lp_done = false;
+    let mut multiplier = 0.0;
     let mut blocked = vec![false; p.items.len()];
     let mut level = vec![0u32; p.items.len()];
     for u in &ups {
@@ -81,6 +82,7 @@ pub fn solve(p: &Problem, budget: u64) -> Result<Solution> {
                 lp_left -= u.dcost as f64;
             } else {
                 lp -= u.gain * lp_left / u.dcost as f64;
+                multiplier = u.gain / u.dcost as f64;
                 lp_done = true;
             }
         }
@@ -105,6 +107,7 @@ pub fn solve(p: &Problem, budget: u64) -> Result<Solution> {
         bound: lp.min(objective),
         dp_objective: None,
         peak_bytes: None,
+        multiplier: Some(multiplier),
     })
 }
 

@@ -26,6 +26,8 @@ pub struct Solution {
     pub dp_objective: Option<f64>,
     /// Planned peak memory of the exact solver.
     pub peak_bytes: Option<u64>,
+    /// The Lagrange multiplier (distortion per DReLU) where the LP relaxation stops.
+    pub multiplier: Option<f64>,
 }
 
 impl Solution {
