@@ -4,58 +4,16 @@
 //! Lagrangian solvers on a ResNet50-ImageNet-sized instance (run with
 //! `cargo bench --bench knapsack -- resnet50`). Instances are synthetic with a realistic shape:
 //! distortion grows with patch area, identity is the largest.
-use brelu::distortion::{DistortionTables, SiteTable};
+use brelu::distortion::DistortionTables;
 use brelu::knapsack::{dp, lagrange, BuildOptions, Problem};
 use brelu::models::{find, sites};
-use brelu::spec::{Catalog, PatchOption};
+use brelu::spec::Catalog;
 use criterion::{criterion_group, criterion_main, Criterion};
-use indexmap::IndexMap;
 use std::time::{Duration, Instant};
 
 fn synthetic(model: &str, input: [usize; 3]) -> (Problem, Problem) {
     let infos = sites(find(model).unwrap(), input).unwrap();
-    let cat = Catalog::builtin();
-    let mut state = 12345u64;
-    let mut rnd = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let mut tabs = IndexMap::new();
-    for s in &infos {
-        let opts = cat.options(s);
-        let mut values = Vec::with_capacity(s.channels * opts.len());
-        for _ in 0..s.channels {
-            let scale = 0.1 + rnd() * 10.0;
-            for o in &opts {
-                values.push(match o {
-                    PatchOption::Patch { bh: 1, bw: 1 } => 0.0,
-                    PatchOption::Patch { bh, bw } => {
-                        scale * ((*bh * *bw) as f64).ln() * (0.8 + 0.4 * rnd())
-                    }
-                    _ => scale * 4.0 * ((s.height * s.width) as f64).ln() * (0.9 + 0.2 * rnd()),
-                });
-            }
-        }
-        tabs.insert(
-            s.name.clone(),
-            SiteTable {
-                shape: [s.channels, s.height, s.width],
-                options: opts,
-                values,
-            },
-        );
-    }
-    let t = DistortionTables {
-        model: model.into(),
-        input,
-        estimator: "synthetic".into(),
-        samples: 0,
-        seed: 0,
-        model_hash: "synthetic".into(),
-        sites: tabs,
-    };
+    let t = DistortionTables::synthetic(model, input, &infos, &Catalog::builtin(), 12345);
     let p = Problem::build(&t, &infos, BuildOptions::default()).unwrap();
     let raw = Problem::build(
         &t,

@@ -223,46 +223,7 @@ fn synthetic_tables(
     seed: u64,
 ) -> (Vec<SiteInfo>, DistortionTables) {
     let infos = sites(find(model).unwrap(), input).unwrap();
-    let cat = Catalog::builtin();
-    let mut rng = Rng(seed);
-    let mut tabs = IndexMap::new();
-    for s in &infos {
-        let opts = cat.options(s);
-        let mut values = Vec::new();
-        for _ in 0..s.channels {
-            let scale = 1.0 + rng.below(1000) as f64 / 100.0;
-            for o in &opts {
-                values.push(match o {
-                    PatchOption::Patch { bh, bw } => {
-                        let a = (*bh * *bw) as f64;
-                        if a == 1.0 {
-                            0.0
-                        } else {
-                            scale * a.ln() * (1.0 + rng.below(100) as f64 / 500.0)
-                        }
-                    }
-                    _ => scale * 10.0 * (s.height * s.width) as f64,
-                });
-            }
-        }
-        tabs.insert(
-            s.name.clone(),
-            SiteTable {
-                shape: [s.channels, s.height, s.width],
-                options: opts,
-                values,
-            },
-        );
-    }
-    let t = DistortionTables {
-        model: model.into(),
-        input,
-        estimator: "synthetic".into(),
-        samples: 0,
-        seed,
-        model_hash: "synthetic".into(),
-        sites: tabs,
-    };
+    let t = DistortionTables::synthetic(model, input, &infos, &Catalog::builtin(), seed);
     (infos, t)
 }
 
