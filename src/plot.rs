@@ -90,6 +90,8 @@ pub fn line_plot(
             .configure_mesh()
             .x_desc(xlabel)
             .y_desc(ylabel)
+            .x_label_formatter(&|v| tick(*v))
+            .y_label_formatter(&|v| tick(*v))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|x| e(&x))?;
@@ -116,4 +118,18 @@ pub fn line_plot(
         root.present().map_err(|x| e(&x))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A compact tick label: plain for moderate magnitudes, scientific otherwise.
+fn tick(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-2..1e6).contains(&a) {
+        format!("{v:.2e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
 }

@@ -1,5 +1,6 @@
 //! The `brelu` command line: argument definitions and one function per subcommand. Library
 //! errors get context here; `main` prints the chain and sets the exit code.
+mod distortion;
 mod knapsack;
 mod models;
 mod spec;
@@ -29,6 +30,9 @@ pub enum Command {
     /// Make and inspect block-ReLU spec files.
     #[command(subcommand)]
     Spec(spec::SpecCommand),
+    /// Distortion tables (synthetic for now; extraction from a trained network comes next).
+    #[command(subcommand)]
+    Distortion(distortion::DistortionCommand),
     /// Pick a patch size per channel from distortion tables under a DReLU budget.
     Knapsack(knapsack::KnapsackArgs),
 }
@@ -64,6 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sites(a) => models::sites(a),
         Command::Spec(c) => spec::run(c),
         Command::Knapsack(a) => knapsack::run(a),
+        Command::Distortion(c) => distortion::run(c),
     }
 }
 
