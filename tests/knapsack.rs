@@ -352,3 +352,35 @@ fn lagrange_gap_is_small_on_a_realistic_instance() {
         ex.objective
     );
 }
+
+#[test]
+fn cli_synthetic_tables_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args([
+            "distortion",
+            "synthetic",
+            "--model",
+            "resnet18-cifar-light",
+            "--seed",
+            "4",
+            "-o",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = DistortionTables::read(dir.path()).unwrap();
+    let (_, want) = synthetic_tables("resnet18-cifar-light", [3, 32, 32], 4);
+    assert_eq!(back, want);
+    // A truncated table is an error naming the file.
+    let f = dir.path().join("stem.npy");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 8]).unwrap();
+    let e = DistortionTables::read(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("stem.npy") && e.contains("truncated"), "{e}");
+}
