@@ -246,42 +246,60 @@ fn planes_per_task(plane: usize) -> usize {
     (TASK_ELEMS / plane.max(1)).max(1)
 }
 
+/// Runs `plane` over every (n, c) plane, in parallel tasks of whole planes, writing `y`
+/// and/or `mask` (lengths checked by the caller).
+fn run_planes<M: MaskElem>(
+    x: &[f32],
+    y: Option<&mut [f32]>,
+    mask: Option<&mut [M]>,
+    shape: Shape,
+    table: &[ChannelOpt],
+) {
+    let plane_len = shape.h * shape.w;
+    if plane_len == 0 || x.is_empty() {
+        return;
+    }
+    let chunk = planes_per_task(plane_len) * plane_len;
+    let tasks = x.len().div_ceil(chunk);
+    fn split<T>(s: Option<&mut [T]>, chunk: usize, tasks: usize) -> Vec<Option<&mut [T]>> {
+        match s {
+            Some(s) => s.chunks_mut(chunk).map(Some).collect(),
+            None => (0..tasks).map(|_| None).collect(),
+        }
+    }
+    split(y, chunk, tasks)
+        .into_par_iter()
+        .zip(split(mask, chunk, tasks))
+        .zip(x.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(t, ((mut yc, mut mc), xc))| {
+            let mut s = Scratch::new(shape.w);
+            let first = t * (chunk / plane_len);
+            for (i, xp) in xc.chunks(plane_len).enumerate() {
+                let r = i * plane_len..(i + 1) * plane_len;
+                let out = PlaneOut {
+                    y: yc.as_deref_mut().map(|v| &mut v[r.clone()]),
+                    mask: mc.as_deref_mut().map(|v| &mut v[r]),
+                };
+                plane(
+                    xp,
+                    shape.h,
+                    shape.w,
+                    table[(first + i) % shape.c],
+                    &mut s,
+                    out,
+                );
+            }
+        });
+}
+
 /// Inference forward: `y = block_relu(x)` with one table entry per channel.
 pub fn forward(x: &[f32], y: &mut [f32], shape: Shape, table: &[ChannelOpt]) -> Result<()> {
     const OP: &str = "cpu::forward";
     check_len(OP, "input", shape, x.len(), 1)?;
     check_len(OP, "output", shape, y.len(), 1)?;
     check_table(OP, shape, table)?;
-    let plane_len = shape.h * shape.w;
-    if plane_len == 0 || shape.numel() == Some(0) {
-        return Ok(());
-    }
-    let chunk = planes_per_task(plane_len) * plane_len;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(t, (yc, xc))| {
-            let mut s = Scratch::new(shape.w);
-            let first = t * (chunk / plane_len);
-            for (i, (yp, xp)) in yc
-                .chunks_mut(plane_len)
-                .zip(xc.chunks(plane_len))
-                .enumerate()
-            {
-                let opt = table[(first + i) % shape.c];
-                plane::<u8>(
-                    xp,
-                    shape.h,
-                    shape.w,
-                    opt,
-                    &mut s,
-                    PlaneOut {
-                        y: Some(yp),
-                        mask: None,
-                    },
-                );
-            }
-        });
+    run_planes::<u8>(x, Some(y), None, shape, table);
     Ok(())
 }
 
@@ -298,37 +316,7 @@ pub fn forward_mask<M: MaskElem>(
     check_len(OP, "output", shape, y.len(), 1)?;
     check_len(OP, "mask", shape, mask.len(), 1)?;
     check_table(OP, shape, table)?;
-    let plane_len = shape.h * shape.w;
-    if plane_len == 0 || shape.numel() == Some(0) {
-        return Ok(());
-    }
-    let chunk = planes_per_task(plane_len) * plane_len;
-    y.par_chunks_mut(chunk)
-        .zip(mask.par_chunks_mut(chunk))
-        .zip(x.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(t, ((yc, mc), xc))| {
-            let mut s = Scratch::new(shape.w);
-            let first = t * (chunk / plane_len);
-            let planes = yc
-                .chunks_mut(plane_len)
-                .zip(mc.chunks_mut(plane_len))
-                .zip(xc.chunks(plane_len));
-            for (i, ((yp, mp), xp)) in planes.enumerate() {
-                let opt = table[(first + i) % shape.c];
-                plane(
-                    xp,
-                    shape.h,
-                    shape.w,
-                    opt,
-                    &mut s,
-                    PlaneOut {
-                        y: Some(yp),
-                        mask: Some(mp),
-                    },
-                );
-            }
-        });
+    run_planes(x, Some(y), Some(mask), shape, table);
     Ok(())
 }
 
@@ -344,36 +332,7 @@ pub fn mask<M: MaskElem>(
     check_len(OP, "input", shape, x.len(), 1)?;
     check_len(OP, "mask", shape, mask.len(), 1)?;
     check_table(OP, shape, table)?;
-    let plane_len = shape.h * shape.w;
-    if plane_len == 0 || shape.numel() == Some(0) {
-        return Ok(());
-    }
-    let chunk = planes_per_task(plane_len) * plane_len;
-    mask.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(t, (mc, xc))| {
-            let mut s = Scratch::new(shape.w);
-            let first = t * (chunk / plane_len);
-            for (i, (mp, xp)) in mc
-                .chunks_mut(plane_len)
-                .zip(xc.chunks(plane_len))
-                .enumerate()
-            {
-                let opt = table[(first + i) % shape.c];
-                plane(
-                    xp,
-                    shape.h,
-                    shape.w,
-                    opt,
-                    &mut s,
-                    PlaneOut {
-                        y: None,
-                        mask: Some(mp),
-                    },
-                );
-            }
-        });
+    run_planes(x, None, Some(mask), shape, table);
     Ok(())
 }
 
