@@ -40,6 +40,21 @@ pub enum Error {
     #[error("catalog: {0}")]
     Catalog(String),
 
+    // ---- data and training ----
+    /// A data set file is missing, truncated or not in the expected format.
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+    /// A configuration field has a bad value.
+    #[error("{path}: field '{field}': {msg}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+    /// A requested feature exists in the configuration format but is not implemented yet.
+    #[error("not implemented yet: {0}")]
+    NotImplemented(String),
+
     // ---- usage ----
     /// An argument or configuration value is out of range.
     #[error("{0}")]
@@ -92,6 +107,13 @@ impl Error {
 
     pub fn parse(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Parse {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn data(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Data {
             path: path.into(),
             msg: msg.into(),
         }

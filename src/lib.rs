@@ -12,8 +12,10 @@
 //! Modules: [`spec`] (options, catalogs, spec files, cost model), [`models`] (architectures
 //! as op graphs with named ReLU sites, weights), [`ops`] (block-ReLU operators),
 //! [`distortion`] (distortion tables), [`knapsack`] (exact and Lagrangian solvers, reports),
-//! [`npy`] (the table file format), [`cli`] (the `brelu` command).
+//! [`npy`] (the table file format), [`data`] (data sets, augmentation, batches),
+//! [`train`] (configuration, training, evaluation, checkpoints), [`cli`] (the `brelu` command).
 pub mod cli;
+pub mod data;
 pub mod distortion;
 pub mod error;
 pub mod knapsack;
@@ -22,5 +24,6 @@ pub mod npy;
 pub mod ops;
 pub mod plot;
 pub mod spec;
+pub mod train;
 
 pub use error::{Error, Result};

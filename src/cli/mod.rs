@@ -5,6 +5,7 @@ mod knapsack;
 mod models;
 mod spec;
 mod table;
+mod train;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -35,6 +36,12 @@ pub enum Command {
     Distortion(distortion::DistortionCommand),
     /// Pick a patch size per channel from distortion tables under a DReLU budget.
     Knapsack(knapsack::KnapsackArgs),
+    /// Train a model from a configuration file (checkpoint every epoch, `--resume`).
+    Train(train::TrainArgs),
+    /// Fine-tune trained weights with a block-ReLU spec at every site.
+    Finetune(train::FinetuneArgs),
+    /// Test-set top-1, top-5 and loss of weights (optionally under a spec) and its DReLUs.
+    Eval(train::EvalArgs),
 }
 
 /// A model and the input size it runs at.
@@ -69,6 +76,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Spec(c) => spec::run(c),
         Command::Knapsack(a) => knapsack::run(a),
         Command::Distortion(c) => distortion::run(c),
+        Command::Train(a) => train::train_cmd(a),
+        Command::Finetune(a) => train::finetune_cmd(a),
+        Command::Eval(a) => train::eval_cmd(a),
     }
 }
 

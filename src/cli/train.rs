@@ -1,0 +1,201 @@
+//! `brelu train`, `brelu finetune` and `brelu eval`: configuration files in, run directories
+//! (checkpoints, metrics) and accuracy figures out.
+use super::print_json;
+use crate::data::Split;
+use crate::models::Model;
+use crate::spec::{spec_cost, Spec};
+use crate::train::{self, Config, TrainOptions};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training configuration (TOML, see configs/).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Run directory for checkpoints and metrics (default: runs/<config name>).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Continue from the run directory's last finished epoch.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override the configuration's epoch count.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// cpu (default), cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Starting weights (safetensors).
+    #[arg(long, short)]
+    pub weights: PathBuf,
+    /// Block-ReLU spec used at every site during fine-tuning.
+    #[arg(long, short)]
+    pub spec: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Configuration naming the model and data set.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Weights (safetensors).
+    #[arg(long, short)]
+    pub weights: PathBuf,
+    /// Block-ReLU spec to evaluate with (default: ordinary ReLU).
+    #[arg(long, short)]
+    pub spec: Option<PathBuf>,
+    /// cpu (default), cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load_config(path: &Path, epochs: Option<usize>) -> Result<Config> {
+    let mut cfg = Config::load(path).context("reading the training configuration")?;
+    if let Some(e) = epochs {
+        anyhow::ensure!(e > 0, "--epochs must be at least 1");
+        cfg.epochs = e;
+    }
+    Ok(cfg)
+}
+
+fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
+    Spec::load(path, model.name(), model.config().input, model.sites())
+        .with_context(|| format!("loading spec {}", path.display()))
+}
+
+fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
+    let cfg = load_config(&a.config, a.epochs)?;
+    let device = train::parse_device(a.device.as_deref())?;
+    let run_dir = a.output.clone().unwrap_or_else(|| {
+        let stem = a
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        PathBuf::from("runs").join(stem)
+    });
+    let mut model = train::build_model(&cfg, device)?;
+    if let Some(w) = weights {
+        model
+            .load_weights(w)
+            .with_context(|| format!("loading weights {}", w.display()))?;
+    }
+    if let Some(s) = spec {
+        let spec = load_spec(s, &model)?;
+        model.apply_spec(&spec)?;
+    }
+    let opts = TrainOptions {
+        run_dir: run_dir.clone(),
+        resume: a.resume,
+        progress: std::io::stderr().is_terminal(),
+        spec: spec.map(Path::to_path_buf),
+    };
+    let metrics = train::train(&cfg, &mut model, &opts)
+        .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;
+    for m in &metrics {
+        eprintln!(
+            "epoch {:>3}/{}  lr {:.2e}  train loss {:.4} top-1 {:.2}%  test loss {:.4} \
+             top-1 {:.2}% top-5 {:.2}%  {:.1}s ({:.0} img/s)",
+            m.epoch,
+            cfg.epochs,
+            m.lr,
+            m.train_loss,
+            100.0 * m.train_top1,
+            m.test.loss,
+            100.0 * m.test.top1,
+            100.0 * m.test.top5,
+            m.seconds,
+            m.images_per_s
+        );
+    }
+    if metrics.is_empty() {
+        eprintln!(
+            "nothing to do: {} already finished {} epochs",
+            run_dir.display(),
+            cfg.epochs
+        );
+    }
+    eprintln!(
+        "weights: {}",
+        run_dir.join(train::CHECKPOINT_WEIGHTS).display()
+    );
+    Ok(())
+}
+
+pub fn train_cmd(a: TrainArgs) -> Result<()> {
+    run_training(&a, None, None)
+}
+
+pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
+    run_training(&a.train, Some(&a.weights), Some(&a.spec))
+}
+
+#[derive(Serialize)]
+struct EvalReport {
+    model: String,
+    weights: PathBuf,
+    spec: Option<PathBuf>,
+    #[serde(flatten)]
+    result: train::EvalResult,
+    relus: usize,
+    drelus: usize,
+}
+
+pub fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let cfg = load_config(&a.config, None)?;
+    let device = train::parse_device(a.device.as_deref())?;
+    let mut model = train::build_model(&cfg, device)?;
+    model
+        .load_weights(&a.weights)
+        .with_context(|| format!("loading weights {}", a.weights.display()))?;
+    let relus: usize = model.sites().iter().map(|s| s.relus()).sum();
+    let mut drelus = relus;
+    if let Some(s) = &a.spec {
+        let spec = load_spec(s, &model)?;
+        drelus = spec_cost(&spec, model.sites()).drelus;
+        model.apply_spec(&spec)?;
+    }
+    let test = train::load_split(&cfg, Split::Test).context("loading the test set")?;
+    let result = train::evaluate(
+        &model,
+        &test,
+        &train::normalization(cfg.dataset.kind),
+        cfg.eval_batch_size.unwrap_or(cfg.batch_size),
+    );
+    let r = EvalReport {
+        model: cfg.model.clone(),
+        weights: a.weights.clone(),
+        spec: a.spec.clone(),
+        result,
+        relus,
+        drelus,
+    };
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "{} on {} test images: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  DReLUs {} of {} ReLUs \
+         ({:.2}%)",
+        r.model,
+        r.result.images,
+        100.0 * r.result.top1,
+        100.0 * r.result.top5,
+        r.result.loss,
+        r.drelus,
+        r.relus,
+        100.0 * r.drelus as f64 / r.relus.max(1) as f64
+    );
+    Ok(())
+}

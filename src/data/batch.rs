@@ -1,0 +1,200 @@
+//! Batches for training and evaluation: a small seeded generator ([`Rng`], SplitMix64) that
+//! derives every epoch's stream from (seed, epoch), so a resumed run sees exactly the data
+//! order and augmentation of an uninterrupted one; augmentation ([`Augment`]: random crop
+//! from a zero-padded image plus horizontal flip) on the u8 pixels; and [`BatchIter`], which
+//! yields normalised float batches on the model's device.
+use super::{Dataset, Normalize};
+use tch::{Device, Kind, Tensor};
+
+/// SplitMix64: tiny, fast and fully specified, so orders are reproducible across platforms.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The generator for one purpose (`stream`) in one epoch of a run seeded with `seed`.
+    pub fn for_epoch(seed: u64, epoch: usize, stream: u64) -> Rng {
+        let mut r = Rng(seed ^ 0x5851_f42d_4c95_7f2d);
+        let a = r.next_u64();
+        let mut r = Rng(a ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let b = r.next_u64();
+        Rng(b ^ stream.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0), by rejection so there is no modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let v = self.next_u64();
+            if v < zone {
+                return v % n;
+            }
+        }
+    }
+
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Training augmentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    /// Zero padding on each side before a random crop back to the original size (0: no crop).
+    pub pad: usize,
+    /// Flip horizontally with probability 1/2.
+    pub flip: bool,
+}
+
+impl Augment {
+    /// Augments a u8 batch [N, C, H, W] (CPU); the result has the same shape.
+    pub fn apply(&self, x: &Tensor, rng: &mut Rng) -> Tensor {
+        let s = x.size();
+        let (n, c, h, w) = (s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize);
+        let src = Vec::<u8>::try_from(&x.contiguous().view([-1])).expect("u8 batch");
+        let mut out = vec![0u8; src.len()];
+        let p = self.pad as i64;
+        for i in 0..n {
+            let dy = if p > 0 {
+                rng.below(2 * p as u64 + 1) as i64 - p
+            } else {
+                0
+            };
+            let dx = if p > 0 {
+                rng.below(2 * p as u64 + 1) as i64 - p
+            } else {
+                0
+            };
+            let flip = self.flip && rng.next_u64() & 1 == 1;
+            for ch in 0..c {
+                let base = (i * c + ch) * h * w;
+                for y in 0..h {
+                    let sy = y as i64 + dy;
+                    if sy < 0 || sy >= h as i64 {
+                        continue;
+                    }
+                    for xo in 0..w {
+                        let xi = if flip { w - 1 - xo } else { xo };
+                        let sx = xi as i64 + dx;
+                        if sx < 0 || sx >= w as i64 {
+                            continue;
+                        }
+                        out[base + y * w + xo] = src[base + sy as usize * w + sx as usize];
+                    }
+                }
+            }
+        }
+        Tensor::from_slice(&out).view([s[0], s[1], s[2], s[3]])
+    }
+}
+
+/// Iterates over a data set in batches of normalised float images and i64 labels.
+pub struct BatchIter<'a> {
+    data: &'a Dataset,
+    order: Vec<i64>,
+    batch_size: usize,
+    pos: usize,
+    augment: Option<(Augment, Rng)>,
+    normalize: Normalize,
+    device: Device,
+}
+
+/// Stream ids for [`Rng::for_epoch`].
+const SHUFFLE_STREAM: u64 = 1;
+const AUGMENT_STREAM: u64 = 2;
+
+impl<'a> BatchIter<'a> {
+    /// Training order for `epoch`: shuffled with (seed, epoch), augmented when asked; the last
+    /// partial batch is kept.
+    pub fn train(
+        data: &'a Dataset,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        augment: Option<Augment>,
+        normalize: Normalize,
+        device: Device,
+    ) -> BatchIter<'a> {
+        let mut order: Vec<i64> = (0..data.len() as i64).collect();
+        Rng::for_epoch(seed, epoch, SHUFFLE_STREAM).shuffle(&mut order);
+        BatchIter {
+            data,
+            order,
+            batch_size: batch_size.max(1),
+            pos: 0,
+            augment: augment.map(|a| (a, Rng::for_epoch(seed, epoch, AUGMENT_STREAM))),
+            normalize,
+            device,
+        }
+    }
+
+    /// Evaluation order: in order, no augmentation.
+    pub fn eval(
+        data: &'a Dataset,
+        batch_size: usize,
+        normalize: Normalize,
+        device: Device,
+    ) -> BatchIter<'a> {
+        BatchIter {
+            data,
+            order: (0..data.len() as i64).collect(),
+            batch_size: batch_size.max(1),
+            pos: 0,
+            augment: None,
+            normalize,
+            device,
+        }
+    }
+
+    /// Number of batches in total.
+    pub fn batches(&self) -> usize {
+        self.order.len().div_ceil(self.batch_size)
+    }
+
+    /// The image indices in iteration order.
+    pub fn order(&self) -> &[i64] {
+        &self.order
+    }
+}
+
+impl Iterator for BatchIter<'_> {
+    /// (images float32 [B, C, H, W] normalised, labels i64 [B]), on the device.
+    type Item = (Tensor, Tensor);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.order.len() {
+            return None;
+        }
+        let end = (self.pos + self.batch_size).min(self.order.len());
+        let idx = Tensor::from_slice(&self.order[self.pos..end]);
+        self.pos = end;
+        let mut x = self.data.images.index_select(0, &idx);
+        if let Some((a, rng)) = &mut self.augment {
+            x = a.apply(&x, rng);
+        }
+        let x = self.normalize.apply(&x.to_device(self.device));
+        let y = self
+            .data
+            .labels
+            .index_select(0, &idx)
+            .to_kind(Kind::Int64)
+            .to_device(self.device);
+        Some((x, y))
+    }
+}

@@ -1,0 +1,230 @@
+//! Training: configuration parsing and validation, learning-rate schedules against
+//! hand-computed values, a tiny training run whose loss falls, and resume giving the same
+//! weights as an uninterrupted run.
+use brelu::data::Dataset;
+use brelu::train::{self, lr_at, Config, TrainOptions};
+use std::path::Path;
+
+const TINY: &str = r#"
+model = "resnet18-cifar-light"
+num_classes = 10
+input = [1, 8, 8]
+epochs = 2
+batch_size = 8
+seed = 3
+
+[dataset]
+kind = "mnist"
+path = "/nonexistent"
+
+[optimizer]
+lr = 0.05
+momentum = 0.0
+weight_decay = 1e-4
+
+[schedule]
+kind = "step"
+milestones = [1]
+gamma = 0.5
+"#;
+
+fn cfg(text: &str) -> Config {
+    Config::from_toml_str(text, Path::new("tiny.toml")).unwrap()
+}
+
+#[test]
+fn shipped_configs_parse() {
+    for f in [
+        "fashion-mnist.toml",
+        "cifar100-resnet18.toml",
+        "cifar100-resnet18-brelu.toml",
+    ] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(f);
+        Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+}
+
+#[test]
+fn config_errors_name_file_and_field() {
+    let bad = |text: String, want: &[&str]| {
+        let msg = Config::from_toml_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("x.toml"), "{msg}");
+        for w in want {
+            assert!(msg.contains(w), "{msg} lacks {w}");
+        }
+    };
+    bad(TINY.replace("seed = 3", "seed = 3\nsede = 4"), &["sede"]);
+    bad(TINY.replace("lr = 0.05", "lr = -1.0"), &["optimizer.lr"]);
+    bad(
+        TINY.replace("momentum = 0.0", "momentum = 1.5"),
+        &["optimizer.momentum"],
+    );
+    bad(
+        TINY.replace("milestones = [1]", "milestones = [3, 2]"),
+        &["schedule.milestones"],
+    );
+    bad(
+        TINY.replace("kind = \"mnist\"", "kind = \"svhn\""),
+        &["svhn"],
+    );
+    bad(
+        TINY.replace("num_classes = 10", "num_classes = 100"),
+        &["num_classes"],
+    );
+    bad(
+        TINY.replace("input = [1, 8, 8]", "input = [3, 8, 8]"),
+        &["input"],
+    );
+    bad(
+        TINY.replace("resnet18-cifar-light", "vgg"),
+        &["model", "vgg"],
+    );
+    bad(
+        TINY.replace("batch_size = 8", "batch_size = 0"),
+        &["batch_size"],
+    );
+}
+
+#[test]
+fn schedules_match_hand_computed_values() {
+    // Published bReLU fine-tune: lr 0.005, x0.25 at 30/60/90, min 1e-4, 5 warm-up epochs
+    // from 1%.
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cifar100-resnet18-brelu.toml");
+    let c = Config::load(&p).unwrap();
+    let lr = |e| lr_at(&c.schedule, c.optimizer.lr, e, c.epochs);
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    close(lr(0), 0.005 * 0.01);
+    close(lr(1), 0.005 * (0.01 + 0.99 * 0.2));
+    close(lr(4), 0.005 * (0.01 + 0.99 * 0.8));
+    close(lr(5), 0.005);
+    close(lr(29), 0.005);
+    close(lr(30), 0.00125);
+    close(lr(60), 0.0003125);
+    close(lr(90), 1e-4); // 0.005 * 0.25^3 = 7.8e-5, floored at min_lr
+    close(lr(119), 1e-4);
+    // Baseline: x0.2 at 60, 120, 160, no warm-up.
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cifar100-resnet18.toml");
+    let b = Config::load(&p).unwrap();
+    let lb = |e| lr_at(&b.schedule, b.optimizer.lr, e, b.epochs);
+    close(lb(0), 0.1);
+    close(lb(59), 0.1);
+    close(lb(60), 0.02);
+    close(lb(120), 0.004);
+    close(lb(199), 0.0008);
+    // Cosine over 10 epochs after 2 warm-up epochs from 10%, min 0.01.
+    let cos = cfg(&TINY.replace(
+        "kind = \"step\"\nmilestones = [1]\ngamma = 0.5",
+        "kind = \"cosine\"\nmin_lr = 0.01\nwarmup_epochs = 2\nwarmup_start = 0.1",
+    ));
+    let lc = |e| lr_at(&cos.schedule, 0.05, e, 12);
+    close(lc(0), 0.005);
+    close(lc(1), 0.05 * (0.1 + 0.9 * 0.5));
+    close(lc(2), 0.05);
+    close(lc(7), 0.01 + 0.04 * 0.5); // halfway: cos(pi/2) = 0
+    close(lc(12), 0.01);
+}
+
+/// 48 8x8 images in 3 classes (bright left, bright right, bright top), lightly noisy.
+fn toy(n: usize, salt: u8) -> Dataset {
+    let mut px = Vec::new();
+    let mut lab = Vec::new();
+    for i in 0..n {
+        let c = i % 3;
+        for y in 0..8 {
+            for x in 0..8 {
+                let on = match c {
+                    0 => x < 4,
+                    1 => x >= 4,
+                    _ => y < 4,
+                };
+                let noise = ((i * 31 + y * 7 + x * 13 + salt as usize) % 40) as u8;
+                px.push(if on { 200 + noise } else { noise });
+            }
+        }
+        lab.push(c as u8);
+    }
+    Dataset::from_raw(px, lab, [1, 8, 8], 10, Path::new("toy")).unwrap()
+}
+
+fn weights(path: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut v = tch::Tensor::read_safetensors(path).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn tiny_run_learns_and_resume_is_bit_exact() {
+    let c = cfg(TINY);
+    let (tr, te) = (toy(48, 0), toy(24, 5));
+    let opts = |dir: &Path, resume| TrainOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        progress: false,
+        spec: None,
+    };
+
+    // Uninterrupted: 2 epochs.
+    let a = tempfile::tempdir().unwrap();
+    let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
+    let full = train::train_on(&c, &mut m, &opts(a.path(), false), &tr, &te).unwrap();
+    assert_eq!(full.len(), 2);
+    assert!(
+        full[1].train_loss < full[0].train_loss,
+        "loss did not fall: {} -> {}",
+        full[0].train_loss,
+        full[1].train_loss
+    );
+    assert_eq!(full[1].lr, 0.025);
+    let lines = std::fs::read_to_string(a.path().join(train::METRICS)).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    let ck = train::read_checkpoint(a.path()).unwrap().unwrap();
+    assert_eq!((ck.epoch, ck.seed), (2, 3));
+    assert_eq!(ck.config_hash, c.hash());
+
+    // Interrupted after 1 epoch, then resumed in a fresh model.
+    let b = tempfile::tempdir().unwrap();
+    let mut one = c.clone();
+    one.epochs = 1;
+    let mut m1 = train::build_model(&one, tch::Device::Cpu).unwrap();
+    train::train_on(&one, &mut m1, &opts(b.path(), false), &tr, &te).unwrap();
+    let mut m2 = train::build_model(&c, tch::Device::Cpu).unwrap();
+    let rest = train::train_on(&c, &mut m2, &opts(b.path(), true), &tr, &te).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].epoch, 2);
+    assert_eq!(rest[0].train_loss, full[1].train_loss);
+    let lines = std::fs::read_to_string(b.path().join(train::METRICS)).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+
+    let (wa, wb) = (
+        weights(&a.path().join(train::CHECKPOINT_WEIGHTS)),
+        weights(&b.path().join(train::CHECKPOINT_WEIGHTS)),
+    );
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resume");
+    }
+
+    // Resuming a finished run does nothing; another configuration is refused.
+    let mut m3 = train::build_model(&c, tch::Device::Cpu).unwrap();
+    assert!(
+        train::train_on(&c, &mut m3, &opts(b.path(), true), &tr, &te)
+            .unwrap()
+            .is_empty()
+    );
+    let mut other = c.clone();
+    other.seed = 4;
+    let msg = train::train_on(&other, &mut m3, &opts(b.path(), true), &tr, &te)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("another configuration"), "{msg}");
+
+    // Evaluation on the training data after training: better than chance (1/3).
+    let r = train::evaluate(&m, &tr, &train::normalization(c.dataset.kind), 16);
+    assert_eq!(r.images, 48);
+    assert!(r.top5 >= r.top1);
+}
