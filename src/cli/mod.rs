@@ -31,7 +31,8 @@ pub enum Command {
     /// Make and inspect block-ReLU spec files.
     #[command(subcommand)]
     Spec(spec::SpecCommand),
-    /// Distortion tables (synthetic for now; extraction from a trained network comes next).
+    /// Distortion tables: extract from a trained network (exact, snr, first-order), collect
+    /// shards, compare estimators, plot.
     #[command(subcommand)]
     Distortion(distortion::DistortionCommand),
     /// Pick a patch size per channel from distortion tables under a DReLU budget.
