@@ -195,7 +195,7 @@ pub fn heatmap(
             .x_labels(nx.min(24))
             .x_label_formatter(&|v| {
                 let i = v.floor() as usize;
-                if i < xlabels.len() && i % step == 0 {
+                if i < xlabels.len() && i.is_multiple_of(step) {
                     xlabels[i].clone()
                 } else {
                     String::new()

@@ -458,3 +458,149 @@ fn spearman_and_compare() {
         diff.ratio()
     );
 }
+
+/// A tiny MNIST-layout data set (train and test, 8x8) and a configuration pointing at it.
+fn tiny_dataset(dir: &Path) -> PathBuf {
+    for (prefix, n) in [("train", 40usize), ("t10k", 10)] {
+        let mut imgs = vec![0, 0, 8, 3];
+        imgs.extend_from_slice(&(n as u32).to_be_bytes());
+        imgs.extend_from_slice(&8u32.to_be_bytes());
+        imgs.extend_from_slice(&8u32.to_be_bytes());
+        imgs.extend((0..n * 64).map(|k| ((k * 37) % 251) as u8));
+        let mut labs = vec![0, 0, 8, 1];
+        labs.extend_from_slice(&(n as u32).to_be_bytes());
+        labs.extend((0..n).map(|i| (i % 10) as u8));
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), imgs).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labs).unwrap();
+    }
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"resnet18-cifar-light\"\nnum_classes = 10\ninput = [1, 8, 8]\nepochs = 1\n\
+             batch_size = 8\nseed = 3\n[dataset]\nkind = \"mnist\"\npath = \"{}\"\n\
+             [optimizer]\nlr = 0.05\nmomentum = 0.9\nweight_decay = 1e-4\n\
+             [schedule]\nkind = \"cosine\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn brelu_cmd(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"));
+    c.args(args);
+    c
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = brelu_cmd(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "brelu {args:?} failed: {err}");
+    err + &String::from_utf8_lossy(&out.stdout)
+}
+
+#[test]
+fn cli_extract_killed_and_resumed_equals_uninterrupted_and_feeds_the_knapsack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_dataset(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let common = [
+        "distortion",
+        "extract",
+        "--data",
+        cfg,
+        "--random-init",
+        "--samples",
+        "12",
+        "--batch",
+        "2",
+        "--chunk",
+        "8",
+        "--sites",
+        "stem,layer1_0_1,layer2_1_2",
+    ];
+    let with_out = |o: &str| -> Vec<String> {
+        common
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["-o".into(), o.into()])
+            .collect()
+    };
+    let args_a = with_out(a_s);
+    let args_b = with_out(b_s);
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let log = run_ok(&args_a);
+    assert!(log.contains("units computed"), "{log}");
+
+    // Kill the second run once a few units are on disk, then run the same command again.
+    let mut child = brelu_cmd(&args_b)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let units = b.join("units");
+    let count = || {
+        std::fs::read_dir(&units)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| std::fs::read_dir(e.path()).map(|f| f.count()).unwrap_or(0))
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while count() < 4 && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = run_ok(&args_b);
+    assert!(log.contains("already done"), "{log}");
+    for f in [
+        "stem.npy",
+        "layer1_0_1.npy",
+        "layer2_1_2.npy",
+        "manifest.json",
+    ] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs after kill + resume"
+        );
+    }
+
+    // A shard refused for a different seed, with the field named.
+    let mut other = args_b.clone();
+    other.extend(["--seed", "9"]);
+    let out = brelu_cmd(&other).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'seed'"));
+
+    // The tables feed the knapsack unchanged.
+    let spec = tmp.path().join("spec.json");
+    run_ok(&[
+        "knapsack",
+        "-m",
+        "resnet18-cifar-light",
+        "-d",
+        a_s,
+        "--ratio",
+        "0.8",
+        "--keep-relu-for-missing",
+        "-o",
+        spec.to_str().unwrap(),
+    ]);
+    let s = Spec::read(&spec).unwrap();
+    assert_eq!(s.model, "resnet18-cifar-light");
+
+    // Plots and compare run on them.
+    run_ok(&["distortion", "plot", a_s]);
+    assert!(a.join("plots/heatmap_stem.png").exists());
+    assert!(a.join("plots/distortion_vs_cost.png").exists());
+    let cmp = run_ok(&["distortion", "compare", a_s, b_s]);
+    assert!(cmp.contains("ratio 1.0000"), "{cmp}");
+}

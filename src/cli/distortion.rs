@@ -116,7 +116,8 @@ pub struct CompareArgs {
     pub a: PathBuf,
     /// Reference tables (e.g. exact).
     pub b: PathBuf,
-    /// DReLU budget for the knapsack part as a fraction of the ReLUs.
+    /// DReLU budget for the knapsack part as a fraction of the ReLUs of the sites A has
+    /// tables for (other sites keep their ReLUs).
     #[arg(long, default_value_t = 0.06, conflicts_with = "budget")]
     pub ratio: f64,
     /// DReLU budget as an absolute count.
@@ -361,9 +362,10 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
     match collect(&a.output) {
         Ok(t) => {
             eprintln!(
-                "tables ({} sites) in {}: feed them to `brelu knapsack --tables {}`",
+                "tables ({} sites) in {}: feed them to `brelu knapsack -m {} -d {} --ratio 0.06 -o spec.json`",
                 t.sites.len(),
                 a.output.display(),
+                t.model,
                 a.output.display()
             );
             Ok(())
@@ -384,10 +386,17 @@ fn compare_cmd(a: CompareArgs) -> Result<()> {
     let (ta, tb) = (read_tables(&a.a)?, read_tables(&a.b)?);
     let arch = find(&ta.model)?;
     let sites = model_sites(arch, ta.input)?;
-    let relus: u64 = sites.iter().map(|s| s.relus() as u64).sum();
+    // Sites without a table keep their ReLUs; the ratio applies to the sites A covers.
+    let (covered, fixed) = sites.iter().fold((0u64, 0u64), |(c, f), s| {
+        if ta.sites.contains_key(&s.name) {
+            (c + s.relus() as u64, f)
+        } else {
+            (c, f + s.relus() as u64)
+        }
+    });
     let budget = match a.budget {
         Some(b) => b,
-        None => budget_from_ratio(relus, a.ratio)?,
+        None => fixed + budget_from_ratio(covered, a.ratio)?,
     };
     let c = compare(&ta, &tb, &sites, budget, 2 << 30)?;
     if a.json {

@@ -83,9 +83,9 @@ pub struct Job {
     pub baseline: Option<String>,
     pub estimator: String,
     pub samples: usize,
+    pub seed: u64,
     /// Hash of the sample images (after the evaluation transform).
     pub samples_hash: String,
-    pub seed: u64,
     /// Samples per unit.
     pub batch: usize,
     /// Perturbed copies per forward pass (exact and SNR).
