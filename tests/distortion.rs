@@ -73,6 +73,7 @@ fn opts(estimator: Estimator, sites: &[&str]) -> PlanOptions {
         probes: 10,
         sites: Some(sites.iter().map(|s| s.to_string()).collect()),
         zero: true,
+        skip_unchanged: true,
         baseline: None,
     }
 }

@@ -82,6 +82,10 @@ pub struct ExtractArgs {
     /// Also measure the "zero" option (channel removed).
     #[arg(long)]
     pub zero: bool,
+    /// Run every (sample, perturbation) row, even those whose activation is unchanged (for
+    /// benchmarks; the result differs only by rounding noise where D is 0).
+    #[arg(long)]
+    pub no_skip: bool,
     /// Patch-size catalog (JSON; default: the built-in one).
     #[arg(long)]
     pub catalog: Option<PathBuf>,
@@ -298,6 +302,7 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         probes,
         sites: a.sites.clone(),
         zero: a.zero,
+        skip_unchanged: !a.no_skip,
         baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
     };
     let job = extract::plan(&model, &catalog, &samples, &opts)?;

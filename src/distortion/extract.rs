@@ -92,6 +92,9 @@ pub struct Job {
     pub stack: usize,
     /// Probe vectors (first-order).
     pub probes: usize,
+    /// Skip (sample, perturbation) rows whose site activation equals the baseline's (their D is
+    /// exactly 0) instead of running them (exact and SNR).
+    pub skip_unchanged: bool,
     pub sites: IndexMap<String, JobSite>,
 }
 
@@ -108,6 +111,8 @@ pub struct PlanOptions {
     pub sites: Option<Vec<String>>,
     /// Add the zero option to every site's list.
     pub zero: bool,
+    /// See [`Job::skip_unchanged`].
+    pub skip_unchanged: bool,
     /// Hash of the baseline spec applied to the model, if any.
     pub baseline: Option<String>,
 }
@@ -240,6 +245,7 @@ pub fn plan(model: &Model, catalog: &Catalog, samples: &Samples, o: &PlanOptions
         } else {
             0
         },
+        skip_unchanged: o.skip_unchanged && o.estimator != Estimator::FirstOrder,
         sites,
     })
 }
@@ -634,22 +640,51 @@ impl<'a> Worker<'a> {
                     .where_self(&sel, &cache.base.unsqueeze(0))
                     .view([j * sz[0], sz[1], sz[2], sz[3]]);
             }
-            let out = self
-                .model
-                .forward_from_to(&cache.state, &act, stop)
-                .to_kind(Kind::Double)
-                .reshape([j, n as i64, -1]);
-            let d = (out - cache.clean.unsqueeze(0))
-                .square()
-                .mean_dim(2, false, Kind::Double);
-            let d = Vec::<f64>::try_from(d.flatten(0, -1))?;
-            for (i, &(c, k)) in group.iter().enumerate() {
-                let row = &d[i * n..(i + 1) * n];
-                let mut s = 0.0;
-                for (x, p) in row.iter().zip(&cache.power) {
-                    s += if *p > 0.0 { x / p } else { *x };
+            // Rows (copy i, sample x) in copy-major order; with `skip_unchanged`, only those
+            // whose activation differs from the baseline: the others have D = 0 exactly.
+            let rows: Vec<usize> = if self.job.skip_unchanged {
+                let sz = cache.base.size();
+                let actv = act.view([j, n as i64, sz[1], sz[2], sz[3]]);
+                let mut changed = Vec::with_capacity(group.len());
+                for (i, &(c, _)) in group.iter().enumerate() {
+                    let a = actv.get(i as i64).select(1, c as i64);
+                    let b = cache.base.select(1, c as i64);
+                    changed.push(a.ne_tensor(&b).flatten(1, -1).any_dim(1, false));
                 }
-                sums[(c - c0) * nopt + k] = s;
+                let changed = Vec::<bool>::try_from(Tensor::cat(&changed, 0))?;
+                (0..changed.len()).filter(|&r| changed[r]).collect()
+            } else {
+                (0..group.len() * n).collect()
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            let (out, clean) = if rows.len() == group.len() * n {
+                let out = self.model.forward_rows(&cache.state, &act, None, stop);
+                let clean = cache.clean.repeat([j, 1]);
+                (out, clean)
+            } else {
+                let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                let idx = Tensor::from_slice(&idx).to_device(self.device);
+                let sample: Vec<i64> = rows.iter().map(|&r| (r % n) as i64).collect();
+                let sample = Tensor::from_slice(&sample).to_device(self.device);
+                let out = self.model.forward_rows(
+                    &cache.state,
+                    &act.index_select(0, &idx),
+                    Some(&sample),
+                    stop,
+                );
+                (out, cache.clean.index_select(0, &sample))
+            };
+            let d = (out.to_kind(Kind::Double).reshape([rows.len() as i64, -1]) - clean)
+                .square()
+                .mean_dim(1, false, Kind::Double);
+            let d = Vec::<f64>::try_from(d)?;
+            // Per pair, samples are added in sample order whatever was skipped.
+            for (&r, x) in rows.iter().zip(&d) {
+                let (c, k) = group[r / n];
+                let p = cache.power[r % n];
+                sums[(c - c0) * nopt + k] += if p > 0.0 { x / p } else { *x };
             }
         }
         let path = &self.job.unit_files(dir, u)[0];

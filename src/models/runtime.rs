@@ -214,6 +214,19 @@ impl Model {
     /// Like [`Model::forward_from`] but stops after op `stop` (an index into the graph's ops
     /// after the site) and returns that op's output.
     pub fn forward_from_to(&self, state: &SiteState, activated: &Tensor, stop: usize) -> Tensor {
+        self.forward_rows(state, activated, None, stop)
+    }
+
+    /// The general form: row i of `activated` belongs to sample `rows[i]` of the state's batch
+    /// (i64 indices; `None`: k stacked copies of the whole batch, copy-major). Runs from the
+    /// site through op `stop` and returns that op's output.
+    pub fn forward_rows(
+        &self,
+        state: &SiteState,
+        activated: &Tensor,
+        rows: Option<&Tensor>,
+        stop: usize,
+    ) -> Tensor {
         let at = self.graph.site_ops[state.site];
         assert!(
             stop > at && stop < self.graph.ops.len(),
@@ -223,12 +236,14 @@ impl Model {
         let k = activated.size()[0] / n.max(1);
         let mut vals: Vec<Option<Tensor>> = (0..self.graph.slots).map(|_| None).collect();
         for (s, t) in &state.live {
-            vals[*s] = Some(if k > 1 {
-                let mut reps = vec![1i64; t.dim()];
-                reps[0] = k;
-                t.repeat(reps.as_slice())
-            } else {
-                t.shallow_clone()
+            vals[*s] = Some(match rows {
+                Some(r) => t.index_select(0, r),
+                None if k > 1 => {
+                    let mut reps = vec![1i64; t.dim()];
+                    reps[0] = k;
+                    t.repeat(reps.as_slice())
+                }
+                None => t.shallow_clone(),
             });
         }
         vals[self.graph.ops[at].output()] = Some(activated.shallow_clone());
