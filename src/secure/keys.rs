@@ -1,0 +1,185 @@
+//! Pairwise keys and PRF streams (SPEC.md 8.3).
+//!
+//! At session start each pair of parties runs an ephemeral X25519 key agreement (fresh secrets
+//! from the operating system's RNG). The shared point is hashed with SHA-256 together with both
+//! public keys and the session hash into a 32-byte seed for a ChaCha20 stream: the pair's PRF.
+//! One party's share of every correlated value is drawn from that stream instead of being sent,
+//! so both sides must draw in the same order (the protocols fix that order).
+use super::ring::{Modulus, P};
+use rand::Rng;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{OsRng, RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use x25519_dalek::{EphemeralSecret, PublicKey};
+
+/// One side of an X25519 key agreement; the secret is consumed by [`KeyPair::agree`].
+pub struct KeyPair {
+    secret: EphemeralSecret,
+    pub public: [u8; 32],
+}
+
+impl KeyPair {
+    /// A fresh ephemeral key from the OS RNG.
+    pub fn generate() -> KeyPair {
+        let secret = EphemeralSecret::random_from_rng(OsRng);
+        let public = PublicKey::from(&secret).to_bytes();
+        KeyPair { secret, public }
+    }
+
+    /// The PRF shared with the peer whose public key is `peer`. `lower_first` orders the two
+    /// public keys the same way on both sides (true on the party with the lower role index).
+    pub fn agree(self, peer: &[u8; 32], lower_first: bool, context: &[u8]) -> Prf {
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*peer));
+        let (a, b) = if lower_first {
+            (&self.public, peer)
+        } else {
+            (peer, &self.public)
+        };
+        let mut h = Sha256::new();
+        h.update(b"brelu secure prf v1");
+        h.update(shared.as_bytes());
+        h.update(a);
+        h.update(b);
+        h.update(context);
+        let seed: [u8; 32] = h.finalize().into();
+        Prf::from_seed(seed)
+    }
+}
+
+/// A cryptographic pseudo-random stream (ChaCha20) shared by two parties.
+pub struct Prf {
+    rng: ChaCha20Rng,
+}
+
+impl Prf {
+    pub fn from_seed(seed: [u8; 32]) -> Prf {
+        Prf {
+            rng: ChaCha20Rng::from_seed(seed),
+        }
+    }
+
+    /// A stream seeded from the OS RNG: private randomness of one party.
+    pub fn private() -> Prf {
+        let mut seed = [0u8; 32];
+        OsRng.fill_bytes(&mut seed);
+        Prf::from_seed(seed)
+    }
+
+    /// `n` uniform ring elements of Z_2^64.
+    pub fn ring(&mut self, n: usize) -> Vec<u64> {
+        (0..n).map(|_| self.rng.next_u64()).collect()
+    }
+
+    /// `n` uniform elements of Z_2^k or Z_(2^k - 1).
+    pub fn ring_mod(&mut self, n: usize, m: Modulus) -> Vec<u64> {
+        (0..n).map(|_| self.one_mod(m)).collect()
+    }
+
+    pub fn one_mod(&mut self, m: Modulus) -> u64 {
+        let mask = m.mask();
+        loop {
+            let v = self.rng.next_u64() & mask;
+            if !m.odd || v != mask {
+                return v;
+            }
+        }
+    }
+
+    /// `n` uniform bits (0/1).
+    pub fn bits(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let w = self.rng.next_u64();
+            for i in 0..64.min(n - out.len()) {
+                out.push(((w >> i) & 1) as u8);
+            }
+        }
+        out
+    }
+
+    /// `n` uniform elements of Z_67 (rejection sampling on bytes).
+    pub fn zp(&mut self, n: usize) -> Vec<u8> {
+        self.bytes_below(n, 3 * P, P, 0)
+    }
+
+    /// `n` uniform nonzero elements of Z_67.
+    pub fn zp_nonzero(&mut self, n: usize) -> Vec<u8> {
+        self.bytes_below(n, 3 * (P - 1), P - 1, 1)
+    }
+
+    fn bytes_below(&mut self, n: usize, limit: u8, modulus: u8, offset: u8) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        let mut buf = [0u8; 64];
+        while out.len() < n {
+            self.rng.fill_bytes(&mut buf);
+            for &b in &buf {
+                if b < limit && out.len() < n {
+                    out.push(b % modulus + offset);
+                }
+            }
+        }
+        out
+    }
+
+    /// A uniform permutation of 0..k (Fisher-Yates, unbiased index draws).
+    pub fn permutation(&mut self, k: usize, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend((0..k).map(|i| i as u8));
+        for i in (1..k).rev() {
+            let j = self.rng.gen_range(0..=i);
+            out.swap(i, j);
+        }
+    }
+}
+
+/// SHA-256 of some bytes as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 of some bytes.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_sides_derive_the_same_stream() {
+        let a = KeyPair::generate();
+        let b = KeyPair::generate();
+        let (pa, pb) = (a.public, b.public);
+        let mut sa = a.agree(&pb, true, b"ctx");
+        let mut sb = b.agree(&pa, false, b"ctx");
+        assert_eq!(sa.ring(16), sb.ring(16));
+        assert_eq!(sa.zp(100), sb.zp(100));
+        // A different context gives an unrelated stream.
+        let c = KeyPair::generate();
+        let d = KeyPair::generate();
+        let (pc, pd) = (c.public, d.public);
+        assert_ne!(
+            c.agree(&pd, true, b"x").ring(4),
+            d.agree(&pc, false, b"y").ring(4)
+        );
+    }
+
+    #[test]
+    fn field_samplers_stay_in_range() {
+        let mut p = Prf::from_seed([3; 32]);
+        assert!(p.zp(10_000).iter().all(|&v| v < P));
+        let nz = p.zp_nonzero(10_000);
+        assert!(nz.iter().all(|&v| (1..P).contains(&v)));
+        let m = Modulus::odd(8);
+        assert!(p.ring_mod(10_000, m).iter().all(|&v| v < 255));
+        let mut perm = Vec::new();
+        p.permutation(64, &mut perm);
+        let mut s = perm.clone();
+        s.sort();
+        assert_eq!(s, (0..64).collect::<Vec<u8>>());
+    }
+}

@@ -1,0 +1,294 @@
+//! Secure inference: every protocol against plaintext on random and edge inputs, end-to-end
+//! runs on small random networks, session and transport failures.
+use brelu::secure::engine::with_parties;
+use brelu::secure::gemm::ConvGeom;
+use brelu::secure::plan::{ActPlan, Windows};
+use brelu::secure::proto::{self, LinOp};
+use brelu::secure::ring::{self, Fixed};
+use brelu::secure::{Role, Settings};
+use brelu::spec::PatchOption;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// Random additive shares of `v`.
+fn share(rng: &mut impl Rng, v: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    let x0: Vec<u64> = v.iter().map(|_| rng.gen()).collect();
+    let x1 = ring::sub(v, &x0);
+    (x0, x1)
+}
+
+fn open(out: &[Vec<u64>; 3]) -> Vec<u64> {
+    ring::add(&out[0], &out[1])
+}
+
+/// The input of party `p` from the pair of shares.
+fn mine<'a>(role: Role, s: &'a (Vec<u64>, Vec<u64>)) -> &'a [u64] {
+    match role {
+        Role::Client => &s.0,
+        Role::Server => &s.1,
+        Role::Dealer => &[],
+    }
+}
+
+fn edge_values() -> Vec<i64> {
+    let l = 1i64 << 62;
+    vec![
+        0,
+        1,
+        -1,
+        2,
+        -2,
+        4096,
+        -4096,
+        4095,
+        -4097,
+        l - 1,
+        -(l - 1),
+        -l + 1,
+        l - 2,
+        1 << 61,
+        -(1 << 61),
+        123_456_789,
+        -987_654_321,
+    ]
+}
+
+#[test]
+fn drelu_exact_on_edges_and_random() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut vals = edge_values();
+    for _ in 0..3000 {
+        let bits = rng.gen_range(1..62);
+        vals.push(rng.gen_range(-(1i64 << bits)..(1i64 << bits)));
+    }
+    let v: Vec<u64> = vals.iter().map(|&x| x as u64).collect();
+    let n = v.len();
+    // Several sharings of the same values, including shares at the 2^63 boundary.
+    let mut sh = share(&mut rng, &v);
+    for i in 0..20 {
+        sh.0[i] = 1u64 << 63;
+        sh.1[i] = v[i].wrapping_sub(sh.0[i]);
+    }
+    for i in 20..40 {
+        sh.0[i] = u64::MAX;
+        sh.1[i] = v[i].wrapping_sub(sh.0[i]);
+    }
+    let out = with_parties(Settings::default(), |p| proto::drelu(p, mine(p.role, &sh), n)).unwrap();
+    let d = open(&out);
+    for i in 0..n {
+        assert_eq!(d[i], (vals[i] > 0) as u64, "DReLU({})", vals[i]);
+    }
+}
+
+#[test]
+fn drelu_approximate_window_is_exact_away_from_zero() {
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let s = Settings {
+        drelu_bits: 16,
+        ..Settings::default()
+    };
+    // Window of 16 bits: |value| < 2^(12 + 12) in ring units, resolution 2^shift.
+    let shift = s.drelu_shift();
+    assert_eq!(shift, 10);
+    let vals: Vec<i64> = (0..2000)
+        .map(|_| {
+            let m = rng.gen_range((4i64 << shift)..(1i64 << 23));
+            if rng.gen() {
+                m
+            } else {
+                -m
+            }
+        })
+        .collect();
+    let v: Vec<u64> = vals.iter().map(|&x| x as u64).collect();
+    let sh = share(&mut rng, &v);
+    let out = with_parties(s, |p| proto::drelu(p, mine(p.role, &sh), v.len())).unwrap();
+    let d = open(&out);
+    for i in 0..v.len() {
+        assert_eq!(d[i], (vals[i] > 0) as u64, "DReLU16({})", vals[i]);
+    }
+}
+
+#[test]
+fn beaver_multiply_with_expansion() {
+    let mut rng = ChaCha20Rng::seed_from_u64(13);
+    let (n, m) = (500, 37);
+    let x: Vec<u64> = (0..n).map(|_| rng.gen()).collect();
+    let y: Vec<u64> = (0..m).map(|_| rng.gen()).collect();
+    let map: Vec<u32> = (0..n).map(|_| rng.gen_range(0..m as u32)).collect();
+    let (sx, sy) = (share(&mut rng, &x), share(&mut rng, &y));
+    let out = with_parties(Settings::default(), |p| {
+        proto::mul_expand(p, n, m, mine(p.role, &sx), mine(p.role, &sy), Some(&map))
+    })
+    .unwrap();
+    let z = open(&out);
+    for i in 0..n {
+        assert_eq!(z[i], x[i].wrapping_mul(y[map[i] as usize]));
+    }
+}
+
+#[test]
+fn linear_layers_match_plaintext_within_one_ulp() {
+    let mut rng = ChaCha20Rng::seed_from_u64(14);
+    let fx = Fixed::default();
+    let geoms = [
+        LinOp::Conv(ConvGeom {
+            cin: 3,
+            cout: 8,
+            h: 9,
+            w: 7,
+            kernel: [3, 3],
+            stride: [2, 2],
+            pad: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+        }),
+        LinOp::Conv(ConvGeom {
+            cin: 6,
+            cout: 6,
+            h: 5,
+            w: 5,
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad: [1, 1],
+            dilation: [1, 1],
+            groups: 6,
+        }),
+        LinOp::Fc { cin: 40, cout: 10 },
+    ];
+    let mut failures = 0;
+    for op in geoms {
+        let x: Vec<u64> = (0..op.in_len())
+            .map(|_| fx.encode(rng.gen_range(-8.0..8.0)))
+            .collect();
+        let w: Vec<u64> = (0..op.weight_len())
+            .map(|_| fx.encode(rng.gen_range(-1.0..1.0)))
+            .collect();
+        let per = op.per_channel();
+        let nb = op.out_len() / per;
+        let bias: Vec<u64> = (0..nb).map(|_| fx.encode(rng.gen_range(-1.0..1.0))).collect();
+        let want: Vec<u64> = op
+            .apply(&x, &w)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ring::trunc_plain(*v, 12).wrapping_add(bias[i / per]))
+            .collect();
+        let sx = share(&mut rng, &x);
+        let out = with_parties(Settings::default(), |p| {
+            let wt = (p.role == Role::Server).then_some(w.as_slice());
+            let mask = proto::setup_linear(p, &op, wt)?;
+            let b = (p.role == Role::Server).then_some(bias.as_slice());
+            proto::linear(p, &op, &mask, mine(p.role, &sx), b)
+        })
+        .unwrap();
+        let got = open(&out);
+        for (g, w) in got.iter().zip(&want) {
+            let d = g.wrapping_sub(*w) as i64;
+            if !(-1..=1).contains(&d) {
+                failures += 1;
+            }
+        }
+    }
+    // Local truncation fails with probability ~|x| / 2^64: none expected here.
+    assert_eq!(failures, 0, "truncation failures");
+}
+
+fn block_relu_plain(act: &ActPlan, x: &[u64]) -> Vec<u64> {
+    let sums = act.patch_sums(x);
+    let mut y = vec![0u64; act.len];
+    for &i in &act.identity {
+        y[i as usize] = x[i as usize];
+    }
+    for (&i, &p) in act.active.iter().zip(&act.patch_of) {
+        if (sums[p as usize] as i64) > 0 {
+            y[i as usize] = x[i as usize];
+        }
+    }
+    y
+}
+
+#[test]
+fn block_relu_matches_plaintext_with_mixed_options_and_ties() {
+    let mut rng = ChaCha20Rng::seed_from_u64(15);
+    let (c, h, w) = (6, 7, 5);
+    let opts = vec![
+        PatchOption::RELU,
+        PatchOption::patch(2, 2),
+        PatchOption::patch(3, 2),
+        PatchOption::Identity,
+        PatchOption::Zero,
+        PatchOption::patch(7, 5),
+    ];
+    let act = ActPlan::new(&opts, c, h, w);
+    let mut x: Vec<u64> = (0..c * h * w)
+        .map(|_| rng.gen_range(-5000i64..5000) as u64)
+        .collect();
+    // Ties: a 2x2 patch summing to exactly zero, and single 0 / +-1 values.
+    let base = h * w;
+    x[base] = 7;
+    x[base + 1] = (-3i64) as u64;
+    x[base + w] = (-5i64) as u64;
+    x[base + w + 1] = 1;
+    x[0] = 0;
+    x[1] = 1;
+    x[2] = u64::MAX;
+    let sx = share(&mut rng, &x);
+    let out = with_parties(Settings::default(), |p| {
+        proto::block_relu(p, &act, mine(p.role, &sx))
+    })
+    .unwrap();
+    assert_eq!(open(&out), block_relu_plain(&act, &x));
+    assert_eq!(out[0].len(), c * h * w);
+}
+
+#[test]
+fn pools_match_plaintext() {
+    let mut rng = ChaCha20Rng::seed_from_u64(16);
+    let (c, h, w) = (3, 9, 8);
+    let x: Vec<u64> = (0..c * h * w)
+        .map(|_| rng.gen_range(-9000i64..9000) as u64)
+        .collect();
+    let win = Windows::new(c, h, w, 3, 2, 1);
+    let sx = share(&mut rng, &x);
+    let out = with_parties(Settings::default(), |p| {
+        let m = proto::max_pool(p, &win, mine(p.role, &sx))?;
+        let a = proto::avg_pool(p, &win, mine(p.role, &sx));
+        let g = proto::global_avg_pool(p, c, h * w, mine(p.role, &sx));
+        Ok((m, a, g))
+    })
+    .unwrap();
+    let maxes = ring::add(&out[0].0, &out[1].0);
+    for (o, v) in win.idx.iter().enumerate() {
+        let want = v.iter().map(|&i| x[i as usize] as i64).max().unwrap();
+        assert_eq!(maxes[o] as i64, want);
+    }
+    let avg = ring::add(&out[0].1, &out[1].1);
+    for (o, v) in win.idx.iter().enumerate() {
+        let s = v.iter().map(|&i| x[i as usize] as i64).sum::<i64>() as f64 / v.len() as f64;
+        assert!((avg[o] as i64 as f64 - s).abs() <= 1.5, "avg {o}");
+    }
+    let gap = ring::add(&out[0].2, &out[1].2);
+    for ch in 0..c {
+        let s = x[ch * h * w..(ch + 1) * h * w]
+            .iter()
+            .map(|&v| v as i64)
+            .sum::<i64>() as f64
+            / (h * w) as f64;
+        assert!((gap[ch] as i64 as f64 - s).abs() <= 1.5, "gap {ch}");
+    }
+}
+
+#[test]
+fn secure_argmax_reveals_the_largest() {
+    let mut rng = ChaCha20Rng::seed_from_u64(17);
+    for n in [1usize, 2, 7, 10] {
+        let v: Vec<i64> = (0..n).map(|_| rng.gen_range(-100_000..100_000)).collect();
+        let vu: Vec<u64> = v.iter().map(|&x| x as u64).collect();
+        let sv = share(&mut rng, &vu);
+        let out =
+            with_parties(Settings::default(), |p| proto::argmax(p, mine(p.role, &sv), n)).unwrap();
+        let idx = open(&out)[0] as usize;
+        let best = (0..n).max_by_key(|&i| (v[i], std::cmp::Reverse(i))).unwrap();
+        assert_eq!(idx, best, "{v:?}");
+    }
+}
