@@ -17,6 +17,7 @@ pub mod link;
 pub mod party;
 pub mod plan;
 pub mod proto;
+pub mod report;
 pub mod ring;
 pub mod wire;
 
@@ -24,3 +25,4 @@ pub use engine::{run_local, run_party, ClientInput, ImageRun, PartyRun};
 pub use link::LinkConfig;
 pub use party::Role;
 pub use plan::{forward_fixed, Plan, Settings, Weights};
+pub use report::{run_compare, RunReport};
