@@ -338,6 +338,7 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
         plan.layers.len(),
     )
     .with_context(|| format!("{role}: session handshake"))?;
+    eprintln!("{role}: session started (hash {})", &plan.hash()[..16]);
     let input = ClientInput {
         images: s
             .images

@@ -35,6 +35,8 @@ pub struct Link {
     stream: TcpStream,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     writer: Option<JoinHandle<std::io::Result<()>>>,
+    /// Signalled when the writer thread ends.
+    writer_done: mpsc::Receiver<()>,
     cfg: LinkConfig,
     send_seq: u32,
     recv_seq: u32,
@@ -57,13 +59,18 @@ impl Link {
         stream.set_write_timeout(Some(cfg.timeout)).map_err(err)?;
         let mut w = stream.try_clone().map_err(err)?;
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (done_tx, writer_done) = mpsc::channel::<()>();
         let writer = std::thread::Builder::new()
             .name(format!("link-writer-{peer}"))
             .spawn(move || {
-                for frame in rx {
-                    w.write_all(&frame)?;
-                }
-                w.flush()
+                let r = (|| {
+                    for frame in rx {
+                        w.write_all(&frame)?;
+                    }
+                    w.flush()
+                })();
+                let _ = done_tx.send(());
+                r
             })
             .map_err(err)?;
         Ok(Link {
@@ -71,6 +78,7 @@ impl Link {
             stream,
             tx: Some(tx),
             writer: Some(writer),
+            writer_done,
             cfg,
             send_seq: 0,
             recv_seq: 0,
@@ -203,13 +211,19 @@ impl Link {
     }
 }
 
+/// How long an abandoned link (error path) tries to deliver what is already queued (e.g. the
+/// handshake that tells the peer why) before it is shut down.
+const DROP_GRACE: Duration = Duration::from_millis(500);
+
 impl Drop for Link {
-    /// An unfinished link (error path) is shut down at once so the peer sees the end of the
-    /// connection instead of waiting for its timeout.
+    /// An unfinished link (error path) is shut down promptly so the peer sees the end of the
+    /// connection instead of waiting for its timeout; frames already queued get a short grace
+    /// period to go out first.
     fn drop(&mut self) {
         if self.writer.is_some() {
-            let _ = self.stream.shutdown(Shutdown::Both);
             self.tx = None;
+            let _ = self.writer_done.recv_timeout(DROP_GRACE);
+            let _ = self.stream.shutdown(Shutdown::Both);
             if let Some(h) = self.writer.take() {
                 let _ = h.join();
             }

@@ -71,7 +71,7 @@ pub struct Party {
     pub settings: Settings,
     /// The step (layer index) messages are tagged with.
     pub tag: u32,
-    /// Counters per tag; index `layers.len()` collects setup and output.
+    /// Counters per tag: one per layer, then the output reveal, then session control.
     pub stats: Vec<LayerStats>,
 }
 
@@ -150,7 +150,7 @@ impl Party {
             own: Prf::private(),
             settings,
             tag: TAG_SESSION,
-            stats: vec![LayerStats::default(); layers + 1],
+            stats: vec![LayerStats::default(); layers + 2],
         })
     }
 
@@ -183,7 +183,12 @@ impl Party {
     }
 
     fn stat(&mut self) -> &mut LayerStats {
-        let i = (self.tag as usize).min(self.stats.len() - 1);
+        let last = self.stats.len() - 1;
+        let i = if self.tag == TAG_SESSION {
+            last
+        } else {
+            (self.tag as usize).min(last - 1)
+        };
         &mut self.stats[i]
     }
 

@@ -46,6 +46,8 @@ pub struct ImageReport {
     pub max_logit_error: Option<f64>,
     /// max |secure logit - float logit|.
     pub max_float_error: Option<f64>,
+    /// The plaintext fixed-point logits.
+    pub plaintext_logits: Vec<f64>,
     pub seconds: f64,
     pub bytes: LinkBytes,
 }
@@ -134,6 +136,7 @@ pub fn run_compare(
             float_prediction: argmax(&float),
             max_logit_error: run.logits.as_deref().map(|l| max_err(l, &fixed)),
             max_float_error: run.logits.as_deref().map(|l| max_err(l, &float)),
+            plaintext_logits: fixed,
             seconds: run.seconds,
             bytes: LinkBytes::from_sent(sent),
         });
