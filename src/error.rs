@@ -76,7 +76,9 @@ pub enum Error {
     #[error("secure: malformed frame from {peer}: {msg}")]
     Malformed { peer: String, msg: String },
     /// A peer runs a different model, spec or protocol setting (hash of all of them).
-    #[error("secure: {peer} runs a different model/spec/settings (its hash {theirs}, ours {ours})")]
+    #[error(
+        "secure: {peer} runs a different model/spec/settings (its hash {theirs}, ours {ours})"
+    )]
     SessionMismatch {
         peer: String,
         ours: String,

@@ -73,7 +73,10 @@ fn drelu_exact_on_edges_and_random() {
         sh.0[i] = u64::MAX;
         sh.1[i] = v[i].wrapping_sub(sh.0[i]);
     }
-    let out = with_parties(Settings::default(), |p| proto::drelu(p, mine(p.role, &sh), n)).unwrap();
+    let out = with_parties(Settings::default(), |p| {
+        proto::drelu(p, mine(p.role, &sh), n)
+    })
+    .unwrap();
     let d = open(&out);
     for i in 0..n {
         assert_eq!(d[i], (vals[i] > 0) as u64, "DReLU({})", vals[i]);
@@ -166,7 +169,9 @@ fn linear_layers_match_plaintext_within_one_ulp() {
             .collect();
         let per = op.per_channel();
         let nb = op.out_len() / per;
-        let bias: Vec<u64> = (0..nb).map(|_| fx.encode(rng.gen_range(-1.0..1.0))).collect();
+        let bias: Vec<u64> = (0..nb)
+            .map(|_| fx.encode(rng.gen_range(-1.0..1.0)))
+            .collect();
         let want: Vec<u64> = op
             .apply(&x, &w)
             .iter()
@@ -285,10 +290,14 @@ fn secure_argmax_reveals_the_largest() {
         let v: Vec<i64> = (0..n).map(|_| rng.gen_range(-100_000..100_000)).collect();
         let vu: Vec<u64> = v.iter().map(|&x| x as u64).collect();
         let sv = share(&mut rng, &vu);
-        let out =
-            with_parties(Settings::default(), |p| proto::argmax(p, mine(p.role, &sv), n)).unwrap();
+        let out = with_parties(Settings::default(), |p| {
+            proto::argmax(p, mine(p.role, &sv), n)
+        })
+        .unwrap();
         let idx = open(&out)[0] as usize;
-        let best = (0..n).max_by_key(|&i| (v[i], std::cmp::Reverse(i))).unwrap();
+        let best = (0..n)
+            .max_by_key(|&i| (v[i], std::cmp::Reverse(i)))
+            .unwrap();
         assert_eq!(idx, best, "{v:?}");
     }
 }
@@ -315,7 +324,11 @@ const LOGIT_TOLERANCE: f64 = 0.1;
 /// fixed-point pass unless the two classes are tied within the logit error.
 fn check_image(im: &brelu::secure::report::ImageReport, what: &str) {
     let e = im.max_logit_error.unwrap_or(0.0);
-    assert!(e < LOGIT_TOLERANCE, "{what}: image {}: logit error {e}", im.index);
+    assert!(
+        e < LOGIT_TOLERANCE,
+        "{what}: image {}: logit error {e}",
+        im.index
+    );
     if im.prediction != im.plaintext_prediction {
         let l = &im.plaintext_logits;
         let gap = l[im.plaintext_prediction] - l[im.prediction];
@@ -383,7 +396,15 @@ fn end_to_end_block_relu_network_matches_plaintext() {
         fixed: Fixed { frac: 16 },
         ..Settings::default()
     };
-    let r = run_compare(&model, &images, None, settings, false, LinkConfig::default()).unwrap();
+    let r = run_compare(
+        &model,
+        &images,
+        None,
+        settings,
+        false,
+        LinkConfig::default(),
+    )
+    .unwrap();
     assert!(r.drelus_per_image < r.relus);
     for im in &r.images {
         check_image(im, "mixed spec");
@@ -391,7 +412,10 @@ fn end_to_end_block_relu_network_matches_plaintext() {
     }
     // The weight masks travel once per session, not per image.
     assert!(r.setup_bytes.client_server > 8 * 100_000);
-    assert_eq!(r.images[0].bytes, r.images[1].bytes, "bytes are data-independent");
+    assert_eq!(
+        r.images[0].bytes, r.images[1].bytes,
+        "bytes are data-independent"
+    );
     // Per-layer counters add up to the per-image totals (all bytes are counted per layer).
     let layer_bytes: u64 = r.layers.iter().map(|l| l.bytes).sum();
     assert_eq!(layer_bytes, r.images[0].bytes.total);
@@ -426,7 +450,10 @@ fn end_to_end_argmax_only_and_relu_network() {
         // The arg-max tournament compares the secure logits: a different answer than the
         // plaintext needs a near tie.
         let l = &a.plaintext_logits;
-        assert!(l[a.plaintext_prediction] - l[a.prediction] <= 0.01, "arg-max only");
+        assert!(
+            l[a.plaintext_prediction] - l[a.prediction] <= 0.01,
+            "arg-max only"
+        );
     }
 }
 
@@ -672,7 +699,10 @@ fn killing_a_party_mid_inference_stops_the_others() {
     let timeout = 20.0;
     let mut ps = spawn_parties(100_000, timeout);
     std::thread::sleep(Duration::from_secs(1));
-    assert!(ps[1].child.try_wait().unwrap().is_none(), "server ended early");
+    assert!(
+        ps[1].child.try_wait().unwrap().is_none(),
+        "server ended early"
+    );
     ps[1].child.kill().unwrap();
     let _ = ps[1].child.wait();
     // A closed connection is seen at once; the bound is the timeout plus slack.
@@ -682,7 +712,10 @@ fn killing_a_party_mid_inference_stops_the_others() {
         assert!(!ok, "party {i} should fail");
         // Each sees the server's end, or the end of the other survivor when that one gave up
         // first.
-        assert!(err.contains("closed") || err.contains("reset"), "party {i}: {err}");
+        assert!(
+            err.contains("closed") || err.contains("reset"),
+            "party {i}: {err}"
+        );
     }
 }
 

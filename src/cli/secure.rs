@@ -192,7 +192,12 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         (split_images(&x)?, Some(labels))
     } else {
         let x = Tensor::randn(
-            [a.images as i64, input[0] as i64, input[1] as i64, input[2] as i64],
+            [
+                a.images as i64,
+                input[0] as i64,
+                input[1] as i64,
+                input[2] as i64,
+            ],
             (Kind::Float, Device::Cpu),
         );
         (split_images(&x)?, None)
@@ -249,8 +254,17 @@ fn print_report(r: &RunReport) {
         r.setup_seconds
     );
     let mut t = Table::new(&[
-        "image", "label", "secure", "plain", "float", "max err", "time s", "client-server",
-        "client-dealer", "server-dealer", "total",
+        "image",
+        "label",
+        "secure",
+        "plain",
+        "float",
+        "max err",
+        "time s",
+        "client-server",
+        "client-dealer",
+        "server-dealer",
+        "total",
     ]);
     for i in &r.images {
         t.row(vec![
@@ -398,8 +412,12 @@ fn gemm_cmd(a: GemmArgs) -> Result<()> {
     let [m, k, n] = d[..] else {
         bail!("--shape must be M,K,N")
     };
-    let av: Vec<u64> = (0..m * k).map(|i| (i as u64).wrapping_mul(0x9e3779b97f4a7c15)).collect();
-    let bv: Vec<u64> = (0..k * n).map(|i| (i as u64).wrapping_mul(0xd1b54a32d192ed03)).collect();
+    let av: Vec<u64> = (0..m * k)
+        .map(|i| (i as u64).wrapping_mul(0x9e3779b97f4a7c15))
+        .collect();
+    let bv: Vec<u64> = (0..k * n)
+        .map(|i| (i as u64).wrapping_mul(0xd1b54a32d192ed03))
+        .collect();
     let time = |f: &mut dyn FnMut()| {
         f();
         let t = std::time::Instant::now();

@@ -97,7 +97,9 @@ pub fn run_party(
                 (more, inp.argmax_only)
             }
             (Role::Client, None) => {
-                return Err(Error::InvalidArgument("the client needs input images".into()))
+                return Err(Error::InvalidArgument(
+                    "the client needs input images".into(),
+                ))
             }
             _ => {
                 let m = p.recv_bytes(Role::Client, Kind::Control, 2)?;

@@ -119,8 +119,7 @@ fn im2col(x: &[u64], g: &ConvGeom, group: usize) -> Vec<u64> {
                 let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                 let dst = &mut out[oy * wo..(oy + 1) * wo];
                 for (ox, d) in dst.iter_mut().enumerate() {
-                    let ix =
-                        (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
+                    let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
                     if ix >= 0 && ix < g.w as isize {
                         *d = src[ix as usize];
                     }
@@ -184,8 +183,7 @@ fn im2col_channel(x: &[u64], g: &ConvGeom, c: usize) -> Vec<u64> {
                     continue;
                 }
                 for ox in 0..wo {
-                    let ix =
-                        (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
+                    let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
                     if ix >= 0 && ix < g.w as isize {
                         out[oy * wo + ox] = plane[iy as usize * g.w + ix as usize];
                     }

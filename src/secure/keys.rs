@@ -6,7 +6,6 @@
 //! One party's share of every correlated value is drawn from that stream instead of being sent,
 //! so both sides must draw in the same order (the protocols fix that order).
 use super::ring::{Modulus, P};
-use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -46,15 +45,59 @@ impl KeyPair {
     }
 }
 
+/// 256 mod m for m in 0..=256 (entry 0 unused).
+const REJECT: [u16; 257] = {
+    let mut t = [0u16; 257];
+    let mut m = 1;
+    while m <= 256 {
+        t[m] = (256 % m) as u16;
+        m += 1;
+    }
+    t
+};
+
+/// Bytes drawn from the stream at a time for the byte-level samplers.
+const BUF: usize = 4096;
+
 /// A cryptographic pseudo-random stream (ChaCha20) shared by two parties.
 pub struct Prf {
     rng: ChaCha20Rng,
+    buf: Box<[u8; BUF]>,
+    pos: usize,
 }
 
 impl Prf {
     pub fn from_seed(seed: [u8; 32]) -> Prf {
         Prf {
             rng: ChaCha20Rng::from_seed(seed),
+            buf: Box::new([0u8; BUF]),
+            pos: BUF,
+        }
+    }
+
+    /// The next byte of the buffered byte stream.
+    #[inline]
+    fn byte(&mut self) -> u8 {
+        if self.pos == BUF {
+            self.rng.fill_bytes(&mut self.buf[..]);
+            self.pos = 0;
+        }
+        let b = self.buf[self.pos];
+        self.pos += 1;
+        b
+    }
+
+    /// A uniform integer in 0..m (1 <= m <= 256) from bytes, without bias and without a
+    /// division: Lemire's multiply-and-reject with the rejection thresholds 256 mod m
+    /// precomputed.
+    #[inline]
+    fn below(&mut self, m: u16) -> u8 {
+        let t = REJECT[m as usize];
+        loop {
+            let prod = self.byte() as u16 * m;
+            if (prod & 0xff) >= t {
+                return (prod >> 8) as u8;
+            }
         }
     }
 
@@ -99,36 +142,33 @@ impl Prf {
 
     /// `n` uniform elements of Z_67 (rejection sampling on bytes).
     pub fn zp(&mut self, n: usize) -> Vec<u8> {
-        self.bytes_below(n, 3 * P, P, 0)
+        (0..n).map(|_| self.below(P as u16)).collect()
     }
 
     /// `n` uniform nonzero elements of Z_67.
     pub fn zp_nonzero(&mut self, n: usize) -> Vec<u8> {
-        self.bytes_below(n, 3 * (P - 1), P - 1, 1)
+        (0..n).map(|_| 1 + self.below(P as u16 - 1)).collect()
     }
 
-    fn bytes_below(&mut self, n: usize, limit: u8, modulus: u8, offset: u8) -> Vec<u8> {
-        let mut out = Vec::with_capacity(n);
-        let mut buf = [0u8; 64];
-        while out.len() < n {
-            self.rng.fill_bytes(&mut buf);
-            for &b in &buf {
-                if b < limit && out.len() < n {
-                    out.push(b % modulus + offset);
-                }
-            }
-        }
-        out
-    }
-
-    /// A uniform permutation of 0..k (Fisher-Yates, unbiased index draws).
+    /// A uniform permutation of 0..k, k <= 256 (Fisher-Yates with unbiased draws).
     pub fn permutation(&mut self, k: usize, out: &mut Vec<u8>) {
         out.clear();
         out.extend((0..k).map(|i| i as u8));
         for i in (1..k).rev() {
-            let j = self.rng.gen_range(0..=i);
+            let j = self.below(i as u16 + 1) as usize;
             out.swap(i, j);
         }
+    }
+
+    /// `n` permutations of 0..k, concatenated.
+    pub fn permutations(&mut self, n: usize, k: usize) -> Vec<u8> {
+        let mut all = Vec::with_capacity(n * k);
+        let mut one = Vec::with_capacity(k);
+        for _ in 0..n {
+            self.permutation(k, &mut one);
+            all.extend_from_slice(&one);
+        }
+        all
     }
 }
 
@@ -176,6 +216,15 @@ mod tests {
         assert!(nz.iter().all(|&v| (1..P).contains(&v)));
         let m = Modulus::odd(8);
         assert!(p.ring_mod(10_000, m).iter().all(|&v| v < 255));
+        // Every value of a small range appears about equally often.
+        let mut counts = [0usize; 67];
+        for v in p.zp(670_000) {
+            counts[v as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (9_400..10_600).contains(&c)),
+            "{counts:?}"
+        );
         let mut perm = Vec::new();
         p.permutation(64, &mut perm);
         let mut s = perm.clone();

@@ -131,8 +131,11 @@ impl Party {
             }
             let mut pk = [0u8; 32];
             pk.copy_from_slice(&h[1..33]);
-            prfs[peer_role as usize] =
-                Some(keys.agree(&pk, (role as u8) < (peer_role as u8), session_hash.as_bytes()));
+            prfs[peer_role as usize] = Some(keys.agree(
+                &pk,
+                (role as u8) < (peer_role as u8),
+                session_hash.as_bytes(),
+            ));
             links[peer_role as usize] = Some(link);
         }
         for r in Role::ALL {
@@ -245,7 +248,11 @@ impl Party {
         self.send_ring(other, share, width)?;
         let theirs = self.recv_ring(other, share.len(), width)?;
         self.round();
-        Ok(share.iter().zip(&theirs).map(|(a, b)| add(*a, *b)).collect())
+        Ok(share
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| add(*a, *b))
+            .collect())
     }
 
     /// Bytes sent so far to each peer (indexed by role).

@@ -102,10 +102,7 @@ impl Windows {
     pub fn sums(&self, x: &[u64]) -> Vec<u64> {
         self.idx
             .iter()
-            .map(|v| {
-                v.iter()
-                    .fold(0u64, |s, &i| s.wrapping_add(x[i as usize]))
-            })
+            .map(|v| v.iter().fold(0u64, |s, &i| s.wrapping_add(x[i as usize])))
             .collect()
     }
 
@@ -122,13 +119,44 @@ pub fn reciprocal(count: usize) -> u64 {
 /// One layer of the ring network (one op of the folded graph).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Layer {
-    Conv { x: Slot, y: Slot, geom: ConvGeom },
-    Linear { x: Slot, y: Slot, cin: usize, cout: usize },
-    Act { x: Slot, y: Slot, site: usize, act: ActPlan },
-    Add { a: Slot, b: Slot, y: Slot },
-    MaxPool { x: Slot, y: Slot, win: Windows },
-    AvgPool { x: Slot, y: Slot, win: Windows },
-    GlobalAvgPool { x: Slot, y: Slot, c: usize, hw: usize },
+    Conv {
+        x: Slot,
+        y: Slot,
+        geom: ConvGeom,
+    },
+    Linear {
+        x: Slot,
+        y: Slot,
+        cin: usize,
+        cout: usize,
+    },
+    Act {
+        x: Slot,
+        y: Slot,
+        site: usize,
+        act: ActPlan,
+    },
+    Add {
+        a: Slot,
+        b: Slot,
+        y: Slot,
+    },
+    MaxPool {
+        x: Slot,
+        y: Slot,
+        win: Windows,
+    },
+    AvgPool {
+        x: Slot,
+        y: Slot,
+        win: Windows,
+    },
+    GlobalAvgPool {
+        x: Slot,
+        y: Slot,
+        c: usize,
+        hw: usize,
+    },
 }
 
 impl Layer {
@@ -281,11 +309,7 @@ impl Plan {
                         None => vec![0; *cout],
                     };
                     (
-                        Layer::Conv {
-                            x: *x,
-                            y: *y,
-                            geom,
-                        },
+                        Layer::Conv { x: *x, y: *y, geom },
                         name.clone(),
                         Some((enc(&params[0])?, bias)),
                     )
@@ -539,12 +563,7 @@ pub fn forward_fixed(plan: &Plan, weights: &Weights, input: &[u64]) -> Vec<u64> 
                 let xv = get(*x);
                 win.idx
                     .iter()
-                    .map(|v| {
-                        v.iter()
-                            .map(|&i| xv[i as usize] as i64)
-                            .max()
-                            .unwrap_or(0) as u64
-                    })
+                    .map(|v| v.iter().map(|&i| xv[i as usize] as i64).max().unwrap_or(0) as u64)
                     .collect()
             }
             Layer::AvgPool { x, win, .. } => win

@@ -17,6 +17,7 @@ use super::gemm::{self, ConvGeom};
 use super::party::{Party, Role};
 use super::ring::{self, trunc_share, zp_add, zp_mul, zp_sub, Modulus, P};
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 
 /// A bilinear layer: convolution or fully connected.
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +78,8 @@ pub struct LinearMask {
 pub fn share_input(p: &mut Party, image: Option<&[u64]>, n: usize) -> Result<Vec<u64>> {
     match p.role {
         Role::Client => {
-            let img = image.ok_or_else(|| Error::InvalidArgument("client needs an image".into()))?;
+            let img =
+                image.ok_or_else(|| Error::InvalidArgument("client needs an image".into()))?;
             let r = p.prf(Role::Server).ring(n);
             Ok(ring::sub(img, &r))
         }
@@ -244,13 +246,15 @@ fn pc_send(p: &mut Party, xbits: &[u8], r: &[u64], beta: &[u8], k: usize) -> Res
     let n = r.len();
     let j = p.j() as u8;
     let mask = if k >= 64 { u64::MAX } else { (1u64 << k) - 1 };
-    let s = p.prf(p.other()).zp_nonzero(n * k);
-    let u = p.prf(p.other()).zp(n * k);
+    // Common randomness first (sequential: both sides draw in the same order), then the
+    // per-element work in parallel.
+    let prf = p.prf(p.other());
+    let s = prf.zp_nonzero(n * k);
+    let u = prf.zp(n * k);
+    let perms = prf.permutations(n, k);
     let mut out = vec![0u8; n * k];
-    let mut perm = Vec::with_capacity(k);
-    let mut c = vec![0u8; k];
-    for e in 0..n {
-        p.prf(p.other()).permutation(k, &mut perm);
+    out.par_chunks_mut(k).enumerate().for_each(|(e, out)| {
+        let mut c = [0u8; 64];
         let xb = &xbits[e * k..(e + 1) * k];
         // beta = 0: [x > r]. beta = 1: [x <= r] = [x < r + 1], always true when r = 2^k - 1.
         let (lt, t, always) = if beta[e] == 0 {
@@ -261,11 +265,11 @@ fn pc_send(p: &mut Party, xbits: &[u8], r: &[u64], beta: &[u8], k: usize) -> Res
             (true, r[e] + 1, false)
         };
         if always {
-            for (i, ci) in c.iter_mut().enumerate() {
+            for (i, ci) in c.iter_mut().enumerate().take(k) {
                 *ci = if i == 0 { 0 } else { j };
             }
         } else {
-            let mut acc = 0u8; // share of sum over higher bits of x_l XOR t_l
+            let mut acc = 0u8; // share of the sum over higher bits of x_l XOR t_l
             for i in (0..k).rev() {
                 let ti = ((t >> i) & 1) as u8;
                 let xi = xb[i];
@@ -282,15 +286,14 @@ fn pc_send(p: &mut Party, xbits: &[u8], r: &[u64], beta: &[u8], k: usize) -> Res
         }
         let base = e * k;
         for i in 0..k {
-            let mut d = zp_mul(s[base + i], c[i]);
-            d = if j == 0 {
+            let d = zp_mul(s[base + i], c[i]);
+            out[perms[base + i] as usize] = if j == 0 {
                 zp_add(d, u[base + i])
             } else {
                 zp_sub(d, u[base + i])
             };
-            out[base + perm[i] as usize] = d;
         }
-    }
+    });
     p.send_bytes(Role::Dealer, super::wire::Kind::Data, &out)
 }
 
@@ -304,10 +307,10 @@ fn pc_dealer(p: &mut Party, n: usize, k: usize) -> Result<Vec<u8>> {
             msg: "PrivateCompare value outside Z_67".into(),
         });
     }
-    Ok((0..n)
-        .map(|e| {
-            (0..k).any(|i| zp_add(d0[e * k + i], d1[e * k + i]) == 0) as u8
-        })
+    Ok(d0
+        .par_chunks(k)
+        .zip(d1.par_chunks(k))
+        .map(|(a, b)| a.iter().zip(b).any(|(x, y)| zp_add(*x, *y) == 0) as u8)
         .collect())
 }
 
@@ -366,7 +369,11 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
         // ShareConvert: g' = beta1 XOR [z > c], shared in Z_(2^k-1).
         let g = pc_dealer(p, n, k)?;
         let g1 = p.prf(Role::Server).ring_mod(n, mo);
-        let g0: Vec<u64> = g.iter().zip(&g1).map(|(a, b)| mo.sub(*a as u64, *b)).collect();
+        let g0: Vec<u64> = g
+            .iter()
+            .zip(&g1)
+            .map(|(a, b)| mo.sub(*a as u64, *b))
+            .collect();
         p.send_ring(Role::Client, &g0, w)?;
         // ComputeMSB: h = beta2 XOR [x > r] XOR lsb(x), shared in Z_2^64.
         let bp = pc_dealer(p, n, k)?;
@@ -384,7 +391,11 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
     let b: Vec<u64> = a
         .iter()
         .map(|&v| {
-            let v = if bits < 64 { trunc_share(v, shift, j as usize) } else { v };
+            let v = if bits < 64 {
+                trunc_share(v, shift, j as usize)
+            } else {
+                v
+            };
             me.reduce(v.wrapping_mul(2).wrapping_neg())
         })
         .collect();
@@ -473,7 +484,14 @@ pub fn block_relu(p: &mut Party, act: &super::plan::ActPlan, x: &[u64]) -> Resul
     } else {
         act.active.iter().map(|&i| x[i as usize]).collect()
     };
-    let z = mul_expand(p, act.active.len(), act.patches, &xa, &d, Some(&act.patch_of))?;
+    let z = mul_expand(
+        p,
+        act.active.len(),
+        act.patches,
+        &xa,
+        &d,
+        Some(&act.patch_of),
+    )?;
     if p.role == Role::Dealer {
         return Ok(Vec::new());
     }
@@ -501,7 +519,9 @@ pub fn max_pool(p: &mut Party, win: &super::plan::Windows, x: &[u64]) -> Result<
     };
     let longest = win.idx.iter().map(|v| v.len()).max().unwrap_or(0);
     for t in 1..longest {
-        let outs: Vec<usize> = (0..win.idx.len()).filter(|&o| win.idx[o].len() > t).collect();
+        let outs: Vec<usize> = (0..win.idx.len())
+            .filter(|&o| win.idx[o].len() > t)
+            .collect();
         let diff: Vec<u64> = if dealer {
             Vec::new()
         } else {

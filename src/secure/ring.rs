@@ -75,11 +75,15 @@ pub fn sub(a: &[u64], b: &[u64]) -> Vec<u64> {
 }
 
 pub fn add_assign(a: &mut [u64], b: &[u64]) {
-    a.iter_mut().zip(b).for_each(|(x, y)| *x = x.wrapping_add(*y));
+    a.iter_mut()
+        .zip(b)
+        .for_each(|(x, y)| *x = x.wrapping_add(*y));
 }
 
 pub fn sub_assign(a: &mut [u64], b: &[u64]) {
-    a.iter_mut().zip(b).for_each(|(x, y)| *x = x.wrapping_sub(*y));
+    a.iter_mut()
+        .zip(b)
+        .for_each(|(x, y)| *x = x.wrapping_sub(*y));
 }
 
 /// Arithmetic modulo 2^k (k <= 64) or 2^k - 1, on `u64`.

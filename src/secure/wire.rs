@@ -65,7 +65,10 @@ impl Header {
     /// Decodes a header; fails (never panics) on bad magic, version, kind or an oversize length.
     pub fn decode(b: &[u8], max_frame: usize) -> Result<Header, String> {
         if b.len() != HEADER_LEN {
-            return Err(format!("header is {} bytes, expected {HEADER_LEN}", b.len()));
+            return Err(format!(
+                "header is {} bytes, expected {HEADER_LEN}",
+                b.len()
+            ));
         }
         if b[0..2] != MAGIC {
             return Err(format!("bad magic {:02x}{:02x}", b[0], b[1]));
@@ -122,6 +125,21 @@ pub fn unpack_u64(b: &[u8], width: usize) -> Option<Vec<u64>> {
     )
 }
 
+/// The fuzzing entry point (`fuzz/fuzz_targets/wire_decode.rs`): decodes arbitrary bytes as a
+/// header and a payload of packed ring elements; whatever decodes must re-encode to the same
+/// bytes. Panics only if that round trip fails.
+pub fn fuzz_decode(data: &[u8]) {
+    if data.len() >= HEADER_LEN {
+        if let Ok(h) = Header::decode(&data[..HEADER_LEN], 1 << 20) {
+            assert_eq!(h.encode().as_slice(), &data[..HEADER_LEN]);
+        }
+    }
+    let width = data.first().map(|b| (*b as usize % 9).max(1)).unwrap_or(8);
+    if let Some(v) = unpack_u64(data, width) {
+        assert_eq!(pack_u64(&v, width), data);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,7 +162,11 @@ mod tests {
     fn decode_random_bytes_never_panics() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
         for i in 0..200_000 {
-            let n = if i % 10 == 0 { rng.gen_range(0..20) } else { 16 };
+            let n = if i % 10 == 0 {
+                rng.gen_range(0..20)
+            } else {
+                16
+            };
             let mut b: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
             if i % 2 == 0 && n >= 4 {
                 b[0..2].copy_from_slice(&MAGIC);
@@ -154,6 +176,7 @@ mod tests {
             if let Ok(h) = Header::decode(&b, 1 << 24) {
                 assert_eq!(h.encode().as_slice(), b.as_slice());
             }
+            fuzz_decode(&b);
         }
     }
 
