@@ -22,7 +22,7 @@ fn open(out: &[Vec<u64>; 3]) -> Vec<u64> {
 }
 
 /// The input of party `p` from the pair of shares.
-fn mine<'a>(role: Role, s: &'a (Vec<u64>, Vec<u64>)) -> &'a [u64] {
+fn mine(role: Role, s: &(Vec<u64>, Vec<u64>)) -> &[u64] {
     match role {
         Role::Client => &s.0,
         Role::Server => &s.1,

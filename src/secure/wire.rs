@@ -111,7 +111,7 @@ pub fn pack_u64(v: &[u64], width: usize) -> Vec<u8> {
 
 /// Inverse of [`pack_u64`]; `None` when the length is not a multiple of `width`.
 pub fn unpack_u64(b: &[u8], width: usize) -> Option<Vec<u64>> {
-    if width == 0 || width > 8 || b.len() % width != 0 {
+    if width == 0 || width > 8 || !b.len().is_multiple_of(width) {
         return None;
     }
     Some(
