@@ -742,3 +742,42 @@ fn a_stalled_party_times_the_others_out() {
     let _ = ps[2].child.kill();
     let _ = ps[2].child.wait();
 }
+
+/// The Fashion-MNIST default model (`brelu train --config configs/fashion-mnist.toml`), when
+/// its weights are named by `BRELU_FMNIST_WEIGHTS`: secure predictions equal the plaintext
+/// fixed-point predictions on the first 20 test images. Ignored by default (needs the trained
+/// weights and the data set); run with `cargo test --test secure -- --ignored`.
+#[test]
+#[ignore]
+fn fashion_mnist_trained_model_matches_plaintext() {
+    let Ok(weights) = std::env::var("BRELU_FMNIST_WEIGHTS") else {
+        eprintln!("BRELU_FMNIST_WEIGHTS not set: skipped");
+        return;
+    };
+    let cfg = brelu::train::Config::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/fashion-mnist.toml"
+    )))
+    .unwrap();
+    let mut model = brelu::train::build_model(&cfg, tch::Device::Cpu).unwrap();
+    model.load_weights(std::path::Path::new(&weights)).unwrap();
+    let mut test = brelu::train::load_split(&cfg, brelu::data::Split::Test).unwrap();
+    test.truncate(20);
+    let x = brelu::train::normalization(cfg.dataset.kind).apply(&test.images);
+    let images: Vec<Vec<f32>> = (0..20)
+        .map(|i| Vec::<f32>::try_from(x.get(i).flatten(0, -1)).unwrap())
+        .collect();
+    let r = run_compare(
+        &model,
+        &images,
+        None,
+        Settings::default(),
+        false,
+        LinkConfig::default(),
+    )
+    .unwrap();
+    for im in &r.images {
+        assert_eq!(im.prediction, im.plaintext_prediction, "image {}", im.index);
+        assert!(im.max_logit_error.unwrap() < 0.05);
+    }
+}

@@ -15,7 +15,7 @@
 //!   2^k - 1; this is exact for |a| < 2^(k-2).
 use super::gemm::{self, ConvGeom};
 use super::party::{Party, Role};
-use super::ring::{self, trunc_share, zp_add, zp_mul, zp_sub, Modulus, P};
+use super::ring::{self, trunc_share, zp_add, zp_sub, Modulus, P};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -254,7 +254,7 @@ fn pc_send(p: &mut Party, xbits: &[u8], r: &[u64], beta: &[u8], k: usize) -> Res
     let perms = prf.permutations(n, k);
     let mut out = vec![0u8; n * k];
     out.par_chunks_mut(k).enumerate().for_each(|(e, out)| {
-        let mut c = [0u8; 64];
+        let mut c = [0u32; 64];
         let xb = &xbits[e * k..(e + 1) * k];
         // beta = 0: [x > r]. beta = 1: [x <= r] = [x < r + 1], always true when r = 2^k - 1.
         let (lt, t, always) = if beta[e] == 0 {
@@ -264,34 +264,34 @@ fn pc_send(p: &mut Party, xbits: &[u8], r: &[u64], beta: &[u8], k: usize) -> Res
         } else {
             (true, r[e] + 1, false)
         };
+        // Unreduced sums (all terms are below 67 and there are at most 64 of them, so they fit
+        // a u32); one reduction per position at the end.
+        let p32 = P as u32;
+        let j32 = j as u32;
         if always {
             for (i, ci) in c.iter_mut().enumerate().take(k) {
-                *ci = if i == 0 { 0 } else { j };
+                *ci = if i == 0 { 0 } else { j32 };
             }
         } else {
-            let mut acc = 0u8; // share of the sum over higher bits of x_l XOR t_l
+            let mut acc = 0u32; // share of the sum over higher bits of x_l XOR t_l
             for i in (0..k).rev() {
-                let ti = ((t >> i) & 1) as u8;
-                let xi = xb[i];
+                let ti = ((t >> i) & 1) as u32;
+                let xi = xb[i] as u32;
                 c[i] = if lt {
                     // x_i - t_i + 1 + acc
-                    zp_add(zp_add(xi, j * (1 - ti)), acc)
+                    xi + j32 * (1 - ti) + acc
                 } else {
                     // t_i - x_i + 1 + acc
-                    zp_add(zp_sub(j * (ti + 1), xi), acc)
+                    j32 * (ti + 1) + (p32 - xi) + acc
                 };
-                let w = if ti == 0 { xi } else { zp_sub(j, xi) };
-                acc = zp_add(acc, w);
+                acc += if ti == 0 { xi } else { j32 + p32 - xi };
             }
         }
         let base = e * k;
         for i in 0..k {
-            let d = zp_mul(s[base + i], c[i]);
-            out[perms[base + i] as usize] = if j == 0 {
-                zp_add(d, u[base + i])
-            } else {
-                zp_sub(d, u[base + i])
-            };
+            let ui = u[base + i] as u32;
+            let mask = if j == 0 { ui } else { p32 - ui };
+            out[perms[base + i] as usize] = ((s[base + i] as u32 * c[i] + mask) % p32) as u8;
         }
     });
     p.send_bytes(Role::Dealer, super::wire::Kind::Data, &out)
