@@ -163,17 +163,22 @@ impl Prf {
     }
 
     /// `n` uniform values in offset..offset+m: one bulk draw of n bytes, each mapped like
-    /// [`Prf::below`]; a rejected byte is replaced from the buffered stream.
+    /// [`Prf::below`] in a branch-free pass that also lists the rejected positions; those are
+    /// then redrawn from the buffered stream in order.
     fn bulk_below(&mut self, n: usize, m: u16, offset: u8) -> Vec<u8> {
         let t = REJECT[m as usize];
         let mut out = vec![0u8; n];
         self.rng.fill_bytes(&mut out);
-        for b in out.iter_mut() {
-            let mut prod = *b as u16 * m;
-            while (prod & 0xff) < t {
-                prod = self.byte() as u16 * m;
-            }
+        let mut rejected = vec![0u32; n + 1];
+        let mut count = 0usize;
+        for (i, b) in out.iter_mut().enumerate() {
+            let prod = *b as u16 * m;
             *b = (prod >> 8) as u8 + offset;
+            rejected[count] = i as u32;
+            count += ((prod & 0xff) < t) as usize;
+        }
+        for &i in &rejected[..count] {
+            out[i as usize] = self.below(m) + offset;
         }
         out
     }
@@ -188,13 +193,27 @@ impl Prf {
         }
     }
 
-    /// `n` permutations of 0..k, concatenated.
+    /// `n` permutations of 0..k (k <= 256), concatenated: Fisher-Yates from one bulk draw of
+    /// k - 1 bytes per permutation, a rejected byte redrawn from the buffered stream.
     pub fn permutations(&mut self, n: usize, k: usize) -> Vec<u8> {
+        let steps = k.saturating_sub(1);
+        let mut bytes = vec![0u8; n * steps];
+        self.rng.fill_bytes(&mut bytes);
         let mut all = Vec::with_capacity(n * k);
-        let mut one = Vec::with_capacity(k);
-        for _ in 0..n {
-            self.permutation(k, &mut one);
-            all.extend_from_slice(&one);
+        for e in 0..n {
+            let start = all.len();
+            all.extend((0..k).map(|i| i as u8));
+            let perm = &mut all[start..];
+            for (step, i) in (1..k).rev().enumerate() {
+                let m = i as u16 + 1;
+                let prod = bytes[e * steps + step] as u16 * m;
+                let j = if (prod & 0xff) < REJECT[m as usize] {
+                    self.below(m)
+                } else {
+                    (prod >> 8) as u8
+                };
+                perm.swap(i, j as usize);
+            }
         }
         all
     }
@@ -258,6 +277,15 @@ mod tests {
         let mut s = perm.clone();
         s.sort();
         assert_eq!(s, (0..64).collect::<Vec<u8>>());
+        let many = p.permutations(1000, 5);
+        let mut first = [0usize; 5];
+        for c in many.chunks(5) {
+            let mut s = c.to_vec();
+            s.sort();
+            assert_eq!(s, vec![0, 1, 2, 3, 4]);
+            first[c[0] as usize] += 1;
+        }
+        assert!(first.iter().all(|&f| (140..260).contains(&f)), "{first:?}");
     }
 }
 
