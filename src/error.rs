@@ -64,6 +64,27 @@ pub enum Error {
     #[error("plot {path}: {msg}")]
     Plot { path: PathBuf, msg: String },
 
+    // ---- secure inference ----
+    /// The connection to a peer failed: refused, closed, reset.
+    #[error("secure: link to {peer}: {msg}")]
+    Link { peer: String, msg: String },
+    /// A peer sent nothing within the timeout (a stalled or dead party).
+    #[error("secure: {peer} sent nothing for {secs} s (timeout)")]
+    Timeout { peer: String, secs: f64 },
+    /// A frame from a peer is malformed: bad magic or version, unexpected type, tag or
+    /// sequence number, wrong or oversize length.
+    #[error("secure: malformed frame from {peer}: {msg}")]
+    Malformed { peer: String, msg: String },
+    /// A peer runs a different model, spec or protocol setting (hash of all of them).
+    #[error(
+        "secure: {peer} runs a different model/spec/settings (its hash {theirs}, ours {ours})"
+    )]
+    SessionMismatch {
+        peer: String,
+        ours: String,
+        theirs: String,
+    },
+
     // ---- backends ----
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

@@ -13,7 +13,8 @@
 //! as op graphs with named ReLU sites, weights), [`ops`] (block-ReLU operators),
 //! [`distortion`] (distortion tables), [`knapsack`] (exact and Lagrangian solvers, reports),
 //! [`npy`] (the table file format), [`data`] (data sets, augmentation, batches),
-//! [`train`] (configuration, training, evaluation, checkpoints), [`cli`] (the `brelu` command).
+//! [`train`] (configuration, training, evaluation, checkpoints), [`secure`] (3-party secure
+//! inference on secret shares), [`cli`] (the `brelu` command).
 pub mod cli;
 pub mod data;
 pub mod distortion;
@@ -23,6 +24,7 @@ pub mod models;
 pub mod npy;
 pub mod ops;
 pub mod plot;
+pub mod secure;
 pub mod spec;
 pub mod train;
 

@@ -3,6 +3,7 @@
 mod distortion;
 mod knapsack;
 mod models;
+mod secure;
 mod spec;
 mod table;
 mod train;
@@ -43,6 +44,9 @@ pub enum Command {
     Finetune(train::FinetuneArgs),
     /// Test-set top-1, top-5 and loss of weights (optionally under a spec) and its DReLUs.
     Eval(train::EvalArgs),
+    /// Three-party secure inference (client, server, dealer) on secret shares.
+    #[command(subcommand)]
+    Secure(secure::SecureCommand),
 }
 
 /// A model and the input size it runs at.
@@ -80,6 +84,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::train_cmd(a),
         Command::Finetune(a) => train::finetune_cmd(a),
         Command::Eval(a) => train::eval_cmd(a),
+        Command::Secure(c) => secure::run(c),
     }
 }
 

@@ -110,6 +110,12 @@ impl Model {
         &mut self.vs
     }
 
+    /// The parameter tensors of op `op` (conv [weight, bias?], batch norm [weight, bias,
+    /// running_mean, running_var], linear [weight, bias], others none).
+    pub fn op_params(&self, op: usize) -> &[Tensor] {
+        self.params.get(op).map(|p| p.as_slice()).unwrap_or(&[])
+    }
+
     /// Index of a site by name.
     pub fn site_index(&self, name: &str) -> Option<usize> {
         self.sites.iter().position(|s| s.name == name)

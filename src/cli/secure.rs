@@ -1,0 +1,467 @@
+//! `brelu secure`: run a model under 3-party secure inference (all parties on loopback, or one
+//! party of a multi-host session) and benchmark the ring GEMM.
+use super::table::{human_bytes, thousands, Table};
+use super::{parse_input, print_json};
+use crate::data::Split;
+use crate::models::{find, ArchConfig, Model};
+use crate::secure::engine::{run_party, ClientInput};
+use crate::secure::party::{accept_n, connect_retry, Party, Role};
+use crate::secure::plan::{argmax, Plan, Settings};
+use crate::secure::ring::Fixed;
+use crate::secure::{run_compare, LinkConfig, RunReport};
+use crate::spec::Spec;
+use crate::train::{self, Config};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Subcommand, Debug)]
+pub enum SecureCommand {
+    /// Run client, server and dealer in this process over loopback TCP and compare with the
+    /// plaintext fixed-point and float models.
+    Run(RunArgs),
+    /// Run one party of a session (for real multi-host use).
+    Party(PartyArgs),
+    /// Ring (wrapping u64) GEMM throughput next to f64 GEMM (libtorch BLAS) in the same run.
+    Gemm(GemmArgs),
+}
+
+/// Model, spec, data and protocol settings shared by `run` and `party`.
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
+    /// Architecture (see `brelu models`); taken from --data when given.
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Input size C,H,W (default: the architecture's own or the --data configuration's).
+    #[arg(long, value_parser = parse_input)]
+    pub input: Option<[usize; 3]>,
+    /// Number of classes (default: the architecture's own or the --data configuration's).
+    #[arg(long)]
+    pub classes: Option<usize>,
+    /// Trained weights (safetensors); without them the model has seeded random weights.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Block-ReLU spec (default: ordinary ReLU everywhere).
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Training configuration naming the model and data set; test images come from it.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Number of images to run.
+    #[arg(long, default_value_t = 1)]
+    pub images: usize,
+    /// Fractional bits of the fixed-point encoding.
+    #[arg(long, default_value_t = 12)]
+    pub frac_bits: u32,
+    /// Bits compared per DReLU: 64 = exact; fewer compare a window of the top bits.
+    #[arg(long, default_value_t = 64)]
+    pub drelu_bits: u32,
+    /// With --drelu-bits < 64: values up to 2^this (real units) fit the window.
+    #[arg(long, default_value_t = 12)]
+    pub drelu_range_bits: u32,
+    /// Reveal only the arg-max to the client, not the logits.
+    #[arg(long)]
+    pub argmax_only: bool,
+    /// Seconds to wait for a peer before giving up.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Seed of random weights and random images (when no --weights / --data).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub session: SessionArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PartyArgs {
+    /// client, server or dealer.
+    #[arg(long)]
+    pub role: String,
+    #[command(flatten)]
+    pub session: SessionArgs,
+    /// Address to listen on (client: for server and dealer; server: for the dealer).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Peers to connect to: `client=HOST:PORT` (server, dealer), `server=HOST:PORT` (dealer).
+    #[arg(long = "peer", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Print the client's result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GemmArgs {
+    /// Matrix sizes M,K,N.
+    #[arg(long, default_value = "512,4608,64")]
+    pub shape: String,
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(c: SecureCommand) -> Result<()> {
+    match c {
+        SecureCommand::Run(a) => run_cmd(a),
+        SecureCommand::Party(a) => party_cmd(a),
+        SecureCommand::Gemm(a) => gemm_cmd(a),
+    }
+}
+
+/// The model (weights and spec applied), test images and labels of a session.
+struct Session {
+    model: Model,
+    images: Vec<Vec<f32>>,
+    labels: Option<Vec<usize>>,
+    settings: Settings,
+    link: LinkConfig,
+}
+
+fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
+    let cfg: Option<Config> = match &a.data {
+        Some(p) => Some(Config::load(p).context("reading the data configuration")?),
+        None => None,
+    };
+    let name = match (&a.model, &cfg) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.model.clone(),
+        (None, None) => bail!("give --model or --data"),
+    };
+    let arch = find(&name)?;
+    let input = a
+        .input
+        .or(cfg.as_ref().map(|c| c.input))
+        .unwrap_or_else(|| arch.default_input());
+    let classes = a
+        .classes
+        .or(cfg.as_ref().map(|c| c.num_classes))
+        .unwrap_or_else(|| arch.default_classes());
+    tch::manual_seed(a.seed as i64);
+    let mut model = Model::new(
+        arch,
+        ArchConfig {
+            input,
+            num_classes: classes,
+        },
+        Device::Cpu,
+    )?;
+    if let Some(w) = &a.weights {
+        model
+            .load_weights(w)
+            .with_context(|| format!("loading weights {}", w.display()))?;
+    }
+    if let Some(s) = &a.spec {
+        let spec = Spec::load(s, model.name(), input, model.sites())
+            .with_context(|| format!("loading spec {}", s.display()))?;
+        model.apply_spec(&spec)?;
+    }
+    let settings = Settings {
+        fixed: Fixed { frac: a.frac_bits },
+        drelu_bits: a.drelu_bits,
+        drelu_range_bits: a.drelu_range_bits,
+    };
+    settings.validate()?;
+    if a.timeout <= 0.0 {
+        bail!("--timeout must be positive");
+    }
+    let link = LinkConfig {
+        timeout: Duration::from_secs_f64(a.timeout),
+        ..LinkConfig::default()
+    };
+    let (images, labels) = if !need_images {
+        (Vec::new(), None)
+    } else if let Some(cfg) = &cfg {
+        let mut test = train::load_split(cfg, Split::Test).context("loading the test set")?;
+        test.truncate(a.images);
+        let x = train::normalization(cfg.dataset.kind).apply(&test.images);
+        let labels = Vec::<i64>::try_from(&test.labels)?
+            .into_iter()
+            .map(|l| l as usize)
+            .collect();
+        (split_images(&x)?, Some(labels))
+    } else {
+        let x = Tensor::randn(
+            [
+                a.images as i64,
+                input[0] as i64,
+                input[1] as i64,
+                input[2] as i64,
+            ],
+            (Kind::Float, Device::Cpu),
+        );
+        (split_images(&x)?, None)
+    };
+    Ok(Session {
+        model,
+        images,
+        labels,
+        settings,
+        link,
+    })
+}
+
+fn split_images(x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let n = x.size()[0];
+    (0..n)
+        .map(|i| Ok(Vec::<f32>::try_from(x.get(i).flatten(0, -1))?))
+        .collect()
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    let s = load_session(&a.session, true)?;
+    let r = run_compare(
+        &s.model,
+        &s.images,
+        s.labels.as_deref(),
+        s.settings,
+        a.session.argmax_only,
+        s.link,
+    )
+    .context("secure inference")?;
+    if a.json {
+        return print_json(&r);
+    }
+    print_report(&r);
+    Ok(())
+}
+
+fn print_report(r: &RunReport) {
+    println!(
+        "{} at {:?}: {} ReLUs, {} DReLUs per image ({:.2}%), {} fractional bits, {}-bit DReLU{}",
+        r.model,
+        r.input,
+        thousands(r.relus as u64),
+        thousands(r.drelus_per_image as u64),
+        100.0 * r.drelus_per_image as f64 / r.relus.max(1) as f64,
+        r.frac_bits,
+        r.drelu_bits,
+        if r.argmax_only { ", arg-max only" } else { "" }
+    );
+    println!(
+        "session setup (weight masks opened once): {} in {:.2} s",
+        human_bytes(r.setup_bytes.total),
+        r.setup_seconds
+    );
+    let mut t = Table::new(&[
+        "image",
+        "label",
+        "secure",
+        "plain",
+        "float",
+        "max err",
+        "time s",
+        "client-server",
+        "client-dealer",
+        "server-dealer",
+        "total",
+    ]);
+    for i in &r.images {
+        t.row(vec![
+            i.index.to_string(),
+            i.label.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            i.prediction.to_string(),
+            i.plaintext_prediction.to_string(),
+            i.float_prediction.to_string(),
+            i.max_logit_error
+                .map(|e| format!("{e:.2e}"))
+                .unwrap_or_else(|| "-".into()),
+            format!("{:.2}", i.seconds),
+            human_bytes(i.bytes.client_server),
+            human_bytes(i.bytes.client_dealer),
+            human_bytes(i.bytes.server_dealer),
+            human_bytes(i.bytes.total),
+        ]);
+    }
+    println!("{}", t.render());
+    let mut l = Table::new(&["layer", "kind", "time ms", "bytes", "rounds", "DReLUs"]).left(1);
+    for x in &r.layers {
+        l.row(vec![
+            x.name.clone(),
+            x.kind.clone(),
+            format!("{:.1}", 1e3 * x.seconds),
+            human_bytes(x.bytes),
+            x.rounds.to_string(),
+            thousands(x.drelus),
+        ]);
+    }
+    println!("per layer, per image:\n{}", l.render());
+    println!(
+        "mean per image: {:.2} s, {} ({} client-server, {} client-dealer, {} server-dealer); \
+         secure = plaintext prediction on {}/{} images{}",
+        r.mean_seconds,
+        human_bytes(r.mean_bytes.total),
+        human_bytes(r.mean_bytes.client_server),
+        human_bytes(r.mean_bytes.client_dealer),
+        human_bytes(r.mean_bytes.server_dealer),
+        r.agree_plaintext,
+        r.images.len(),
+        r.correct
+            .map(|c| format!("; correct {c}/{}", r.images.len()))
+            .unwrap_or_default()
+    );
+}
+
+fn peer_addr<'a>(peers: &'a [String], role: &str) -> Result<&'a str> {
+    peers
+        .iter()
+        .find_map(|p| p.strip_prefix(&format!("{role}=")))
+        .with_context(|| format!("missing --peer {role}=HOST:PORT"))
+}
+
+fn party_cmd(a: PartyArgs) -> Result<()> {
+    let role = Role::parse(&a.role)
+        .with_context(|| format!("--role must be client, server or dealer, got '{}'", a.role))?;
+    let s = load_session(&a.session, role == Role::Client)?;
+    let (plan, weights) = Plan::from_model(&s.model, s.settings)?;
+    let timeout = s.link.timeout;
+    let listen = |n: usize| -> Result<Vec<std::net::TcpStream>> {
+        let addr = a.listen.as_deref().context("missing --listen HOST:PORT")?;
+        let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        Ok(accept_n(&l, n, timeout)?)
+    };
+    let streams = match role {
+        Role::Client => listen(2)?,
+        Role::Server => {
+            let c = connect_retry(peer_addr(&a.peers, "client")?, "client", timeout)?;
+            let mut v = vec![c];
+            v.extend(listen(1)?);
+            v
+        }
+        Role::Dealer => vec![
+            connect_retry(peer_addr(&a.peers, "client")?, "client", timeout)?,
+            connect_retry(peer_addr(&a.peers, "server")?, "server", timeout)?,
+        ],
+    };
+    let p = Party::handshake(
+        role,
+        streams,
+        plan.settings,
+        &plan.hash(),
+        s.link,
+        plan.layers.len(),
+    )
+    .with_context(|| format!("{role}: session handshake"))?;
+    eprintln!("{role}: session started (hash {})", &plan.hash()[..16]);
+    let input = ClientInput {
+        images: s
+            .images
+            .iter()
+            .map(|x| plan.settings.fixed.encode_all(x))
+            .collect(),
+        argmax_only: a.session.argmax_only,
+    };
+    let w = (role == Role::Server).then_some(&weights);
+    let run = run_party(p, &plan, w, (role == Role::Client).then_some(&input))
+        .with_context(|| format!("{role}: secure inference"))?;
+    if role == Role::Client {
+        if a.json {
+            return print_json(&run);
+        }
+        for (i, im) in run.images.iter().enumerate() {
+            let pred = im
+                .argmax
+                .unwrap_or_else(|| argmax(im.logits.as_deref().unwrap_or(&[])));
+            println!(
+                "image {i}: prediction {pred}{}  {:.2} s  sent {} to server, {} to dealer",
+                s.labels
+                    .as_ref()
+                    .and_then(|l| l.get(i))
+                    .map(|l| format!(" (label {l})"))
+                    .unwrap_or_default(),
+                im.seconds,
+                human_bytes(im.bytes_sent[1]),
+                human_bytes(im.bytes_sent[2])
+            );
+        }
+    } else {
+        eprintln!("{role}: served {} image(s)", run.images.len());
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct GemmReport {
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    ring_seconds: f64,
+    ring_gmacs: f64,
+    f64_seconds: f64,
+    f64_gflops: f64,
+}
+
+fn gemm_cmd(a: GemmArgs) -> Result<()> {
+    let d: Vec<usize> = a
+        .shape
+        .split(',')
+        .map(|v| v.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .context("--shape must be M,K,N")?;
+    let [m, k, n] = d[..] else {
+        bail!("--shape must be M,K,N")
+    };
+    let av: Vec<u64> = (0..m * k)
+        .map(|i| (i as u64).wrapping_mul(0x9e3779b97f4a7c15))
+        .collect();
+    let bv: Vec<u64> = (0..k * n)
+        .map(|i| (i as u64).wrapping_mul(0xd1b54a32d192ed03))
+        .collect();
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let t = std::time::Instant::now();
+        for _ in 0..a.repeat.max(1) {
+            f();
+        }
+        t.elapsed().as_secs_f64() / a.repeat.max(1) as f64
+    };
+    let mut sink = 0u64;
+    let ring_s = time(&mut || {
+        let c = crate::secure::gemm::gemm(m, k, n, &av, &bv);
+        sink = sink.wrapping_add(c[0]);
+    });
+    let at = Tensor::randn([m as i64, k as i64], (Kind::Double, Device::Cpu));
+    let bt = Tensor::randn([k as i64, n as i64], (Kind::Double, Device::Cpu));
+    let f64_s = time(&mut || {
+        let c = at.matmul(&bt);
+        sink = sink.wrapping_add(c.double_value(&[0, 0]) as u64);
+    });
+    let macs = (m * k * n) as f64;
+    let r = GemmReport {
+        m,
+        k,
+        n,
+        threads: rayon::current_num_threads(),
+        ring_seconds: ring_s,
+        ring_gmacs: macs / ring_s / 1e9,
+        f64_seconds: f64_s,
+        f64_gflops: 2.0 * macs / f64_s / 1e9,
+    };
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "{m}x{k} * {k}x{n} on {} threads: ring (wrapping u64) {:.3} s = {:.2} G multiply-adds/s; \
+         f64 (libtorch BLAS, {} threads) {:.4} s = {:.2} GFLOP/s ({:.2} G multiply-adds/s){}",
+        r.threads,
+        ring_s,
+        r.ring_gmacs,
+        tch::get_num_threads(),
+        f64_s,
+        r.f64_gflops,
+        r.f64_gflops / 2.0,
+        if sink == 1 { " " } else { "" }
+    );
+    Ok(())
+}

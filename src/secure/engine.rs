@@ -1,0 +1,307 @@
+//! Walks a [`Plan`] layer by layer for one party: session setup (weight masks), then per image
+//! input sharing, every layer's protocol, and the output reveal; counts time, bytes, rounds
+//! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
+use super::link::LinkConfig;
+use super::party::{loopback_streams, LayerStats, Party, Role, TAG_SESSION};
+use super::plan::{layer_inputs, layer_output, Layer, Plan, Weights};
+use super::proto::{self, LinOp, LinearMask};
+use super::ring;
+use super::wire::Kind;
+use crate::error::{Error, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+/// The linear map of a layer, if it has one.
+pub fn lin_op(l: &Layer) -> Option<LinOp> {
+    match l {
+        Layer::Conv { geom, .. } => Some(LinOp::Conv(*geom)),
+        Layer::Linear { cin, cout, .. } => Some(LinOp::Fc {
+            cin: *cin,
+            cout: *cout,
+        }),
+        _ => None,
+    }
+}
+
+/// What one party saw of one image.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImageRun {
+    /// Client only: the revealed logits (absent in arg-max-only mode).
+    pub logits: Option<Vec<f64>>,
+    /// Client only: the revealed arg-max (arg-max-only mode).
+    pub argmax: Option<usize>,
+    pub seconds: f64,
+    /// Bytes this party sent to each role during the image (index = role).
+    pub bytes_sent: [u64; 3],
+}
+
+/// The result of one party's session.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartyRun {
+    pub role: Role,
+    pub images: Vec<ImageRun>,
+    /// Per layer, summed over images.
+    pub layers: Vec<LayerStats>,
+    /// Output reveal, summed over images.
+    pub output: LayerStats,
+    /// Bytes sent to each role by the once-per-session setup (weight masks).
+    pub setup_bytes: [u64; 3],
+    pub setup_seconds: f64,
+}
+
+/// What the client feeds in: encoded images, and whether to reveal only the arg-max.
+pub struct ClientInput {
+    pub images: Vec<Vec<u64>>,
+    pub argmax_only: bool,
+}
+
+/// Runs one party's whole session over its connected `party`.
+pub fn run_party(
+    mut p: Party,
+    plan: &Plan,
+    weights: Option<&Weights>,
+    input: Option<&ClientInput>,
+) -> Result<PartyRun> {
+    let nl = plan.layers.len();
+    // ---- session setup: weight masks, F opened once ----
+    let t0 = Instant::now();
+    let mut masks: Vec<Option<LinearMask>> = Vec::with_capacity(nl);
+    for (i, l) in plan.layers.iter().enumerate() {
+        p.tag = i as u32;
+        masks.push(match lin_op(l) {
+            Some(op) => {
+                let w = weights.and_then(|w| w.layers[i].as_ref().map(|(w, _)| w.as_slice()));
+                Some(proto::setup_linear(&mut p, &op, w)?)
+            }
+            None => None,
+        });
+    }
+    let setup_bytes = p.bytes_sent();
+    let setup_seconds = t0.elapsed().as_secs_f64();
+    for s in p.stats.iter_mut() {
+        *s = LayerStats::default();
+    }
+    let last_use = plan.last_use();
+    let n_in: usize = plan.input.iter().product();
+    let mut images = Vec::new();
+    let mut next = 0usize;
+    loop {
+        // ---- control: the client says whether another image follows ----
+        p.tag = TAG_SESSION;
+        let (more, argmax_only) = match (p.role, input) {
+            (Role::Client, Some(inp)) => {
+                let more = next < inp.images.len();
+                let msg = [more as u8, inp.argmax_only as u8];
+                p.send_bytes(Role::Server, Kind::Control, &msg)?;
+                p.send_bytes(Role::Dealer, Kind::Control, &msg)?;
+                (more, inp.argmax_only)
+            }
+            (Role::Client, None) => {
+                return Err(Error::InvalidArgument(
+                    "the client needs input images".into(),
+                ))
+            }
+            _ => {
+                let m = p.recv_bytes(Role::Client, Kind::Control, 2)?;
+                if m[0] > 1 || m[1] > 1 {
+                    return Err(Error::Malformed {
+                        peer: "client".into(),
+                        msg: format!("bad control message {m:?}"),
+                    });
+                }
+                (m[0] == 1, m[1] == 1)
+            }
+        };
+        if !more {
+            break;
+        }
+        let start = Instant::now();
+        let bytes0 = p.bytes_sent();
+        let image = input.map(|i| i.images[next].as_slice());
+        if let Some(img) = image {
+            if img.len() != n_in {
+                return Err(Error::InvalidArgument(format!(
+                    "image {next} has {} values, the model takes {n_in}",
+                    img.len()
+                )));
+            }
+        }
+        let mut vals: Vec<Option<Vec<u64>>> = vec![None; plan.slots];
+        p.tag = 0;
+        vals[0] = Some(proto::share_input(&mut p, image, n_in)?);
+        for (i, l) in plan.layers.iter().enumerate() {
+            p.tag = i as u32;
+            let t = Instant::now();
+            let get = |s: usize| vals[s].as_deref().unwrap_or(&[]);
+            let y = match l {
+                Layer::Conv { x, .. } | Layer::Linear { x, .. } => {
+                    let op = lin_op(l).expect("linear layer");
+                    let bias = weights.and_then(|w| w.layers[i].as_ref().map(|(_, b)| b.clone()));
+                    let mask = masks[i].as_ref().expect("mask set up");
+                    let xv = get(*x).to_vec();
+                    proto::linear(&mut p, &op, mask, &xv, bias.as_deref())?
+                }
+                Layer::Act { x, act, .. } => {
+                    let xv = get(*x).to_vec();
+                    proto::block_relu(&mut p, act, &xv)?
+                }
+                Layer::Add { a, b, .. } => {
+                    if p.role == Role::Dealer {
+                        Vec::new()
+                    } else {
+                        ring::add(get(*a), get(*b))
+                    }
+                }
+                Layer::MaxPool { x, win, .. } => {
+                    let xv = get(*x).to_vec();
+                    proto::max_pool(&mut p, win, &xv)?
+                }
+                Layer::AvgPool { x, win, .. } => proto::avg_pool(&p, win, get(*x)),
+                Layer::GlobalAvgPool { x, c, hw, .. } => {
+                    proto::global_avg_pool(&p, *c, *hw, get(*x))
+                }
+            };
+            vals[layer_output(l)] = Some(y);
+            for s in layer_inputs(l) {
+                if last_use[s] == i {
+                    vals[s] = None;
+                }
+            }
+            p.add_time(t.elapsed());
+        }
+        // ---- output ----
+        p.tag = nl as u32;
+        let t = Instant::now();
+        let out = vals[plan.output].take().unwrap_or_default();
+        let mut run = ImageRun::default();
+        let frac = plan.settings.fixed;
+        if argmax_only {
+            let idx = proto::argmax(&mut p, &out, plan.classes)?;
+            match p.role {
+                Role::Server => p.send_ring(Role::Client, &idx, 8)?,
+                Role::Client => {
+                    let theirs = p.recv_ring(Role::Server, 1, 8)?;
+                    p.round();
+                    let v = idx[0].wrapping_add(theirs[0]) as usize;
+                    if v >= plan.classes {
+                        return Err(Error::Malformed {
+                            peer: "server".into(),
+                            msg: format!("revealed class {v} out of range"),
+                        });
+                    }
+                    run.argmax = Some(v);
+                }
+                Role::Dealer => {}
+            }
+        } else {
+            match p.role {
+                Role::Server => p.send_ring(Role::Client, &out, 8)?,
+                Role::Client => {
+                    let theirs = p.recv_ring(Role::Server, plan.classes, 8)?;
+                    p.round();
+                    run.logits = Some(frac.decode_all(&ring::add(&out, &theirs)));
+                }
+                Role::Dealer => {}
+            }
+        }
+        p.add_time(t.elapsed());
+        let bytes1 = p.bytes_sent();
+        run.seconds = start.elapsed().as_secs_f64();
+        for r in 0..3 {
+            run.bytes_sent[r] = bytes1[r] - bytes0[r];
+        }
+        images.push(run);
+        next += 1;
+    }
+    let layers = p.stats[..nl].to_vec();
+    let output = p.stats[nl].clone();
+    let role = p.role;
+    p.finish()?;
+    Ok(PartyRun {
+        role,
+        images,
+        layers,
+        output,
+        setup_bytes,
+        setup_seconds,
+    })
+}
+
+/// Runs the three parties as threads of this process over loopback TCP and returns their
+/// results (client, server, dealer). On failure, returns the error that started it (a party's
+/// own error rather than the "connection closed" its peers see).
+pub fn run_local(
+    plan: &Plan,
+    weights: &Weights,
+    input: &ClientInput,
+    cfg: LinkConfig,
+) -> Result<[PartyRun; 3]> {
+    let hash = plan.hash();
+    let [sc, ss, sd] = loopback_streams()?;
+    let nl = plan.layers.len();
+    let settings = plan.settings;
+    let (rc, rs, rd) = std::thread::scope(|scope| {
+        let hc = scope.spawn(|| {
+            let p = Party::handshake(Role::Client, sc, settings, &hash, cfg, nl)?;
+            run_party(p, plan, None, Some(input))
+        });
+        let hs = scope.spawn(|| {
+            let p = Party::handshake(Role::Server, ss, settings, &hash, cfg, nl)?;
+            run_party(p, plan, Some(weights), None)
+        });
+        let hd = scope.spawn(|| {
+            let p = Party::handshake(Role::Dealer, sd, settings, &hash, cfg, nl)?;
+            run_party(p, plan, None, None)
+        });
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<PartyRun>>| {
+            h.join().unwrap_or_else(|_| {
+                Err(Error::Link {
+                    peer: "local party".into(),
+                    msg: "party thread panicked".into(),
+                })
+            })
+        };
+        (join(hc), join(hs), join(hd))
+    });
+    match (rc, rs, rd) {
+        (Ok(c), Ok(s), Ok(d)) => Ok([c, s, d]),
+        (c, s, d) => {
+            let errs: Vec<Error> = [c.err(), s.err(), d.err()].into_iter().flatten().collect();
+            let root = errs
+                .iter()
+                .position(|e| !matches!(e, Error::Link { .. }))
+                .unwrap_or(0);
+            Err(errs.into_iter().nth(root).expect("at least one error"))
+        }
+    }
+}
+
+/// Runs `f` once per role, each on its own thread with a connected [`Party`] (loopback TCP,
+/// real handshake): the harness for protocol tests. Results in role order.
+pub fn with_parties<T: Send>(
+    settings: super::plan::Settings,
+    f: impl Fn(&mut Party) -> Result<T> + Sync,
+) -> Result<[T; 3]> {
+    let [sc, ss, sd] = loopback_streams()?;
+    let hash = "protocol-test";
+    let cfg = LinkConfig::default();
+    let f = &f;
+    let run = move |role: Role, streams| -> Result<T> {
+        let mut p = Party::handshake(role, streams, settings, hash, cfg, 1)?;
+        p.tag = 0;
+        let out = f(&mut p)?;
+        p.finish()?;
+        Ok(out)
+    };
+    let (a, b, c) = std::thread::scope(|s| {
+        let a = s.spawn(move || run(Role::Client, sc));
+        let b = s.spawn(move || run(Role::Server, ss));
+        let c = s.spawn(move || run(Role::Dealer, sd));
+        (
+            a.join().expect("client thread"),
+            b.join().expect("server thread"),
+            c.join().expect("dealer thread"),
+        )
+    });
+    Ok([a?, b?, c?])
+}

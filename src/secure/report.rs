@@ -1,0 +1,210 @@
+//! Runs a model under secure inference (all three parties in this process) next to the
+//! plaintext fixed-point oracle and the float model, and summarises per image and per layer.
+use super::engine::{run_local, ClientInput, PartyRun};
+use super::link::LinkConfig;
+use super::plan::{argmax, forward_fixed, Plan, Settings};
+use crate::error::Result;
+use crate::models::Model;
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+/// Bytes on each link (both directions), headers included.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct LinkBytes {
+    pub client_server: u64,
+    pub client_dealer: u64,
+    pub server_dealer: u64,
+    pub total: u64,
+}
+
+impl LinkBytes {
+    /// From what each party sent to each role ([client, server, dealer][to]).
+    fn from_sent(s: [[u64; 3]; 3]) -> LinkBytes {
+        let cs = s[0][1] + s[1][0];
+        let cd = s[0][2] + s[2][0];
+        let sd = s[1][2] + s[2][1];
+        LinkBytes {
+            client_server: cs,
+            client_dealer: cd,
+            server_dealer: sd,
+            total: cs + cd + sd,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageReport {
+    pub index: usize,
+    pub label: Option<usize>,
+    /// Secure prediction (revealed arg-max, or arg-max of the revealed logits).
+    pub prediction: usize,
+    /// Prediction of the plaintext fixed-point forward pass.
+    pub plaintext_prediction: usize,
+    /// Prediction of the float model (with the same spec).
+    pub float_prediction: usize,
+    /// max |secure logit - plaintext fixed-point logit| (absent in arg-max-only mode).
+    pub max_logit_error: Option<f64>,
+    /// max |secure logit - float logit|.
+    pub max_float_error: Option<f64>,
+    /// The plaintext fixed-point logits.
+    pub plaintext_logits: Vec<f64>,
+    pub seconds: f64,
+    pub bytes: LinkBytes,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub kind: String,
+    /// Client wall time per image.
+    pub seconds: f64,
+    /// Bytes sent by all parties per image.
+    pub bytes: u64,
+    /// Sequential message trips per image.
+    pub rounds: u64,
+    pub drelus: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub model: String,
+    pub input: [usize; 3],
+    pub classes: usize,
+    pub frac_bits: u32,
+    pub drelu_bits: u32,
+    pub argmax_only: bool,
+    pub session_hash: String,
+    pub relus: usize,
+    pub drelus_per_image: usize,
+    /// Once per session: the opened weight masks F (server -> client).
+    pub setup_bytes: LinkBytes,
+    pub setup_seconds: f64,
+    pub images: Vec<ImageReport>,
+    pub layers: Vec<LayerReport>,
+    pub mean_seconds: f64,
+    pub mean_bytes: LinkBytes,
+    /// Images whose secure prediction equals the plaintext fixed-point prediction.
+    pub agree_plaintext: usize,
+    /// Images whose secure prediction equals the label (when labels are known).
+    pub correct: Option<usize>,
+}
+
+/// Runs `images` (each [C, H, W] floats, already normalised) through `model` (its active spec
+/// included) securely and in plaintext.
+pub fn run_compare(
+    model: &Model,
+    images: &[Vec<f32>],
+    labels: Option<&[usize]>,
+    settings: Settings,
+    argmax_only: bool,
+    cfg: LinkConfig,
+) -> Result<RunReport> {
+    let (plan, weights) = Plan::from_model(model, settings)?;
+    let fx = settings.fixed;
+    let encoded: Vec<Vec<u64>> = images.iter().map(|x| fx.encode_all(x)).collect();
+    let input = ClientInput {
+        images: encoded.clone(),
+        argmax_only,
+    };
+    let runs = run_local(&plan, &weights, &input, cfg)?;
+    let [client, _, _] = &runs;
+    let c = plan.input;
+    let mut reports = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let fixed = fx.decode_all(&forward_fixed(&plan, &weights, &encoded[i]));
+        let float: Vec<f64> = {
+            let _g = tch::no_grad_guard();
+            let x = Tensor::from_slice(img).view([1, c[0] as i64, c[1] as i64, c[2] as i64]);
+            let y = model.forward_t(&x.to_device(model.device()), false);
+            Vec::<f64>::try_from(y.to_kind(Kind::Double).flatten(0, -1))?
+        };
+        let run = &client.images[i];
+        let max_err = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max)
+        };
+        let sent = [0, 1, 2].map(|r| runs[r].images[i].bytes_sent);
+        reports.push(ImageReport {
+            index: i,
+            label: labels.and_then(|l| l.get(i).copied()),
+            prediction: run
+                .argmax
+                .unwrap_or_else(|| argmax(run.logits.as_deref().unwrap_or(&[]))),
+            plaintext_prediction: argmax(&fixed),
+            float_prediction: argmax(&float),
+            max_logit_error: run.logits.as_deref().map(|l| max_err(l, &fixed)),
+            max_float_error: run.logits.as_deref().map(|l| max_err(l, &float)),
+            plaintext_logits: fixed,
+            seconds: run.seconds,
+            bytes: LinkBytes::from_sent(sent),
+        });
+    }
+    let n = images.len().max(1) as u64;
+    let layers = layer_reports(&plan, &runs, n);
+    let mean = |f: fn(&LinkBytes) -> u64| reports.iter().map(|r| f(&r.bytes)).sum::<u64>() / n;
+    let mean_bytes = LinkBytes {
+        client_server: mean(|b| b.client_server),
+        client_dealer: mean(|b| b.client_dealer),
+        server_dealer: mean(|b| b.server_dealer),
+        total: mean(|b| b.total),
+    };
+    let relus = model.sites().iter().map(|s| s.relus()).sum();
+    Ok(RunReport {
+        model: plan.model.clone(),
+        input: plan.input,
+        classes: plan.classes,
+        frac_bits: fx.frac,
+        drelu_bits: settings.drelu_bits,
+        argmax_only,
+        session_hash: plan.hash(),
+        relus,
+        drelus_per_image: plan.drelus(),
+        setup_bytes: LinkBytes::from_sent([0, 1, 2].map(|r| runs[r].setup_bytes)),
+        setup_seconds: client.setup_seconds,
+        mean_seconds: reports.iter().map(|r| r.seconds).sum::<f64>() / n as f64,
+        mean_bytes,
+        agree_plaintext: reports
+            .iter()
+            .filter(|r| r.prediction == r.plaintext_prediction)
+            .count(),
+        correct: labels.map(|_| {
+            reports
+                .iter()
+                .filter(|r| Some(r.prediction) == r.label)
+                .count()
+        }),
+        images: reports,
+        layers,
+    })
+}
+
+fn layer_reports(plan: &Plan, runs: &[PartyRun; 3], n: u64) -> Vec<LayerReport> {
+    let mut out: Vec<LayerReport> = plan
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let c = &runs[0].layers[i];
+            LayerReport {
+                name: plan.names[i].clone(),
+                kind: l.kind().to_string(),
+                seconds: c.seconds / n as f64,
+                bytes: runs.iter().map(|r| r.layers[i].bytes_sent).sum::<u64>() / n,
+                rounds: c.rounds / n,
+                drelus: c.drelus / n,
+            }
+        })
+        .collect();
+    let o = &runs[0].output;
+    out.push(LayerReport {
+        name: "output".into(),
+        kind: "reveal".into(),
+        seconds: o.seconds / n as f64,
+        bytes: runs.iter().map(|r| r.output.bytes_sent).sum::<u64>() / n,
+        rounds: o.rounds / n,
+        drelus: o.drelus / n,
+    });
+    out
+}

@@ -1,0 +1,783 @@
+//! Secure inference: every protocol against plaintext on random and edge inputs, end-to-end
+//! runs on small random networks, session and transport failures.
+use brelu::secure::engine::with_parties;
+use brelu::secure::gemm::ConvGeom;
+use brelu::secure::plan::{ActPlan, Windows};
+use brelu::secure::proto::{self, LinOp};
+use brelu::secure::ring::{self, Fixed};
+use brelu::secure::{Role, Settings};
+use brelu::spec::PatchOption;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// Random additive shares of `v`.
+fn share(rng: &mut impl Rng, v: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    let x0: Vec<u64> = v.iter().map(|_| rng.gen()).collect();
+    let x1 = ring::sub(v, &x0);
+    (x0, x1)
+}
+
+fn open(out: &[Vec<u64>; 3]) -> Vec<u64> {
+    ring::add(&out[0], &out[1])
+}
+
+/// The input of party `p` from the pair of shares.
+fn mine(role: Role, s: &(Vec<u64>, Vec<u64>)) -> &[u64] {
+    match role {
+        Role::Client => &s.0,
+        Role::Server => &s.1,
+        Role::Dealer => &[],
+    }
+}
+
+fn edge_values() -> Vec<i64> {
+    let l = 1i64 << 62;
+    vec![
+        0,
+        1,
+        -1,
+        2,
+        -2,
+        4096,
+        -4096,
+        4095,
+        -4097,
+        l - 1,
+        -(l - 1),
+        -l + 1,
+        l - 2,
+        1 << 61,
+        -(1 << 61),
+        123_456_789,
+        -987_654_321,
+    ]
+}
+
+#[test]
+fn drelu_exact_on_edges_and_random() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut vals = edge_values();
+    for _ in 0..3000 {
+        let bits = rng.gen_range(1..62);
+        vals.push(rng.gen_range(-(1i64 << bits)..(1i64 << bits)));
+    }
+    let v: Vec<u64> = vals.iter().map(|&x| x as u64).collect();
+    let n = v.len();
+    // Several sharings of the same values, including shares at the 2^63 boundary.
+    let mut sh = share(&mut rng, &v);
+    for i in 0..20 {
+        sh.0[i] = 1u64 << 63;
+        sh.1[i] = v[i].wrapping_sub(sh.0[i]);
+    }
+    for i in 20..40 {
+        sh.0[i] = u64::MAX;
+        sh.1[i] = v[i].wrapping_sub(sh.0[i]);
+    }
+    let out = with_parties(Settings::default(), |p| {
+        proto::drelu(p, mine(p.role, &sh), n)
+    })
+    .unwrap();
+    let d = open(&out);
+    for i in 0..n {
+        assert_eq!(d[i], (vals[i] > 0) as u64, "DReLU({})", vals[i]);
+    }
+}
+
+#[test]
+fn drelu_approximate_window_is_exact_away_from_zero() {
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let s = Settings {
+        drelu_bits: 16,
+        ..Settings::default()
+    };
+    // Window of 16 bits: |value| < 2^(12 + 12) in ring units, resolution 2^shift.
+    let shift = s.drelu_shift();
+    assert_eq!(shift, 10);
+    let vals: Vec<i64> = (0..2000)
+        .map(|_| {
+            let m = rng.gen_range((4i64 << shift)..(1i64 << 23));
+            if rng.gen() {
+                m
+            } else {
+                -m
+            }
+        })
+        .collect();
+    let v: Vec<u64> = vals.iter().map(|&x| x as u64).collect();
+    let sh = share(&mut rng, &v);
+    let out = with_parties(s, |p| proto::drelu(p, mine(p.role, &sh), v.len())).unwrap();
+    let d = open(&out);
+    for i in 0..v.len() {
+        assert_eq!(d[i], (vals[i] > 0) as u64, "DReLU16({})", vals[i]);
+    }
+}
+
+#[test]
+fn beaver_multiply_with_expansion() {
+    let mut rng = ChaCha20Rng::seed_from_u64(13);
+    let (n, m) = (500, 37);
+    let x: Vec<u64> = (0..n).map(|_| rng.gen()).collect();
+    let y: Vec<u64> = (0..m).map(|_| rng.gen()).collect();
+    let map: Vec<u32> = (0..n).map(|_| rng.gen_range(0..m as u32)).collect();
+    let (sx, sy) = (share(&mut rng, &x), share(&mut rng, &y));
+    let out = with_parties(Settings::default(), |p| {
+        proto::mul_expand(p, n, m, mine(p.role, &sx), mine(p.role, &sy), Some(&map))
+    })
+    .unwrap();
+    let z = open(&out);
+    for i in 0..n {
+        assert_eq!(z[i], x[i].wrapping_mul(y[map[i] as usize]));
+    }
+}
+
+#[test]
+fn linear_layers_match_plaintext_within_one_ulp() {
+    let mut rng = ChaCha20Rng::seed_from_u64(14);
+    let fx = Fixed::default();
+    let geoms = [
+        LinOp::Conv(ConvGeom {
+            cin: 3,
+            cout: 8,
+            h: 9,
+            w: 7,
+            kernel: [3, 3],
+            stride: [2, 2],
+            pad: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+        }),
+        LinOp::Conv(ConvGeom {
+            cin: 6,
+            cout: 6,
+            h: 5,
+            w: 5,
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad: [1, 1],
+            dilation: [1, 1],
+            groups: 6,
+        }),
+        LinOp::Fc { cin: 40, cout: 10 },
+    ];
+    let mut failures = 0;
+    for op in geoms {
+        let x: Vec<u64> = (0..op.in_len())
+            .map(|_| fx.encode(rng.gen_range(-8.0..8.0)))
+            .collect();
+        let w: Vec<u64> = (0..op.weight_len())
+            .map(|_| fx.encode(rng.gen_range(-1.0..1.0)))
+            .collect();
+        let per = op.per_channel();
+        let nb = op.out_len() / per;
+        let bias: Vec<u64> = (0..nb)
+            .map(|_| fx.encode(rng.gen_range(-1.0..1.0)))
+            .collect();
+        let want: Vec<u64> = op
+            .apply(&x, &w)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ring::trunc_plain(*v, 12).wrapping_add(bias[i / per]))
+            .collect();
+        let sx = share(&mut rng, &x);
+        let out = with_parties(Settings::default(), |p| {
+            let wt = (p.role == Role::Server).then_some(w.as_slice());
+            let mask = proto::setup_linear(p, &op, wt)?;
+            let b = (p.role == Role::Server).then_some(bias.as_slice());
+            proto::linear(p, &op, &mask, mine(p.role, &sx), b)
+        })
+        .unwrap();
+        let got = open(&out);
+        for (g, w) in got.iter().zip(&want) {
+            let d = g.wrapping_sub(*w) as i64;
+            if !(-1..=1).contains(&d) {
+                failures += 1;
+            }
+        }
+    }
+    // Local truncation fails with probability ~|x| / 2^64: none expected here.
+    assert_eq!(failures, 0, "truncation failures");
+}
+
+fn block_relu_plain(act: &ActPlan, x: &[u64]) -> Vec<u64> {
+    let sums = act.patch_sums(x);
+    let mut y = vec![0u64; act.len];
+    for &i in &act.identity {
+        y[i as usize] = x[i as usize];
+    }
+    for (&i, &p) in act.active.iter().zip(&act.patch_of) {
+        if (sums[p as usize] as i64) > 0 {
+            y[i as usize] = x[i as usize];
+        }
+    }
+    y
+}
+
+#[test]
+fn block_relu_matches_plaintext_with_mixed_options_and_ties() {
+    let mut rng = ChaCha20Rng::seed_from_u64(15);
+    let (c, h, w) = (6, 7, 5);
+    let opts = vec![
+        PatchOption::RELU,
+        PatchOption::patch(2, 2),
+        PatchOption::patch(3, 2),
+        PatchOption::Identity,
+        PatchOption::Zero,
+        PatchOption::patch(7, 5),
+    ];
+    let act = ActPlan::new(&opts, c, h, w);
+    let mut x: Vec<u64> = (0..c * h * w)
+        .map(|_| rng.gen_range(-5000i64..5000) as u64)
+        .collect();
+    // Ties: a 2x2 patch summing to exactly zero, and single 0 / +-1 values.
+    let base = h * w;
+    x[base] = 7;
+    x[base + 1] = (-3i64) as u64;
+    x[base + w] = (-5i64) as u64;
+    x[base + w + 1] = 1;
+    x[0] = 0;
+    x[1] = 1;
+    x[2] = u64::MAX;
+    let sx = share(&mut rng, &x);
+    let out = with_parties(Settings::default(), |p| {
+        proto::block_relu(p, &act, mine(p.role, &sx))
+    })
+    .unwrap();
+    assert_eq!(open(&out), block_relu_plain(&act, &x));
+    assert_eq!(out[0].len(), c * h * w);
+}
+
+#[test]
+fn pools_match_plaintext() {
+    let mut rng = ChaCha20Rng::seed_from_u64(16);
+    let (c, h, w) = (3, 9, 8);
+    let x: Vec<u64> = (0..c * h * w)
+        .map(|_| rng.gen_range(-9000i64..9000) as u64)
+        .collect();
+    let win = Windows::new(c, h, w, 3, 2, 1);
+    let sx = share(&mut rng, &x);
+    let out = with_parties(Settings::default(), |p| {
+        let m = proto::max_pool(p, &win, mine(p.role, &sx))?;
+        let a = proto::avg_pool(p, &win, mine(p.role, &sx));
+        let g = proto::global_avg_pool(p, c, h * w, mine(p.role, &sx));
+        Ok((m, a, g))
+    })
+    .unwrap();
+    let maxes = ring::add(&out[0].0, &out[1].0);
+    for (o, v) in win.idx.iter().enumerate() {
+        let want = v.iter().map(|&i| x[i as usize] as i64).max().unwrap();
+        assert_eq!(maxes[o] as i64, want);
+    }
+    let avg = ring::add(&out[0].1, &out[1].1);
+    for (o, v) in win.idx.iter().enumerate() {
+        let s = v.iter().map(|&i| x[i as usize] as i64).sum::<i64>() as f64 / v.len() as f64;
+        assert!((avg[o] as i64 as f64 - s).abs() <= 1.5, "avg {o}");
+    }
+    let gap = ring::add(&out[0].2, &out[1].2);
+    for ch in 0..c {
+        let s = x[ch * h * w..(ch + 1) * h * w]
+            .iter()
+            .map(|&v| v as i64)
+            .sum::<i64>() as f64
+            / (h * w) as f64;
+        assert!((gap[ch] as i64 as f64 - s).abs() <= 1.5, "gap {ch}");
+    }
+}
+
+#[test]
+fn secure_argmax_reveals_the_largest() {
+    let mut rng = ChaCha20Rng::seed_from_u64(17);
+    for n in [1usize, 2, 7, 10] {
+        let v: Vec<i64> = (0..n).map(|_| rng.gen_range(-100_000..100_000)).collect();
+        let vu: Vec<u64> = v.iter().map(|&x| x as u64).collect();
+        let sv = share(&mut rng, &vu);
+        let out = with_parties(Settings::default(), |p| {
+            proto::argmax(p, mine(p.role, &sv), n)
+        })
+        .unwrap();
+        let idx = open(&out)[0] as usize;
+        let best = (0..n)
+            .max_by_key(|&i| (v[i], std::cmp::Reverse(i)))
+            .unwrap();
+        assert_eq!(idx, best, "{v:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end
+// ---------------------------------------------------------------------------------------------
+
+use brelu::models::{find, ArchConfig, Model};
+use brelu::secure::{run_compare, LinkConfig};
+use std::time::{Duration, Instant};
+
+/// Secure logits differ from the plaintext fixed-point logits by the +-1 ulp of every local
+/// truncation (random: it depends on the shares), carried through the network. A block-ReLU
+/// patch whose sum lies within a few ulps of zero can then decide differently from the
+/// plaintext pass, which moves the logits by more than the ulps. Observed with 16 fractional
+/// bits: ~5e-5 without such a flip, up to ~0.02 with one; with 12 bits ~1e-3 for ReLU-only
+/// networks and up to ~0.05 when patches flip. Random networks have near-tied logits, so a
+/// prediction may differ from the plaintext one only when the plaintext logits of the two
+/// classes are within the observed error of each other.
+const LOGIT_TOLERANCE: f64 = 0.1;
+
+/// Checks one image: logits within the tolerance, and the same prediction as the plaintext
+/// fixed-point pass unless the two classes are tied within the logit error.
+fn check_image(im: &brelu::secure::report::ImageReport, what: &str) {
+    let e = im.max_logit_error.unwrap_or(0.0);
+    assert!(
+        e < LOGIT_TOLERANCE,
+        "{what}: image {}: logit error {e}",
+        im.index
+    );
+    if im.prediction != im.plaintext_prediction {
+        let l = &im.plaintext_logits;
+        let gap = l[im.plaintext_prediction] - l[im.prediction];
+        assert!(
+            gap <= 2.0 * e,
+            "{what}: image {}: secure predicts {}, plaintext {} (margin {gap}, error {e})",
+            im.index,
+            im.prediction,
+            im.plaintext_prediction
+        );
+    }
+}
+
+fn small_model(name: &str, input: [usize; 3], seed: i64) -> Model {
+    tch::manual_seed(seed);
+    Model::new(
+        find(name).unwrap(),
+        ArchConfig {
+            input,
+            num_classes: 10,
+        },
+        tch::Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// A spec cycling through ReLU, patches (some clipped at the border), identity and zero.
+fn mixed_spec(model: &mut Model) {
+    let cycle = [
+        PatchOption::RELU,
+        PatchOption::patch(2, 2),
+        PatchOption::patch(1, 3),
+        PatchOption::Identity,
+        PatchOption::patch(3, 3),
+        PatchOption::Zero,
+        PatchOption::patch(2, 1),
+    ];
+    for (i, s) in model.sites().to_vec().iter().enumerate() {
+        let opts = (0..s.channels)
+            .map(|c| cycle[(c + i) % cycle.len()].clipped(s.height, s.width))
+            .collect();
+        model.set_site_options(i, Some(opts)).unwrap();
+    }
+}
+
+fn random_images(n: usize, input: [usize; 3], seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            (0..input.iter().product::<usize>())
+                .map(|_| rng.gen_range(-2.0f32..2.0))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn end_to_end_block_relu_network_matches_plaintext() {
+    let input = [1, 16, 16];
+    let mut model = small_model("resnet18-cifar-light", input, 3);
+    mixed_spec(&mut model);
+    let images = random_images(3, input, 4);
+    // 16 fractional bits make patch-decision flips (see LOGIT_TOLERANCE) rare.
+    let settings = Settings {
+        fixed: Fixed { frac: 16 },
+        ..Settings::default()
+    };
+    let r = run_compare(
+        &model,
+        &images,
+        None,
+        settings,
+        false,
+        LinkConfig::default(),
+    )
+    .unwrap();
+    assert!(r.drelus_per_image < r.relus);
+    for im in &r.images {
+        check_image(im, "mixed spec");
+        assert!(im.bytes.client_server > 0 && im.bytes.client_dealer > 0);
+    }
+    // The weight masks travel once per session, not per image.
+    assert!(r.setup_bytes.client_server > 8 * 100_000);
+    assert_eq!(
+        r.images[0].bytes, r.images[1].bytes,
+        "bytes are data-independent"
+    );
+    // Per-layer counters add up to the per-image totals (all bytes are counted per layer).
+    let layer_bytes: u64 = r.layers.iter().map(|l| l.bytes).sum();
+    assert_eq!(layer_bytes, r.images[0].bytes.total);
+}
+
+#[test]
+fn end_to_end_argmax_only_and_relu_network() {
+    let input = [1, 12, 12];
+    let model = small_model("resnet18-cifar-light", input, 5);
+    let images = random_images(2, input, 6);
+    let full = run_compare(
+        &model,
+        &images,
+        None,
+        Settings::default(),
+        false,
+        LinkConfig::default(),
+    )
+    .unwrap();
+    let arg = run_compare(
+        &model,
+        &images,
+        None,
+        Settings::default(),
+        true,
+        LinkConfig::default(),
+    )
+    .unwrap();
+    for (a, f) in arg.images.iter().zip(&full.images) {
+        check_image(f, "relu");
+        assert!(a.max_logit_error.is_none());
+        // The arg-max tournament compares the secure logits: a different answer than the
+        // plaintext needs a near tie.
+        let l = &a.plaintext_logits;
+        assert!(
+            l[a.plaintext_prediction] - l[a.prediction] <= 0.01,
+            "arg-max only"
+        );
+    }
+}
+
+#[test]
+fn end_to_end_every_model_in_the_zoo() {
+    // Max-pool stem (resnet50), average-pool stem (resnet50-avgpool), depthwise convolutions
+    // (mobilenetv2), at tiny inputs to stay fast.
+    for (name, input) in [
+        ("resnet50", [3, 24, 24]),
+        ("resnet50-avgpool", [3, 24, 24]),
+        ("mobilenetv2", [3, 16, 16]),
+        ("resnet18-cifar", [3, 8, 8]),
+    ] {
+        let model = small_model(name, input, 7);
+        let images = random_images(1, input, 8);
+        let r = run_compare(
+            &model,
+            &images,
+            None,
+            Settings::default(),
+            false,
+            LinkConfig::default(),
+        )
+        .unwrap();
+        check_image(&r.images[0], name);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures: nothing hangs, every party names the cause
+// ---------------------------------------------------------------------------------------------
+
+use brelu::secure::link::Link;
+use brelu::secure::party::{loopback_streams, Party};
+use brelu::secure::wire::{Header, Kind};
+use brelu::Error;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    (a, b)
+}
+
+fn short() -> LinkConfig {
+    LinkConfig {
+        timeout: Duration::from_millis(400),
+        max_frame: 1 << 20,
+    }
+}
+
+#[test]
+fn malformed_oversize_and_closed_frames_are_errors() {
+    // Bad magic.
+    let (a, mut b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    b.write_all(b"XXXXXXXXXXXXXXXXXXXX").unwrap();
+    let e = link.recv(Kind::Data, 0, Some(4)).unwrap_err();
+    assert!(matches!(e, Error::Malformed { .. }), "{e}");
+    // Oversize length: rejected before allocating.
+    let (a, mut b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    let h = Header {
+        kind: Kind::Data,
+        tag: 0,
+        seq: 0,
+        len: u32::MAX,
+    };
+    b.write_all(&h.encode()).unwrap();
+    let e = link.recv(Kind::Data, 0, None).unwrap_err();
+    assert!(e.to_string().contains("exceeds the maximum"), "{e}");
+    // Wrong step tag / length.
+    let (a, mut b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    let h = Header {
+        kind: Kind::Data,
+        tag: 3,
+        seq: 0,
+        len: 2,
+    };
+    b.write_all(&h.encode()).unwrap();
+    b.write_all(&[1, 2]).unwrap();
+    let e = link.recv(Kind::Data, 4, Some(2)).unwrap_err();
+    assert!(matches!(e, Error::Malformed { .. }), "{e}");
+    // Closed connection.
+    let (a, b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    drop(b);
+    let e = link.recv(Kind::Data, 0, Some(4)).unwrap_err();
+    assert!(matches!(e, Error::Link { .. }), "{e}");
+    // Stalled peer: a timeout, not a hang.
+    let (a, _b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    let t = Instant::now();
+    let e = link.recv(Kind::Data, 0, Some(4)).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn session_hash_mismatch_is_named() {
+    let [c, s, d] = loopback_streams().unwrap();
+    let st = Settings::default();
+    let cfg = short();
+    let (rc, rs, rd) = std::thread::scope(|sc| {
+        let a = sc.spawn(move || Party::handshake(Role::Client, c, st, "aaaa", cfg, 1).map(|_| ()));
+        let b = sc.spawn(move || Party::handshake(Role::Server, s, st, "bbbb", cfg, 1).map(|_| ()));
+        let e = sc.spawn(move || Party::handshake(Role::Dealer, d, st, "aaaa", cfg, 1).map(|_| ()));
+        (a.join().unwrap(), b.join().unwrap(), e.join().unwrap())
+    });
+    let e = rc.unwrap_err();
+    assert!(matches!(e, Error::SessionMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("server"), "{e}");
+    assert!(matches!(rs.unwrap_err(), Error::SessionMismatch { .. }));
+    // The dealer agrees with the client, but not with the server.
+    assert!(rd.is_err());
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `brelu secure party` process with its stderr collected by a thread.
+struct PartyProc {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl PartyProc {
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit within `limit`; returns whether it succeeded.
+    fn wait_within(&mut self, limit: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100)); // let the reader drain
+                return status.success();
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("party still running after {limit:?}: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Starts the three `brelu secure party` processes of one session and waits until the client
+/// has finished the handshake.
+fn spawn_parties(images: usize, timeout: f64) -> Vec<PartyProc> {
+    let exe = env!("CARGO_BIN_EXE_brelu");
+    let (pc, ps) = (free_port(), free_port());
+    let spawn = |role: &str, extra: Vec<String>| {
+        let mut child = std::process::Command::new(exe)
+            .args([
+                "secure",
+                "party",
+                "--role",
+                role,
+                "--model",
+                "resnet18-cifar-light",
+                "--input",
+                "1,16,16",
+                "--classes",
+                "10",
+                "--images",
+                &images.to_string(),
+                "--timeout",
+                &timeout.to_string(),
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        PartyProc { child, stderr }
+    };
+    let client = spawn("client", vec!["--listen".into(), format!("127.0.0.1:{pc}")]);
+    let server = spawn(
+        "server",
+        vec![
+            "--listen".into(),
+            format!("127.0.0.1:{ps}"),
+            "--peer".into(),
+            format!("client=127.0.0.1:{pc}"),
+        ],
+    );
+    let dealer = spawn(
+        "dealer",
+        vec![
+            "--peer".into(),
+            format!("client=127.0.0.1:{pc}"),
+            "--peer".into(),
+            format!("server=127.0.0.1:{ps}"),
+        ],
+    );
+    let t = Instant::now();
+    while !client.stderr().contains("session started") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no session: {}",
+            client.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vec![client, server, dealer]
+}
+
+#[test]
+fn party_processes_complete_a_session() {
+    let mut ps = spawn_parties(2, 60.0);
+    for p in ps.iter_mut() {
+        assert!(p.wait_within(Duration::from_secs(90)), "{}", p.stderr());
+    }
+}
+
+#[test]
+fn killing_a_party_mid_inference_stops_the_others() {
+    // Many images: the session is still running when the server is killed.
+    let timeout = 20.0;
+    let mut ps = spawn_parties(100_000, timeout);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        ps[1].child.try_wait().unwrap().is_none(),
+        "server ended early"
+    );
+    ps[1].child.kill().unwrap();
+    let _ = ps[1].child.wait();
+    // A closed connection is seen at once; the bound is the timeout plus slack.
+    for i in [0, 2] {
+        let ok = ps[i].wait_within(Duration::from_secs_f64(timeout + 10.0));
+        let err = ps[i].stderr();
+        assert!(!ok, "party {i} should fail");
+        // Each sees the server's end, or the end of the other survivor when that one gave up
+        // first.
+        assert!(
+            err.contains("closed") || err.contains("reset"),
+            "party {i}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_party_times_the_others_out() {
+    let mut ps = spawn_parties(100_000, 3.0);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = ps[2].child.id().to_string();
+    // Stop (not kill) the dealer: its sockets stay open but nothing more arrives.
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for i in [0, 1] {
+        let ok = ps[i].wait_within(Duration::from_secs(20));
+        let err = ps[i].stderr();
+        assert!(!ok, "party {i} should fail");
+        assert!(
+            err.contains("timeout") || err.contains("closed") || err.contains("reset"),
+            "party {i}: {err}"
+        );
+    }
+    let _ = ps[2].child.kill();
+    let _ = ps[2].child.wait();
+}
+
+/// The Fashion-MNIST default model (`brelu train --config configs/fashion-mnist.toml`), when
+/// its weights are named by `BRELU_FMNIST_WEIGHTS`: secure predictions equal the plaintext
+/// fixed-point predictions on the first 20 test images. Ignored by default (needs the trained
+/// weights and the data set); run with `cargo test --test secure -- --ignored`.
+#[test]
+#[ignore]
+fn fashion_mnist_trained_model_matches_plaintext() {
+    let Ok(weights) = std::env::var("BRELU_FMNIST_WEIGHTS") else {
+        eprintln!("BRELU_FMNIST_WEIGHTS not set: skipped");
+        return;
+    };
+    let cfg = brelu::train::Config::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/fashion-mnist.toml"
+    )))
+    .unwrap();
+    let mut model = brelu::train::build_model(&cfg, tch::Device::Cpu).unwrap();
+    model.load_weights(std::path::Path::new(&weights)).unwrap();
+    let mut test = brelu::train::load_split(&cfg, brelu::data::Split::Test).unwrap();
+    test.truncate(20);
+    let x = brelu::train::normalization(cfg.dataset.kind).apply(&test.images);
+    let images: Vec<Vec<f32>> = (0..20)
+        .map(|i| Vec::<f32>::try_from(x.get(i).flatten(0, -1)).unwrap())
+        .collect();
+    let r = run_compare(
+        &model,
+        &images,
+        None,
+        Settings::default(),
+        false,
+        LinkConfig::default(),
+    )
+    .unwrap();
+    for im in &r.images {
+        assert_eq!(im.prediction, im.plaintext_prediction, "image {}", im.index);
+        assert!(im.max_logit_error.unwrap() < 0.05);
+    }
+}
