@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 const METHODS: [&str; 3] = ["knapsack", "uniform", "per-site"];
 
-fn series<'a>(rows: &'a [Row], method: &str, y: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
+fn series(rows: &[Row], method: &str, y: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
     let mut v: Vec<(f64, f64)> = rows
         .iter()
         .filter(|r| r.spec.as_ref().is_some_and(|s| s.method == method))
@@ -224,7 +224,7 @@ pub fn headline(rows: &[Row]) -> String {
         .iter()
         .filter_map(|r| r.spec.as_ref().map(|e| (e.ratio, e.budget)))
         .collect();
-    budgets.sort_by(|a, b| a.1.cmp(&b.1));
+    budgets.sort_by_key(|b| b.1);
     budgets.dedup_by_key(|b| b.1);
     for (ratio, budget) in budgets {
         let acc = |m: &str| {
