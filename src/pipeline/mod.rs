@@ -42,8 +42,9 @@ pub struct SpecEntry {
     pub ratio: f64,
     pub budget: u64,
     pub drelus: u64,
-    /// Predicted total distortion (from the tables).
-    pub distortion: f64,
+    /// Predicted total distortion (from the tables; `None` when the spec uses an option the
+    /// tables lack, e.g. a uniform 3x3 patch on a map whose catalog has no 3x3).
+    pub distortion: Option<f64>,
     pub file: PathBuf,
 }
 
@@ -421,7 +422,10 @@ fn make_specs(
         let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, 2 << 30)?;
         specs.push(("knapsack".into(), problem.to_spec(&sol.choice)));
         if baselines {
-            specs.push(("uniform".into(), uniform_spec(tables, sites, budget)?));
+            // No uniform patch may fit a small budget (one DReLU per channel is the floor).
+            if let Some(u) = uniform_spec(tables, sites, budget) {
+                specs.push(("uniform".into(), u));
+            }
             specs.push((
                 "per-site".into(),
                 per_site_spec(tables, sites, &catalog, budget)?,
@@ -433,7 +437,7 @@ fn make_specs(
             spec.write(&dir.join(format!("{name}.json")))?;
             out.push(SpecEntry {
                 drelus: spec_cost(&spec, sites).drelus as u64,
-                distortion: crate::distortion::compare::spec_distortion(tables, &spec)?,
+                distortion: crate::distortion::compare::spec_distortion(tables, &spec).ok(),
                 name,
                 method,
                 ratio,
@@ -473,22 +477,17 @@ fn spec_for(
 }
 
 /// One patch size for every channel: the one with the most DReLUs within the budget (the
-/// candidates are the square patches 1x1 .. of the largest map, clipped to each site).
-fn uniform_spec(tables: &DistortionTables, sites: &[SiteInfo], budget: u64) -> Result<Spec> {
+/// candidates are the square patches 1x1 .. of the largest map, clipped to each site); `None`
+/// when even one DReLU per channel exceeds the budget.
+fn uniform_spec(tables: &DistortionTables, sites: &[SiteInfo], budget: u64) -> Option<Spec> {
     let side = sites
         .iter()
         .map(|s| s.height.max(s.width))
         .max()
         .unwrap_or(1) as u32;
-    for k in 1..=side {
-        let spec = Spec::uniform(&tables.model, tables.input, sites, PatchOption::patch(k, k));
-        if spec_cost(&spec, sites).drelus as u64 <= budget {
-            return Ok(spec);
-        }
-    }
-    Err(Error::InvalidArgument(format!(
-        "budget {budget}: even one DReLU per channel and site ({side}x{side} patches) does not fit"
-    )))
+    (1..=side)
+        .map(|k| Spec::uniform(&tables.model, tables.input, sites, PatchOption::patch(k, k)))
+        .find(|spec| spec_cost(spec, sites).drelus as u64 <= budget)
 }
 
 /// The budget split across sites in proportion to their ReLUs; per site the catalog patch

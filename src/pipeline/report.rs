@@ -134,6 +134,11 @@ pub fn write(
     let _ = writeln!(md, "## Accuracy against DReLU budget (test top-1, %)\n");
     let _ = writeln!(md, "{}", headline(rows));
     let _ = writeln!(md, "![accuracy](accuracy.png)\n");
+    let _ = writeln!(
+        md,
+        "A '-' means the baseline cannot meet that budget: a uniform patch spends at least one \
+         DReLU per channel of every site.\n"
+    );
     let notes = shortfalls(rows);
     if !notes.is_empty() {
         let _ = writeln!(md, "Where the knapsack is not ahead of both baselines:\n");
@@ -162,7 +167,9 @@ pub fn write(
                 e.name.clone(),
                 e.method.clone(),
                 e.budget.to_string(),
-                format!("{:.4e}", e.distortion),
+                e.distortion
+                    .map(|d| format!("{d:.4e}"))
+                    .unwrap_or_else(|| "-".into()),
             ),
             None => ("baseline".into(), "all ReLU".into(), "-".into(), "0".into()),
         };
