@@ -1,9 +1,8 @@
 //! `brelu distortion ...`: extract, collect, compare and plot distortion tables.
 use super::{print_json, ModelArgs};
-use crate::data::{Rng, Split};
 use crate::distortion::compare::compare;
 use crate::distortion::extract::{self, fnv_hex, RunReport};
-use crate::distortion::{collect, DistortionTables, Estimator, PlanOptions, Samples, Shard};
+use crate::distortion::{collect, DistortionTables, Estimator, PlanOptions, Shard};
 use crate::knapsack::budget_from_ratio;
 use crate::models::{find, sites as model_sites, Model};
 use crate::spec::{Catalog, PatchOption, Spec};
@@ -13,7 +12,7 @@ use clap::{Args, Subcommand};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Device;
 
 #[derive(Subcommand, Debug)]
 pub enum DistortionCommand {
@@ -222,24 +221,6 @@ fn resolve_shard(a: &ExtractArgs) -> Result<(Shard, Option<&'static str>)> {
     Ok((Shard { index, count }, Some(from)))
 }
 
-/// A seeded subset of the configuration's training split, evaluation transform applied.
-fn choose_samples(cfg: &Config, n: usize, seed: u64) -> Result<Samples> {
-    let data = train::load_split(cfg, Split::Train).context("loading the training split")?;
-    if n == 0 || n > data.len() {
-        bail!(
-            "--samples {n}: the training split has {} images (need 1..={})",
-            data.len(),
-            data.len()
-        );
-    }
-    let mut order: Vec<i64> = (0..data.len() as i64).collect();
-    Rng::for_epoch(seed, 0, 7).shuffle(&mut order);
-    order.truncate(n);
-    let x = data.images.index_select(0, &Tensor::from_slice(&order));
-    let x = train::normalization(cfg.dataset.kind).apply(&x);
-    Ok(Samples::from_tensor(&x)?)
-}
-
 fn extract_cmd(a: ExtractArgs) -> Result<()> {
     let cfg = Config::load(&a.data).context("reading the data configuration")?;
     if let Some(m) = &a.model {
@@ -291,7 +272,8 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
     if a.random_init {
         eprintln!("warning: --random-init: measuring a freshly initialised network");
     }
-    let samples = choose_samples(&cfg, a.samples, a.seed)?;
+    let samples =
+        extract::training_samples(&cfg, a.samples, a.seed).context("choosing the samples")?;
     let probes = a.probes.unwrap_or(cfg.num_classes.min(64));
     let opts = PlanOptions {
         estimator: a.estimator,

@@ -177,6 +177,24 @@ impl Samples {
     }
 }
 
+/// The samples of SPEC.md section 5: a seeded subset of `cfg`'s training split, in a seeded
+/// order, with the evaluation transform (normalisation only).
+pub fn training_samples(cfg: &crate::train::Config, n: usize, seed: u64) -> Result<Samples> {
+    let data = crate::train::load_split(cfg, crate::data::Split::Train)?;
+    if n == 0 || n > data.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{n} samples requested: the training split has {} images (need 1..={})",
+            data.len(),
+            data.len()
+        )));
+    }
+    let mut order: Vec<i64> = (0..data.len() as i64).collect();
+    Rng::for_epoch(seed, 0, 7).shuffle(&mut order);
+    order.truncate(n);
+    let x = data.images.index_select(0, &Tensor::from_slice(&order));
+    Samples::from_tensor(&crate::train::normalization(cfg.dataset.kind).apply(&x))
+}
+
 /// The job for `model` (with its baseline spec applied) on `samples`.
 pub fn plan(model: &Model, catalog: &Catalog, samples: &Samples, o: &PlanOptions) -> Result<Job> {
     if samples.is_empty() {

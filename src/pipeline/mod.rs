@@ -13,7 +13,7 @@ pub use config::PipelineConfig;
 
 use crate::data::Split;
 use crate::distortion::extract::{self, fnv_hex};
-use crate::distortion::{collect, DistortionTables, PlanOptions, Samples, Shard};
+use crate::distortion::{collect, DistortionTables, PlanOptions, Shard};
 use crate::error::{write_atomic, Error, Result};
 use crate::knapsack::{self, budget_from_ratio, BuildOptions, Problem, Solver};
 use crate::models::Model;
@@ -23,7 +23,7 @@ use crate::train::{self, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Device;
 
 /// What a stage left behind.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -224,13 +224,7 @@ pub fn run(
     let dist_hash = r.stage("distortion", dist_in, |_| {
         let model = load_model(&base_w, None)?;
         let d = &cfg.distortion;
-        let data = train::load_split(base_cfg, Split::Train)?;
-        let n = d.samples.min(data.len());
-        let mut order: Vec<i64> = (0..data.len() as i64).collect();
-        crate::data::Rng::for_epoch(d.seed, 0, 7).shuffle(&mut order);
-        order.truncate(n);
-        let x = data.images.index_select(0, &Tensor::from_slice(&order));
-        let samples = Samples::from_tensor(&train::normalization(base_cfg.dataset.kind).apply(&x))?;
+        let samples = extract::training_samples(base_cfg, d.samples, d.seed)?;
         let opts = PlanOptions {
             estimator: d.estimator.parse().map_err(Error::InvalidArgument)?,
             seed: d.seed,
