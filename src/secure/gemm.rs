@@ -42,29 +42,31 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[u64], b: &[u64]) -> Vec<u64> {
                 panel[kk * NR..kk * NR + w].copy_from_slice(&b[kk * n + c0..kk * n + c0 + w]);
             }
         });
-    c.par_chunks_mut(MR * n).enumerate().for_each(|(blk, cblk)| {
-        let rows = cblk.len() / n;
-        let r0 = blk * MR;
-        let arow = |r: usize| &a[(r0 + r.min(rows - 1)) * k..(r0 + r.min(rows - 1) + 1) * k];
-        let (a0, a1, a2, a3) = (arow(0), arow(1), arow(2), arow(3));
-        for p in 0..panels {
-            let panel = &packed[p * k * NR..(p + 1) * k * NR];
-            let mut acc = [[0u64; NR]; MR];
-            for (kk, bv) in panel.chunks_exact(NR).enumerate() {
-                let av = [a0[kk], a1[kk], a2[kk], a3[kk]];
-                for r in 0..MR {
-                    for j in 0..NR {
-                        acc[r][j] = acc[r][j].wrapping_add(av[r].wrapping_mul(bv[j]));
+    c.par_chunks_mut(MR * n)
+        .enumerate()
+        .for_each(|(blk, cblk)| {
+            let rows = cblk.len() / n;
+            let r0 = blk * MR;
+            let arow = |r: usize| &a[(r0 + r.min(rows - 1)) * k..(r0 + r.min(rows - 1) + 1) * k];
+            let (a0, a1, a2, a3) = (arow(0), arow(1), arow(2), arow(3));
+            for p in 0..panels {
+                let panel = &packed[p * k * NR..(p + 1) * k * NR];
+                let mut acc = [[0u64; NR]; MR];
+                for (kk, bv) in panel.chunks_exact(NR).enumerate() {
+                    let av = [a0[kk], a1[kk], a2[kk], a3[kk]];
+                    for r in 0..MR {
+                        for j in 0..NR {
+                            acc[r][j] = acc[r][j].wrapping_add(av[r].wrapping_mul(bv[j]));
+                        }
                     }
                 }
+                let c0 = p * NR;
+                let w = NR.min(n - c0);
+                for (r, row) in acc.iter().enumerate().take(rows) {
+                    cblk[r * n + c0..r * n + c0 + w].copy_from_slice(&row[..w]);
+                }
             }
-            let c0 = p * NR;
-            let w = NR.min(n - c0);
-            for (r, row) in acc.iter().enumerate().take(rows) {
-                cblk[r * n + c0..r * n + c0 + w].copy_from_slice(&row[..w]);
-            }
-        }
-    });
+        });
     c
 }
 
