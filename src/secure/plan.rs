@@ -445,12 +445,7 @@ impl Plan {
         h.update(
             format!(
                 "brelu-secure-v1|{}|{:?}|{}|{:?}|{}|{}",
-                self.model,
-                self.input,
-                self.classes,
-                self.settings,
-                self.slots,
-                self.output
+                self.model, self.input, self.classes, self.settings, self.slots, self.output
             )
             .as_bytes(),
         );
