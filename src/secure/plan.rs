@@ -430,12 +430,6 @@ impl Plan {
         ))
     }
 
-    /// The plan for a party without weights (client, dealer): the same as the server's, from
-    /// the architecture and spec alone.
-    pub fn public(model: &Model, settings: Settings) -> Result<Plan> {
-        Ok(Self::from_model(model, settings)?.0)
-    }
-
     /// A hash of everything the parties must agree on: architecture, input, spec, settings.
     /// Layer geometry is hashed as text, the per-pixel layouts of sites and pools as raw bytes
     /// (a ResNet50 at 224x224 has millions of entries).
