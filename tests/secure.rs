@@ -851,3 +851,37 @@ fn fashion_mnist_trained_model_matches_plaintext() {
         assert!(im.max_logit_error.unwrap() < 0.05);
     }
 }
+
+#[test]
+fn secure_run_cli_prints_a_json_report() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args([
+            "secure",
+            "run",
+            "--model",
+            "resnet18-cifar-light",
+            "--input",
+            "1,8,8",
+            "--classes",
+            "4",
+            "--images",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["images"].as_array().unwrap().len(), 2);
+    assert!(r["mean_bytes"]["total"].as_u64().unwrap() > 0);
+    assert!(r["setup_bytes"]["client_server"].as_u64().unwrap() > 0);
+    let layers = r["layers"].as_array().unwrap();
+    assert!(layers
+        .iter()
+        .any(|l| l["kind"] == "act" && l["rounds"] == 7));
+    assert_eq!(layers.last().unwrap()["kind"], "reveal");
+}
