@@ -6,7 +6,7 @@ use rayon::prelude::*;
 /// Rows of C computed together by the micro-kernel.
 const MR: usize = 4;
 /// Columns of C computed together by the micro-kernel (a packed panel of B).
-const NR: usize = 4;
+const NR: usize = 2;
 
 /// C = A * B with A [m, k], B [k, n], all row-major, wrapping arithmetic.
 ///
