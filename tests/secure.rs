@@ -544,6 +544,29 @@ fn malformed_oversize_and_closed_frames_are_errors() {
     b.write_all(&[1, 2]).unwrap();
     let e = link.recv(Kind::Data, 4, Some(2)).unwrap_err();
     assert!(matches!(e, Error::Malformed { .. }), "{e}");
+    // Offline frames may run ahead of online ones; they wait until asked for.
+    let (a, mut b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    for (seq, (kind, tag, byte)) in [
+        (Kind::Offline, 5, 1u8),
+        (Kind::Data, 2, 2),
+        (Kind::Offline, 5, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = Header {
+            kind,
+            tag,
+            seq: seq as u32,
+            len: 1,
+        };
+        b.write_all(&h.encode()).unwrap();
+        b.write_all(&[byte]).unwrap();
+    }
+    assert_eq!(link.recv(Kind::Data, 2, Some(1)).unwrap(), vec![2]);
+    assert_eq!(link.recv(Kind::Offline, 5, Some(1)).unwrap(), vec![1]);
+    assert_eq!(link.recv(Kind::Offline, 5, Some(1)).unwrap(), vec![3]);
     // Closed connection.
     let (a, b) = tcp_pair();
     let mut link = Link::new(a, "peer", short()).unwrap();
