@@ -24,9 +24,13 @@
 //! - DReLU computes [x > 0] as MSB(-2x) so that ShareConvert never sees 2^k - 1 and the tie
 //!   rule of SPEC.md 2 (a patch summing to 0 gets 0) holds exactly.
 //!
-//! Limitations: the dealer runs ahead of the image only until its first comparison of that
-//! image (its input-independent messages are sent as soon as it reaches a layer, but there
-//! is no separate offline phase); truncation errors make secure logits differ from the
+//! - Offline / online: for each image the dealer first walks the whole network and sends all
+//!   input-independent correlated randomness (triple corrections, DReLU masks and bit shares;
+//!   drawn from a second PRF stream per pair so the order of draws does not depend on the
+//!   online part), then serves the comparisons as client and server reach them. The receiver
+//!   keeps offline frames that arrive early until they are asked for.
+//!
+//! Limitations: truncation errors make secure logits differ from the
 //! plaintext fixed-point pass by a few ulps, and a block-ReLU patch whose sum lies within
 //! those ulps of zero may decide differently; the approximate DReLU (`drelu_bits` < 64) is
 //! only correct for values inside its window.

@@ -5,9 +5,9 @@
 //! Design notes:
 //! - Randomness one party would otherwise receive comes from the pairwise PRF; the dealer
 //!   always draws the server's share from the server-dealer PRF and *sends* the client's
-//!   share, so dealer -> client is the only dealer traffic. The dealer never waits for the
-//!   image in linear layers, so it runs ahead and its messages are in flight early
-//!   (prefetch by construction).
+//!   share, so dealer -> client is the only dealer traffic besides the comparisons. The
+//!   dealer's input-independent part of every protocol (`Phase::Offline`) runs for the whole
+//!   image before its online part (`Phase::Online`), on separate PRF streams (`prf_off`).
 //! - Weight masks B are drawn once per session and F = W - B is opened once per session (see
 //!   [`setup_linear`]); a linear layer then costs one exchange of E = X - A.
 //! - DReLU returns shares of [a > 0] (the tie rule of SPEC.md 2: a patch summing to exactly 0
