@@ -508,6 +508,7 @@ fn short() -> LinkConfig {
     LinkConfig {
         timeout: Duration::from_millis(400),
         max_frame: 1 << 20,
+        max_ahead: 1 << 20,
     }
 }
 
