@@ -410,6 +410,23 @@ fn end_to_end_block_relu_network_matches_plaintext() {
     )
     .unwrap();
     assert!(r.drelus_per_image < r.relus);
+    // One DReLU per patch, none for identity and zero channels (SPEC.md 2).
+    let expected: usize = model
+        .sites()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            model
+                .site_options(i)
+                .unwrap()
+                .iter()
+                .map(|o| o.drelus(s.height, s.width))
+                .sum::<usize>()
+        })
+        .sum();
+    assert_eq!(r.drelus_per_image, expected);
+    let counted: u64 = r.layers.iter().map(|l| l.drelus).sum();
+    assert_eq!(counted as usize, expected);
     for im in &r.images {
         check_image(im, "mixed spec");
         assert!(im.bytes.client_server > 0 && im.bytes.client_dealer > 0);
