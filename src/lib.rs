@@ -14,7 +14,7 @@
 //! [`distortion`] (distortion tables), [`knapsack`] (exact and Lagrangian solvers, reports),
 //! [`npy`] (the table file format), [`data`] (data sets, augmentation, batches),
 //! [`train`] (configuration, training, evaluation, checkpoints), [`secure`] (3-party secure
-//! inference on secret shares), [`cli`] (the `brelu` command).
+//! inference on secret shares), [`pipeline`] (every stage in one resumable run with a report), [`cli`] (the `brelu` command).
 pub mod cli;
 pub mod data;
 pub mod distortion;
@@ -23,6 +23,7 @@ pub mod knapsack;
 pub mod models;
 pub mod npy;
 pub mod ops;
+pub mod pipeline;
 pub mod plot;
 pub mod secure;
 pub mod spec;

@@ -133,3 +133,134 @@ fn tick(v: f64) -> String {
         format!("{v:.3}")
     }
 }
+
+/// A heatmap of `rows` (one row per y entry, one column per x label) on a log10 colour scale
+/// (entries <= 0 are drawn grey), with a colour bar.
+pub fn heatmap(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    xlabels: &[String],
+    rows: &[Vec<f64>],
+) -> Result<()> {
+    let perr = |m: String| Error::Plot {
+        path: path.to_path_buf(),
+        msg: m,
+    };
+    ensure_font().map_err(perr)?;
+    let logs: Vec<Vec<Option<f64>>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|&v| (v > 0.0 && v.is_finite()).then(|| v.log10()))
+                .collect()
+        })
+        .collect();
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in logs.iter().flatten().flatten() {
+        lo = lo.min(*v);
+        hi = hi.max(*v);
+    }
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi <= lo {
+        hi = lo + 1.0;
+    }
+    let (nx, ny) = (xlabels.len().max(1), rows.len().max(1));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp.png", std::process::id()));
+    {
+        let root = BitMapBackend::new(&tmp, (1000, 700)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| perr(e.to_string());
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let (main, bar) = root.split_horizontally(880);
+        let mut chart = ChartBuilder::on(&main)
+            .caption(title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(70)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..nx as f64, 0.0..ny as f64)
+            .map_err(|x| e(&x))?;
+        let step = nx.div_ceil(24).max(1);
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc(xlabel)
+            .y_desc(ylabel)
+            .x_labels(nx.min(24))
+            .x_label_formatter(&|v| {
+                let i = v.floor() as usize;
+                if i < xlabels.len() && i.is_multiple_of(step) {
+                    xlabels[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|v| format!("{}", v.floor() as i64))
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|x| e(&x))?;
+        let cells = logs.iter().enumerate().flat_map(|(y, r)| {
+            r.iter().enumerate().map(move |(x, v)| {
+                let color = match v {
+                    Some(v) => colormap((v - lo) / (hi - lo)),
+                    None => RGBColor(200, 200, 200),
+                };
+                Rectangle::new(
+                    [(x as f64, y as f64), (x as f64 + 1.0, y as f64 + 1.0)],
+                    color.filled(),
+                )
+            })
+        });
+        chart.draw_series(cells).map_err(|x| e(&x))?;
+        let mut cb = ChartBuilder::on(&bar)
+            .margin_top(50)
+            .margin_bottom(85)
+            .margin_right(10)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..1.0, lo..hi)
+            .map_err(|x| e(&x))?;
+        cb.configure_mesh()
+            .disable_mesh()
+            .disable_x_axis()
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|x| e(&x))?;
+        let n = 100;
+        cb.draw_series((0..n).map(|i| {
+            let a = lo + (hi - lo) * i as f64 / n as f64;
+            let b = lo + (hi - lo) * (i + 1) as f64 / n as f64;
+            Rectangle::new(
+                [(0.0, a), (1.0, b)],
+                colormap((i as f64 + 0.5) / n as f64).filled(),
+            )
+        }))
+        .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A perceptually ordered dark-blue -> green -> yellow ramp (viridis-like) for t in [0, 1].
+fn colormap(t: f64) -> RGBColor {
+    const STOPS: [(f64, [f64; 3]); 5] = [
+        (0.0, [68.0, 1.0, 84.0]),
+        (0.25, [59.0, 82.0, 139.0]),
+        (0.5, [33.0, 145.0, 140.0]),
+        (0.75, [94.0, 201.0, 98.0]),
+        (1.0, [253.0, 231.0, 37.0]),
+    ];
+    let t = t.clamp(0.0, 1.0);
+    let i = STOPS.iter().rposition(|(s, _)| *s <= t).unwrap_or(0).min(3);
+    let (t0, c0) = STOPS[i];
+    let (t1, c1) = STOPS[i + 1];
+    let f = (t - t0) / (t1 - t0);
+    let mix = |k: usize| (c0[k] + (c1[k] - c0[k]) * f).round() as u8;
+    RGBColor(mix(0), mix(1), mix(2))
+}

@@ -1,17 +1,144 @@
-//! `brelu distortion ...`: distortion tables.
-use super::ModelArgs;
-use crate::distortion::DistortionTables;
-use crate::models::sites as model_sites;
-use crate::spec::Catalog;
-use anyhow::{Context, Result};
+//! `brelu distortion ...`: extract, collect, compare and plot distortion tables.
+use super::{print_json, ModelArgs};
+use crate::data::{Rng, Split};
+use crate::distortion::compare::compare;
+use crate::distortion::extract::{self, fnv_hex, RunReport};
+use crate::distortion::{collect, DistortionTables, Estimator, PlanOptions, Samples, Shard};
+use crate::knapsack::budget_from_ratio;
+use crate::models::{find, sites as model_sites, Model};
+use crate::spec::{Catalog, PatchOption, Spec};
+use crate::train::{self, Config};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Tensor};
 
 #[derive(Subcommand, Debug)]
 pub enum DistortionCommand {
+    /// Measure D(site, channel, option) of a trained network on samples of its training set
+    /// (SPEC.md section 5). Resumable: run the same command again after a kill. Shardable:
+    /// `--shard i/n` in n processes (or SLURM / Kubernetes indexed jobs), then `collect`.
+    Extract(Box<ExtractArgs>),
+    /// Check that every shard of an extraction finished and agrees, then write the tables.
+    Collect(CollectArgs),
+    /// Compare two sets of tables of one model (e.g. a fast estimator against exact): per-site
+    /// Spearman rank correlation and what choosing with the first costs as the second measures.
+    Compare(CompareArgs),
+    /// PNG plots of tables: per-site heatmaps (channel x option) and distortion against cost.
+    Plot(PlotArgs),
     /// Write synthetic tables over a model's real sites and catalog (distortion growing with
     /// patch area, identity the largest), to try the knapsack without a trained network.
     Synthetic(SyntheticArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// Training configuration (TOML) naming the model and data set; the samples are a seeded
+    /// subset of its training split with the evaluation transform.
+    #[arg(long = "data", visible_alias = "config", short = 'c')]
+    pub data: PathBuf,
+    /// Model name; must match the configuration's (default: the configuration's).
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Trained weights (safetensors).
+    #[arg(long, short, required_unless_present = "random_init")]
+    pub weights: Option<PathBuf>,
+    /// Use freshly initialised weights (seeded by the configuration) instead of --weights:
+    /// for benchmarks and smoke tests only.
+    #[arg(long, conflicts_with = "weights")]
+    pub random_init: bool,
+    /// Number of samples.
+    #[arg(long, default_value_t = 256)]
+    pub samples: usize,
+    /// Seed of the sample choice (and of the first-order probes).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// exact (network output), snr (block output over its power) or first-order (gradient
+    /// probes; about 100x faster).
+    #[arg(long, default_value = "exact")]
+    pub estimator: Estimator,
+    /// Samples per unit of work (and per forward pass).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Perturbed copies stacked on the batch axis per forward pass (1 = one perturbation per
+    /// forward).
+    #[arg(long, default_value_t = 8)]
+    pub stack: usize,
+    /// Channels per unit of work (exact and snr).
+    #[arg(long, default_value_t = 32)]
+    pub chunk: usize,
+    /// Probe vectors for first-order (default: the number of outputs, which makes the
+    /// first-order term exact; at most 64 by default).
+    #[arg(long)]
+    pub probes: Option<usize>,
+    /// Measure on top of this spec (default: ordinary ReLU everywhere).
+    #[arg(long)]
+    pub baseline_spec: Option<PathBuf>,
+    /// Only these sites (comma-separated names; see `brelu sites`).
+    #[arg(long, value_delimiter = ',')]
+    pub sites: Option<Vec<String>>,
+    /// Also measure the "zero" option (channel removed).
+    #[arg(long)]
+    pub zero: bool,
+    /// Run every (sample, perturbation) row, even those whose activation is unchanged (for
+    /// benchmarks; the result differs only by rounding noise where D is 0).
+    #[arg(long)]
+    pub no_skip: bool,
+    /// Patch-size catalog (JSON; default: the built-in one).
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    /// Run only shard i of n (0-based), e.g. 2/8. Without it the shard index comes from
+    /// SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX when set.
+    #[arg(long)]
+    pub shard: Option<Shard>,
+    /// Shard count when the index comes from the environment (default for SLURM:
+    /// SLURM_ARRAY_TASK_COUNT).
+    #[arg(long)]
+    pub shard_count: Option<usize>,
+    /// Devices, one worker each: cpu (default), cuda:0,cuda:1, ...
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Do not write the tables at the end even when every unit is done.
+    #[arg(long)]
+    pub no_collect: bool,
+    /// Extraction directory (units, job.json, and the tables).
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CollectArgs {
+    /// Extraction directory.
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Tables whose choices are judged (e.g. a fast estimator).
+    pub a: PathBuf,
+    /// Reference tables (e.g. exact).
+    pub b: PathBuf,
+    /// DReLU budget for the knapsack part as a fraction of the ReLUs of the sites A has
+    /// tables for (other sites keep their ReLUs).
+    #[arg(long, default_value_t = 0.06, conflicts_with = "budget")]
+    pub ratio: f64,
+    /// DReLU budget as an absolute count.
+    #[arg(long)]
+    pub budget: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Tables directory (manifest.json + <site>.npy).
+    pub dir: PathBuf,
+    /// Output directory for the PNGs (default: DIR/plots).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -28,6 +155,18 @@ pub struct SyntheticArgs {
 
 pub fn run(c: DistortionCommand) -> Result<()> {
     match c {
+        DistortionCommand::Extract(a) => extract_cmd(*a),
+        DistortionCommand::Collect(a) => {
+            let t = collect(&a.dir).context("collecting the extraction")?;
+            println!(
+                "wrote {} site tables and manifest.json to {}",
+                t.sites.len(),
+                a.dir.display()
+            );
+            Ok(())
+        }
+        DistortionCommand::Compare(a) => compare_cmd(a),
+        DistortionCommand::Plot(a) => plot_cmd(a),
         DistortionCommand::Synthetic(a) => {
             let (arch, input) = super::resolve_model(&a.model)?;
             let sites = model_sites(arch, input)?;
@@ -48,4 +187,303 @@ pub fn run(c: DistortionCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The shard of this process: `--shard`, else the scheduler's environment, else all.
+fn resolve_shard(a: &ExtractArgs) -> Result<(Shard, Option<&'static str>)> {
+    if let Some(s) = a.shard {
+        return Ok((s, None));
+    }
+    let env_u = |k: &str| -> Result<Option<usize>> {
+        match std::env::var(k) {
+            Ok(v) => v
+                .trim()
+                .parse::<usize>()
+                .map(Some)
+                .with_context(|| format!("environment variable {k}={v}: expected an integer")),
+            Err(_) => Ok(None),
+        }
+    };
+    let (index, count, from) = if let Some(id) = env_u("SLURM_ARRAY_TASK_ID")? {
+        let min = env_u("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        let count = a.shard_count.or(env_u("SLURM_ARRAY_TASK_COUNT")?);
+        (id.saturating_sub(min), count, "SLURM_ARRAY_TASK_ID")
+    } else if let Some(id) = env_u("JOB_COMPLETION_INDEX")? {
+        (id, a.shard_count, "JOB_COMPLETION_INDEX")
+    } else {
+        return Ok((Shard::ALL, None));
+    };
+    let Some(count) = count else {
+        bail!("{from} is set but the shard count is unknown: pass --shard-count N");
+    };
+    if index >= count {
+        bail!("{from} gives shard {index}, but there are only {count} shards");
+    }
+    Ok((Shard { index, count }, Some(from)))
+}
+
+/// A seeded subset of the configuration's training split, evaluation transform applied.
+fn choose_samples(cfg: &Config, n: usize, seed: u64) -> Result<Samples> {
+    let data = train::load_split(cfg, Split::Train).context("loading the training split")?;
+    if n == 0 || n > data.len() {
+        bail!(
+            "--samples {n}: the training split has {} images (need 1..={})",
+            data.len(),
+            data.len()
+        );
+    }
+    let mut order: Vec<i64> = (0..data.len() as i64).collect();
+    Rng::for_epoch(seed, 0, 7).shuffle(&mut order);
+    order.truncate(n);
+    let x = data.images.index_select(0, &Tensor::from_slice(&order));
+    let x = train::normalization(cfg.dataset.kind).apply(&x);
+    Ok(Samples::from_tensor(&x)?)
+}
+
+fn extract_cmd(a: ExtractArgs) -> Result<()> {
+    let cfg = Config::load(&a.data).context("reading the data configuration")?;
+    if let Some(m) = &a.model {
+        if find(m)?.name() != cfg.model {
+            bail!(
+                "--model {m} differs from the configuration's model {} ({})",
+                cfg.model,
+                a.data.display()
+            );
+        }
+    }
+    let (shard, shard_from) = resolve_shard(&a)?;
+    let devices: Vec<Device> = if a.devices.is_empty() {
+        vec![Device::Cpu]
+    } else {
+        a.devices
+            .iter()
+            .map(|d| train::parse_device(Some(d)))
+            .collect::<crate::error::Result<_>>()?
+    };
+    let catalog = match &a.catalog {
+        Some(p) => {
+            Catalog::from_file(p).with_context(|| format!("reading catalog {}", p.display()))?
+        }
+        None => Catalog::builtin(),
+    };
+    let baseline_text = match &a.baseline_spec {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let make_model = |device: Device| -> crate::error::Result<Model> {
+        let mut m = train::build_model(&cfg, device)?;
+        if let Some(w) = &a.weights {
+            m.load_weights(w)?;
+        }
+        if let (Some(p), Some(text)) = (&a.baseline_spec, &baseline_text) {
+            let spec = Spec::from_json_str(text, Some(p))?;
+            spec.validate(m.name(), m.config().input, m.sites())?;
+            m.apply_spec(&spec)?;
+        }
+        Ok(m)
+    };
+    let model = make_model(Device::Cpu).with_context(|| match &a.weights {
+        Some(w) => format!("loading {} with weights {}", cfg.model, w.display()),
+        None => format!("building {}", cfg.model),
+    })?;
+    if a.random_init {
+        eprintln!("warning: --random-init: measuring a freshly initialised network");
+    }
+    let samples = choose_samples(&cfg, a.samples, a.seed)?;
+    let probes = a.probes.unwrap_or(cfg.num_classes.min(64));
+    let opts = PlanOptions {
+        estimator: a.estimator,
+        seed: a.seed,
+        batch: a.batch,
+        stack: a.stack,
+        chunk: a.chunk,
+        probes,
+        sites: a.sites.clone(),
+        zero: a.zero,
+        skip_unchanged: !a.no_skip,
+        baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
+    };
+    let job = extract::plan(&model, &catalog, &samples, &opts)?;
+    drop(model);
+    extract::init_dir(&a.output, &job)?;
+    let evals_total: usize = job
+        .sites
+        .values()
+        .map(|s| s.shape[0] * s.options.len())
+        .sum::<usize>()
+        * job.samples;
+    eprintln!(
+        "{} estimator on {} ({} sites, {} samples in batches of {}, {} (channel, option, sample) \
+         evaluations){}",
+        job.estimator,
+        job.model,
+        job.sites.len(),
+        job.samples,
+        job.batch,
+        evals_total,
+        match shard_from {
+            Some(f) => format!("; shard {}/{} from {f}", shard.index, shard.count),
+            None if shard.count > 1 => format!("; shard {}/{}", shard.index, shard.count),
+            None => String::new(),
+        }
+    );
+    let pb = if std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} units  {per_sec}  elapsed {elapsed}  left {eta}",
+            )
+            .expect("valid template"),
+        );
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let t0 = Instant::now();
+    let r: RunReport = extract::run(
+        &job,
+        &a.output,
+        &samples,
+        shard,
+        &devices,
+        &make_model,
+        Some(&pb),
+    )
+    .with_context(|| format!("extracting into {}", a.output.display()))?;
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{} of {} units computed in {secs:.1} s ({} already done); {:.0} evaluations/s",
+        r.computed,
+        r.units,
+        r.units - r.computed,
+        r.evaluations as f64 / secs.max(1e-9)
+    );
+    if a.no_collect {
+        return Ok(());
+    }
+    match collect(&a.output) {
+        Ok(t) => {
+            eprintln!(
+                "tables ({} sites) in {}: feed them to `brelu knapsack -m {} -d {} --ratio 0.06 -o spec.json`",
+                t.sites.len(),
+                a.output.display(),
+                t.model,
+                a.output.display()
+            );
+            Ok(())
+        }
+        Err(e) if shard.count > 1 => {
+            eprintln!("shard done; not collecting yet: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e).context("collecting the tables"),
+    }
+}
+
+fn read_tables(p: &Path) -> Result<DistortionTables> {
+    DistortionTables::read(p).with_context(|| format!("reading distortion tables {}", p.display()))
+}
+
+fn compare_cmd(a: CompareArgs) -> Result<()> {
+    let (ta, tb) = (read_tables(&a.a)?, read_tables(&a.b)?);
+    let arch = find(&ta.model)?;
+    let sites = model_sites(arch, ta.input)?;
+    // Sites without a table keep their ReLUs; the ratio applies to the sites A covers.
+    let (covered, fixed) = sites.iter().fold((0u64, 0u64), |(c, f), s| {
+        if ta.sites.contains_key(&s.name) {
+            (c + s.relus() as u64, f)
+        } else {
+            (c, f + s.relus() as u64)
+        }
+    });
+    let budget = match a.budget {
+        Some(b) => b,
+        None => fixed + budget_from_ratio(covered, a.ratio)?,
+    };
+    let c = compare(&ta, &tb, &sites, budget, 2 << 30)?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "a": a.a, "b": a.b, "comparison": c, "ratio": c.ratio(),
+        }));
+    }
+    let mut table = super::table::Table::new(&["site", "entries", "spearman"]).left(0);
+    for s in &c.sites {
+        table.row(vec![
+            s.site.clone(),
+            s.entries.to_string(),
+            format!("{:.3}", s.spearman),
+        ]);
+    }
+    print!("{}", table.render());
+    let finite: Vec<f64> = c
+        .sites
+        .iter()
+        .map(|s| s.spearman)
+        .filter(|v| v.is_finite())
+        .collect();
+    println!(
+        "mean Spearman {:.3}, min {:.3}",
+        finite.iter().sum::<f64>() / finite.len().max(1) as f64,
+        finite.iter().copied().fold(f64::INFINITY, f64::min)
+    );
+    println!(
+        "knapsack at {budget} DReLUs: B's distortion of A's choice {:.6e}, of B's own choice \
+         {:.6e} (ratio {:.4})",
+        c.b_objective_of_a_solution,
+        c.b_objective_of_b_solution,
+        c.ratio()
+    );
+    Ok(())
+}
+
+fn plot_cmd(a: PlotArgs) -> Result<()> {
+    let t = read_tables(&a.dir)?;
+    let out = a.output.unwrap_or_else(|| a.dir.join("plots"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut series = Vec::new();
+    for (name, s) in &t.sites {
+        let (h, w) = (s.shape[1], s.shape[2]);
+        let labels: Vec<String> = s.options.iter().map(|o| o.to_string()).collect();
+        let rows: Vec<Vec<f64>> = (0..s.channels())
+            .map(|c| (0..s.options.len()).map(|k| s.get(c, k)).collect())
+            .collect();
+        crate::plot::heatmap(
+            &out.join(format!("heatmap_{name}.png")),
+            &format!("{name}: log10 distortion ({} estimator)", t.estimator),
+            "option",
+            "channel",
+            &labels,
+            &rows,
+        )?;
+        // Mean over channels against the fraction of ReLUs kept, cheapest option last.
+        let mut pts: Vec<(f64, f64)> = s
+            .options
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o != PatchOption::Zero)
+            .map(|(k, o)| {
+                let mean =
+                    (0..s.channels()).map(|c| s.get(c, k)).sum::<f64>() / s.channels() as f64;
+                (
+                    o.drelus(h, w) as f64 / (h * w) as f64,
+                    mean.max(1e-30).log10(),
+                )
+            })
+            .filter(|(_, y)| *y > -30.0)
+            .collect();
+        pts.sort_by(|x, y| x.0.total_cmp(&y.0));
+        series.push((name.as_str(), pts));
+    }
+    crate::plot::line_plot(
+        &out.join("distortion_vs_cost.png"),
+        "mean distortion per option against DReLUs kept",
+        "DReLUs per ReLU",
+        "log10 mean distortion",
+        &series,
+    )?;
+    println!("wrote {} plots to {}", t.sites.len() + 1, out.display());
+    Ok(())
 }

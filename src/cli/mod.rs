@@ -3,6 +3,7 @@
 mod distortion;
 mod knapsack;
 mod models;
+mod pipeline;
 mod secure;
 mod spec;
 mod table;
@@ -32,7 +33,8 @@ pub enum Command {
     /// Make and inspect block-ReLU spec files.
     #[command(subcommand)]
     Spec(spec::SpecCommand),
-    /// Distortion tables (synthetic for now; extraction from a trained network comes next).
+    /// Distortion tables: extract from a trained network (exact, snr, first-order), collect
+    /// shards, compare estimators, plot.
     #[command(subcommand)]
     Distortion(distortion::DistortionCommand),
     /// Pick a patch size per channel from distortion tables under a DReLU budget.
@@ -46,6 +48,9 @@ pub enum Command {
     /// Three-party secure inference (client, server, dealer) on secret shares.
     #[command(subcommand)]
     Secure(secure::SecureCommand),
+    /// The whole method in one resumable run: baseline, distortion, knapsack and uniform
+    /// baselines per budget, fine-tune, evaluate, secure inference, report.md with plots.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 /// A model and the input size it runs at.
@@ -84,6 +89,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => train::finetune_cmd(a),
         Command::Eval(a) => train::eval_cmd(a),
         Command::Secure(c) => secure::run(c),
+        Command::Pipeline(a) => pipeline::run(a),
     }
 }
 

@@ -1,5 +1,8 @@
 //! Distortion: how much each (site, channel, option) changes the network's output
 //! (SPEC.md section 5), and the tables that carry it to the knapsack.
+pub mod compare;
+pub mod extract;
 pub mod tables;
 
+pub use extract::{collect, Estimator, Job, PlanOptions, Samples, Shard};
 pub use tables::{DistortionTables, SiteTable};

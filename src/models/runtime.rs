@@ -214,24 +214,128 @@ impl Model {
     /// `activated` may stack k perturbed copies on the batch axis ([k*N, C, H, W], copy-major);
     /// the cached values are repeated to match and the result is [k*N, classes].
     pub fn forward_from(&self, state: &SiteState, activated: &Tensor) -> Tensor {
+        self.forward_from_to(state, activated, self.graph.ops.len() - 1)
+    }
+
+    /// Like [`Model::forward_from`] but stops after op `stop` (an index into the graph's ops
+    /// after the site) and returns that op's output.
+    pub fn forward_from_to(&self, state: &SiteState, activated: &Tensor, stop: usize) -> Tensor {
+        self.forward_rows(state, activated, None, stop)
+    }
+
+    /// The general form: row i of `activated` belongs to sample `rows[i]` of the state's batch
+    /// (i64 indices; `None`: k stacked copies of the whole batch, copy-major). Runs from the
+    /// site through op `stop` and returns that op's output.
+    pub fn forward_rows(
+        &self,
+        state: &SiteState,
+        activated: &Tensor,
+        rows: Option<&Tensor>,
+        stop: usize,
+    ) -> Tensor {
         let at = self.graph.site_ops[state.site];
+        assert!(
+            stop > at && stop < self.graph.ops.len(),
+            "stop op {stop} must come after the site's op {at}"
+        );
         let n = state.pre.size()[0];
         let k = activated.size()[0] / n.max(1);
         let mut vals: Vec<Option<Tensor>> = (0..self.graph.slots).map(|_| None).collect();
         for (s, t) in &state.live {
-            vals[*s] = Some(if k > 1 {
-                let mut reps = vec![1i64; t.dim()];
-                reps[0] = k;
-                t.repeat(reps.as_slice())
-            } else {
-                t.shallow_clone()
+            vals[*s] = Some(match rows {
+                Some(r) => t.index_select(0, r),
+                None if k > 1 => {
+                    let mut reps = vec![1i64; t.dim()];
+                    reps[0] = k;
+                    t.repeat(reps.as_slice())
+                }
+                None => t.shallow_clone(),
             });
         }
         vals[self.graph.ops[at].output()] = Some(activated.shallow_clone());
-        self.run(&mut vals, at + 1, false);
-        vals[self.graph.output]
+        self.run_range(&mut vals, at + 1, stop + 1, false);
+        let slot = if stop + 1 == self.graph.ops.len() {
+            self.graph.output
+        } else {
+            self.graph.ops[stop].output()
+        };
+        vals[slot].take().expect("the stop op's output is written")
+    }
+
+    /// The op whose output is the "block output" of a site for the mid-layer SNR estimator:
+    /// the first residual merge (`Add`) after the site, else the network's last op.
+    pub fn block_output_op(&self, site: usize) -> usize {
+        let at = self.graph.site_ops[site];
+        self.graph.ops[at + 1..]
+            .iter()
+            .position(|op| matches!(op, Op::Add { .. }))
+            .map(|i| at + 1 + i)
+            .unwrap_or(self.graph.ops.len() - 1)
+    }
+
+    /// Evaluation-mode forward that also returns every site's (input, output), in site order,
+    /// still attached to the autograd graph (for gradients with respect to site outputs).
+    pub fn forward_with_sites(&self, x: &Tensor) -> (Tensor, Vec<(Tensor, Tensor)>) {
+        let mut vals: Vec<Option<Tensor>> = (0..self.graph.slots).map(|_| None).collect();
+        vals[0] = Some(x.shallow_clone());
+        let mut sites: Vec<Option<(Tensor, Tensor)>> =
+            (0..self.sites.len()).map(|_| None).collect();
+        for (i, op) in self.graph.ops.iter().enumerate() {
+            let y = self.eval_op(i, op, &vals, false);
+            if let Op::Act { x, site, .. } = op {
+                let pre = vals[*x].as_ref().expect("site input is computed");
+                sites[*site] = Some((pre.shallow_clone(), y.shallow_clone()));
+            }
+            vals[op.output()] = Some(y);
+            for s in op.inputs() {
+                if self.last_use[s] == i {
+                    vals[s] = None;
+                }
+            }
+        }
+        let out = vals[self.graph.output]
             .take()
-            .expect("the output slot is written")
+            .expect("the output slot is written");
+        let sites = sites
+            .into_iter()
+            .map(|s| s.expect("every site runs"))
+            .collect();
+        (out, sites)
+    }
+
+    /// A content hash of the parameters and buffers (names, shapes and values) with the
+    /// architecture and input size, as 16 hex digits (FNV-1a 64): two runs agree on it exactly
+    /// when they computed with the same network.
+    pub fn param_hash(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(self.name().as_bytes());
+        for d in self.config.input {
+            eat(&(d as u64).to_le_bytes());
+        }
+        for (name, t) in self
+            .var_store()
+            .variables()
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+        {
+            eat(name.as_bytes());
+            for d in t.size() {
+                eat(&d.to_le_bytes());
+            }
+            let v: Vec<f32> =
+                Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
+                    .expect("parameters convert to f32");
+            for x in v {
+                eat(&x.to_le_bytes());
+            }
+        }
+        format!("{h:016x}")
     }
 
     /// The same network with every batch norm that directly follows a convolution folded into

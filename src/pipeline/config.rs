@@ -1,0 +1,218 @@
+//! The pipeline configuration: a TOML file naming the baseline and fine-tune training
+//! configurations (paths relative to it), the budget sweep, and the extraction and secure
+//! inference settings.
+use crate::error::{Error, Result};
+use crate::train::Config;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistortionSettings {
+    #[serde(default = "first_order")]
+    pub estimator: String,
+    #[serde(default = "d_samples")]
+    pub samples: usize,
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    #[serde(default = "d_stack")]
+    pub stack: usize,
+    #[serde(default = "d_batch")]
+    pub chunk: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn first_order() -> String {
+    "first-order".into()
+}
+fn d_samples() -> usize {
+    256
+}
+fn d_batch() -> usize {
+    32
+}
+fn d_stack() -> usize {
+    8
+}
+
+impl Default for DistortionSettings {
+    fn default() -> Self {
+        DistortionSettings {
+            estimator: first_order(),
+            samples: d_samples(),
+            batch: d_batch(),
+            stack: d_stack(),
+            chunk: d_batch(),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecureSettings {
+    /// Test images run under secure inference per spec (0: skip the stage).
+    #[serde(default = "two")]
+    pub images: usize,
+}
+
+fn two() -> usize {
+    2
+}
+
+impl Default for SecureSettings {
+    fn default() -> Self {
+        SecureSettings { images: two() }
+    }
+}
+
+/// The file as written.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct File {
+    /// Training configuration of the baseline network (model, data set, recipe).
+    train: PathBuf,
+    /// Training configuration of the block-ReLU fine-tuning (same model and data set).
+    finetune: PathBuf,
+    /// Start from these trained weights instead of training the baseline.
+    #[serde(default)]
+    weights: Option<PathBuf>,
+    /// DReLU budgets as fractions of the ReLU count.
+    #[serde(default)]
+    ratios: Vec<f64>,
+    /// DReLU budgets as absolute counts.
+    #[serde(default)]
+    budgets: Vec<u64>,
+    /// Also fine-tune the two uniform baselines at every budget.
+    #[serde(default = "yes")]
+    baselines: bool,
+    #[serde(default)]
+    distortion: DistortionSettings,
+    #[serde(default)]
+    secure: SecureSettings,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A loaded, checked pipeline configuration.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub path: PathBuf,
+    pub train_path: PathBuf,
+    pub finetune_path: PathBuf,
+    pub train_config: Config,
+    pub finetune_config: Config,
+    pub weights: Option<PathBuf>,
+    pub ratios: Vec<f64>,
+    pub budgets: Vec<u64>,
+    pub baselines: bool,
+    pub distortion: DistortionSettings,
+    pub secure: SecureSettings,
+    /// Draw progress bars (set by the CLI on a terminal).
+    pub progress: bool,
+}
+
+impl PipelineConfig {
+    pub fn load(path: &Path) -> Result<PipelineConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let f: File = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
+        let bad = |field: &str, msg: String| Error::Config {
+            path: path.to_path_buf(),
+            field: field.into(),
+            msg,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let (train_path, finetune_path) = (rel(&f.train), rel(&f.finetune));
+        let train_config = Config::load(&train_path)?;
+        let finetune_config = Config::load(&finetune_path)?;
+        if (
+            &train_config.model,
+            train_config.input,
+            &train_config.dataset.kind,
+        ) != (
+            &finetune_config.model,
+            finetune_config.input,
+            &finetune_config.dataset.kind,
+        ) {
+            return Err(bad(
+                "finetune",
+                format!(
+                    "{} must use the same model, input and data set as {}",
+                    finetune_path.display(),
+                    train_path.display()
+                ),
+            ));
+        }
+        if f.ratios.is_empty() && f.budgets.is_empty() {
+            return Err(bad(
+                "ratios",
+                "give at least one budget (ratios or budgets)".into(),
+            ));
+        }
+        if let Some(q) = f
+            .ratios
+            .iter()
+            .find(|q| !(q.is_finite() && **q > 0.0 && **q <= 1.0))
+        {
+            return Err(bad("ratios", format!("{q} is not a fraction in (0, 1]")));
+        }
+        if let Err(e) = f
+            .distortion
+            .estimator
+            .parse::<crate::distortion::Estimator>()
+        {
+            return Err(bad("distortion.estimator", e));
+        }
+        for (k, v) in [
+            ("distortion.samples", f.distortion.samples),
+            ("distortion.batch", f.distortion.batch),
+            ("distortion.stack", f.distortion.stack),
+            ("distortion.chunk", f.distortion.chunk),
+        ] {
+            if v == 0 {
+                return Err(bad(k, "must be at least 1".into()));
+            }
+        }
+        let weights = f.weights.as_deref().map(rel);
+        if let Some(w) = &weights {
+            if !w.exists() {
+                return Err(bad("weights", format!("{} does not exist", w.display())));
+            }
+        }
+        Ok(PipelineConfig {
+            path: path.to_path_buf(),
+            train_path,
+            finetune_path,
+            train_config,
+            finetune_config,
+            weights,
+            ratios: f.ratios,
+            budgets: f.budgets,
+            baselines: f.baselines,
+            distortion: f.distortion,
+            secure: f.secure,
+            progress: false,
+        })
+    }
+
+    /// Hash of the given starting weights (None when the baseline is trained).
+    pub fn weights_hash(&self) -> Result<Option<String>> {
+        match &self.weights {
+            Some(w) => {
+                let b = std::fs::read(w).map_err(|e| Error::io(w, e))?;
+                Ok(Some(crate::distortion::extract::fnv_hex(b)))
+            }
+            None => Ok(None),
+        }
+    }
+}

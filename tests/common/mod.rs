@@ -1,0 +1,31 @@
+//! Shared test fixtures.
+use std::path::{Path, PathBuf};
+
+/// A tiny MNIST-layout data set (train and test, 8x8) and a configuration pointing at it.
+pub fn tiny_dataset(dir: &Path) -> PathBuf {
+    for (prefix, n) in [("train", 40usize), ("t10k", 10)] {
+        let mut imgs = vec![0, 0, 8, 3];
+        imgs.extend_from_slice(&(n as u32).to_be_bytes());
+        imgs.extend_from_slice(&8u32.to_be_bytes());
+        imgs.extend_from_slice(&8u32.to_be_bytes());
+        imgs.extend((0..n * 64).map(|k| ((k * 37) % 251) as u8));
+        let mut labs = vec![0, 0, 8, 1];
+        labs.extend_from_slice(&(n as u32).to_be_bytes());
+        labs.extend((0..n).map(|i| (i % 10) as u8));
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), imgs).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labs).unwrap();
+    }
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"resnet18-cifar-light\"\nnum_classes = 10\ninput = [1, 8, 8]\nepochs = 1\n\
+             batch_size = 8\nseed = 3\n[dataset]\nkind = \"mnist\"\npath = \"{}\"\n\
+             [optimizer]\nlr = 0.05\nmomentum = 0.9\nweight_decay = 1e-4\n\
+             [schedule]\nkind = \"cosine\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}

@@ -1,0 +1,123 @@
+//! The pipeline end to end on a tiny generated data set and model: every stage writes its
+//! outputs, an interrupted run continues where it stopped, an unchanged run does nothing, and a
+//! changed budget list re-runs only the stages after the distortion tables.
+mod common;
+
+use brelu::pipeline::{self, PipelineConfig};
+use std::path::Path;
+
+fn write_pipeline(dir: &Path, ratios: &str) -> std::path::PathBuf {
+    common::tiny_dataset(dir);
+    let ft = std::fs::read_to_string(dir.join("tiny.toml"))
+        .unwrap()
+        .replace("lr = 0.05", "lr = 0.01");
+    std::fs::write(dir.join("tiny-ft.toml"), ft).unwrap();
+    let p = dir.join("pipeline.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "train = \"tiny.toml\"\nfinetune = \"tiny-ft.toml\"\nratios = [{ratios}]\n\
+             [distortion]\nsamples = 8\nbatch = 4\n[secure]\nimages = 1\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn tiny_pipeline_runs_resumes_and_reruns_only_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfgp = write_pipeline(tmp.path(), "0.4");
+    let cfg = PipelineConfig::load(&cfgp).unwrap();
+    let run_dir = tmp.path().join("run");
+    let quiet = |_: &str| {};
+
+    // Interrupted after the distortion stage.
+    let out = pipeline::run(&cfg, &run_dir, Some("distortion"), &quiet).unwrap();
+    assert_eq!(out.ran, ["baseline", "distortion"]);
+    assert_eq!(out.stopped_after.as_deref(), Some("distortion"));
+    assert!(out.report.is_none());
+    assert!(run_dir.join("distortion/manifest.json").exists());
+
+    // Continued: earlier stages are not run again.
+    let out = pipeline::run(&cfg, &run_dir, None, &quiet).unwrap();
+    assert!(
+        !out.ran.iter().any(|s| s == "baseline" || s == "distortion"),
+        "{:?}",
+        out.ran
+    );
+    assert!(out.ran.contains(&"specs".to_string()));
+    for m in ["knapsack", "uniform", "per-site"] {
+        assert!(
+            out.ran.contains(&format!("finetune-{m}-40.00pct")),
+            "{:?}",
+            out.ran
+        );
+    }
+    // baseline + 3 specs, each evaluated and run securely; within budget.
+    assert_eq!(out.rows.len(), 4);
+    let relus = out.rows[0].drelus;
+    for r in &out.rows[1..] {
+        let e = r.spec.as_ref().unwrap();
+        assert!(r.drelus <= e.budget, "{} over budget", e.name);
+        assert_eq!(e.budget, (relus as f64 * 0.4).floor() as u64);
+        let s = r.secure.as_ref().unwrap();
+        assert_eq!((s.images, s.agree_plaintext), (1, 1), "{}", e.name);
+        assert!(r.eval.images == 10);
+    }
+    let report = std::fs::read_to_string(out.report.unwrap()).unwrap();
+    assert!(report.contains("| 40.0% ("), "{report}");
+    for f in [
+        "accuracy.png",
+        "secure_bytes.png",
+        "secure_runtime.png",
+        "allocation.png",
+        "results.json",
+    ] {
+        assert!(run_dir.join(f).exists(), "{f} missing");
+    }
+
+    // Nothing changed: nothing runs.
+    let out = pipeline::run(&cfg, &run_dir, None, &quiet).unwrap();
+    assert!(out.ran.is_empty(), "{:?}", out.ran);
+
+    // Another budget list: specs onwards, not the baseline or the tables.
+    let cfgp = write_pipeline(tmp.path(), "0.4, 0.7");
+    let cfg = PipelineConfig::load(&cfgp).unwrap();
+    let out = pipeline::run(&cfg, &run_dir, None, &quiet).unwrap();
+    assert!(
+        !out.ran.iter().any(|s| s == "baseline" || s == "distortion"),
+        "{:?}",
+        out.ran
+    );
+    assert!(out.ran.contains(&"specs".to_string()));
+    assert!(out.ran.contains(&"finetune-knapsack-70.00pct".to_string()));
+    assert!(
+        !out.ran.contains(&"finetune-knapsack-40.00pct".to_string()),
+        "{:?}",
+        out.ran
+    );
+    assert_eq!(out.rows.len(), 7);
+}
+
+#[test]
+fn pipeline_config_errors_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write_pipeline(tmp.path(), "1.5");
+    let e = PipelineConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("ratios") && e.contains("1.5"), "{e}");
+    std::fs::write(
+        &p,
+        "train = \"tiny.toml\"\nfinetune = \"missing.toml\"\nratios = [0.1]\n",
+    )
+    .unwrap();
+    let e = PipelineConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("missing.toml"), "{e}");
+    std::fs::write(
+        &p,
+        "train = \"tiny.toml\"\nfinetune = \"tiny.toml\"\nratio = [0.1]\n",
+    )
+    .unwrap();
+    let e = PipelineConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("ratio"), "{e}");
+}
