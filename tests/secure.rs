@@ -116,8 +116,12 @@ fn drelu_approximate_window_is_exact_away_from_zero() {
 fn beaver_multiply_with_expansion() {
     let mut rng = ChaCha20Rng::seed_from_u64(13);
     let (n, m) = (500, 37);
-    let x: Vec<u64> = (0..n).map(|_| rng.gen()).collect();
-    let y: Vec<u64> = (0..m).map(|_| rng.gen()).collect();
+    let mut x: Vec<u64> = (0..n).map(|_| rng.gen()).collect();
+    let mut y: Vec<u64> = (0..m).map(|_| rng.gen()).collect();
+    // Edge values: 0, +-1, the 2^63 boundary.
+    let edges = [0u64, 1, u64::MAX, 1 << 63, (1 << 63) - 1, (1 << 63) + 1];
+    x[..edges.len()].copy_from_slice(&edges);
+    y[..edges.len()].copy_from_slice(&edges);
     let map: Vec<u32> = (0..n).map(|_| rng.gen_range(0..m as u32)).collect();
     let (sx, sy) = (share(&mut rng, &x), share(&mut rng, &y));
     let out = with_parties(Settings::default(), |p| {
@@ -406,6 +410,23 @@ fn end_to_end_block_relu_network_matches_plaintext() {
     )
     .unwrap();
     assert!(r.drelus_per_image < r.relus);
+    // One DReLU per patch, none for identity and zero channels (SPEC.md 2).
+    let expected: usize = model
+        .sites()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            model
+                .site_options(i)
+                .unwrap()
+                .iter()
+                .map(|o| o.drelus(s.height, s.width))
+                .sum::<usize>()
+        })
+        .sum();
+    assert_eq!(r.drelus_per_image, expected);
+    let counted: u64 = r.layers.iter().map(|l| l.drelus).sum();
+    assert_eq!(counted as usize, expected);
     for im in &r.images {
         check_image(im, "mixed spec");
         assert!(im.bytes.client_server > 0 && im.bytes.client_dealer > 0);
@@ -504,6 +525,7 @@ fn short() -> LinkConfig {
     LinkConfig {
         timeout: Duration::from_millis(400),
         max_frame: 1 << 20,
+        max_ahead: 1 << 20,
     }
 }
 
@@ -540,6 +562,29 @@ fn malformed_oversize_and_closed_frames_are_errors() {
     b.write_all(&[1, 2]).unwrap();
     let e = link.recv(Kind::Data, 4, Some(2)).unwrap_err();
     assert!(matches!(e, Error::Malformed { .. }), "{e}");
+    // Offline frames may run ahead of online ones; they wait until asked for.
+    let (a, mut b) = tcp_pair();
+    let mut link = Link::new(a, "peer", short()).unwrap();
+    for (seq, (kind, tag, byte)) in [
+        (Kind::Offline, 5, 1u8),
+        (Kind::Data, 2, 2),
+        (Kind::Offline, 5, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = Header {
+            kind,
+            tag,
+            seq: seq as u32,
+            len: 1,
+        };
+        b.write_all(&h.encode()).unwrap();
+        b.write_all(&[byte]).unwrap();
+    }
+    assert_eq!(link.recv(Kind::Data, 2, Some(1)).unwrap(), vec![2]);
+    assert_eq!(link.recv(Kind::Offline, 5, Some(1)).unwrap(), vec![1]);
+    assert_eq!(link.recv(Kind::Offline, 5, Some(1)).unwrap(), vec![3]);
     // Closed connection.
     let (a, b) = tcp_pair();
     let mut link = Link::new(a, "peer", short()).unwrap();
@@ -613,6 +658,16 @@ impl PartyProc {
 /// Starts the three `brelu secure party` processes of one session and waits until the client
 /// has finished the handshake.
 fn spawn_parties(images: usize, timeout: f64) -> Vec<PartyProc> {
+    spawn_parties_with(images, timeout, [&[], &[], &[]], true)
+}
+
+/// Like [`spawn_parties`], with extra arguments per role (client, server, dealer).
+fn spawn_parties_with(
+    images: usize,
+    timeout: f64,
+    extra_args: [&[&str]; 3],
+    wait_started: bool,
+) -> Vec<PartyProc> {
     let exe = env!("CARGO_BIN_EXE_brelu");
     let (pc, ps) = (free_port(), free_port());
     let spawn = |role: &str, extra: Vec<String>| {
@@ -654,27 +709,40 @@ fn spawn_parties(images: usize, timeout: f64) -> Vec<PartyProc> {
         });
         PartyProc { child, stderr }
     };
-    let client = spawn("client", vec!["--listen".into(), format!("127.0.0.1:{pc}")]);
+    let with = |mut v: Vec<String>, i: usize| {
+        v.extend(extra_args[i].iter().map(|s| s.to_string()));
+        v
+    };
+    let client = spawn(
+        "client",
+        with(vec!["--listen".into(), format!("127.0.0.1:{pc}")], 0),
+    );
     let server = spawn(
         "server",
-        vec![
-            "--listen".into(),
-            format!("127.0.0.1:{ps}"),
-            "--peer".into(),
-            format!("client=127.0.0.1:{pc}"),
-        ],
+        with(
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{ps}"),
+                "--peer".into(),
+                format!("client=127.0.0.1:{pc}"),
+            ],
+            1,
+        ),
     );
     let dealer = spawn(
         "dealer",
-        vec![
-            "--peer".into(),
-            format!("client=127.0.0.1:{pc}"),
-            "--peer".into(),
-            format!("server=127.0.0.1:{ps}"),
-        ],
+        with(
+            vec![
+                "--peer".into(),
+                format!("client=127.0.0.1:{pc}"),
+                "--peer".into(),
+                format!("server=127.0.0.1:{ps}"),
+            ],
+            2,
+        ),
     );
     let t = Instant::now();
-    while !client.stderr().contains("session started") {
+    while wait_started && !client.stderr().contains("session started") {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "no session: {}",
@@ -691,6 +759,49 @@ fn party_processes_complete_a_session() {
     for p in ps.iter_mut() {
         assert!(p.wait_within(Duration::from_secs(90)), "{}", p.stderr());
     }
+}
+
+#[test]
+fn parties_with_different_specs_refuse_the_session() {
+    // The server runs the same architecture with a block-ReLU spec the others do not have.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.json");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args([
+            "spec",
+            "uniform",
+            "--model",
+            "resnet18-cifar-light",
+            "--input",
+            "1,16,16",
+            "--patch",
+            "2x2",
+            "-o",
+        ])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let spec = spec.to_str().unwrap();
+    let mut ps = spawn_parties_with(1, 20.0, [&[], &["--spec", spec], &[]], false);
+    for (i, p) in ps.iter_mut().enumerate() {
+        let ok = p.wait_within(Duration::from_secs(40));
+        let err = p.stderr();
+        assert!(!ok, "party {i} should refuse");
+        assert!(
+            err.contains("different model/spec") || err.contains("closed") || err.contains("reset"),
+            "party {i}: {err}"
+        );
+    }
+    assert!(
+        ps[1].stderr().contains("different model/spec"),
+        "{}",
+        ps[1].stderr()
+    );
 }
 
 #[test]
@@ -780,4 +891,38 @@ fn fashion_mnist_trained_model_matches_plaintext() {
         assert_eq!(im.prediction, im.plaintext_prediction, "image {}", im.index);
         assert!(im.max_logit_error.unwrap() < 0.05);
     }
+}
+
+#[test]
+fn secure_run_cli_prints_a_json_report() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args([
+            "secure",
+            "run",
+            "--model",
+            "resnet18-cifar-light",
+            "--input",
+            "1,8,8",
+            "--classes",
+            "4",
+            "--images",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["images"].as_array().unwrap().len(), 2);
+    assert!(r["mean_bytes"]["total"].as_u64().unwrap() > 0);
+    assert!(r["setup_bytes"]["client_server"].as_u64().unwrap() > 0);
+    let layers = r["layers"].as_array().unwrap();
+    assert!(layers
+        .iter()
+        .any(|l| l["kind"] == "act" && l["rounds"] == 7));
+    assert_eq!(layers.last().unwrap()["kind"], "reveal");
 }

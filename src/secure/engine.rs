@@ -2,7 +2,7 @@
 //! input sharing, every layer's protocol, and the output reveal; counts time, bytes, rounds
 //! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
 use super::link::LinkConfig;
-use super::party::{loopback_streams, LayerStats, Party, Role, TAG_SESSION};
+use super::party::{loopback_streams, LayerStats, Party, Phase, Role, TAG_SESSION};
 use super::plan::{layer_inputs, layer_output, Layer, Plan, Weights};
 use super::proto::{self, LinOp, LinearMask};
 use super::ring;
@@ -126,85 +126,16 @@ pub fn run_party(
                 )));
             }
         }
-        let mut vals: Vec<Option<Vec<u64>>> = vec![None; plan.slots];
-        p.tag = 0;
-        vals[0] = Some(proto::share_input(&mut p, image, n_in)?);
-        for (i, l) in plan.layers.iter().enumerate() {
-            p.tag = i as u32;
-            let t = Instant::now();
-            let get = |s: usize| vals[s].as_deref().unwrap_or(&[]);
-            let y = match l {
-                Layer::Conv { x, .. } | Layer::Linear { x, .. } => {
-                    let op = lin_op(l).expect("linear layer");
-                    let bias = weights.and_then(|w| w.layers[i].as_ref().map(|(_, b)| b.clone()));
-                    let mask = masks[i].as_ref().expect("mask set up");
-                    let xv = get(*x).to_vec();
-                    proto::linear(&mut p, &op, mask, &xv, bias.as_deref())?
-                }
-                Layer::Act { x, act, .. } => {
-                    let xv = get(*x).to_vec();
-                    proto::block_relu(&mut p, act, &xv)?
-                }
-                Layer::Add { a, b, .. } => {
-                    if p.role == Role::Dealer {
-                        Vec::new()
-                    } else {
-                        ring::add(get(*a), get(*b))
-                    }
-                }
-                Layer::MaxPool { x, win, .. } => {
-                    let xv = get(*x).to_vec();
-                    proto::max_pool(&mut p, win, &xv)?
-                }
-                Layer::AvgPool { x, win, .. } => proto::avg_pool(&p, win, get(*x)),
-                Layer::GlobalAvgPool { x, c, hw, .. } => {
-                    proto::global_avg_pool(&p, *c, *hw, get(*x))
-                }
-            };
-            vals[layer_output(l)] = Some(y);
-            for s in layer_inputs(l) {
-                if last_use[s] == i {
-                    vals[s] = None;
-                }
-            }
-            p.add_time(t.elapsed());
-        }
-        // ---- output ----
-        p.tag = nl as u32;
-        let t = Instant::now();
-        let out = vals[plan.output].take().unwrap_or_default();
-        let mut run = ImageRun::default();
-        let frac = plan.settings.fixed;
-        if argmax_only {
-            let idx = proto::argmax(&mut p, &out, plan.classes)?;
-            match p.role {
-                Role::Server => p.send_ring(Role::Client, &idx, 8)?,
-                Role::Client => {
-                    let theirs = p.recv_ring(Role::Server, 1, 8)?;
-                    p.round();
-                    let v = idx[0].wrapping_add(theirs[0]) as usize;
-                    if v >= plan.classes {
-                        return Err(Error::Malformed {
-                            peer: "server".into(),
-                            msg: format!("revealed class {v} out of range"),
-                        });
-                    }
-                    run.argmax = Some(v);
-                }
-                Role::Dealer => {}
-            }
+        let mut run = if p.role == Role::Dealer {
+            // All of the image's correlated randomness first (sent ahead), then the
+            // comparisons as the client and server reach them.
+            p.phase = Phase::Offline;
+            run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?;
+            p.phase = Phase::Online;
+            run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?
         } else {
-            match p.role {
-                Role::Server => p.send_ring(Role::Client, &out, 8)?,
-                Role::Client => {
-                    let theirs = p.recv_ring(Role::Server, plan.classes, 8)?;
-                    p.round();
-                    run.logits = Some(frac.decode_all(&ring::add(&out, &theirs)));
-                }
-                Role::Dealer => {}
-            }
-        }
-        p.add_time(t.elapsed());
+            run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?
+        };
         let bytes1 = p.bytes_sent();
         run.seconds = start.elapsed().as_secs_f64();
         for r in 0..3 {
@@ -225,6 +156,98 @@ pub fn run_party(
         setup_bytes,
         setup_seconds,
     })
+}
+
+/// One image through every layer and the output reveal (for the dealer: the part of `phase`).
+fn run_image(
+    p: &mut Party,
+    plan: &Plan,
+    weights: Option<&Weights>,
+    masks: &[Option<LinearMask>],
+    last_use: &[usize],
+    image: Option<&[u64]>,
+    argmax_only: bool,
+) -> Result<ImageRun> {
+    let nl = plan.layers.len();
+    let n_in: usize = plan.input.iter().product();
+    let mut vals: Vec<Option<Vec<u64>>> = vec![None; plan.slots];
+    p.tag = 0;
+    vals[0] = Some(proto::share_input(p, image, n_in)?);
+    for (i, l) in plan.layers.iter().enumerate() {
+        p.tag = i as u32;
+        let t = Instant::now();
+        let get = |s: usize| vals[s].as_deref().unwrap_or(&[]);
+        let y = match l {
+            Layer::Conv { x, .. } | Layer::Linear { x, .. } => {
+                let op = lin_op(l).expect("linear layer");
+                let bias = weights.and_then(|w| w.layers[i].as_ref().map(|(_, b)| b.clone()));
+                let mask = masks[i].as_ref().expect("mask set up");
+                let xv = get(*x).to_vec();
+                proto::linear(p, &op, mask, &xv, bias.as_deref())?
+            }
+            Layer::Act { x, act, .. } => {
+                let xv = get(*x).to_vec();
+                proto::block_relu(p, act, &xv)?
+            }
+            Layer::Add { a, b, .. } => {
+                if p.role == Role::Dealer {
+                    Vec::new()
+                } else {
+                    ring::add(get(*a), get(*b))
+                }
+            }
+            Layer::MaxPool { x, win, .. } => {
+                let xv = get(*x).to_vec();
+                proto::max_pool(p, win, &xv)?
+            }
+            Layer::AvgPool { x, win, .. } => proto::avg_pool(p, win, get(*x)),
+            Layer::GlobalAvgPool { x, c, hw, .. } => proto::global_avg_pool(p, *c, *hw, get(*x)),
+        };
+        vals[layer_output(l)] = Some(y);
+        for s in layer_inputs(l) {
+            if last_use[s] == i {
+                vals[s] = None;
+            }
+        }
+        p.add_time(t.elapsed());
+    }
+    // ---- output ----
+    p.tag = nl as u32;
+    let t = Instant::now();
+    let out = vals[plan.output].take().unwrap_or_default();
+    let mut run = ImageRun::default();
+    let frac = plan.settings.fixed;
+    if argmax_only {
+        let idx = proto::argmax(p, &out, plan.classes)?;
+        match p.role {
+            Role::Server => p.send_ring(Role::Client, &idx, 8)?,
+            Role::Client => {
+                let theirs = p.recv_ring(Role::Server, 1, 8)?;
+                p.round();
+                let v = idx[0].wrapping_add(theirs[0]) as usize;
+                if v >= plan.classes {
+                    return Err(Error::Malformed {
+                        peer: "server".into(),
+                        msg: format!("revealed class {v} out of range"),
+                    });
+                }
+                run.argmax = Some(v);
+            }
+            Role::Dealer => {}
+        }
+    } else {
+        match p.role {
+            Role::Server => p.send_ring(Role::Client, &out, 8)?,
+            Role::Client => {
+                let theirs = p.recv_ring(Role::Server, plan.classes, 8)?;
+                p.round();
+                run.logits = Some(frac.decode_all(&ring::add(&out, &theirs)));
+            }
+            Role::Dealer => {}
+        }
+    }
+    p.add_time(t.elapsed());
+    Ok(run)
 }
 
 /// Runs the three parties as threads of this process over loopback TCP and returns their

@@ -3,12 +3,16 @@
 //! paths are tested for equality against the naive loops below.
 use rayon::prelude::*;
 
-/// Rows of C computed together (each loaded B row is used this many times).
+/// Rows of C computed together by the micro-kernel.
 const MR: usize = 4;
-/// Columns of C per block (a block row of B and C stays in L1).
-const NB: usize = 512;
+/// Columns of C computed together by the micro-kernel (a packed panel of B).
+const NR: usize = 2;
 
 /// C = A * B with A [m, k], B [k, n], all row-major, wrapping arithmetic.
+///
+/// B is packed into panels of NR columns (contiguous over k); each task computes MR rows of C
+/// panel by panel in an MR x NR block of registers, so every loaded value feeds several
+/// multiply-adds and C is written once.
 pub fn gemm(m: usize, k: usize, n: usize, a: &[u64], b: &[u64]) -> Vec<u64> {
     assert_eq!(a.len(), m * k, "gemm: A has the wrong size");
     assert_eq!(b.len(), k * n, "gemm: B has the wrong size");
@@ -26,25 +30,40 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[u64], b: &[u64]) -> Vec<u64> {
         });
         return c;
     }
+    let panels = n.div_ceil(NR);
+    let mut packed = vec![0u64; panels * k * NR];
+    packed
+        .par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let c0 = p * NR;
+            let w = NR.min(n - c0);
+            for kk in 0..k {
+                panel[kk * NR..kk * NR + w].copy_from_slice(&b[kk * n + c0..kk * n + c0 + w]);
+            }
+        });
     c.par_chunks_mut(MR * n)
         .enumerate()
         .for_each(|(blk, cblk)| {
             let rows = cblk.len() / n;
             let r0 = blk * MR;
-            for nb in (0..n).step_by(NB) {
-                let ne = (nb + NB).min(n);
-                for kk in 0..k {
-                    let brow = &b[kk * n + nb..kk * n + ne];
-                    for r in 0..rows {
-                        let av = a[(r0 + r) * k + kk];
-                        if av == 0 {
-                            continue;
-                        }
-                        let crow = &mut cblk[r * n + nb..r * n + ne];
-                        for (cv, bv) in crow.iter_mut().zip(brow) {
-                            *cv = cv.wrapping_add(av.wrapping_mul(*bv));
+            let arow = |r: usize| &a[(r0 + r.min(rows - 1)) * k..(r0 + r.min(rows - 1) + 1) * k];
+            let (a0, a1, a2, a3) = (arow(0), arow(1), arow(2), arow(3));
+            for p in 0..panels {
+                let panel = &packed[p * k * NR..(p + 1) * k * NR];
+                let mut acc = [[0u64; NR]; MR];
+                for (kk, bv) in panel.chunks_exact(NR).enumerate() {
+                    let av = [a0[kk], a1[kk], a2[kk], a3[kk]];
+                    for r in 0..MR {
+                        for j in 0..NR {
+                            acc[r][j] = acc[r][j].wrapping_add(av[r].wrapping_mul(bv[j]));
                         }
                     }
+                }
+                let c0 = p * NR;
+                let w = NR.min(n - c0);
+                for (r, row) in acc.iter().enumerate().take(rows) {
+                    cblk[r * n + c0..r * n + c0 + w].copy_from_slice(&row[..w]);
                 }
             }
         });

@@ -130,16 +130,6 @@ impl Prf {
         out
     }
 
-    pub fn one_mod(&mut self, m: Modulus) -> u64 {
-        let mask = m.mask();
-        loop {
-            let v = self.rng.next_u64() & mask;
-            if !m.odd || v != mask {
-                return v;
-            }
-        }
-    }
-
     /// `n` uniform bits (0/1).
     pub fn bits(&mut self, n: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(n);
@@ -217,19 +207,6 @@ impl Prf {
         }
         all
     }
-}
-
-/// SHA-256 of some bytes as lowercase hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// SHA-256 of some bytes.
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 #[cfg(test)]

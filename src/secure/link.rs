@@ -18,6 +18,9 @@ pub struct LinkConfig {
     pub timeout: Duration,
     /// Largest accepted payload in bytes.
     pub max_frame: usize,
+    /// Most bytes of offline frames kept while an online frame is awaited (the dealer sends
+    /// an image's whole offline part ahead: 0.34 GB for ResNet50 at 224x224 and 6%).
+    pub max_ahead: usize,
 }
 
 impl Default for LinkConfig {
@@ -25,6 +28,7 @@ impl Default for LinkConfig {
         LinkConfig {
             timeout: Duration::from_secs(120),
             max_frame: 1 << 30,
+            max_ahead: 4 << 30,
         }
     }
 }
@@ -40,6 +44,10 @@ pub struct Link {
     cfg: LinkConfig,
     send_seq: u32,
     recv_seq: u32,
+    /// Frames that arrived before they were asked for (the dealer's offline frames run ahead
+    /// of its online ones on the same connection), in arrival order.
+    pending: std::collections::VecDeque<(Header, Vec<u8>)>,
+    pending_bytes: usize,
     /// Bytes written to this link (headers included).
     pub bytes_sent: u64,
     /// Bytes read from this link (headers included).
@@ -82,6 +90,8 @@ impl Link {
             cfg,
             send_seq: 0,
             recv_seq: 0,
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: 0,
             bytes_sent: 0,
             bytes_recv: 0,
             frames_sent: 0,
@@ -161,9 +171,57 @@ impl Link {
         }
     }
 
-    /// Receives the next frame, which must be of `kind` with `tag` and, when given, exactly
-    /// `expect_len` payload bytes.
+    /// Receives the next frame of `kind` for step `tag`, which must have exactly `expect_len`
+    /// payload bytes when given. Offline frames (input-independent data the dealer sends
+    /// ahead) that arrive while an online frame is awaited are kept until asked for, at most
+    /// `max_ahead` bytes of them; any other frame out of order is an error.
     pub fn recv(&mut self, kind: Kind, tag: u32, expect_len: Option<usize>) -> Result<Vec<u8>> {
+        let found = self
+            .pending
+            .iter()
+            .position(|(h, _)| h.kind == kind && h.tag == tag);
+        let (h, payload) = match found {
+            Some(i) => {
+                let f = self.pending.remove(i).expect("index from position");
+                self.pending_bytes -= f.1.len();
+                f
+            }
+            None => loop {
+                let (h, payload) = self.read_frame()?;
+                if h.kind == kind && h.tag == tag {
+                    break (h, payload);
+                }
+                // Only offline frames may run ahead of online ones; anything else out of order
+                // is a protocol violation.
+                if h.kind != Kind::Offline || kind == Kind::Offline {
+                    return Err(self.malformed(format!(
+                        "got a {:?} frame for step {}, expected {:?} for step {}",
+                        h.kind, h.tag, kind, tag
+                    )));
+                }
+                self.pending_bytes += payload.len();
+                if self.pending_bytes > self.cfg.max_ahead {
+                    return Err(self.malformed(format!(
+                        "more than {} bytes sent ahead while waiting for {:?} of step {}",
+                        self.cfg.max_ahead, kind, tag
+                    )));
+                }
+                self.pending.push_back((h, payload));
+            },
+        };
+        if let Some(n) = expect_len {
+            if h.len as usize != n {
+                return Err(self.malformed(format!(
+                    "{:?} frame for step {} has {} bytes, expected {n}",
+                    h.kind, h.tag, h.len
+                )));
+            }
+        }
+        Ok(payload)
+    }
+
+    /// Reads one frame from the socket, checking the header and the arrival sequence number.
+    fn read_frame(&mut self) -> Result<(Header, Vec<u8>)> {
         let mut hb = [0u8; HEADER_LEN];
         self.stream
             .read_exact(&mut hb)
@@ -175,27 +233,13 @@ impl Link {
                 h.seq, self.recv_seq
             )));
         }
-        if h.kind != kind || h.tag != tag {
-            return Err(self.malformed(format!(
-                "got a {:?} frame for step {}, expected {:?} for step {}",
-                h.kind, h.tag, kind, tag
-            )));
-        }
-        if let Some(n) = expect_len {
-            if h.len as usize != n {
-                return Err(self.malformed(format!(
-                    "{:?} frame for step {} has {} bytes, expected {n}",
-                    h.kind, h.tag, h.len
-                )));
-            }
-        }
         let mut payload = vec![0u8; h.len as usize];
         self.stream
             .read_exact(&mut payload)
             .map_err(|e| self.io_error(e))?;
         self.recv_seq = self.recv_seq.wrapping_add(1);
         self.bytes_recv += (HEADER_LEN + payload.len()) as u64;
-        Ok(payload)
+        Ok((h, payload))
     }
 
     /// Flushes every queued frame and closes the connection cleanly.

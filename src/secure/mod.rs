@@ -10,6 +10,30 @@
 //!
 //! Security model: semi-honest parties, the dealer does not collude with client or server.
 //! Not hidden: the architecture, the spec and the input size (all parties know them).
+//!
+//! Design notes:
+//! - Why PRFs: one party's share of every correlated value (Beaver triples, masks, bit
+//!   shares) is drawn from the stream it shares with the dealer, so the dealer only ever
+//!   sends the client's half; client and server draw their common randomness (comparison
+//!   masks, permutations) from their own pairwise stream without any message.
+//! - Why truncation is local: after each fixed-point product each party shifts its own share
+//!   (SecureML); the result is off by at most one unit in the last place, or wrong with
+//!   probability about |x| / 2^64 (measured in `ring::tests`), which costs no communication.
+//! - Why F is opened once: the server's weights W and their mask B are the same for every
+//!   image, so F = W - B is sent at session start; each image pays only for E = X - A.
+//! - DReLU computes [x > 0] as MSB(-2x) so that ShareConvert never sees 2^k - 1 and the tie
+//!   rule of SPEC.md 2 (a patch summing to 0 gets 0) holds exactly.
+//!
+//! - Offline / online: for each image the dealer first walks the whole network and sends all
+//!   input-independent correlated randomness (triple corrections, DReLU masks and bit shares;
+//!   drawn from a second PRF stream per pair so the order of draws does not depend on the
+//!   online part), then serves the comparisons as client and server reach them. The receiver
+//!   keeps offline frames that arrive early until they are asked for.
+//!
+//! Limitations: truncation errors make secure logits differ from the
+//! plaintext fixed-point pass by a few ulps, and a block-ReLU patch whose sum lies within
+//! those ulps of zero may decide differently; the approximate DReLU (`drelu_bits` < 64) is
+//! only correct for values inside its window.
 pub mod engine;
 pub mod gemm;
 pub mod keys;

@@ -61,11 +61,30 @@ pub struct LayerStats {
     pub drelus: u64,
 }
 
+/// What the dealer does in a protocol call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Both parts in each call (protocol tests).
+    Inline,
+    /// Only the input-independent part: correlated randomness, sent ahead.
+    Offline,
+    /// Only the part that needs the other parties' messages (the comparisons).
+    Online,
+}
+
 /// A party in a running session.
 pub struct Party {
     pub role: Role,
     links: [Option<Link>; 3],
+    /// Per peer: the PRF of online draws (and of the session setup) ...
     prfs: [Option<Prf>; 3],
+    /// ... and the PRF of offline draws (the dealer's correlated randomness), so the dealer
+    /// can produce all of an image's offline values before its online part.
+    prfs_off: [Option<Prf>; 3],
+    /// Dealer only: which part of each protocol to run.
+    pub phase: Phase,
+    /// Dealer only: private values the offline part keeps for the online part, in order.
+    pub carry: std::collections::VecDeque<Vec<u64>>,
     /// Private randomness of this party.
     pub own: Prf,
     pub settings: Settings,
@@ -138,6 +157,17 @@ impl Party {
             ));
             links[peer_role as usize] = Some(link);
         }
+        let mut prfs_off: [Option<Prf>; 3] = [None, None, None];
+        for (off, prf) in prfs_off.iter_mut().zip(prfs.iter_mut()) {
+            if let Some(prf) = prf {
+                let words = prf.ring(4);
+                let mut seed = [0u8; 32];
+                for (i, w) in words.iter().enumerate() {
+                    seed[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+                }
+                *off = Some(Prf::from_seed(seed));
+            }
+        }
         for r in Role::ALL {
             if r != role && links[r as usize].is_none() {
                 return Err(Error::Link {
@@ -150,6 +180,9 @@ impl Party {
             role,
             links,
             prfs,
+            prfs_off,
+            phase: Phase::Inline,
+            carry: std::collections::VecDeque::new(),
             own: Prf::private(),
             settings,
             tag: TAG_SESSION,
@@ -177,6 +210,22 @@ impl Party {
         self.prfs[with as usize]
             .as_mut()
             .expect("a PRF with every other party")
+    }
+
+    /// The PRF of offline draws shared with `with`.
+    pub fn prf_off(&mut self, with: Role) -> &mut Prf {
+        self.prfs_off[with as usize]
+            .as_mut()
+            .expect("a PRF with every other party")
+    }
+
+    /// Dealer: whether this call runs the offline / the online part.
+    pub fn does_offline(&self) -> bool {
+        self.phase != Phase::Online
+    }
+
+    pub fn does_online(&self) -> bool {
+        self.phase != Phase::Offline
     }
 
     fn link(&mut self, peer: Role) -> &mut Link {
@@ -229,7 +278,20 @@ impl Party {
     }
 
     pub fn recv_ring(&mut self, from: Role, n: usize, width: usize) -> Result<Vec<u64>> {
-        let b = self.recv_bytes(from, Kind::Data, n * width)?;
+        self.recv_ring_as(from, Kind::Data, n, width)
+    }
+
+    /// Sends the dealer's offline (input-independent) ring elements.
+    pub fn send_offline(&mut self, to: Role, v: &[u64]) -> Result<()> {
+        self.send_bytes(to, Kind::Offline, &pack_u64(v, 8))
+    }
+
+    pub fn recv_offline(&mut self, from: Role, n: usize) -> Result<Vec<u64>> {
+        self.recv_ring_as(from, Kind::Offline, n, 8)
+    }
+
+    fn recv_ring_as(&mut self, from: Role, kind: Kind, n: usize, width: usize) -> Result<Vec<u64>> {
+        let b = self.recv_bytes(from, kind, n * width)?;
         unpack_u64(&b, width).ok_or_else(|| Error::Malformed {
             peer: from.name().into(),
             msg: "ring payload of the wrong size".into(),

@@ -3,7 +3,6 @@
 //! the server knows: the fixed-point weights with batch norm folded into the convolutions.
 //! Also the plaintext fixed-point forward pass that secure results are checked against.
 use super::gemm::{self, ConvGeom};
-use super::keys::sha256_hex;
 use super::ring::{self, Fixed};
 use crate::error::{Error, Result};
 use crate::models::{Model, Op, Slot};
@@ -431,19 +430,43 @@ impl Plan {
         ))
     }
 
-    /// The plan for a party without weights (client, dealer): the same as the server's, from
-    /// the architecture and spec alone.
-    pub fn public(model: &Model, settings: Settings) -> Result<Plan> {
-        Ok(Self::from_model(model, settings)?.0)
-    }
-
     /// A hash of everything the parties must agree on: architecture, input, spec, settings.
+    /// Layer geometry is hashed as text, the per-pixel layouts of sites and pools as raw bytes
+    /// (a ResNet50 at 224x224 has millions of entries).
     pub fn hash(&self) -> String {
-        let text = format!(
-            "brelu-secure-v1|{}|{:?}|{}|{:?}|{:?}",
-            self.model, self.input, self.classes, self.settings, self.layers
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(
+            format!(
+                "brelu-secure-v1|{}|{:?}|{}|{:?}|{}|{}",
+                self.model, self.input, self.classes, self.settings, self.slots, self.output
+            )
+            .as_bytes(),
         );
-        sha256_hex(text.as_bytes())
+        let words = |h: &mut Sha256, v: &[u32]| {
+            h.update((v.len() as u64).to_le_bytes());
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        };
+        for l in &self.layers {
+            match l {
+                Layer::Act { x, y, site, act } => {
+                    h.update(format!("|act {x} {y} {site} {} {}", act.len, act.patches));
+                    words(&mut h, &act.identity);
+                    words(&mut h, &act.active);
+                    words(&mut h, &act.patch_of);
+                }
+                Layer::MaxPool { x, y, win } | Layer::AvgPool { x, y, win } => {
+                    h.update(format!("|{} {x} {y} {}", l.kind(), win.idx.len()));
+                    for w in &win.idx {
+                        words(&mut h, w);
+                    }
+                }
+                other => h.update(format!("|{other:?}")),
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Elements of the value in `slot` (per image).

@@ -5,9 +5,9 @@
 //! Design notes:
 //! - Randomness one party would otherwise receive comes from the pairwise PRF; the dealer
 //!   always draws the server's share from the server-dealer PRF and *sends* the client's
-//!   share, so dealer -> client is the only dealer traffic. The dealer never waits for the
-//!   image in linear layers, so it runs ahead and its messages are in flight early
-//!   (prefetch by construction).
+//!   share, so dealer -> client is the only dealer traffic besides the comparisons. The
+//!   dealer's input-independent part of every protocol (`Phase::Offline`) runs for the whole
+//!   image before its online part (`Phase::Online`), on separate PRF streams (`prf_off`).
 //! - Weight masks B are drawn once per session and F = W - B is opened once per session (see
 //!   [`setup_linear`]); a linear layer then costs one exchange of E = X - A.
 //! - DReLU returns shares of [a > 0] (the tie rule of SPEC.md 2: a patch summing to exactly 0
@@ -128,28 +128,31 @@ pub fn linear(
     let f = p.settings.fixed.frac;
     match p.role {
         Role::Dealer => {
-            let mut a = p.prf(Role::Client).ring(nx);
-            let a1 = p.prf(Role::Server).ring(nx);
+            if !p.does_offline() {
+                return Ok(Vec::new());
+            }
+            let mut a = p.prf_off(Role::Client).ring(nx);
+            let a1 = p.prf_off(Role::Server).ring(nx);
             ring::add_assign(&mut a, &a1);
-            let z1 = p.prf(Role::Server).ring(ny);
+            let z1 = p.prf_off(Role::Server).ring(ny);
             let mut z = op.apply(&a, &mask.b);
             ring::sub_assign(&mut z, &z1);
-            p.send_ring(Role::Client, &z, 8)?;
+            p.send_offline(Role::Client, &z)?;
             Ok(Vec::new())
         }
         Role::Client => {
-            let a0 = p.prf(Role::Dealer).ring(nx);
+            let a0 = p.prf_off(Role::Dealer).ring(nx);
             let e0 = ring::sub(x, &a0);
             p.open_with(&e0, 8, u64::wrapping_add)?;
-            let z0 = p.recv_ring(Role::Dealer, ny, 8)?;
+            let z0 = p.recv_offline(Role::Dealer, ny)?;
             let mut y = op.apply(x, &mask.f);
             ring::add_assign(&mut y, &z0);
             ring::trunc_share_all(&mut y, f, 0);
             Ok(y)
         }
         Role::Server => {
-            let a1 = p.prf(Role::Dealer).ring(nx);
-            let z1 = p.prf(Role::Dealer).ring(ny);
+            let a1 = p.prf_off(Role::Dealer).ring(nx);
+            let z1 = p.prf_off(Role::Dealer).ring(ny);
             let e1 = ring::sub(x, &a1);
             let e = p.open_with(&e1, 8, u64::wrapping_add)?;
             let mut y = op.apply(&e, &mask.b);
@@ -181,11 +184,14 @@ pub fn mul_expand(
     let at = |i: usize| map.map(|m| m[i] as usize).unwrap_or(i);
     match p.role {
         Role::Dealer => {
-            let a0 = p.prf(Role::Client).ring(n);
-            let b0 = p.prf(Role::Client).ring(m);
-            let a1 = p.prf(Role::Server).ring(n);
-            let b1 = p.prf(Role::Server).ring(m);
-            let c1 = p.prf(Role::Server).ring(n);
+            if !p.does_offline() {
+                return Ok(Vec::new());
+            }
+            let a0 = p.prf_off(Role::Client).ring(n);
+            let b0 = p.prf_off(Role::Client).ring(m);
+            let a1 = p.prf_off(Role::Server).ring(n);
+            let b1 = p.prf_off(Role::Server).ring(m);
+            let c1 = p.prf_off(Role::Server).ring(n);
             let c0: Vec<u64> = (0..n)
                 .map(|i| {
                     let a = a0[i].wrapping_add(a1[i]);
@@ -193,19 +199,19 @@ pub fn mul_expand(
                     a.wrapping_mul(b).wrapping_sub(c1[i])
                 })
                 .collect();
-            p.send_ring(Role::Client, &c0, 8)?;
+            p.send_offline(Role::Client, &c0)?;
             Ok(Vec::new())
         }
         _ => {
             let j = p.j();
             let (a, b, c) = if j == 0 {
-                let a = p.prf(Role::Dealer).ring(n);
-                let b = p.prf(Role::Dealer).ring(m);
+                let a = p.prf_off(Role::Dealer).ring(n);
+                let b = p.prf_off(Role::Dealer).ring(m);
                 (a, b, None)
             } else {
-                let a = p.prf(Role::Dealer).ring(n);
-                let b = p.prf(Role::Dealer).ring(m);
-                let c = p.prf(Role::Dealer).ring(n);
+                let a = p.prf_off(Role::Dealer).ring(n);
+                let b = p.prf_off(Role::Dealer).ring(m);
+                let c = p.prf_off(Role::Dealer).ring(n);
                 (a, b, Some(c))
             };
             let mut ef = ring::sub(x, &a);
@@ -213,7 +219,7 @@ pub fn mul_expand(
             let opened = p.open_with(&ef, 8, u64::wrapping_add)?;
             let c = match c {
                 Some(c) => c,
-                None => p.recv_ring(Role::Dealer, n, 8)?,
+                None => p.recv_offline(Role::Dealer, n)?,
             };
             let (e, f) = opened.split_at(n);
             Ok((0..n)
@@ -329,8 +335,11 @@ fn bit_shares(v: &[u64], k: usize, server_share: &[u8]) -> Vec<u8> {
 
 /// DReLU: shares of [a > 0] in Z_2^64 for shares of `n` values `a` (SecureNN ShareConvert +
 /// ComputeMSB, each with a PrivateCompare in Z_67). With `drelu_bits` k < 64 only a window of
-/// k bits (after dropping `drelu_shift` low bits) is compared. Bytes per element: 6k bytes of
-/// Z_67 vectors plus 9 ring elements (5 of ceil(k/8) bytes... see BENCHMARKS.md).
+/// k bits (after dropping `drelu_shift` low bits) is compared. Bytes per element, w =
+/// ceil(k/8): dealer -> client 3w + 2k (correlated randomness, sent ahead), w and 8 (the two
+/// comparison results); client <-> server 2 x 2w (the two openings); client, server -> dealer
+/// 2 x 2k (the two PrivateCompare vectors). In all 6k + 8w + 8: 456 bytes for k = 64, 120 for
+/// k = 16. Six sequential message trips.
 pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
     let bits = p.settings.drelu_bits;
     let shift = p.settings.drelu_shift();
@@ -343,29 +352,38 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
         return Ok(Vec::new());
     }
     if p.role == Role::Dealer {
-        // Correlated randomness, sent ahead: z in Z_2^k with shares in Z_2^k and Z_(2^k-1)
-        // and bit shares; x in Z_(2^k-1) with shares and bit shares.
-        let z = p.own.ring_mod(n, me);
-        let x = p.own.ring_mod(n, mo);
-        let sd = p.prf(Role::Server);
-        let z1 = sd.ring_mod(n, me);
-        let zo1 = sd.ring_mod(n, mo);
-        let zb1 = sd.zp(n * k);
-        let x1 = sd.ring_mod(n, mo);
-        let xb1 = sd.zp(n * k);
-        let z0: Vec<u64> = z.iter().zip(&z1).map(|(a, b)| me.sub(*a, *b)).collect();
-        let zo0: Vec<u64> = z
-            .iter()
-            .zip(&zo1)
-            .map(|(a, b)| mo.sub(mo.reduce(*a), *b))
-            .collect();
-        let x0: Vec<u64> = x.iter().zip(&x1).map(|(a, b)| mo.sub(*a, *b)).collect();
-        let mut msg = super::wire::pack_u64(&z0, w);
-        msg.extend(super::wire::pack_u64(&zo0, w));
-        msg.extend(bit_shares(&z, k, &zb1));
-        msg.extend(super::wire::pack_u64(&x0, w));
-        msg.extend(bit_shares(&x, k, &xb1));
-        p.send_bytes(Role::Client, super::wire::Kind::Data, &msg)?;
+        if p.does_offline() {
+            // Correlated randomness, sent ahead: z in Z_2^k with shares in Z_2^k and
+            // Z_(2^k-1) and bit shares; x in Z_(2^k-1) with shares and bit shares.
+            let z = p.own.ring_mod(n, me);
+            let x = p.own.ring_mod(n, mo);
+            let sd = p.prf_off(Role::Server);
+            let z1 = sd.ring_mod(n, me);
+            let zo1 = sd.ring_mod(n, mo);
+            let zb1 = sd.zp(n * k);
+            let x1 = sd.ring_mod(n, mo);
+            let xb1 = sd.zp(n * k);
+            let z0: Vec<u64> = z.iter().zip(&z1).map(|(a, b)| me.sub(*a, *b)).collect();
+            let zo0: Vec<u64> = z
+                .iter()
+                .zip(&zo1)
+                .map(|(a, b)| mo.sub(mo.reduce(*a), *b))
+                .collect();
+            let x0: Vec<u64> = x.iter().zip(&x1).map(|(a, b)| mo.sub(*a, *b)).collect();
+            let mut msg = super::wire::pack_u64(&z0, w);
+            msg.extend(super::wire::pack_u64(&zo0, w));
+            msg.extend(bit_shares(&z, k, &zb1));
+            msg.extend(super::wire::pack_u64(&x0, w));
+            msg.extend(bit_shares(&x, k, &xb1));
+            p.send_bytes(Role::Client, super::wire::Kind::Offline, &msg)?;
+            p.carry.push_back(x);
+        }
+        if !p.does_online() {
+            return Ok(Vec::new());
+        }
+        let x = p.carry.pop_front().ok_or_else(|| {
+            Error::InvalidArgument("dealer: a comparison without its offline values".into())
+        })?;
         // ShareConvert: g' = beta1 XOR [z > c], shared in Z_(2^k-1).
         let g = pc_dealer(p, n, k)?;
         let g1 = p.prf(Role::Server).ring_mod(n, mo);
@@ -401,7 +419,7 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
         .collect();
     // Dealer's correlated randomness.
     let (z, zo, zb, x, xb) = if j == 1 {
-        let sd = p.prf(Role::Dealer);
+        let sd = p.prf_off(Role::Dealer);
         let z = sd.ring_mod(n, me);
         let zo = sd.ring_mod(n, mo);
         let zb = sd.zp(n * k);
@@ -410,7 +428,7 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
         (z, zo, zb, x, xb)
     } else {
         let len = 3 * n * w + 2 * n * k;
-        let m = p.recv_bytes(Role::Dealer, super::wire::Kind::Data, len)?;
+        let m = p.recv_bytes(Role::Dealer, super::wire::Kind::Offline, len)?;
         let ring = |s: &[u8]| super::wire::unpack_u64(s, w).unwrap_or_default();
         let mut o = 0;
         let mut take = |len: usize| {
@@ -505,39 +523,52 @@ pub fn block_relu(p: &mut Party, act: &super::plan::ActPlan, x: &[u64]) -> Resul
     Ok(y)
 }
 
-/// Max pool on shares: a running maximum over each window, one DReLU and one multiply per
-/// comparison (max(m, v) = m + [v - m > 0] (v - m)).
+/// Max pool on shares: a tournament inside every window, all windows' comparisons of one
+/// level in one DReLU batch (max(a, b) = a + [b - a > 0] (b - a)). A 3x3 window costs 8
+/// DReLUs and multiplies in 4 levels of 7 message trips.
 pub fn max_pool(p: &mut Party, win: &super::plan::Windows, x: &[u64]) -> Result<Vec<u64>> {
     let dealer = p.role == Role::Dealer;
-    let mut cur: Vec<u64> = if dealer {
+    let mut lens: Vec<usize> = win.idx.iter().map(|v| v.len()).collect();
+    let mut cur: Vec<Vec<u64>> = if dealer {
         Vec::new()
     } else {
         win.idx
             .iter()
-            .map(|v| v.first().map(|&i| x[i as usize]).unwrap_or(0))
+            .map(|v| v.iter().map(|&i| x[i as usize]).collect())
             .collect()
     };
-    let longest = win.idx.iter().map(|v| v.len()).max().unwrap_or(0);
-    for t in 1..longest {
-        let outs: Vec<usize> = (0..win.idx.len())
-            .filter(|&o| win.idx[o].len() > t)
-            .collect();
+    while lens.iter().any(|&l| l > 1) {
+        let pairs: usize = lens.iter().map(|l| l / 2).sum();
         let diff: Vec<u64> = if dealer {
             Vec::new()
         } else {
-            outs.iter()
-                .map(|&o| x[win.idx[o][t] as usize].wrapping_sub(cur[o]))
+            cur.iter()
+                .flat_map(|c| c.chunks_exact(2).map(|ab| ab[1].wrapping_sub(ab[0])))
                 .collect()
         };
-        let d = drelu(p, &diff, outs.len())?;
-        let prod = mul_expand(p, outs.len(), outs.len(), &diff, &d, None)?;
+        let d = drelu(p, &diff, pairs)?;
+        let prod = mul_expand(p, pairs, pairs, &diff, &d, None)?;
         if !dealer {
-            for (k, &o) in outs.iter().enumerate() {
-                cur[o] = cur[o].wrapping_add(prod[k]);
+            let mut k = 0;
+            for c in cur.iter_mut() {
+                let mut next = Vec::with_capacity(c.len().div_ceil(2));
+                for ab in c.chunks(2) {
+                    if ab.len() == 2 {
+                        next.push(ab[0].wrapping_add(prod[k]));
+                        k += 1;
+                    } else {
+                        next.push(ab[0]);
+                    }
+                }
+                *c = next;
             }
         }
+        lens.iter_mut().for_each(|l| *l = l.div_ceil(2));
     }
-    Ok(cur)
+    Ok(cur
+        .into_iter()
+        .map(|c| c.first().copied().unwrap_or(0))
+        .collect())
 }
 
 /// Average pool on shares (local): window sum times round(2^s / count), truncated by s.

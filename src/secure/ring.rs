@@ -221,6 +221,32 @@ mod tests {
         assert_eq!(failures, 0);
     }
 
+    /// Large values: the failure rate follows |x| / 2^64 (SPEC.md 8.2 asks to measure it).
+    #[test]
+    fn local_truncation_failure_rate_is_measured() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+        let n = 200_000;
+        let mut failures = 0;
+        let mut expected = 0.0;
+        for _ in 0..n {
+            let x: i64 = rng.gen_range(-(1i64 << 56)..(1i64 << 56));
+            expected += (x.unsigned_abs() as f64) / 2f64.powi(64);
+            let x0: u64 = rng.gen();
+            let x1 = (x as u64).wrapping_sub(x0);
+            let t = trunc_share(x0, 12, 0).wrapping_add(trunc_share(x1, 12, 1)) as i64;
+            let d = t.wrapping_sub(x >> 12);
+            if d != 0 && d != 1 {
+                failures += 1;
+            }
+        }
+        // E|x| / 2^64 = 2^55 / 2^64 = 1/512: about 390 failures in 200,000.
+        assert!(
+            (expected * 0.7..expected * 1.3).contains(&(failures as f64)),
+            "failures {failures}, expected about {expected:.0}"
+        );
+    }
+
     #[test]
     fn odd_modulus_arithmetic() {
         let m = Modulus::odd(64);

@@ -26,6 +26,8 @@ pub enum Kind {
     Control = 4,
     /// Output shares.
     Output = 5,
+    /// Input-independent correlated randomness from the dealer, sent ahead of use.
+    Offline = 6,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             3 => Kind::Data,
             4 => Kind::Control,
             5 => Kind::Output,
+            6 => Kind::Offline,
             _ => return None,
         })
     }
