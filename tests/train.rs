@@ -28,6 +28,9 @@ milestones = [1]
 gamma = 0.5
 "#;
 
+/// Model initialisation seeds libtorch's global generator: tests that build models take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn cfg(text: &str) -> Config {
     Config::from_toml_str(text, Path::new("tiny.toml")).unwrap()
 }
@@ -158,6 +161,7 @@ fn weights(path: &Path) -> Vec<(String, tch::Tensor)> {
 
 #[test]
 fn tiny_run_learns_and_resume_is_bit_exact() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = cfg(TINY);
     let (tr, te) = (toy(48, 0), toy(24, 5));
     let opts = |dir: &Path, resume| TrainOptions {
@@ -165,6 +169,7 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
         resume,
         progress: false,
         spec: None,
+        teacher: None,
     };
 
     // Uninterrupted: 2 epochs.
@@ -227,4 +232,72 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
     let r = train::evaluate(&m, &tr, &train::normalization(c.dataset.kind), 16);
     assert_eq!(r.images, 48);
     assert!(r.top5 >= r.top1);
+}
+
+#[test]
+fn distillation_loss_matches_hand_computation() {
+    let s = [1.0f32, -0.5, 2.0, 0.3, 0.0, -1.0];
+    let t = [0.2f32, 0.1, 1.5, -0.7, 0.9, 0.4];
+    let (alpha, temp) = (0.7, 2.5);
+    let got = train::distillation_loss(
+        &tch::Tensor::from_slice(&s).view([2, 3]),
+        &tch::Tensor::from_slice(&t).view([2, 3]),
+        alpha,
+        temp,
+    )
+    .double_value(&[]);
+    let log_softmax = |v: &[f32]| -> Vec<f64> {
+        let z: Vec<f64> = v.iter().map(|x| *x as f64 / temp).collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        z.iter().map(|x| x - lse).collect()
+    };
+    let mut kl = 0.0;
+    for r in 0..2 {
+        let (ls, lt) = (
+            log_softmax(&s[r * 3..r * 3 + 3]),
+            log_softmax(&t[r * 3..r * 3 + 3]),
+        );
+        kl += (0..3).map(|k| lt[k].exp() * (lt[k] - ls[k])).sum::<f64>();
+    }
+    let want = alpha * temp * temp * kl / 2.0;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    let same = tch::Tensor::from_slice(&s).view([2, 3]);
+    assert!(
+        train::distillation_loss(&same, &same, 1.0, 3.0)
+            .double_value(&[])
+            .abs()
+            < 1e-7
+    );
+}
+
+#[test]
+fn distillation_runs_with_a_teacher_and_is_validated() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let text = format!("{TINY}\n[distill]\nalpha = 0.5\ntemperature = 2.0\n");
+    let mut c = cfg(&text);
+    c.epochs = 1;
+    let (tr, te) = (toy(24, 0), toy(12, 5));
+    let dir = tempfile::tempdir().unwrap();
+    let teacher_model = train::build_model(&c, tch::Device::Cpu).unwrap();
+    let teacher = dir.path().join("teacher.safetensors");
+    teacher_model.save_weights(&teacher).unwrap();
+    let opts = |teacher: Option<std::path::PathBuf>| TrainOptions {
+        run_dir: dir.path().join("run"),
+        resume: false,
+        progress: false,
+        spec: None,
+        teacher,
+    };
+    let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
+    let e = train::train_on(&c, &mut m, &opts(None), &tr, &te).unwrap_err();
+    assert!(e.to_string().contains("teacher"), "{e}");
+    let metrics = train::train_on(&c, &mut m, &opts(Some(teacher)), &tr, &te).unwrap();
+    assert!(metrics[0].train_loss.is_finite());
+
+    let bad = format!("{TINY}\n[distill]\ntemperature = 0.0\n");
+    let e = Config::from_toml_str(&bad, Path::new("kd.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("distill.temperature"), "{e}");
 }

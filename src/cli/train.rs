@@ -28,6 +28,10 @@ pub struct TrainArgs {
     /// cpu (default), cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// Teacher weights for a configuration with `[distill]` (fine-tuning: default the
+    /// starting weights, i.e. the original network).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +105,7 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         resume: a.resume,
         progress: std::io::stderr().is_terminal(),
         spec: spec.map(Path::to_path_buf),
+        teacher: a.teacher.clone().or_else(|| weights.map(Path::to_path_buf)),
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;

@@ -201,6 +201,7 @@ pub fn run(
                 resume: true,
                 progress: cfg.progress,
                 spec: None,
+                teacher: None,
             };
             train::train(base_cfg, &mut model, &opts)?;
         }
@@ -322,6 +323,8 @@ pub fn run(
                         resume: true,
                         progress: cfg.progress,
                         spec: entry.as_ref().map(|e| dir.join(&e.file)),
+                        // With `[distill]` in the fine-tune recipe: the original network.
+                        teacher: Some(base_w.clone()),
                     };
                     train::train(ft_cfg, &mut m, &opts)?;
                     file_hash(&w)

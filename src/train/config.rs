@@ -29,6 +29,25 @@ pub struct Config {
     /// Evaluation batch size (default: batch_size).
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
+    /// Knowledge distillation from a teacher network (SPEC.md section 7).
+    #[serde(default)]
+    pub distill: Option<DistillConfig>,
+}
+
+/// loss = cross-entropy + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
+/// The teacher's weights come from the command line (`brelu finetune --teacher`, by default
+/// the starting weights: the original network).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    #[serde(default = "one")]
+    pub alpha: f64,
+    #[serde(default = "four")]
+    pub temperature: f64,
+}
+
+fn four() -> f64 {
+    4.0
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -166,6 +185,20 @@ impl Config {
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1".into());
+        }
+        if let Some(d) = &self.distill {
+            if !(d.alpha.is_finite() && d.alpha >= 0.0) {
+                return bad(
+                    "distill.alpha",
+                    format!("{} must be a number >= 0", d.alpha),
+                );
+            }
+            if !(d.temperature.is_finite() && d.temperature > 0.0) {
+                return bad(
+                    "distill.temperature",
+                    format!("{} must be a number > 0", d.temperature),
+                );
+            }
         }
         if self.eval_batch_size == Some(0) {
             return bad("eval_batch_size", "must be at least 1".into());

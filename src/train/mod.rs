@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, nn::OptimizerConfig as _, Device, Kind};
+use tch::{nn, nn::OptimizerConfig as _, Device, Kind, Tensor};
 
 /// The normalisation used for a data set kind: the published per-channel training-set
 /// statistics (so evaluation needs no pass over the training set).
@@ -156,6 +156,20 @@ pub struct TrainOptions {
     pub progress: bool,
     /// The spec applied to the model, recorded in the checkpoint.
     pub spec: Option<PathBuf>,
+    /// Teacher weights for knowledge distillation (used when the configuration has a
+    /// `[distill]` section; the teacher runs with ordinary ReLUs in evaluation mode).
+    pub teacher: Option<PathBuf>,
+}
+
+/// The distillation term alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
+/// averaged over the batch.
+pub fn distillation_loss(student: &Tensor, teacher: &Tensor, alpha: f64, t: f64) -> Tensor {
+    let ls = (student / t).log_softmax(1, Kind::Float);
+    let lt = (teacher / t).log_softmax(1, Kind::Float);
+    let kl = (lt.exp() * (&lt - ls))
+        .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+        .mean(Kind::Float);
+    kl * (alpha * t * t)
 }
 
 pub const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
@@ -242,6 +256,19 @@ pub fn train_on(
         nesterov: false,
     }
     .build(model.var_store(), o.lr)?;
+    let teacher = match (&cfg.distill, &opts.teacher) {
+        (Some(_), Some(w)) => {
+            let mut t = build_model(cfg, model.device())?;
+            t.load_weights(w)?;
+            Some(t)
+        }
+        (Some(_), None) => {
+            return Err(Error::InvalidArgument(
+                "the configuration asks for distillation but no teacher weights were given".into(),
+            ))
+        }
+        (None, _) => None,
+    };
     let mut out = Vec::new();
     for epoch in start..cfg.epochs {
         let lr = lr_at(&cfg.schedule, o.lr, epoch, cfg.epochs);
@@ -261,7 +288,11 @@ pub fn train_on(
         for (x, y) in it {
             let b = y.size()[0];
             let logits = model.forward_t(&x, true);
-            let loss = logits.cross_entropy_for_logits(&y);
+            let mut loss = logits.cross_entropy_for_logits(&y);
+            if let (Some(t), Some(d)) = (&teacher, &cfg.distill) {
+                let tl = tch::no_grad(|| t.forward_t(&x, false));
+                loss = loss + distillation_loss(&logits, &tl, d.alpha, d.temperature);
+            }
             opt.backward_step(&loss);
             let l = loss.double_value(&[]);
             if !l.is_finite() {
