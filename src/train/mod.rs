@@ -288,11 +288,14 @@ pub fn train_on(
         for (x, y) in it {
             let b = y.size()[0];
             let logits = model.forward_t(&x, true);
-            let mut loss = logits.cross_entropy_for_logits(&y);
-            if let (Some(t), Some(d)) = (&teacher, &cfg.distill) {
-                let tl = tch::no_grad(|| t.forward_t(&x, false));
-                loss = loss + distillation_loss(&logits, &tl, d.alpha, d.temperature);
-            }
+            let ce = logits.cross_entropy_for_logits(&y);
+            let loss = match (&teacher, &cfg.distill) {
+                (Some(t), Some(d)) => {
+                    let tl = tch::no_grad(|| t.forward_t(&x, false));
+                    ce + distillation_loss(&logits, &tl, d.alpha, d.temperature)
+                }
+                _ => ce,
+            };
             opt.backward_step(&loss);
             let l = loss.double_value(&[]);
             if !l.is_finite() {
