@@ -163,12 +163,99 @@ fn cifar10_and_cifar100_layouts() {
     assert!(e.to_string().contains("label 12"), "{e}");
 }
 
+/// Writes a w x h RGB image whose pixels encode (class, x, y), as PNG or JPEG by extension.
+fn write_image(path: &Path, w: u32, h: u32, class: u8) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([class * 100, (x * 255 / w) as u8, (y * 255 / h) as u8])
+    });
+    img.save(path).unwrap();
+}
+
 #[test]
-fn imagenet_is_a_clear_not_implemented_error() {
-    let msg = data::load(DatasetKind::Imagenet, Path::new("/x"), Split::Train)
-        .unwrap_err()
-        .to_string();
-    assert!(msg.contains("not implemented"), "{msg}");
+fn class_folders_stream_with_transforms_and_clear_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_image(&r.join("train/cat/a.png"), 40, 30, 0);
+    write_image(&r.join("train/cat/b.JPEG"), 30, 50, 0);
+    write_image(&r.join("train/dog/c.jpg"), 64, 64, 1);
+    std::fs::write(r.join("train/dog/notes.txt"), "ignored").unwrap();
+    write_image(&r.join("val/dog/d.png"), 20, 20, 1);
+
+    let train = data::load_sized(DatasetKind::Imagenet, r, Split::Train, [3, 16, 16], 2).unwrap();
+    assert_eq!(train.len(), 3);
+    assert_eq!(train.image_shape(), [3, 16, 16]);
+    assert_eq!(Vec::<i64>::try_from(&train.labels).unwrap(), [0, 0, 1]);
+    let val = data::load_sized(DatasetKind::Imagenet, r, Split::Test, [3, 16, 16], 2).unwrap();
+    assert_eq!(
+        Vec::<i64>::try_from(&val.labels).unwrap(),
+        [1],
+        "val uses the training class indices"
+    );
+
+    // Evaluation transform: resize the short side to 16*256/224 = 19, center crop 16.
+    let x = val.select(&[0]).unwrap();
+    assert_eq!(x.size(), [1, 3, 16, 16]);
+    assert_eq!(
+        x.int64_value(&[0, 0, 5, 5]),
+        100,
+        "red channel carries the class"
+    );
+    let g = x.int64_value(&[0, 1, 8, 3]);
+    let g2 = x.int64_value(&[0, 1, 8, 12]);
+    assert!(g2 > g, "green grows left to right: {g} {g2}");
+
+    // Training batches: random-resized-crop + flip, reproducible for a seed and epoch.
+    let norm = normalization(DatasetKind::Imagenet);
+    let aug = Some(Augment { pad: 0, flip: true });
+    let dev = tch::Device::Cpu;
+    let b1: Vec<_> = BatchIter::train(&train, 2, 4, 0, aug, norm.clone(), dev)
+        .map(|b| b.unwrap())
+        .collect();
+    let b2: Vec<_> = BatchIter::train(&train, 2, 4, 0, aug, norm.clone(), dev)
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(b1.len(), 2);
+    assert_eq!(b1[0].0.size(), [2, 3, 16, 16]);
+    assert!(b1[0].0.equal(&b2[0].0) && b1[1].0.equal(&b2[1].0));
+
+    // Errors name the file or folder.
+    std::fs::write(
+        r.join("train/dog/broken.jpg"),
+        b"\xff\xd8 not really a jpeg",
+    )
+    .unwrap();
+    let bad = data::load_sized(DatasetKind::Imagenet, r, Split::Train, [3, 16, 16], 2).unwrap();
+    let e = bad.select(&[2]).unwrap_err().to_string();
+    assert!(e.contains("broken.jpg") && e.contains("decode"), "{e}");
+    let e = BatchIter::eval(&bad, 4, norm.clone(), dev)
+        .find_map(|b| b.err())
+        .unwrap();
+    assert!(e.to_string().contains("broken.jpg"), "{e}");
+    std::fs::create_dir_all(r.join("val/bird")).unwrap();
+    write_image(&r.join("val/bird/e.png"), 8, 8, 2);
+    let e = data::load_sized(DatasetKind::Imagenet, r, Split::Test, [3, 16, 16], 2).unwrap_err();
+    assert!(
+        e.to_string().contains("bird") && e.to_string().contains("training classes"),
+        "{e}"
+    );
+    std::fs::create_dir_all(r.join("train/empty")).unwrap();
+    let e = data::load_sized(DatasetKind::Imagenet, r, Split::Train, [3, 16, 16], 3).unwrap_err();
+    assert!(
+        e.to_string().contains("empty") && e.to_string().contains("without images"),
+        "{e}"
+    );
+    let e = data::load_sized(
+        DatasetKind::Imagenet,
+        &r.join("nope"),
+        Split::Train,
+        [3, 16, 16],
+        2,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    let e = data::load_sized(DatasetKind::Imagenet, r, Split::Train, [3, 16, 12], 2).unwrap_err();
+    assert!(e.to_string().contains("square"), "{e}");
 }
 
 #[test]
@@ -216,7 +303,9 @@ fn batches_shuffle_per_epoch_and_evaluate_in_order() {
     sorted.sort();
     assert_eq!(sorted, (0..10).collect::<Vec<i64>>());
     assert_eq!(e0.batches(), 4);
-    let ev: Vec<_> = BatchIter::eval(&ds, 4, norm.clone(), dev).collect();
+    let ev: Vec<_> = BatchIter::eval(&ds, 4, norm.clone(), dev)
+        .map(|b| b.unwrap())
+        .collect();
     assert_eq!(ev.len(), 3);
     assert_eq!(ev[2].0.size(), [2, 1, 2, 2]);
     assert_eq!(ev[0].1.int64_value(&[1]), 1);

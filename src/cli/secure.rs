@@ -184,7 +184,8 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
     } else if let Some(cfg) = &cfg {
         let mut test = train::load_split(cfg, Split::Test).context("loading the test set")?;
         test.truncate(a.images);
-        let x = train::normalization(cfg.dataset.kind).apply(&test.images);
+        let all: Vec<i64> = (0..test.len() as i64).collect();
+        let x = train::normalization(cfg.dataset.kind).apply(&test.select(&all)?);
         let labels = Vec::<i64>::try_from(&test.labels)?
             .into_iter()
             .map(|l| l as usize)

@@ -178,7 +178,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         &test,
         &train::normalization(cfg.dataset.kind),
         cfg.eval_batch_size.unwrap_or(cfg.batch_size),
-    );
+    )?;
     let r = EvalReport {
         model: cfg.model.clone(),
         weights: a.weights.clone(),

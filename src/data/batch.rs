@@ -174,20 +174,38 @@ impl<'a> BatchIter<'a> {
 }
 
 impl Iterator for BatchIter<'_> {
-    /// (images float32 [B, C, H, W] normalised, labels i64 [B]), on the device.
-    type Item = (Tensor, Tensor);
+    /// (images float32 [B, C, H, W] normalised, labels i64 [B]), on the device; an error when
+    /// an image of a class-folder set cannot be decoded.
+    type Item = crate::error::Result<(Tensor, Tensor)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.pos >= self.order.len() {
             return None;
         }
         let end = (self.pos + self.batch_size).min(self.order.len());
-        let idx = Tensor::from_slice(&self.order[self.pos..end]);
+        let ids = &self.order[self.pos..end];
+        let idx = Tensor::from_slice(ids);
         self.pos = end;
-        let mut x = self.data.images.index_select(0, &idx);
-        if let Some((a, rng)) = &mut self.augment {
-            x = a.apply(&x, rng);
-        }
+        let x = match (&self.data.folder, &mut self.augment) {
+            // Class folders are augmented while decoding (random-resized-crop + flip), one
+            // seed per image drawn in order so the batch is reproducible.
+            (Some(f), Some((_, rng))) => {
+                let t: Vec<_> = ids
+                    .iter()
+                    .map(|_| super::folder::Transform::Train(rng.next_u64()))
+                    .collect();
+                f.decode_batch(ids, &t).map(|b| {
+                    let s = f.side as i64;
+                    Tensor::from_slice(&b).view([ids.len() as i64, 3, s, s])
+                })
+            }
+            (_, Some((a, rng))) => self.data.select(ids).map(|x| a.apply(&x, rng)),
+            (_, None) => self.data.select(ids),
+        };
+        let x = match x {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
         let x = self.normalize.apply(&x.to_device(self.device));
         let y = self
             .data
@@ -195,6 +213,6 @@ impl Iterator for BatchIter<'_> {
             .index_select(0, &idx)
             .to_kind(Kind::Int64)
             .to_device(self.device);
-        Some((x, y))
+        Some(Ok((x, y)))
     }
 }

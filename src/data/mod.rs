@@ -1,9 +1,11 @@
-//! Image classification data sets held in memory: readers for the MNIST/Fashion-MNIST idx
-//! format ([`idx`]) and the CIFAR binary layout ([`cifar`]), per-channel normalisation, seeded
-//! augmentation and batch iteration ([`batch`]). These sets are small (at most ~180 MB), so
-//! images stay as one u8 tensor [N, C, H, W] and are converted to float per batch.
+//! Image classification data sets: readers for the MNIST/Fashion-MNIST idx format ([`idx`])
+//! and the CIFAR binary layout ([`cifar`]), held in memory (at most ~180 MB, one u8 tensor
+//! [N, C, H, W]); ImageNet-style class folders ([`folder`]), of which only the file list is held
+//! and images are decoded per batch; per-channel normalisation, seeded augmentation and batch
+//! iteration ([`batch`]).
 pub mod batch;
 pub mod cifar;
+pub mod folder;
 pub mod idx;
 
 pub use batch::{Augment, BatchIter, Rng};
@@ -21,7 +23,7 @@ pub enum DatasetKind {
     Mnist,
     Cifar10,
     Cifar100,
-    /// ImageNet-style class folders: accepted in configs, not implemented yet.
+    /// ImageNet-style class folders (`train/<class>/*`, `val/<class>/*`), decoded per batch.
     Imagenet,
 }
 
@@ -56,10 +58,13 @@ impl DatasetKind {
     }
 
     /// The augmentation used for training by default: crop with 4 pixels of padding plus
-    /// horizontal flip for CIFAR, none for the MNIST-style sets.
+    /// horizontal flip for CIFAR, random-resized-crop + flip for class folders, none for the
+    /// MNIST-style sets.
     pub fn default_augment(self) -> Option<Augment> {
         match self {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => Some(Augment { pad: 4, flip: true }),
+            // Class folders: any augmentation means random-resized-crop + flip (see folder).
+            DatasetKind::Imagenet => Some(Augment { pad: 0, flip: true }),
             _ => None,
         }
     }
@@ -72,14 +77,16 @@ pub enum Split {
     Test,
 }
 
-/// One split of a data set in memory.
+/// One split of a data set.
 #[derive(Debug)]
 pub struct Dataset {
-    /// u8 [N, C, H, W] on the CPU.
+    /// u8 [N, C, H, W] on the CPU (empty for a folder set: use [`Dataset::select`]).
     pub images: Tensor,
     /// i64 [N] class indices.
     pub labels: Tensor,
     pub num_classes: usize,
+    /// The files of a class-folder set, decoded on demand.
+    pub folder: Option<std::sync::Arc<folder::FolderSet>>,
 }
 
 impl Dataset {
@@ -121,7 +128,52 @@ impl Dataset {
             images,
             labels,
             num_classes,
+            folder: None,
         })
+    }
+
+    /// A class-folder set (see [`folder::open`]).
+    pub fn from_folder(set: folder::FolderSet, num_classes: usize) -> Result<Dataset> {
+        if set.classes.len() > num_classes {
+            return Err(Error::data(
+                set.paths
+                    .first()
+                    .map(|p| p.as_path())
+                    .unwrap_or(Path::new("?")),
+                format!(
+                    "{} class folders but the configuration has {num_classes} classes",
+                    set.classes.len()
+                ),
+            ));
+        }
+        Ok(Dataset {
+            images: Tensor::zeros([0], (Kind::Uint8, tch::Device::Cpu)),
+            labels: Tensor::from_slice(&set.labels),
+            num_classes,
+            folder: Some(std::sync::Arc::new(set)),
+        })
+    }
+
+    /// Images `idx` as u8 [n, C, H, W] (folder sets: decoded with the evaluation transform).
+    pub fn select(&self, idx: &[i64]) -> Result<Tensor> {
+        match &self.folder {
+            None => Ok(self.images.index_select(0, &Tensor::from_slice(idx))),
+            Some(f) => {
+                let t = vec![folder::Transform::Eval; idx.len()];
+                self.folder_tensor(f, idx, &t)
+            }
+        }
+    }
+
+    fn folder_tensor(
+        &self,
+        f: &folder::FolderSet,
+        idx: &[i64],
+        t: &[folder::Transform],
+    ) -> Result<Tensor> {
+        let bytes = f.decode_batch(idx, t)?;
+        let s = f.side as i64;
+        Ok(Tensor::from_slice(&bytes).view([idx.len() as i64, 3, s, s]))
     }
 
     pub fn len(&self) -> usize {
@@ -134,12 +186,29 @@ impl Dataset {
 
     /// [C, H, W] of one image.
     pub fn image_shape(&self) -> [usize; 3] {
+        if let Some(f) = &self.folder {
+            return [3, f.side, f.side];
+        }
         let s = self.images.size();
         [s[1] as usize, s[2] as usize, s[3] as usize]
     }
 
     /// Keeps the first `n` images (all when `n` is larger).
+    /// (For a folder set: `n` images evenly spaced over the sorted list, so every class keeps
+    /// its share.)
     pub fn truncate(&mut self, n: usize) {
+        if let Some(f) = &self.folder {
+            if n < self.len() {
+                let len = self.len();
+                let keep: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+                let mut g = (**f).clone();
+                g.paths = keep.iter().map(|&i| f.paths[i].clone()).collect();
+                g.labels = keep.iter().map(|&i| f.labels[i]).collect();
+                self.labels = Tensor::from_slice(&g.labels);
+                self.folder = Some(std::sync::Arc::new(g));
+            }
+            return;
+        }
         if n < self.len() {
             self.images = self.images.narrow(0, 0, n as i64);
             self.labels = self.labels.narrow(0, 0, n as i64);
@@ -187,16 +256,32 @@ impl Normalize {
     }
 }
 
-/// Loads one split of a data set from `dir`.
+/// Loads one split of a data set from `dir` (class folders at the kind's default size).
 pub fn load(kind: DatasetKind, dir: &Path, split: Split) -> Result<Dataset> {
+    load_sized(kind, dir, split, kind.image_shape(), kind.num_classes())
+}
+
+/// [`load`] with the configured input (the output size of class-folder images) and class
+/// count.
+pub fn load_sized(
+    kind: DatasetKind,
+    dir: &Path,
+    split: Split,
+    input: [usize; 3],
+    num_classes: usize,
+) -> Result<Dataset> {
     match kind {
         DatasetKind::FashionMnist | DatasetKind::Mnist => idx::load_mnist(dir, split),
         DatasetKind::Cifar10 => cifar::load_cifar10(dir, split),
         DatasetKind::Cifar100 => cifar::load_cifar100(dir, split),
-        DatasetKind::Imagenet => Err(Error::NotImplemented(format!(
-            "ImageNet class folders ({}): only fashion-mnist, mnist, cifar10 and cifar100 \
-             can be loaded so far",
-            dir.display()
-        ))),
+        DatasetKind::Imagenet => {
+            if input[0] != 3 || input[1] != input[2] {
+                return Err(Error::data(
+                    dir,
+                    format!("class-folder images are RGB squares; the input {input:?} is not"),
+                ));
+            }
+            Dataset::from_folder(folder::open(dir, split, input[1])?, num_classes)
+        }
     }
 }

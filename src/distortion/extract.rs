@@ -191,7 +191,7 @@ pub fn training_samples(cfg: &crate::train::Config, n: usize, seed: u64) -> Resu
     let mut order: Vec<i64> = (0..data.len() as i64).collect();
     Rng::for_epoch(seed, 0, 7).shuffle(&mut order);
     order.truncate(n);
-    let x = data.images.index_select(0, &Tensor::from_slice(&order));
+    let x = data.select(&order)?;
     Samples::from_tensor(&crate::train::normalization(cfg.dataset.kind).apply(&x))
 }
 
@@ -481,7 +481,7 @@ pub fn run(
                             "the model on {device:?} differs from the job's (weights changed?)"
                         )));
                     }
-                    let mut worker = Worker::new(job, &model, samples, device);
+                    let mut worker = Worker::new(job, &model, samples, device)?;
                     let (mut done, mut evals) = (0, 0);
                     for u in todo.iter().skip(w).step_by(workers) {
                         evals += worker.unit(dir, *u)?;
@@ -551,15 +551,15 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    fn new(job: &'a Job, model: &'a Model, samples: &'a Samples, device: Device) -> Self {
-        Worker {
+    fn new(job: &'a Job, model: &'a Model, samples: &'a Samples, device: Device) -> Result<Self> {
+        Ok(Worker {
             job,
             model,
             samples,
             device,
-            estimator: job.estimator().unwrap_or(Estimator::Exact),
+            estimator: job.estimator()?,
             cache: None,
-        }
+        })
     }
 
     fn batch_range(&self, b: usize) -> (usize, usize) {

@@ -340,7 +340,7 @@ pub fn run(
         let epath = dir.join("eval").join(format!("{name}.json"));
         let e_in = hash_of(&(&w_hash, ft_cfg.test_limit, eval_bs));
         r.stage(&format!("eval-{name}"), e_in, |_| {
-            let res = train::evaluate(&model, &test, &norm, eval_bs);
+            let res = train::evaluate(&model, &test, &norm, eval_bs)?;
             write_json(&epath, &res)?;
             file_hash(&epath)
         })?;
@@ -350,7 +350,8 @@ pub fn run(
             let s_in = hash_of(&(&w_hash, entry.as_ref().map(|e| &e.name), &cfg.secure));
             r.stage(&format!("secure-{name}"), s_in, |_| {
                 let n = cfg.secure.images.min(test.len());
-                let x = norm.apply(&test.images.narrow(0, 0, n as i64));
+                let first: Vec<i64> = (0..n as i64).collect();
+                let x = norm.apply(&test.select(&first)?);
                 let per: usize = x.size()[1..].iter().product::<i64>() as usize;
                 let flat = Vec::<f32>::try_from(x.flatten(0, -1))?;
                 let images: Vec<Vec<f32>> = flat.chunks(per).map(|c| c.to_vec()).collect();

@@ -44,7 +44,7 @@ pub fn normalization(kind: DatasetKind) -> Normalize {
 /// checks the image size against the configured input.
 pub fn load_split(cfg: &Config, split: Split) -> Result<Dataset> {
     let dir = cfg.dataset.dir();
-    let mut d = data::load(cfg.dataset.kind, &dir, split)?;
+    let mut d = data::load_sized(cfg.dataset.kind, &dir, split, cfg.input, cfg.num_classes)?;
     let limit = match split {
         Split::Train => cfg.train_limit,
         Split::Test => cfg.test_limit,
@@ -96,11 +96,12 @@ pub fn evaluate(
     data: &Dataset,
     normalize: &Normalize,
     batch_size: usize,
-) -> EvalResult {
+) -> Result<EvalResult> {
     let _g = tch::no_grad_guard();
     let k = 5.min(data.num_classes) as i64;
     let (mut loss, mut c1, mut c5, mut n) = (0f64, 0i64, 0i64, 0usize);
-    for (x, y) in BatchIter::eval(data, batch_size, normalize.clone(), model.device()) {
+    for b in BatchIter::eval(data, batch_size, normalize.clone(), model.device()) {
+        let (x, y) = b?;
         let b = y.size()[0];
         let logits = model.forward_t(&x, false);
         loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * b as f64;
@@ -111,12 +112,12 @@ pub fn evaluate(
         n += b as usize;
     }
     let d = n.max(1) as f64;
-    EvalResult {
+    Ok(EvalResult {
         top1: c1 as f64 / d,
         top5: c5 as f64 / d,
         loss: loss / d,
         images: n,
-    }
+    })
 }
 
 /// One line of `metrics.jsonl`.
@@ -285,7 +286,8 @@ pub fn train_on(
         );
         let bar = progress_bar(opts.progress, it.batches() as u64, epoch, cfg.epochs);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0i64, 0usize);
-        for (x, y) in it {
+        for b in it {
+            let (x, y) = b?;
             let b = y.size()[0];
             let logits = model.forward_t(&x, true);
             let ce = logits.cross_entropy_for_logits(&y);
@@ -321,7 +323,7 @@ pub fn train_on(
         }
         bar.finish_and_clear();
         let train_secs = t0.elapsed().as_secs_f64();
-        let test = evaluate(model, test_set, &norm, eval_bs);
+        let test = evaluate(model, test_set, &norm, eval_bs)?;
         let m = EpochMetrics {
             epoch: epoch + 1,
             lr,

@@ -1,0 +1,184 @@
+//! ImageNet-style class folders: `ROOT/train/<class>/*.JPEG` and `ROOT/val/<class>/*`. Only the
+//! file list stays in memory; images are decoded per batch on rayon worker threads (memory is
+//! bounded by one batch), with the standard transforms: random-resized-crop (scale 0.08-1,
+//! aspect 3/4-4/3) plus horizontal flip for training, resize of the short side to 256/224 of
+//! the output and a center crop for evaluation.
+use super::{Rng, Split};
+use crate::error::{Error, Result};
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// The files of one split with their class indices.
+#[derive(Debug, Clone)]
+pub struct FolderSet {
+    pub paths: Vec<PathBuf>,
+    pub labels: Vec<i64>,
+    pub classes: Vec<String>,
+    /// Output side (images are `side` x `side`, RGB).
+    pub side: usize,
+}
+
+const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+fn subdirs(dir: &Path) -> Result<Vec<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .map(|x| x.to_string_lossy().to_ascii_lowercase())
+                    .is_some_and(|x| EXTENSIONS.contains(&x.as_str()))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Lists `root/train` or `root/val`. The classes are the sorted sub-folder names of
+/// `root/train` (so both splits agree on indices); a validation class that training lacks,
+/// or a class folder without images, is an error naming it.
+pub fn open(root: &Path, split: Split, side: usize) -> Result<FolderSet> {
+    let name = match split {
+        Split::Train => "train",
+        Split::Test => "val",
+    };
+    let train_dir = root.join("train");
+    let dir = root.join(name);
+    if !dir.is_dir() {
+        return Err(Error::data(
+            &dir,
+            "missing: expected an ImageNet-style folder with one sub-folder per class",
+        ));
+    }
+    let classes = subdirs(if train_dir.is_dir() { &train_dir } else { &dir })?;
+    if classes.is_empty() {
+        return Err(Error::data(&dir, "no class sub-folders"));
+    }
+    let (mut paths, mut labels) = (Vec::new(), Vec::new());
+    for c in subdirs(&dir)? {
+        let Some(k) = classes.iter().position(|x| *x == c) else {
+            return Err(Error::data(
+                dir.join(&c),
+                format!(
+                    "class '{c}' is not among the {} training classes",
+                    classes.len()
+                ),
+            ));
+        };
+        let files = images_in(&dir.join(&c))?;
+        if files.is_empty() {
+            return Err(Error::data(
+                dir.join(&c),
+                "class folder without images (.jpg, .jpeg or .png)",
+            ));
+        }
+        labels.extend(std::iter::repeat_n(k as i64, files.len()));
+        paths.extend(files);
+    }
+    Ok(FolderSet {
+        paths,
+        labels,
+        classes,
+        side,
+    })
+}
+
+/// How to turn a decoded image into `side` x `side`.
+#[derive(Clone, Copy, Debug)]
+pub enum Transform {
+    /// Resize the short side to side * 256 / 224, center crop.
+    Eval,
+    /// Random-resized-crop and flip, drawn from a per-image seed.
+    Train(u64),
+}
+
+fn uniform(rng: &mut Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Decodes one file to RGB u8, channel-major [3, side, side].
+pub fn decode(path: &Path, side: usize, t: Transform) -> Result<Vec<u8>> {
+    let img = image::open(path)
+        .map_err(|e| Error::data(path, format!("cannot decode the image: {e}")))?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let s = side as u32;
+    let out = match t {
+        Transform::Eval => {
+            let short = (side * 256).div_ceil(224);
+            let (nw, nh) = if w <= h {
+                (short, (h * short).div_ceil(w))
+            } else {
+                ((w * short).div_ceil(h), short)
+            };
+            let r = image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle);
+            let (x0, y0) = ((nw - side) / 2, (nh - side) / 2);
+            image::imageops::crop_imm(&r, x0 as u32, y0 as u32, s, s).to_image()
+        }
+        Transform::Train(seed) => {
+            let mut rng = Rng::new(seed);
+            let area = (w * h) as f64;
+            let mut rect = None;
+            for _ in 0..10 {
+                let target = area * (0.08 + 0.92 * uniform(&mut rng));
+                let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+                let ratio = (lo + (hi - lo) * uniform(&mut rng)).exp();
+                let cw = (target * ratio).sqrt().round() as usize;
+                let ch = (target / ratio).sqrt().round() as usize;
+                if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
+                    let x0 = rng.below((w - cw + 1) as u64) as usize;
+                    let y0 = rng.below((h - ch + 1) as u64) as usize;
+                    rect = Some((x0, y0, cw, ch));
+                    break;
+                }
+            }
+            let (x0, y0, cw, ch) = rect.unwrap_or_else(|| {
+                let m = w.min(h);
+                ((w - m) / 2, (h - m) / 2, m, m)
+            });
+            let c = image::imageops::crop_imm(&img, x0 as u32, y0 as u32, cw as u32, ch as u32)
+                .to_image();
+            let mut r = image::imageops::resize(&c, s, s, FilterType::Triangle);
+            if rng.next_u64() & 1 == 1 {
+                image::imageops::flip_horizontal_in_place(&mut r);
+            }
+            r
+        }
+    };
+    let mut chw = vec![0u8; 3 * side * side];
+    for (i, p) in out.pixels().enumerate() {
+        for k in 0..3 {
+            chw[k * side * side + i] = p.0[k];
+        }
+    }
+    Ok(chw)
+}
+
+impl FolderSet {
+    /// Decodes the images `idx` in parallel: u8 [n, 3, side, side] (row-major bytes).
+    pub fn decode_batch(&self, idx: &[i64], t: &[Transform]) -> Result<Vec<u8>> {
+        let parts: Vec<Result<Vec<u8>>> = idx
+            .par_iter()
+            .zip(t.par_iter())
+            .map(|(&i, &tr)| decode(&self.paths[i as usize], self.side, tr))
+            .collect();
+        let mut out = Vec::with_capacity(idx.len() * 3 * self.side * self.side);
+        for p in parts {
+            out.extend(p?);
+        }
+        Ok(out)
+    }
+}
