@@ -19,7 +19,7 @@ path = "/nonexistent"
 
 [optimizer]
 lr = 0.05
-momentum = 0.0
+momentum = 0.9
 weight_decay = 1e-4
 
 [schedule]
@@ -63,7 +63,7 @@ fn config_errors_name_file_and_field() {
     bad(TINY.replace("seed = 3", "seed = 3\nsede = 4"), &["sede"]);
     bad(TINY.replace("lr = 0.05", "lr = -1.0"), &["optimizer.lr"]);
     bad(
-        TINY.replace("momentum = 0.0", "momentum = 1.5"),
+        TINY.replace("momentum = 0.9", "momentum = 1.5"),
         &["optimizer.momentum"],
     );
     bad(

@@ -1,16 +1,16 @@
-//! Supervised training and evaluation with cross-entropy: SGD (tch `nn::Sgd`, momentum and
-//! weight decay in the optimizer) under a per-epoch learning-rate [`schedule`], evaluation
-//! (top-1, top-5, mean loss), per-epoch metrics in `RUN_DIR/metrics.jsonl` and a checkpoint
-//! after every epoch (`checkpoint.safetensors` + `checkpoint.json`, both written atomically)
-//! from which `resume` continues.
+//! Supervised training and evaluation with cross-entropy: SGD ([`sgd`], momentum and weight
+//! decay) under a per-epoch learning-rate [`schedule`], evaluation (top-1, top-5, mean loss),
+//! per-epoch metrics in `RUN_DIR/metrics.jsonl` and a checkpoint after every epoch
+//! (`checkpoint.safetensors`, the momentum buffers in `checkpoint-optimizer.safetensors` and
+//! `checkpoint.json`, each written atomically) from which `resume` continues.
 //!
 //! Determinism: the model is initialised after `tch::manual_seed(seed)`, and the data order
 //! and augmentation of epoch `e` come from brelu's own generator seeded with (seed, e), so a
-//! resumed run sees the same batches as an uninterrupted one. Limitation: tch does not expose
-//! the SGD momentum buffers, so a resumed run restarts momentum from zero at the resumed
-//! epoch; with momentum 0 a resumed CPU run is bit-identical to an uninterrupted one.
+//! resumed run sees the same batches and optimizer state as an uninterrupted one and, on the
+//! CPU, ends with the same weights.
 pub mod config;
 pub mod schedule;
+pub mod sgd;
 
 pub use config::{Config, DatasetConfig, OptimizerConfig, ScheduleConfig, ScheduleKind};
 pub use schedule::lr_at;
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, nn::OptimizerConfig as _, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The normalisation used for a data set kind: the published per-channel training-set
 /// statistics (so evaluation needs no pass over the training set).
@@ -142,7 +142,8 @@ pub struct Checkpoint {
     pub config_hash: String,
     /// The spec the model was trained with, if any.
     pub spec: Option<PathBuf>,
-    /// False: momentum buffers are not saved; a resume restarts them from zero.
+    /// False (checkpoints of older versions): no momentum buffers; a resume restarts them
+    /// from zero.
     pub momentum_saved: bool,
     pub last: Option<EpochMetrics>,
 }
@@ -175,6 +176,8 @@ pub fn distillation_loss(student: &Tensor, teacher: &Tensor, alpha: f64, t: f64)
 
 pub const CHECKPOINT_WEIGHTS: &str = "checkpoint.safetensors";
 pub const CHECKPOINT_JSON: &str = "checkpoint.json";
+/// SGD momentum buffers, saved with every checkpoint.
+pub const CHECKPOINT_OPTIMIZER: &str = "checkpoint-optimizer.safetensors";
 pub const METRICS: &str = "metrics.jsonl";
 
 /// Reads `run_dir/checkpoint.json` if it exists.
@@ -250,13 +253,10 @@ pub fn train_on(
     let augment = cfg.dataset.augmentation();
     let eval_bs = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
     let o = &cfg.optimizer;
-    let mut opt = nn::Sgd {
-        momentum: o.momentum,
-        dampening: 0.0,
-        wd: o.weight_decay,
-        nesterov: false,
+    let mut opt = sgd::Sgd::new(model.var_store(), o.lr, o.momentum, o.weight_decay);
+    if start > 0 && dir.join(CHECKPOINT_OPTIMIZER).exists() {
+        opt.load(&dir.join(CHECKPOINT_OPTIMIZER))?;
     }
-    .build(model.var_store(), o.lr)?;
     let teacher = match (&cfg.distill, &opts.teacher) {
         (Some(_), Some(w)) => {
             let mut t = build_model(cfg, model.device())?;
@@ -273,7 +273,7 @@ pub fn train_on(
     let mut out = Vec::new();
     for epoch in start..cfg.epochs {
         let lr = lr_at(&cfg.schedule, o.lr, epoch, cfg.epochs);
-        opt.set_lr(lr);
+        opt.lr = lr;
         let t0 = Instant::now();
         let it = BatchIter::train(
             train_set,
@@ -335,12 +335,13 @@ pub fn train_on(
         };
         append_line(&metrics_path, &serde_json::to_string(&m).expect("metrics"))?;
         model.save_weights(&dir.join(CHECKPOINT_WEIGHTS))?;
+        opt.save(&dir.join(CHECKPOINT_OPTIMIZER))?;
         let ck = Checkpoint {
             epoch: epoch + 1,
             seed: cfg.seed,
             config_hash: hash.clone(),
             spec: opts.spec.clone(),
-            momentum_saved: false,
+            momentum_saved: true,
             last: Some(m.clone()),
         };
         let text = serde_json::to_string_pretty(&ck).expect("checkpoint");
