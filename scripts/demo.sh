@@ -4,7 +4,7 @@
 # stage and takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BRELU=target/release/brelu
+BRELU=${BRELU:-target/release/brelu}
 OUT=${OUT:-runs/demo-pipeline}
 DATA=/usr/share/datasets/fashion-mnist
 if ! ls "$DATA"/train-images-idx3-ubyte* >/dev/null 2>&1; then
