@@ -19,6 +19,7 @@ pub mod cli;
 pub mod data;
 pub mod distortion;
 pub mod error;
+pub mod hash;
 pub mod knapsack;
 pub mod models;
 pub mod npy;

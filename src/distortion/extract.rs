@@ -117,15 +117,7 @@ pub struct PlanOptions {
     pub baseline: Option<String>,
 }
 
-/// FNV-1a 64 of some bytes, as 16 hex digits.
-pub fn fnv_hex(bytes: impl IntoIterator<Item = u8>) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
+pub use crate::hash::fnv_hex;
 
 /// The sample images of an extraction: float32 [N, C, H, W] on the CPU, evaluation transform
 /// applied. Kept as plain data so every worker can put them on its own device.

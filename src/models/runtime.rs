@@ -307,13 +307,8 @@ impl Model {
     /// architecture and input size, as 16 hex digits (FNV-1a 64): two runs agree on it exactly
     /// when they computed with the same network.
     pub fn param_hash(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        };
+        let mut h = crate::hash::Fnv::default();
+        let mut eat = |bytes: &[u8]| h.write(bytes);
         eat(self.name().as_bytes());
         for d in self.config.input {
             eat(&(d as u64).to_le_bytes());
@@ -335,7 +330,7 @@ impl Model {
                 eat(&x.to_le_bytes());
             }
         }
-        format!("{h:016x}")
+        h.hex()
     }
 
     /// The same network with every batch norm that directly follows a convolution folded into

@@ -258,12 +258,6 @@ impl Config {
     pub fn hash(&self) -> String {
         let mut c = self.clone();
         c.epochs = 0;
-        let text = serde_json::to_string(&c).expect("config serialises");
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{h:016x}")
+        crate::hash::fnv_hex(serde_json::to_vec(&c).expect("config serialises"))
     }
 }

@@ -61,7 +61,7 @@ impl Sgd {
                 *buf = Some(b);
             }
             let mut p = p.shallow_clone();
-            let _ = p.f_sub_(&(d * self.lr));
+            p -= d * self.lr;
         }
     }
 
