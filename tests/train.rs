@@ -37,16 +37,26 @@ fn cfg(text: &str) -> Config {
 
 #[test]
 fn shipped_configs_parse() {
-    for f in [
-        "fashion-mnist.toml",
-        "cifar100-resnet18.toml",
-        "cifar100-resnet18-brelu.toml",
-    ] {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("configs")
-            .join(f);
-        Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+    // Every file in configs/: pipeline files (they name a `train` configuration) and
+    // training configurations.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let pipeline = text.lines().any(|l| l.trim_start().starts_with("train ="));
+        if pipeline {
+            brelu::pipeline::PipelineConfig::load(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        } else {
+            Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+        n += 1;
     }
+    assert!(n >= 6, "only {n} configurations found in {}", dir.display());
 }
 
 #[test]

@@ -25,6 +25,15 @@ pub struct TrainArgs {
     /// Override the configuration's epoch count.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Override the configuration's learning rate (optimizer.lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Override the configuration's training batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Override the configuration's seed (initialisation, data order, augmentation).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// cpu (default), cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
@@ -32,6 +41,16 @@ pub struct TrainArgs {
     /// starting weights, i.e. the original network).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainCmdArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Start from these weights (safetensors) instead of a fresh initialisation, e.g. ResNet50
+    /// weights for the avg-pool stem swap (`model = "resnet50-avgpool"`).
+    #[arg(long, short)]
+    pub weights: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -65,12 +84,29 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-fn load_config(path: &Path, epochs: Option<usize>) -> Result<Config> {
+/// Reads the configuration and applies the command-line overrides, validating the result
+/// like the file itself (the overrides are part of the run's configuration hash, so a resume
+/// with other overrides is refused).
+fn load_config(path: &Path, a: Option<&TrainArgs>) -> Result<Config> {
     let mut cfg = Config::load(path).context("reading the training configuration")?;
-    if let Some(e) = epochs {
+    let Some(a) = a else { return Ok(cfg) };
+    if let Some(e) = a.epochs {
         anyhow::ensure!(e > 0, "--epochs must be at least 1");
         cfg.epochs = e;
     }
+    if let Some(lr) = a.lr {
+        anyhow::ensure!(lr.is_finite() && lr > 0.0, "--lr must be a positive number, got {lr}");
+        cfg.optimizer.lr = lr;
+    }
+    if let Some(b) = a.batch_size {
+        anyhow::ensure!(b > 0, "--batch-size must be at least 1");
+        cfg.batch_size = b;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    cfg.validate(path)
+        .context("the configuration with the command-line overrides")?;
     Ok(cfg)
 }
 
@@ -80,7 +116,7 @@ fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
 }
 
 fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
-    let cfg = load_config(&a.config, a.epochs)?;
+    let cfg = load_config(&a.config, Some(a))?;
     let device = train::parse_device(a.device.as_deref())?;
     let run_dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -139,8 +175,8 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
     Ok(())
 }
 
-pub fn train_cmd(a: TrainArgs) -> Result<()> {
-    run_training(&a, None, None)
+pub fn train_cmd(a: TrainCmdArgs) -> Result<()> {
+    run_training(&a.train, a.weights.as_deref(), None)
 }
 
 pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
