@@ -1,5 +1,6 @@
-//! Train and eval step throughput (images/s) of ResNet18-CIFAR (batch 64, 32x32, 100
-//! classes) and ResNet50 (batch 16, 224x224, 1000 classes) on random data: brelu's graph
+//! Train and eval step throughput (images/s) of the Fashion-MNIST default network
+//! (resnet18-cifar-light, batch 128, 1x28x28, 10 classes), ResNet18-CIFAR (batch 64, 32x32,
+//! 100 classes) and ResNet50 (batch 16, 224x224, 1000 classes) on random data: brelu's graph
 //! runtime with plain ReLUs and with a block-ReLU spec (2x2 everywhere), the same step as
 //! `brelu train` (forward, cross-entropy, backward, brelu's SGD with momentum 0.9 and weight
 //! decay) and `brelu eval` (evaluation mode, no autograd).
@@ -15,10 +16,11 @@ use brelu::train::sgd::Sgd;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-const MODELS: [(&str, usize, usize, i64); 2] = [
-    // (name, classes, input side, batch)
-    ("resnet18-cifar", 100, 32, 64),
-    ("resnet50", 1000, 224, 16),
+const MODELS: [(&str, usize, [usize; 3], i64); 3] = [
+    // (name, classes, input, batch); the same list as scripts/bench_train_pytorch.py
+    ("resnet18-cifar-light", 10, [1, 28, 28], 128),
+    ("resnet18-cifar", 100, [3, 32, 32], 64),
+    ("resnet50", 1000, [3, 224, 224], 16),
 ];
 
 fn median_secs(steps: usize, mut f: impl FnMut()) -> f64 {
@@ -60,18 +62,19 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5)
         .max(1);
-    for (name, classes, side, batch) in MODELS {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+    for (name, classes, input, batch) in MODELS {
+        if !filter.is_empty() && !filter.iter().any(|f| f == name) {
             continue;
         }
         tch::manual_seed(0);
         let cfg = ArchConfig {
-            input: [3, side, side],
+            input,
             num_classes: classes,
         };
         let mut model = Model::new(find(name).expect("zoo model"), cfg, Device::Cpu)
             .expect("model builds");
-        let x = Tensor::randn([batch, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
+        let shape = [batch, input[0] as i64, input[1] as i64, input[2] as i64];
+        let x = Tensor::randn(shape, (Kind::Float, Device::Cpu));
         let y = Tensor::randint(classes as i64, [batch], (Kind::Int64, Device::Cpu));
         let spec2x2 = Spec::uniform(name, cfg.input, model.sites(), PatchOption::patch(2, 2));
         for (variant, spec) in [("relu", None), ("brelu-2x2", Some(&spec2x2))] {

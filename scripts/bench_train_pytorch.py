@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch eager reference for `cargo bench --bench train_step`: the same train step
 (forward, cross-entropy, backward, SGD momentum 0.9 + weight decay) and eval step (forward
-in eval mode without autograd) of ResNet18-CIFAR (32x32, 100 classes) and ResNet50
-(224x224, 1000 classes, torchvision v1.5 layout), on random data, images per second.
+in eval mode without autograd) of ResNet18-CIFAR (32x32, 100 classes), ResNet50
+(224x224, 1000 classes, torchvision v1.5 layout) and the Fashion-MNIST default network
+(resnet18-cifar-light at 1x28x28, 10 classes), on random data, images per second.
 
 The networks are written out here (no torchvision needed) with the same layers as brelu's
 model zoo. Usage (scripts/bench-train.sh runs both sides in one go):
@@ -64,20 +65,22 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, classes, cifar):
+    def __init__(self, block, layers, classes, cifar_stride=None, base=64, cin=3):
         super().__init__()
-        if cifar:
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        if cifar_stride is not None:
+            self.stem = nn.Sequential(
+                nn.Conv2d(cin, base, 3, cifar_stride, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU()
+            )
         else:
             self.stem = nn.Sequential(
-                nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-                nn.BatchNorm2d(64),
+                nn.Conv2d(cin, base, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(base),
                 nn.ReLU(),
                 nn.MaxPool2d(3, 2, 1),
             )
-        cin, blocks = 64, []
+        cin, blocks = base, []
         for i, n in enumerate(layers):
-            c = 64 * 2**i
+            c = base * 2**i
             for j in range(n):
                 blocks.append(block(cin, c, 2 if (j == 0 and i > 0) else 1))
                 cin = c * block.expansion
@@ -90,9 +93,14 @@ class ResNet(nn.Module):
 
 
 MODELS = {
-    # name: (constructor, batch, input side)
-    "resnet18-cifar": (lambda: ResNet(Basic, [2, 2, 2, 2], 100, True), 64, 32),
-    "resnet50": (lambda: ResNet(Bottleneck, [3, 4, 6, 3], 1000, False), 16, 224),
+    # name: (constructor, batch, input [C, H, W]); the same list as benches/train_step.rs
+    "resnet18-cifar-light": (
+        lambda: ResNet(Basic, [2, 2, 2, 2], 10, cifar_stride=2, base=32, cin=1),
+        128,
+        (1, 28, 28),
+    ),
+    "resnet18-cifar": (lambda: ResNet(Basic, [2, 2, 2, 2], 100, cifar_stride=1), 64, (3, 32, 32)),
+    "resnet50": (lambda: ResNet(Bottleneck, [3, 4, 6, 3], 1000), 16, (3, 224, 224)),
 }
 
 
@@ -112,11 +120,11 @@ def main():
     p.add_argument("--only", default=None, help="one model name")
     a = p.parse_args()
     torch.manual_seed(0)
-    for name, (make, batch, side) in MODELS.items():
+    for name, (make, batch, shape) in MODELS.items():
         if a.only and name != a.only:
             continue
         m = make()
-        x = torch.randn(batch, 3, side, side)
+        x = torch.randn(batch, *shape)
         y = torch.randint(0, m.fc.out_features, (batch,))
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 

@@ -111,6 +111,10 @@ pub struct ScheduleConfig {
     /// Warm-up starts at this fraction of the rate.
     #[serde(default = "warmup_default")]
     pub warmup_start: f64,
+    /// Update the rate before every batch (smooth warm-up and cosine) instead of once per
+    /// epoch.
+    #[serde(default)]
+    pub per_iteration: bool,
 }
 
 fn one() -> f64 {

@@ -13,7 +13,7 @@ pub mod schedule;
 pub mod sgd;
 
 pub use config::{Config, DatasetConfig, OptimizerConfig, ScheduleConfig, ScheduleKind};
-pub use schedule::lr_at;
+pub use schedule::{lr_at, lr_at_progress, lr_for_batch};
 
 use crate::data::{self, BatchIter, Dataset, DatasetKind, Normalize, Split};
 use crate::error::{write_atomic, Error, Result};
@@ -286,7 +286,9 @@ pub fn train_on(
         );
         let bar = progress_bar(opts.progress, it.batches() as u64, epoch, cfg.epochs);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0i64, 0usize);
-        for b in it {
+        let batches = it.batches();
+        for (i, b) in it.enumerate() {
+            opt.lr = lr_for_batch(&cfg.schedule, o.lr, epoch, i, batches, cfg.epochs);
             let (x, y) = b?;
             let b = y.size()[0];
             let logits = model.forward_t(&x, true);

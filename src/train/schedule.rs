@@ -1,6 +1,25 @@
-//! Learning-rate schedules, evaluated per epoch: linear warm-up from a fraction of the base
-//! rate, then step decay (x gamma at each milestone) or cosine decay to `min_lr`.
+//! Learning-rate schedules: linear warm-up from a fraction of the base rate, then step decay
+//! (x gamma at each milestone) or cosine decay to `min_lr`. Evaluated once per epoch, or before
+//! every batch when `per_iteration` is set (then warm-up and cosine move smoothly with the
+//! fraction of the epoch done; step milestones stay whole epochs).
 use super::config::{ScheduleConfig, ScheduleKind};
+
+/// The rate for batch `batch` of `batches` in `epoch` (0-based): [`lr_at_progress`] at
+/// `epoch + batch / batches` with `per_iteration`, else [`lr_at`] of the epoch.
+pub fn lr_for_batch(
+    s: &ScheduleConfig,
+    lr: f64,
+    epoch: usize,
+    batch: usize,
+    batches: usize,
+    epochs: usize,
+) -> f64 {
+    if s.per_iteration {
+        lr_at_progress(s, lr, epoch as f64 + batch as f64 / batches.max(1) as f64, epochs)
+    } else {
+        lr_at(s, lr, epoch, epochs)
+    }
+}
 
 /// The rate for `epoch` (0-based) of `epochs`, base rate `lr`.
 ///
@@ -8,20 +27,25 @@ use super::config::{ScheduleConfig, ScheduleKind};
 /// Step: `max(lr * gamma^k, min_lr)`, k = milestones `<= epoch`.
 /// Cosine: `min_lr + (lr - min_lr) * (1 + cos(pi * (epoch - w) / (epochs - w))) / 2`.
 pub fn lr_at(s: &ScheduleConfig, lr: f64, epoch: usize, epochs: usize) -> f64 {
-    let w = s.warmup_epochs;
-    if epoch < w {
-        let f = s.warmup_start + (1.0 - s.warmup_start) * epoch as f64 / w as f64;
-        return lr * f;
+    lr_at_progress(s, lr, epoch as f64, epochs)
+}
+
+/// [`lr_at`] at a fractional epoch `t` (epochs done so far): the same formulas with `t` for
+/// `epoch`, except that step milestones count whole epochs (`floor(t)`).
+pub fn lr_at_progress(s: &ScheduleConfig, lr: f64, t: f64, epochs: usize) -> f64 {
+    let w = s.warmup_epochs as f64;
+    if t < w {
+        return lr * (s.warmup_start + (1.0 - s.warmup_start) * t / w);
     }
     match s.kind {
         ScheduleKind::Step => {
-            let k = s.milestones.iter().filter(|&&m| m <= epoch).count();
+            let k = s.milestones.iter().filter(|&&m| m as f64 <= t.floor()).count();
             (lr * s.gamma.powi(k as i32)).max(s.min_lr)
         }
         ScheduleKind::Cosine => {
-            let span = epochs.saturating_sub(w).max(1) as f64;
-            let t = ((epoch - w) as f64 / span).min(1.0);
-            s.min_lr + (lr - s.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            let span = (epochs as f64 - w).max(1.0);
+            let f = ((t - w) / span).min(1.0);
+            s.min_lr + (lr - s.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * f).cos())
         }
     }
 }
