@@ -4,7 +4,7 @@
 # both sides of a pair see the same machine state. PyTorch comes from the PyPI wheel in a
 # virtual environment under .bench-venv (made once; it downloads torch==2.11.0 with its
 # dependencies, a few GB). Output: JSON lines in target/bench-train.jsonl and a table.
-# Usage: scripts/bench-train.sh [MODEL ...]   (default: all three)
+# Usage: [BRELU_BENCH_STEPS=5] scripts/bench-train.sh [MODEL ...]   (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.bench-venv}

@@ -8,10 +8,12 @@ in eval mode without autograd) of ResNet18-CIFAR (32x32, 100 classes), ResNet50
 The networks are written out here (no torchvision needed) with the same layers as brelu's
 model zoo. Usage (scripts/bench-train.sh runs both sides in one go):
     python3 scripts/bench_train_pytorch.py [--steps 5] [--only resnet18-cifar]
+(--steps defaults to $BRELU_BENCH_STEPS, else 5, as in the Rust bench.)
 Prints one JSON line per (model, step): {"model", "step", "batch", "images_per_s", ...}.
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -116,7 +118,7 @@ def timed(fn, steps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=int(os.environ.get("BRELU_BENCH_STEPS", "5")))
     p.add_argument("--only", default=None, help="one model name")
     a = p.parse_args()
     torch.manual_seed(0)
