@@ -192,9 +192,7 @@ fn randomize_bn(model: &Model) {
     for (name, mut t) in model.named_tensors() {
         if name.ends_with("running_var") {
             t.copy_(&(Tensor::rand_like(&t) + 0.5));
-        } else if name.ends_with("running_mean") {
-            t.copy_(&(Tensor::randn_like(&t) * 0.1));
-        } else if name.ends_with(".bias") {
+        } else if name.ends_with("running_mean") || name.ends_with(".bias") {
             t.copy_(&(Tensor::randn_like(&t) * 0.1));
         }
     }
