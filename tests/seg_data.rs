@@ -261,7 +261,7 @@ fn fixed_transform_gives_the_input_size_and_batches_stream() {
     assert_eq!(all[0].1.size(), [2, 16, 16]);
     assert_eq!(all[2].1.size(), [1, 16, 16]);
     let mut it = BatchIter::train(&ds, 2, 9, 1, None, norm, tch::Device::Cpu);
-    it.skip(2);
+    it.skip_batches(2);
     let (x, y) = it.next().unwrap().unwrap();
     assert!(x.equal(&all[2].0) && y.equal(&all[2].1));
     assert!(it.next().is_none());

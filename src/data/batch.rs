@@ -183,7 +183,7 @@ impl<'a> BatchIter<'a> {
     /// yielding them would (so a run resumed mid-epoch sees the batches an uninterrupted run
     /// sees). Only segmentation and class-folder sets draw per image; the in-memory
     /// augmentation draws per image too (offsets and flip), so it is replayed on a dummy batch.
-    pub fn skip(&mut self, n: usize) {
+    pub fn skip_batches(&mut self, n: usize) {
         for _ in 0..n {
             if self.pos >= self.order.len() {
                 return;

@@ -531,7 +531,7 @@ impl<'a> Run<'a> {
         while it < total {
             let epoch = it / per_epoch;
             let mut batches = self.batches(epoch);
-            batches.skip(it % per_epoch);
+            batches.skip_batches(it % per_epoch);
             for b in batches.take(total - it) {
                 let (x, y) = b?;
                 let lr = lr_at_iteration(&cfg.schedule, cfg.optimizer.lr, it, total);
