@@ -65,7 +65,10 @@ fn ade_tree(root: &Path, n_train: usize, n_val: usize) {
                 &red,
             );
             write_gray(
-                &root.join("annotations").join(split).join(format!("{stem}.png")),
+                &root
+                    .join("annotations")
+                    .join(split)
+                    .join(format!("{stem}.png")),
                 h,
                 w,
                 &raw,
@@ -96,7 +99,12 @@ fn voc_tree(root: &Path, n_train: usize, n_val: usize) {
         }
         let red: Vec<u8> = lab.iter().map(|&v| v.wrapping_mul(10)).collect();
         // JPEG is lossy: VOC tests only look at masks and sizes.
-        write_rgb(&root.join("JPEGImages").join(format!("{id}.jpg")), h, w, &red);
+        write_rgb(
+            &root.join("JPEGImages").join(format!("{id}.jpg")),
+            h,
+            w,
+            &red,
+        );
         if i < n_train {
             write_gray(
                 &root.join("SegmentationClassAug").join(format!("{id}.png")),
@@ -163,11 +171,10 @@ fn voc_reads_train_aug_grayscale_and_val_palette_masks() {
     let tr = seg::open(Layout::Voc, d.path(), Split::Train, transforms([16, 16])).unwrap();
     let va = seg::open(Layout::Voc, d.path(), Split::Test, transforms([16, 16])).unwrap();
     assert_eq!((tr.len(), va.len()), (3, 2));
-    assert!(tr.masks[0].to_string_lossy().contains("SegmentationClassAug"));
-    assert!(va.masks[0]
-        .parent()
-        .unwrap()
-        .ends_with("SegmentationClass"));
+    assert!(tr.masks[0]
+        .to_string_lossy()
+        .contains("SegmentationClassAug"));
+    assert!(va.masks[0].parent().unwrap().ends_with("SegmentationClass"));
     // The palette indices are the labels (not the palette's RGB colours).
     for (k, i) in [(0usize, 3usize), (1, 4)] {
         let m = seg::read_mask(Layout::Voc, &va.masks[k]).unwrap();
@@ -291,7 +298,10 @@ fn unknown_labels_missing_and_corrupt_files_are_clear_errors() {
     let e = data::load_sized(DatasetKind::Voc, d.path(), Split::Train, [3, 16, 16], 21)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("2007_000001.png") && e.contains("missing annotation"), "{e}");
+    assert!(
+        e.contains("2007_000001.png") && e.contains("missing annotation"),
+        "{e}"
+    );
     // No list file.
     std::fs::remove_file(d.path().join("ImageSets/Segmentation/val.txt")).unwrap();
     let e = data::load_sized(DatasetKind::Voc, d.path(), Split::Test, [3, 16, 16], 21)
@@ -302,30 +312,59 @@ fn unknown_labels_missing_and_corrupt_files_are_clear_errors() {
     // ADE20K: 151 is out of the protocol; missing annotation; corrupt image; wrong size.
     let d = tempfile::tempdir().unwrap();
     ade_tree(d.path(), 2, 1);
-    let ann = d.path().join("annotations/training/ADE_training_00000001.png");
+    let ann = d
+        .path()
+        .join("annotations/training/ADE_training_00000001.png");
     let mut v = labels_for(24, 26, 25, 1);
     v[0] = 151;
     write_gray(&ann, 24, 26, &v);
-    let ds =
-        data::load_sized(DatasetKind::Ade20k, d.path(), Split::Train, [3, 16, 16], 150).unwrap();
+    let ds = data::load_sized(
+        DatasetKind::Ade20k,
+        d.path(),
+        Split::Train,
+        [3, 16, 16],
+        150,
+    )
+    .unwrap();
     let e = ds.select(&[1]).unwrap_err().to_string();
-    assert!(e.contains("ADE_training_00000001.png") && e.contains("151"), "{e}");
+    assert!(
+        e.contains("ADE_training_00000001.png") && e.contains("151"),
+        "{e}"
+    );
     write_gray(&ann, 10, 10, &[1; 100]);
     let e = ds.select(&[1]).unwrap_err().to_string();
     assert!(e.contains("mask is 10x10") && e.contains("24x26"), "{e}");
     let img = d.path().join("images/training/ADE_training_00000000.png");
     std::fs::write(&img, b"not a png").unwrap();
     let e = ds.select(&[0]).unwrap_err().to_string();
-    assert!(e.contains("ADE_training_00000000.png") && e.contains("decode"), "{e}");
+    assert!(
+        e.contains("ADE_training_00000000.png") && e.contains("decode"),
+        "{e}"
+    );
     std::fs::remove_file(&ann).unwrap();
-    let e = data::load_sized(DatasetKind::Ade20k, d.path(), Split::Train, [3, 16, 16], 150)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("ADE_training_00000001.png") && e.contains("missing annotation"), "{e}");
+    let e = data::load_sized(
+        DatasetKind::Ade20k,
+        d.path(),
+        Split::Train,
+        [3, 16, 16],
+        150,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("ADE_training_00000001.png") && e.contains("missing annotation"),
+        "{e}"
+    );
     std::fs::remove_dir_all(d.path().join("annotations")).unwrap();
-    let e = data::load_sized(DatasetKind::Ade20k, d.path(), Split::Train, [3, 16, 16], 150)
-        .unwrap_err()
-        .to_string();
+    let e = data::load_sized(
+        DatasetKind::Ade20k,
+        d.path(),
+        Split::Train,
+        [3, 16, 16],
+        150,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("annotations") && e.contains("missing"), "{e}");
 }
 
@@ -409,12 +448,32 @@ fn poly_schedule_and_iteration_configs() {
     }
     // Errors name the field.
     for (extra, schedule, field) in [
-        ("epochs = 2\niterations = 5", "kind = \"poly\"", "iterations"),
+        (
+            "epochs = 2\niterations = 5",
+            "kind = \"poly\"",
+            "iterations",
+        ),
         ("", "kind = \"poly\"", "epochs"),
-        ("epochs = 2\ncheckpoint_every = 5", "kind = \"poly\"", "checkpoint_every"),
-        ("iterations = 5", "kind = \"poly\"\nwarmup_epochs = 1", "schedule.warmup_epochs"),
-        ("iterations = 5", "kind = \"poly\"\npower = 0", "schedule.power"),
-        ("iterations = 5", "kind = \"poly\"\nmilestones = [2]", "schedule.milestones"),
+        (
+            "epochs = 2\ncheckpoint_every = 5",
+            "kind = \"poly\"",
+            "checkpoint_every",
+        ),
+        (
+            "iterations = 5",
+            "kind = \"poly\"\nwarmup_epochs = 1",
+            "schedule.warmup_epochs",
+        ),
+        (
+            "iterations = 5",
+            "kind = \"poly\"\npower = 0",
+            "schedule.power",
+        ),
+        (
+            "iterations = 5",
+            "kind = \"poly\"\nmilestones = [2]",
+            "schedule.milestones",
+        ),
     ] {
         let e = Config::from_toml_str(&seg_config(extra, schedule), p)
             .unwrap_err()
@@ -435,7 +494,10 @@ fn poly_schedule_and_iteration_configs() {
                  batch_size = 2\n[dataset]\nkind = \"cifar10\"\ntest_scale = [64, 32]\n\
                  [optimizer]\nlr = 0.1\n[schedule]\nkind = \"cosine\"\n";
     let e = Config::from_toml_str(cifar, p).unwrap_err().to_string();
-    assert!(e.contains("dataset.test_scale") && e.contains("segmentation"), "{e}");
+    assert!(
+        e.contains("dataset.test_scale") && e.contains("segmentation"),
+        "{e}"
+    );
     assert_eq!(
         Config::from_toml_str(&cifar.replace("test_scale = [64, 32]\n", ""), p)
             .unwrap()

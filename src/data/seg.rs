@@ -201,7 +201,11 @@ fn open_voc(root: &Path, split: Split) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
         if !img.is_file() {
             return Err(Error::data(
                 &img,
-                format!("missing image (listed on line {} of {})", n + 1, list.display()),
+                format!(
+                    "missing image (listed on line {} of {})",
+                    n + 1,
+                    list.display()
+                ),
             ));
         }
         let Some(m) = mask_dirs
@@ -497,8 +501,9 @@ impl SegSet {
                 let (kh, kw) = (ch.min(nh), cw.min(nw));
                 let y0 = rng.below((nh - kh + 1) as u64) as usize;
                 let x0 = rng.below((nw - kw + 1) as u64) as usize;
-                let mut c = image::imageops::crop_imm(&r, x0 as u32, y0 as u32, kw as u32, kh as u32)
-                    .to_image();
+                let mut c =
+                    image::imageops::crop_imm(&r, x0 as u32, y0 as u32, kw as u32, kh as u32)
+                        .to_image();
                 let mut m = crop_mask(&m, y0, x0, kh, kw);
                 if tr.flip && rng.next_u64() & 1 == 1 {
                     image::imageops::flip_horizontal_in_place(&mut c);

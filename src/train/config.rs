@@ -105,7 +105,10 @@ impl DatasetConfig {
             crop: [input[1], input[2]],
             test_scale: self.test_scale.unwrap_or([2048, 512]),
             scale_range: self.scale_range.unwrap_or([0.5, 2.0]),
-            flip: self.augment.or(self.kind.default_augment()).is_some_and(|a| a.flip),
+            flip: self
+                .augment
+                .or(self.kind.default_augment())
+                .is_some_and(|a| a.flip),
             photometric: self.photometric.unwrap_or(true),
             inference: self.inference.unwrap_or(Inference::Whole),
             stride: self
@@ -250,7 +253,10 @@ impl Config {
         match (self.epochs, self.iterations) {
             (0, None) => return bad("epochs", "give epochs or iterations (at least 1)".into()),
             (e, Some(_)) if e > 0 => {
-                return bad("iterations", "give either epochs or iterations, not both".into())
+                return bad(
+                    "iterations",
+                    "give either epochs or iterations, not both".into(),
+                )
             }
             (_, Some(0)) => return bad("iterations", "must be at least 1".into()),
             _ => {}
@@ -286,7 +292,10 @@ impl Config {
             ("dataset.slide_stride", d.slide_stride.is_some()),
         ] {
             if given && !seg {
-                return bad(field, "only used by segmentation data sets (ade20k, voc)".into());
+                return bad(
+                    field,
+                    "only used by segmentation data sets (ade20k, voc)".into(),
+                );
             }
         }
         if seg {

@@ -520,11 +520,7 @@ impl<'a> Run<'a> {
         let cfg = self.cfg;
         let every = cfg.checkpoint_every.unwrap_or(1000).clamp(1, total);
         let per_epoch = self.batches(0).batches().max(1);
-        let bar = progress_bar(
-            self.opts.progress,
-            total as u64,
-            "iterations".to_string(),
-        );
+        let bar = progress_bar(self.opts.progress, total as u64, "iterations".to_string());
         bar.set_position(start as u64);
         let mut it = start;
         let (mut w, mut t0) = (Window::default(), Instant::now());
@@ -539,7 +535,7 @@ impl<'a> Run<'a> {
                 it += 1;
                 bar.inc(1);
                 bar.set_message(window_message(&w, t0));
-                if it % every == 0 || it == total {
+                if it.is_multiple_of(every) || it == total {
                     let secs = t0.elapsed().as_secs_f64();
                     self.checkpoint(epoch + 1, Some(it), lr, &w, t0, secs)?;
                     (w, t0) = (Window::default(), Instant::now());

@@ -187,12 +187,9 @@ pub fn infer(model: &Model, x: &Tensor, e: &SegEval) -> Tensor {
                 let crops: Vec<Tensor> = chunk
                     .iter()
                     .map(|&(y0, y1, x0, x1)| {
-                        x.narrow(2, y0, y1 - y0).narrow(3, x0, x1 - x0).constant_pad_nd([
-                            0,
-                            cw - (x1 - x0),
-                            0,
-                            ch - (y1 - y0),
-                        ])
+                        x.narrow(2, y0, y1 - y0)
+                            .narrow(3, x0, x1 - x0)
+                            .constant_pad_nd([0, cw - (x1 - x0), 0, ch - (y1 - y0)])
                     })
                     .collect();
                 let out = resize_logits(&model.forward_t(&Tensor::cat(&crops, 0), false), ch, cw);
@@ -200,7 +197,10 @@ pub fn infer(model: &Model, x: &Tensor, e: &SegEval) -> Tensor {
                     Tensor::zeros([1, out.size()[1], h, w], (Kind::Float, x.device()))
                 });
                 for (i, &(y0, y1, x0, x1)) in chunk.iter().enumerate() {
-                    let part = out.get(i as i64).narrow(1, 0, y1 - y0).narrow(2, 0, x1 - x0);
+                    let part = out
+                        .get(i as i64)
+                        .narrow(1, 0, y1 - y0)
+                        .narrow(2, 0, x1 - x0);
                     let mut dst = acc.get(0).narrow(1, y0, y1 - y0).narrow(2, x0, x1 - x0);
                     dst += part;
                     let mut c = count.get(0).narrow(1, y0, y1 - y0).narrow(2, x0, x1 - x0);
