@@ -58,10 +58,31 @@ pub enum Op {
         stride: usize,
         pad: usize,
     },
-    /// [N, C, H, W] -> [N, C].
+    /// [N, C, H, W] -> [N, C], or [N, C, 1, 1] with `keepdim` (DeepLabV3's image pooling).
     GlobalAvgPool {
         x: Slot,
         y: Slot,
+        keepdim: bool,
+    },
+    /// Channel concatenation of [N, C_i, H, W] maps, in the order given.
+    Concat {
+        xs: Vec<Slot>,
+        y: Slot,
+    },
+    /// Bilinear resize of `x` to the height and width of `like` (PyTorch's
+    /// `interpolate(mode="bilinear", align_corners=False)`, as mmseg's `resize`). `like` is
+    /// read for its shape only. From a 1x1 map this is a broadcast.
+    Resize {
+        x: Slot,
+        like: Slot,
+        y: Slot,
+    },
+    /// Channel dropout (`nn.Dropout2d`) with drop probability `p`: identity in evaluation, so
+    /// batch-norm folding (and with it secure inference) removes it.
+    Dropout {
+        x: Slot,
+        y: Slot,
+        p: f64,
     },
     Linear {
         x: Slot,
@@ -77,13 +98,39 @@ impl Op {
     pub fn inputs(&self) -> Vec<Slot> {
         match self {
             Op::Add { a, b, .. } => vec![*a, *b],
+            Op::Resize { x, like, .. } => vec![*x, *like],
+            Op::Concat { xs, .. } => xs.clone(),
             Op::Conv { x, .. }
             | Op::BatchNorm { x, .. }
             | Op::Act { x, .. }
             | Op::MaxPool { x, .. }
             | Op::AvgPool { x, .. }
             | Op::GlobalAvgPool { x, .. }
+            | Op::Dropout { x, .. }
             | Op::Linear { x, .. } => vec![*x],
+        }
+    }
+
+    /// Rewrites every slot this op reads through `f`.
+    pub fn map_inputs(&mut self, f: impl Fn(Slot) -> Slot) {
+        match self {
+            Op::Add { a, b, .. } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+            Op::Resize { x, like, .. } => {
+                *x = f(*x);
+                *like = f(*like);
+            }
+            Op::Concat { xs, .. } => xs.iter_mut().for_each(|s| *s = f(*s)),
+            Op::Conv { x, .. }
+            | Op::BatchNorm { x, .. }
+            | Op::Act { x, .. }
+            | Op::MaxPool { x, .. }
+            | Op::AvgPool { x, .. }
+            | Op::GlobalAvgPool { x, .. }
+            | Op::Dropout { x, .. }
+            | Op::Linear { x, .. } => *x = f(*x),
         }
     }
 
@@ -97,6 +144,9 @@ impl Op {
             | Op::MaxPool { y, .. }
             | Op::AvgPool { y, .. }
             | Op::GlobalAvgPool { y, .. }
+            | Op::Concat { y, .. }
+            | Op::Resize { y, .. }
+            | Op::Dropout { y, .. }
             | Op::Linear { y, .. } => *y,
         }
     }
@@ -238,8 +288,38 @@ impl GraphBuilder {
         })
     }
 
+    /// [N, C, H, W] -> [N, C] (before a classifier).
     pub fn global_avg_pool(&mut self, x: Slot) -> Slot {
-        self.push(|y| Op::GlobalAvgPool { x, y })
+        self.push(|y| Op::GlobalAvgPool {
+            x,
+            y,
+            keepdim: false,
+        })
+    }
+
+    /// [N, C, H, W] -> [N, C, 1, 1] (`AdaptiveAvgPool2d(1)`).
+    pub fn global_avg_pool_keepdim(&mut self, x: Slot) -> Slot {
+        self.push(|y| Op::GlobalAvgPool {
+            x,
+            y,
+            keepdim: true,
+        })
+    }
+
+    /// Channel concatenation, in the order of `xs`.
+    pub fn concat(&mut self, xs: &[Slot]) -> Slot {
+        let xs = xs.to_vec();
+        self.push(|y| Op::Concat { xs, y })
+    }
+
+    /// Bilinear resize (align_corners=False) of `x` to the spatial size of `like`.
+    pub fn resize_like(&mut self, x: Slot, like: Slot) -> Slot {
+        self.push(|y| Op::Resize { x, like, y })
+    }
+
+    /// Channel dropout with drop probability `p` (active only in training).
+    pub fn dropout2d(&mut self, x: Slot, p: f64) -> Slot {
+        self.push(|y| Op::Dropout { x, y, p })
     }
 
     pub fn linear(&mut self, x: Slot, name: &str, cin: usize, cout: usize) -> Slot {
@@ -343,7 +423,40 @@ impl Graph {
                         _ => return Err(bad(format!("input {s:?} is smaller than the window"))),
                     }
                 }
-                Op::GlobalAvgPool { x, .. } => vec![get(*x)[0]],
+                Op::GlobalAvgPool { x, keepdim, .. } => {
+                    let s = get(*x);
+                    if s.len() != 3 {
+                        return Err(bad(format!("expected a [C, H, W] map, got {s:?}")));
+                    }
+                    if *keepdim {
+                        vec![s[0], 1, 1]
+                    } else {
+                        vec![s[0]]
+                    }
+                }
+                Op::Concat { xs, .. } => {
+                    let parts: Vec<Shape> = xs.iter().map(|&s| get(s)).collect();
+                    let first = parts
+                        .first()
+                        .ok_or_else(|| bad("nothing to concatenate".into()))?;
+                    if parts.iter().any(|p| p.len() != 3 || p[1..] != first[1..]) {
+                        return Err(bad(format!(
+                            "operands must be [C, H, W] maps of one size, got {parts:?}"
+                        )));
+                    }
+                    vec![parts.iter().map(|p| p[0]).sum(), first[1], first[2]]
+                }
+                Op::Resize { x, like, .. } => {
+                    let (s, l) = (get(*x), get(*like));
+                    if s.len() != 3 || l.len() != 3 {
+                        return Err(bad(format!(
+                            "resizes a [C, H, W] map to a [C', H, W] map's size, got {s:?} \
+                             and {l:?}"
+                        )));
+                    }
+                    vec![s[0], l[1], l[2]]
+                }
+                Op::Dropout { x, .. } => get(*x),
                 Op::Linear { x, cin, cout, .. } => {
                     let s = get(*x);
                     if s != [*cin] {
@@ -391,5 +504,8 @@ pub fn op_name(op: &Op) -> String {
         Op::MaxPool { y, .. } => format!("max-pool -> %{y}"),
         Op::AvgPool { y, .. } => format!("avg-pool -> %{y}"),
         Op::GlobalAvgPool { y, .. } => format!("global-avg-pool -> %{y}"),
+        Op::Concat { y, .. } => format!("concat -> %{y}"),
+        Op::Resize { y, .. } => format!("resize -> %{y}"),
+        Op::Dropout { y, .. } => format!("dropout -> %{y}"),
     }
 }

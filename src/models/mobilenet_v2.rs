@@ -39,22 +39,9 @@ impl Architecture for MobileNetV2 {
     }
 
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot {
-        let x = g.input();
-        let x = g.conv(x, "features.0.0", cfg.input[0], 32, 3, 2);
-        let x = g.bn(x, "features.0.1", 32);
-        let mut x = g.act(x, "conv1");
-        let mut cin = 32;
-        let mut feature = 1;
-        for (stage, &(t, c, n, s)) in STAGES.iter().enumerate() {
-            for block in 0..n {
-                let stride = if block == 0 { s } else { 1 };
-                let p = format!("features.{feature}.conv");
-                let site = format!("layer{}_{block}", stage + 1);
-                x = inverted_residual(g, x, &p, &site, cin, c, t, stride);
-                cin = c;
-                feature += 1;
-            }
-        }
+        let strides = STAGES.map(|s| s.3);
+        let (x, cin) = backbone(g, cfg.input[0], strides, [1; 7]);
+        let feature = 1 + STAGES.iter().map(|s| s.2).sum::<usize>();
         let x = g.conv(x, &format!("features.{feature}.0"), cin, 1280, 1, 1);
         let x = g.bn(x, &format!("features.{feature}.1"), 1280);
         let x = g.act(x, "conv2");
@@ -67,6 +54,39 @@ impl Architecture for MobileNetV2 {
     }
 }
 
+/// The stem and the seven stages of inverted residuals (without the final 1x1 conv), from the
+/// graph input, with per-stage first-block strides and dilations. As in mmseg's MobileNetV2,
+/// a stage's dilation applies to its first block only (the others use 1). Returns the output
+/// slot and its channels.
+pub(crate) fn backbone(
+    g: &mut GraphBuilder,
+    in_channels: usize,
+    strides: [usize; 7],
+    dilations: [usize; 7],
+) -> (Slot, usize) {
+    let x = g.input();
+    let x = g.conv(x, "features.0.0", in_channels, 32, 3, 2);
+    let x = g.bn(x, "features.0.1", 32);
+    let mut x = g.act(x, "conv1");
+    let mut cin = 32;
+    let mut feature = 1;
+    for (stage, &(t, c, n, _)) in STAGES.iter().enumerate() {
+        for block in 0..n {
+            let (stride, dilation) = if block == 0 {
+                (strides[stage], dilations[stage])
+            } else {
+                (1, 1)
+            };
+            let p = format!("features.{feature}.conv");
+            let site = format!("layer{}_{block}", stage + 1);
+            x = inverted_residual(g, x, &p, &site, cin, c, t, stride, dilation);
+            cin = c;
+            feature += 1;
+        }
+    }
+    (x, cin)
+}
+
 fn inverted_residual(
     g: &mut GraphBuilder,
     x: Slot,
@@ -76,6 +96,7 @@ fn inverted_residual(
     cout: usize,
     t: usize,
     stride: usize,
+    dilation: usize,
 ) -> Slot {
     let hidden = cin * t;
     let mut h = x;
@@ -86,7 +107,17 @@ fn inverted_residual(
         h = g.act(h, &format!("{site}_0"));
         i = 1;
     }
-    h = g.conv_dw(h, &format!("{p}.{i}.0"), hidden, 3, stride);
+    h = g.conv_full(
+        h,
+        &format!("{p}.{i}.0"),
+        hidden,
+        hidden,
+        3,
+        stride,
+        dilation,
+        hidden,
+        false,
+    );
     h = g.bn(h, &format!("{p}.{i}.1"), hidden);
     h = g.act(h, &format!("{site}_{i}"));
     h = g.conv(h, &format!("{p}.{}", i + 1), hidden, cout, 1, 1);

@@ -4,6 +4,7 @@
 //!
 //! To add an architecture: write one file with a type implementing [`Architecture`] and add it
 //! to [`architectures`].
+pub mod deeplabv3;
 pub mod graph;
 pub mod mobilenet_v2;
 pub mod resnet;
@@ -33,10 +34,16 @@ pub trait Architecture: Sync {
     fn default_input(&self) -> [usize; 3];
     fn default_classes(&self) -> usize;
     /// Emits the network's ops (parameter names = torchvision state-dict prefixes, sites named
-    /// as in SPEC.md 4) and returns the output slot (logits).
+    /// as in SPEC.md 4) and returns the output slot: [N, classes] logits for a classifier,
+    /// a [N, classes, H', W'] logit map for a segmentation model.
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot;
     /// The torchvision name of an mmcls/mmseg checkpoint tensor name, if it is one of ours.
     fn mmlab_name(&self, name: &str) -> Option<String>;
+    /// Checkpoint tensors that are not part of the network and are skipped when loading
+    /// (mmseg's auxiliary head); none by default.
+    fn ignores_tensor(&self, _name: &str) -> bool {
+        false
+    }
 
     /// The default configuration (`default_input`, `default_classes`).
     fn default_config(&self) -> ArchConfig {
@@ -55,6 +62,8 @@ pub fn architectures() -> &'static [&'static dyn Architecture] {
         &resnet::RESNET50,
         &resnet::RESNET50_AVGPOOL,
         &mobilenet_v2::MobileNetV2,
+        &deeplabv3::DEEPLABV3_MOBILENETV2,
+        &deeplabv3::DEEPLABV3_RESNET50_D8,
     ]
 }
 

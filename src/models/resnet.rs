@@ -4,6 +4,8 @@
 //! `fc`), so a torchvision state dict saved as safetensors loads as is. Sites (SPEC.md 4):
 //! `stem`, then `layer{i}_{j}_{k}`: k = 1, 2 after the block's first convs and the last k after
 //! the residual add. ResNet50 uses torchvision's v1.5 Bottleneck (stride on the 3x3 conv).
+//! Strides and dilations per stage and mmseg's deep stem are parameters, so the dilated
+//! ResNet50-D8 backbone of DeepLabV3 (`deeplabv3.rs`) is the same code.
 use super::graph::{GraphBuilder, Slot};
 use super::{ArchConfig, Architecture};
 
@@ -17,6 +19,10 @@ pub enum Stem {
     /// ImageNet stem with the max pool swapped for a 3x3/2 average pool (cheap to evaluate on
     /// secret shares).
     AvgPool,
+    /// mmseg's ResNetV1c deep stem: three 3x3 convs (32/2, 32, 64 channels, parameters
+    /// `stem.{0,1}`, `stem.{3,4}`, `stem.{6,7}` as in mmseg's `nn.Sequential`, sites `stem_0`,
+    /// `stem_1`, `stem_2`), then a 3x3/2 average pool in place of mmseg's max pool.
+    DeepAvgPool,
 }
 
 /// A ResNet of BasicBlocks (expansion 1) or Bottlenecks (expansion 4).
@@ -27,6 +33,12 @@ pub struct ResNet {
     pub bottleneck: bool,
     pub base: usize,
     pub stem: Stem,
+    /// Stride of each stage's first block (torchvision: 1, 2, 2, 2).
+    pub strides: [usize; 4],
+    /// Dilation of each stage's 3x3 convs (1 = none). With `contract_dilation` (mmseg), a
+    /// dilated stage's first block uses half the dilation.
+    pub dilations: [usize; 4],
+    pub contract_dilation: bool,
     pub input: [usize; 3],
     pub classes: usize,
 }
@@ -38,6 +50,9 @@ pub const RESNET18_CIFAR: ResNet = ResNet {
     bottleneck: false,
     base: 64,
     stem: Stem::Cifar { stride: 1 },
+    strides: [1, 2, 2, 2],
+    dilations: [1; 4],
+    contract_dilation: false,
     input: [3, 32, 32],
     classes: 100,
 };
@@ -57,6 +72,9 @@ pub const RESNET50: ResNet = ResNet {
     bottleneck: true,
     base: 64,
     stem: Stem::MaxPool,
+    strides: [1, 2, 2, 2],
+    dilations: [1; 4],
+    contract_dilation: false,
     input: [3, 224, 224],
     classes: 1000,
 };
@@ -65,6 +83,19 @@ pub const RESNET50_AVGPOOL: ResNet = ResNet {
     name: "resnet50-avgpool",
     summary: "ResNet50 with the stem max-pool replaced by a 3x3/2 average pool",
     stem: Stem::AvgPool,
+    ..RESNET50
+};
+
+/// mmseg's ResNetV1c-50 at output stride 8 (the backbone of `deeplabv3-resnet50-d8`): deep
+/// stem, stages 3 and 4 dilated by 2 and 4 instead of strided, contracted first dilations
+/// (`contract_dilation=True` in mmseg's r50-d8 configs). Not a classifier of its own.
+pub const RESNET50_D8: ResNet = ResNet {
+    name: "resnet50-d8",
+    summary: "dilated ResNetV1c-50 backbone (output stride 8)",
+    stem: Stem::DeepAvgPool,
+    strides: [1, 2, 1, 1],
+    dilations: [1, 1, 2, 4],
+    contract_dilation: true,
     ..RESNET50
 };
 
@@ -86,37 +117,7 @@ impl Architecture for ResNet {
     }
 
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot {
-        let cin = cfg.input[0];
-        let x = g.input();
-        let mut x = match self.stem {
-            Stem::Cifar { stride } => g.conv(x, "conv1", cin, self.base, 3, stride),
-            Stem::MaxPool | Stem::AvgPool => g.conv(x, "conv1", cin, self.base, 7, 2),
-        };
-        x = g.bn(x, "bn1", self.base);
-        x = g.act(x, "stem");
-        x = match self.stem {
-            Stem::Cifar { .. } => x,
-            Stem::MaxPool => g.max_pool(x, 3, 2, 1),
-            Stem::AvgPool => g.avg_pool(x, 3, 2, 1),
-        };
-        let expansion = if self.bottleneck { 4 } else { 1 };
-        let mut channels = self.base;
-        for (stage, &n) in self.blocks.iter().enumerate() {
-            let width = self.base << stage;
-            for block in 0..n {
-                let stride = if stage > 0 && block == 0 { 2 } else { 1 };
-                let names = BlockNames {
-                    params: format!("layer{}.{block}", stage + 1),
-                    site: format!("layer{}_{block}", stage + 1),
-                };
-                x = if self.bottleneck {
-                    bottleneck(g, x, &names, channels, width, stride)
-                } else {
-                    basic_block(g, x, &names, channels, width, stride)
-                };
-                channels = width * expansion;
-            }
-        }
+        let (x, channels) = self.trunk(g, cfg.input[0]);
         let x = g.global_avg_pool(x);
         g.linear(x, "fc", channels, cfg.num_classes)
     }
@@ -126,6 +127,71 @@ impl Architecture for ResNet {
         name.strip_prefix("backbone.")
             .map(str::to_string)
             .or_else(|| name.strip_prefix("head.").map(str::to_string))
+    }
+}
+
+impl ResNet {
+    /// Stem and the four stages, from the graph input; returns the last stage's output slot
+    /// and its channels.
+    pub(crate) fn trunk(&self, g: &mut GraphBuilder, cin: usize) -> (Slot, usize) {
+        let x = g.input();
+        let mut x = match self.stem {
+            Stem::Cifar { stride } => {
+                let x = g.conv(x, "conv1", cin, self.base, 3, stride);
+                let x = g.bn(x, "bn1", self.base);
+                g.act(x, "stem")
+            }
+            Stem::MaxPool | Stem::AvgPool => {
+                let x = g.conv(x, "conv1", cin, self.base, 7, 2);
+                let x = g.bn(x, "bn1", self.base);
+                g.act(x, "stem")
+            }
+            Stem::DeepAvgPool => {
+                let half = self.base / 2;
+                let mut x = x;
+                let mut c = cin;
+                for (i, (out, stride)) in [(half, 2), (half, 1), (self.base, 1)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    x = g.conv(x, &format!("stem.{}", 3 * i), c, out, 3, stride);
+                    x = g.bn(x, &format!("stem.{}", 3 * i + 1), out);
+                    x = g.act(x, &format!("stem_{i}"));
+                    c = out;
+                }
+                x
+            }
+        };
+        x = match self.stem {
+            Stem::Cifar { .. } => x,
+            Stem::MaxPool => g.max_pool(x, 3, 2, 1),
+            Stem::AvgPool | Stem::DeepAvgPool => g.avg_pool(x, 3, 2, 1),
+        };
+        let expansion = if self.bottleneck { 4 } else { 1 };
+        let mut channels = self.base;
+        for (stage, &n) in self.blocks.iter().enumerate() {
+            let width = self.base << stage;
+            let d = self.dilations[stage];
+            for block in 0..n {
+                let stride = if block == 0 { self.strides[stage] } else { 1 };
+                let dilation = if block == 0 && self.contract_dilation && d > 1 {
+                    d / 2
+                } else {
+                    d
+                };
+                let names = BlockNames {
+                    params: format!("layer{}.{block}", stage + 1),
+                    site: format!("layer{}_{block}", stage + 1),
+                };
+                x = if self.bottleneck {
+                    bottleneck(g, x, &names, channels, width, stride, dilation)
+                } else {
+                    basic_block(g, x, &names, channels, width, stride, dilation)
+                };
+                channels = width * expansion;
+            }
+        }
+        (x, channels)
     }
 }
 
@@ -160,13 +226,17 @@ fn basic_block(
     cin: usize,
     width: usize,
     stride: usize,
+    dilation: usize,
 ) -> Slot {
     let (p, s) = (&n.params, &n.site);
     let sc = shortcut(g, x, n, cin, width, stride);
-    let h = g.conv(x, &format!("{p}.conv1"), cin, width, 3, stride);
+    let conv3 = |g: &mut GraphBuilder, x: Slot, name: &str, cin: usize, stride: usize| {
+        g.conv_full(x, name, cin, width, 3, stride, dilation, 1, false)
+    };
+    let h = conv3(g, x, &format!("{p}.conv1"), cin, stride);
     let h = g.bn(h, &format!("{p}.bn1"), width);
     let h = g.act(h, &format!("{s}_1"));
-    let h = g.conv(h, &format!("{p}.conv2"), width, width, 3, 1);
+    let h = conv3(g, h, &format!("{p}.conv2"), width, 1);
     let h = g.bn(h, &format!("{p}.bn2"), width);
     let h = g.add(h, sc);
     g.act(h, &format!("{s}_2"))
@@ -179,6 +249,7 @@ fn bottleneck(
     cin: usize,
     width: usize,
     stride: usize,
+    dilation: usize,
 ) -> Slot {
     let (p, s) = (&n.params, &n.site);
     let cout = width * 4;
@@ -186,7 +257,17 @@ fn bottleneck(
     let h = g.conv(x, &format!("{p}.conv1"), cin, width, 1, 1);
     let h = g.bn(h, &format!("{p}.bn1"), width);
     let h = g.act(h, &format!("{s}_1"));
-    let h = g.conv(h, &format!("{p}.conv2"), width, width, 3, stride);
+    let h = g.conv_full(
+        h,
+        &format!("{p}.conv2"),
+        width,
+        width,
+        3,
+        stride,
+        dilation,
+        1,
+        false,
+    );
     let h = g.bn(h, &format!("{p}.bn2"), width);
     let h = g.act(h, &format!("{s}_2"));
     let h = g.conv(h, &format!("{p}.conv3"), width, cout, 1, 1);

@@ -334,7 +334,8 @@ impl Model {
     }
 
     /// The same network with every batch norm that directly follows a convolution folded into
-    /// it (evaluation-mode statistics), as the server holds it in secure inference.
+    /// it (evaluation-mode statistics) and dropout (the identity in evaluation) removed, as the
+    /// server holds it in secure inference.
     pub fn fold_bn(&self) -> Result<Model> {
         let _guard = tch::no_grad_guard();
         let mut readers = vec![0usize; self.graph.slots];
@@ -349,10 +350,19 @@ impl Model {
         // (index in new graph, folded weight, folded bias)
         let mut folded: Vec<(usize, Tensor, Tensor)> = Vec::new();
         let mut copied: Vec<(usize, usize)> = Vec::new(); // (new op, old op)
+                                                          // Dropout is the identity in evaluation: its readers read its input instead.
+        let mut alias: Vec<Slot> = (0..self.graph.slots).collect();
         let ops = &self.graph.ops;
         let mut i = 0;
         while i < ops.len() {
-            let op = &ops[i];
+            let mut op = ops[i].clone();
+            op.map_inputs(|s| alias[s]);
+            let op = &op;
+            if let Op::Dropout { x, y, .. } = op {
+                alias[*y] = *x;
+                i += 1;
+                continue;
+            }
             if let (
                 Op::Conv { y, cout, .. },
                 Some(Op::BatchNorm {
@@ -388,6 +398,7 @@ impl Model {
             graph.ops.push(op.clone());
             i += 1;
         }
+        graph.output = alias[graph.output];
         let mut model = Self::from_graph(self.arch, self.config, graph, self.device())?;
         for (new, w, b) in folded {
             model.params[new][0].copy_(&w);
@@ -479,9 +490,18 @@ impl Model {
                 let (k, s, p) = (*kernel as i64, *stride as i64, *pad as i64);
                 get(*x).avg_pool2d([k, k], [s, s], [p, p], false, false, None)
             }
-            Op::GlobalAvgPool { x, .. } => {
-                get(*x).mean_dim([2i64, 3].as_slice(), false, Kind::Float)
+            Op::GlobalAvgPool { x, keepdim, .. } => {
+                get(*x).mean_dim([2i64, 3].as_slice(), *keepdim, Kind::Float)
             }
+            Op::Concat { xs, .. } => {
+                let parts: Vec<&Tensor> = xs.iter().map(|&s| get(s)).collect();
+                Tensor::cat(&parts, 1)
+            }
+            Op::Resize { x, like, .. } => {
+                let size = get(*like).size();
+                get(*x).upsample_bilinear2d([size[2], size[3]], false, None::<f64>, None::<f64>)
+            }
+            Op::Dropout { x, p, .. } => get(*x).feature_dropout(*p, train),
             Op::Linear { x, .. } => get(*x).linear(&p[0], Some(&p[1])),
         }
     }

@@ -3,8 +3,10 @@
 //! A torchvision state dict saved with `safetensors.torch.save_file(model.state_dict(), f)`
 //! loads as is (`num_batches_tracked` entries are accepted and ignored). Files whose names
 //! start with `backbone.` are taken as mmcls/mmseg checkpoints and mapped to torchvision names
-//! by the architecture (`Architecture::mmlab_name`). A missing, unknown or wrongly shaped tensor
-//! is an error naming it; nothing is left randomly initialised.
+//! by the architecture (`Architecture::mmlab_name`). Tensors the architecture declares not part
+//! of the network (`Architecture::ignores_tensor`: mmseg's `auxiliary_head.*`) are skipped. A
+//! missing, unknown or wrongly shaped tensor is an error naming it; nothing is left randomly
+//! initialised.
 use super::Model;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -33,7 +35,7 @@ impl Model {
         let vars = self.named_tensors();
         let mut seen = BTreeMap::new();
         for (raw, t) in file {
-            if raw.ends_with("num_batches_tracked") {
+            if raw.ends_with("num_batches_tracked") || self.arch().ignores_tensor(&raw) {
                 continue;
             }
             let name = if mmlab {

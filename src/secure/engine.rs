@@ -115,6 +115,13 @@ pub fn run_party(
         if !more {
             break;
         }
+        if argmax_only && plan.outputs != plan.classes {
+            return Err(Error::InvalidArgument(format!(
+                "arg-max-only mode reveals one class per image, but {} outputs {} values per \
+                 image (a map of {} classes): reveal the logits instead",
+                plan.model, plan.outputs, plan.classes
+            )));
+        }
         let start = Instant::now();
         let bytes0 = p.bytes_sent();
         let image = input.map(|i| i.images[next].as_slice());
@@ -202,6 +209,14 @@ fn run_image(
             }
             Layer::AvgPool { x, win, .. } => proto::avg_pool(p, win, get(*x)),
             Layer::GlobalAvgPool { x, c, hw, .. } => proto::global_avg_pool(p, *c, *hw, get(*x)),
+            Layer::Concat { xs, .. } => xs.iter().flat_map(|&s| get(s).iter().copied()).collect(),
+            Layer::Resize { x, interp, .. } => {
+                if p.role == Role::Dealer {
+                    Vec::new()
+                } else {
+                    interp.apply(get(*x), Some(p.j() as usize))
+                }
+            }
         };
         vals[layer_output(l)] = Some(y);
         for s in layer_inputs(l) {
@@ -239,7 +254,7 @@ fn run_image(
         match p.role {
             Role::Server => p.send_ring(Role::Client, &out, 8)?,
             Role::Client => {
-                let theirs = p.recv_ring(Role::Server, plan.classes, 8)?;
+                let theirs = p.recv_ring(Role::Server, plan.outputs, 8)?;
                 p.round();
                 run.logits = Some(frac.decode_all(&ring::add(&out, &theirs)));
             }

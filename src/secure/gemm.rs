@@ -274,6 +274,10 @@ mod tests {
             (6, 4, 11, 7, 1, 2, 0, 1, 1),
             (4, 4, 9, 9, 3, 1, 2, 2, 1),
             (3, 5, 13, 13, 7, 2, 3, 1, 1),
+            // ASPP-style dilation larger than the map (most taps in the padding), and a
+            // dilated depthwise conv (MobileNetV2-D8).
+            (4, 4, 5, 6, 3, 1, 12, 12, 1),
+            (6, 6, 7, 7, 3, 1, 4, 4, 6),
         ];
         for (cin, cout, h, w, k, s, p, d, groups) in cases {
             let g = ConvGeom {

@@ -111,6 +111,93 @@ impl Windows {
     }
 }
 
+/// A bilinear resize (align_corners=False, PyTorch's source-index rule) as a public linear map
+/// on each channel plane: for every output pixel, its source pixels and their weights in fixed
+/// point with [`AVG_SHIFT`] fractional bits. An output with one source of weight 1 (every pixel
+/// of a broadcast from 1x1) is copied exactly, without a truncation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Interp {
+    pub c: usize,
+    pub in_hw: [usize; 2],
+    pub out_hw: [usize; 2],
+    /// Per output pixel: (source pixel within the plane, weight).
+    pub taps: Vec<Vec<(u32, u64)>>,
+}
+
+impl Interp {
+    pub fn new(c: usize, in_hw: [usize; 2], out_hw: [usize; 2]) -> Interp {
+        // (i0, i1, weight of i1) along one axis.
+        let axis = |inl: usize, outl: usize, o: usize| -> (usize, usize, f64) {
+            let scale = inl as f64 / outl as f64;
+            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(inl - 1);
+            let i1 = (i0 + 1).min(inl - 1);
+            (i0, i1, src - i0 as f64)
+        };
+        let one = (1u64 << AVG_SHIFT) as f64;
+        let mut taps = Vec::with_capacity(out_hw[0] * out_hw[1]);
+        for oy in 0..out_hw[0] {
+            let (y0, y1, ly) = axis(in_hw[0], out_hw[0], oy);
+            for ox in 0..out_hw[1] {
+                let (x0, x1, lx) = axis(in_hw[1], out_hw[1], ox);
+                let mut t: Vec<(u32, f64)> = Vec::with_capacity(4);
+                for (yy, wy) in [(y0, 1.0 - ly), (y1, ly)] {
+                    for (xx, wx) in [(x0, 1.0 - lx), (x1, lx)] {
+                        let i = (yy * in_hw[1] + xx) as u32;
+                        match t.iter_mut().find(|(j, _)| *j == i) {
+                            Some(e) => e.1 += wy * wx,
+                            None => t.push((i, wy * wx)),
+                        }
+                    }
+                }
+                // Rounded once, after taps on the same pixel are merged.
+                let mut t: Vec<(u32, u64)> = t
+                    .into_iter()
+                    .map(|(i, w)| (i, (w * one).round() as u64))
+                    .filter(|&(_, w)| w > 0)
+                    .collect();
+                t.sort_unstable();
+                taps.push(t);
+            }
+        }
+        Interp {
+            c,
+            in_hw,
+            out_hw,
+            taps,
+        }
+    }
+
+    pub fn out_len(&self) -> usize {
+        self.c * self.out_hw[0] * self.out_hw[1]
+    }
+
+    /// The resize of (a share of) the input; `party` selects the share-truncation rule (0 or 1),
+    /// `None` truncates a plaintext value.
+    pub fn apply(&self, x: &[u64], party: Option<usize>) -> Vec<u64> {
+        let (hw_in, hw_out) = (self.in_hw[0] * self.in_hw[1], self.taps.len());
+        let mut y = vec![0u64; self.c * hw_out];
+        for ch in 0..self.c {
+            let plane = &x[ch * hw_in..(ch + 1) * hw_in];
+            for (o, t) in self.taps.iter().enumerate() {
+                y[ch * hw_out + o] = match t.as_slice() {
+                    [(i, w)] if *w == 1 << AVG_SHIFT => plane[*i as usize],
+                    _ => {
+                        let s = t.iter().fold(0u64, |s, &(i, w)| {
+                            s.wrapping_add(plane[i as usize].wrapping_mul(w))
+                        });
+                        match party {
+                            Some(j) => ring::trunc_share(s, AVG_SHIFT, j),
+                            None => ring::trunc_plain(s, AVG_SHIFT),
+                        }
+                    }
+                };
+            }
+        }
+        y
+    }
+}
+
 pub fn reciprocal(count: usize) -> u64 {
     (((1u64 << AVG_SHIFT) as f64) / count.max(1) as f64).round() as u64
 }
@@ -156,6 +243,17 @@ pub enum Layer {
         c: usize,
         hw: usize,
     },
+    /// Channel concatenation (local: the shares are concatenated).
+    Concat {
+        xs: Vec<Slot>,
+        y: Slot,
+    },
+    /// Bilinear resize (local: a public linear map).
+    Resize {
+        x: Slot,
+        y: Slot,
+        interp: Interp,
+    },
 }
 
 impl Layer {
@@ -169,6 +267,8 @@ impl Layer {
             Layer::MaxPool { .. } => "maxpool",
             Layer::AvgPool { .. } => "avgpool",
             Layer::GlobalAvgPool { .. } => "gap",
+            Layer::Concat { .. } => "concat",
+            Layer::Resize { .. } => "resize",
         }
     }
 
@@ -239,6 +339,9 @@ pub struct Plan {
     pub classes: usize,
     pub slots: usize,
     pub output: Slot,
+    /// Elements of the output of one image: `classes` for a classifier, classes x H x W for
+    /// a segmentation model's logit map.
+    pub outputs: usize,
     pub layers: Vec<Layer>,
     /// Per layer, a name for tables (parameter name or site name).
     pub names: Vec<String>,
@@ -397,7 +500,7 @@ impl Plan {
                         None,
                     )
                 }
-                Op::GlobalAvgPool { x, y } => {
+                Op::GlobalAvgPool { x, y, .. } => {
                     let (c, h, w) = chw(*x)?;
                     (
                         Layer::GlobalAvgPool {
@@ -409,6 +512,32 @@ impl Plan {
                         "global_avg_pool".to_string(),
                         None,
                     )
+                }
+                Op::Concat { xs, y } => (
+                    Layer::Concat {
+                        xs: xs.clone(),
+                        y: *y,
+                    },
+                    format!("concat%{y}"),
+                    None,
+                ),
+                Op::Resize { x, y, .. } => {
+                    let (c, h, w) = chw(*x)?;
+                    let (_, ho, wo) = chw(*y)?;
+                    (
+                        Layer::Resize {
+                            x: *x,
+                            y: *y,
+                            interp: Interp::new(c, [h, w], [ho, wo]),
+                        },
+                        format!("resize%{y}"),
+                        None,
+                    )
+                }
+                Op::Dropout { .. } => {
+                    return Err(Error::NotImplemented(
+                        "secure inference of dropout (batch-norm folding removes it)".into(),
+                    ))
                 }
             };
             layers.push(layer);
@@ -422,6 +551,7 @@ impl Plan {
                 classes: cfg.num_classes,
                 slots: graph.slots,
                 output: graph.output,
+                outputs: shapes[graph.output].iter().product(),
                 layers,
                 names,
                 settings,
@@ -463,6 +593,19 @@ impl Plan {
                         words(&mut h, w);
                     }
                 }
+                Layer::Resize { x, y, interp } => {
+                    h.update(format!(
+                        "|resize {x} {y} {} {:?} {:?}",
+                        interp.c, interp.in_hw, interp.out_hw
+                    ));
+                    for t in &interp.taps {
+                        h.update((t.len() as u64).to_le_bytes());
+                        for (i, w) in t {
+                            h.update(i.to_le_bytes());
+                            h.update(w.to_le_bytes());
+                        }
+                    }
+                }
                 other => h.update(format!("|{other:?}")),
             }
         }
@@ -484,6 +627,8 @@ impl Plan {
                     (*y, win.idx.len())
                 }
                 Layer::GlobalAvgPool { y, c, .. } => (*y, *c),
+                Layer::Concat { y, xs } => (*y, xs.iter().map(|&s| self.len_of(s)).sum()),
+                Layer::Resize { y, interp, .. } => (*y, interp.out_len()),
             };
             if y == slot {
                 return n;
@@ -520,12 +665,14 @@ impl Plan {
 pub fn layer_inputs(l: &Layer) -> Vec<Slot> {
     match l {
         Layer::Add { a, b, .. } => vec![*a, *b],
+        Layer::Concat { xs, .. } => xs.clone(),
         Layer::Conv { x, .. }
         | Layer::Linear { x, .. }
         | Layer::Act { x, .. }
         | Layer::MaxPool { x, .. }
         | Layer::AvgPool { x, .. }
-        | Layer::GlobalAvgPool { x, .. } => vec![*x],
+        | Layer::GlobalAvgPool { x, .. }
+        | Layer::Resize { x, .. } => vec![*x],
     }
 }
 
@@ -537,7 +684,9 @@ pub fn layer_output(l: &Layer) -> Slot {
         | Layer::Add { y, .. }
         | Layer::MaxPool { y, .. }
         | Layer::AvgPool { y, .. }
-        | Layer::GlobalAvgPool { y, .. } => *y,
+        | Layer::GlobalAvgPool { y, .. }
+        | Layer::Concat { y, .. }
+        | Layer::Resize { y, .. } => *y,
     }
 }
 
@@ -607,6 +756,8 @@ pub fn forward_fixed(plan: &Plan, weights: &Weights, input: &[u64]) -> Vec<u64> 
                     })
                     .collect()
             }
+            Layer::Concat { xs, .. } => xs.iter().flat_map(|&s| get(s).iter().copied()).collect(),
+            Layer::Resize { x, interp, .. } => interp.apply(get(*x), None),
         };
         vals[layer_output(l)] = Some(y);
     }

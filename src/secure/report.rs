@@ -46,8 +46,12 @@ pub struct ImageReport {
     pub max_logit_error: Option<f64>,
     /// max |secure logit - float logit|.
     pub max_float_error: Option<f64>,
-    /// The plaintext fixed-point logits.
+    /// The plaintext fixed-point logits (class-major [K, H, W] for a segmentation map).
     pub plaintext_logits: Vec<f64>,
+    /// Segmentation maps only: the fraction of pixels whose arg-max class (over the K classes)
+    /// is the same in the secure and the plaintext fixed-point logits. (`prediction` and its
+    /// companions are then the arg-max over all K x H x W logits.)
+    pub pixel_agreement: Option<f64>,
     pub seconds: f64,
     pub bytes: LinkBytes,
 }
@@ -136,6 +140,12 @@ pub fn run_compare(
             float_prediction: argmax(&float),
             max_logit_error: run.logits.as_deref().map(|l| max_err(l, &fixed)),
             max_float_error: run.logits.as_deref().map(|l| max_err(l, &float)),
+            pixel_agreement: match run.logits.as_deref() {
+                Some(l) if plan.outputs != plan.classes => {
+                    Some(pixel_agreement(l, &fixed, plan.classes))
+                }
+                _ => None,
+            },
             plaintext_logits: fixed,
             seconds: run.seconds,
             bytes: LinkBytes::from_sent(sent),
@@ -178,6 +188,16 @@ pub fn run_compare(
         images: reports,
         layers,
     })
+}
+
+/// Fraction of pixels of two class-major [K, P] logit maps with the same arg-max class.
+pub fn pixel_agreement(a: &[f64], b: &[f64], classes: usize) -> f64 {
+    let p = a.len() / classes.max(1);
+    let best = |v: &[f64], px: usize| {
+        (0..classes).fold(0, |k, c| if v[c * p + px] > v[k * p + px] { c } else { k })
+    };
+    let same = (0..p).filter(|&px| best(a, px) == best(b, px)).count();
+    same as f64 / p.max(1) as f64
 }
 
 fn layer_reports(plan: &Plan, runs: &[PartyRun; 3], n: u64) -> Vec<LayerReport> {
