@@ -43,6 +43,48 @@ fn ade_tree(root: &Path, n_train: usize, n_val: usize) {
     }
 }
 
+/// VOC tree: labels 0..=5 of 21 with a 255 boundary row, grayscale masks in
+/// SegmentationClassAug (train_aug) and SegmentationClass (val).
+fn voc_tree(root: &Path, n_train: usize, n_val: usize) {
+    for d in [
+        "JPEGImages",
+        "SegmentationClass",
+        "SegmentationClassAug",
+        "ImageSets/Segmentation",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let (mut train, mut val) = (String::new(), String::new());
+    for i in 0..n_train + n_val {
+        let id = format!("2008_{i:06}");
+        let (h, w) = (32 + 4 * (i % 2), 36 - 4 * (i % 2));
+        let label = |x: u32, y: u32| {
+            if y == 0 {
+                255
+            } else {
+                ((x as usize / 9 + y as usize / 11 + i) % 6) as u8
+            }
+        };
+        let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let l = (label(x, y) % 6) as u32;
+            image::Rgb([(l * 40) as u8, (200 - l * 30) as u8, ((x + y) % 50) as u8])
+        });
+        img.save(root.join("JPEGImages").join(format!("{id}.jpg")))
+            .unwrap();
+        let mask =
+            image::GrayImage::from_fn(w as u32, h as u32, |x, y| image::Luma([label(x, y)]));
+        let (dir, list) = if i < n_train {
+            ("SegmentationClassAug", &mut train)
+        } else {
+            ("SegmentationClass", &mut val)
+        };
+        mask.save(root.join(dir).join(format!("{id}.png"))).unwrap();
+        list.push_str(&format!("{id}\n"));
+    }
+    std::fs::write(root.join("ImageSets/Segmentation/train_aug.txt"), train).unwrap();
+    std::fs::write(root.join("ImageSets/Segmentation/val.txt"), val).unwrap();
+}
+
 fn tiny_model(seed: i64) -> Model {
     tch::manual_seed(seed);
     Model::new(
@@ -62,7 +104,7 @@ fn tiny_model(seed: i64) -> Model {
 fn seg_evaluation_matches_an_independent_count() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = tempfile::tempdir().unwrap();
-    ade_tree(d.path(), 1, 3);
+    ade_tree(d.path(), 1, 2);
     let model = tiny_model(1);
     let norm = normalization(DatasetKind::Ade20k);
     for inference in [Inference::Whole, Inference::Slide] {
@@ -120,7 +162,7 @@ fn seg_evaluation_matches_an_independent_count() {
         assert!((m.miou - brute.miou()).abs() < 1e-12);
         assert!((r.top1 - brute.pixel_accuracy()).abs() < 1e-12);
         assert!(r.top5 >= r.top1 && r.loss.is_finite());
-        assert_eq!(r.images, 3);
+        assert_eq!(r.images, 2);
     }
 
     // Sliding windows that tile a 32x64 image exactly: two independent forwards side by side.
@@ -147,19 +189,21 @@ fn seg_evaluation_matches_an_independent_count() {
     assert!(got.allclose(&want, 1e-5, 1e-5, false));
 }
 
+/// VOC (21 classes: 21 first-order probes) at 32x32 with the fewest iterations, images and
+/// samples that still exercise every stage.
 fn write_configs(dir: &Path) -> PathBuf {
-    ade_tree(&dir.join("ade"), 8, 3);
+    voc_tree(&dir.join("voc"), 4, 2);
     let base = format!(
-        "model = \"deeplabv3-mobilenetv2\"\nnum_classes = 150\ninput = [3, 32, 32]\n\
-         iterations = 4\ncheckpoint_every = 2\nbatch_size = 2\neval_batch_size = 2\nseed = 1\n\
-         [dataset]\nkind = \"ade20k\"\npath = \"{}\"\ntest_scale = [48, 32]\n\
+        "model = \"deeplabv3-mobilenetv2\"\nnum_classes = 21\ninput = [3, 32, 32]\n\
+         iterations = 2\ncheckpoint_every = 1\nbatch_size = 2\neval_batch_size = 2\nseed = 1\n\
+         [dataset]\nkind = \"voc\"\npath = \"{}\"\ntest_scale = [36, 32]\n\
          [optimizer]\nlr = 0.01\nmomentum = 0.9\nweight_decay = 5e-4\n\
          [schedule]\nkind = \"poly\"\nmin_lr = 1e-4\n",
-        dir.join("ade").display()
+        dir.join("voc").display()
     );
     std::fs::write(dir.join("seg.toml"), &base).unwrap();
     let ft = base
-        .replace("iterations = 4", "iterations = 2")
+        .replace("iterations = 2\ncheckpoint_every = 1", "iterations = 1")
         .replace("lr = 0.01", "lr = 5e-4")
         .replace("min_lr = 1e-4", "min_lr = 1e-4\nwarmup_iterations = 1");
     std::fs::write(dir.join("seg-ft.toml"), ft).unwrap();
@@ -167,7 +211,7 @@ fn write_configs(dir: &Path) -> PathBuf {
     std::fs::write(
         &p,
         "train = \"seg.toml\"\nfinetune = \"seg-ft.toml\"\nratios = [0.06, 0.12]\n\
-         baselines = false\n[distortion]\nsamples = 4\nbatch = 2\n[secure]\nimages = 1\n",
+         baselines = false\n[distortion]\nsamples = 2\nbatch = 2\n[secure]\nimages = 1\n",
     )
     .unwrap();
     p
@@ -188,8 +232,8 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
     for r in &out.rows {
         let s = r.eval.segmentation.as_ref().expect("segmentation metrics");
         assert!((0.0..=1.0).contains(&s.miou));
-        assert_eq!(r.eval.images, 3);
-        assert_eq!(s.per_class_iou.len(), 150);
+        assert_eq!(r.eval.images, 2);
+        assert_eq!(s.per_class_iou.len(), 21);
         let sec = r.secure.as_ref().unwrap();
         assert_eq!(sec.images, 1);
         if let Some(e) = &r.spec {
@@ -234,10 +278,8 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
         "{text}"
     );
     // Unknown label in a validation mask: a clear error naming file and value.
-    let bad = tmp
-        .path()
-        .join("ade/annotations/validation/ADE_validation_00000002.png");
-    image::GrayImage::from_pixel(44, 44, image::Luma([200u8]))
+    let bad = tmp.path().join("voc/SegmentationClass/2008_000005.png");
+    image::GrayImage::from_pixel(32, 36, image::Luma([200u8]))
         .save(&bad)
         .unwrap();
     let o = std::process::Command::new(bin)
@@ -250,7 +292,7 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        err.contains("ADE_validation_00000002.png") && err.contains("200"),
+        err.contains("2008_000005.png") && err.contains("200"),
         "{err}"
     );
 }
