@@ -505,3 +505,43 @@ fn poly_schedule_and_iteration_configs() {
         brelu::data::Task::Classification
     );
 }
+
+#[test]
+fn shipped_segmentation_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    for (f, iters, model) in [
+        (
+            "ade20k-deeplabv3-mobilenetv2.toml",
+            160_000,
+            "deeplabv3-mobilenetv2",
+        ),
+        (
+            "ade20k-deeplabv3-mobilenetv2-brelu.toml",
+            40_000,
+            "deeplabv3-mobilenetv2",
+        ),
+        (
+            "voc-deeplabv3-resnet50.toml",
+            40_000,
+            "deeplabv3-resnet50-d8",
+        ),
+        (
+            "voc-deeplabv3-resnet50-brelu.toml",
+            20_000,
+            "deeplabv3-resnet50-d8",
+        ),
+    ] {
+        let c = Config::load(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(c.task(), brelu::data::Task::Segmentation);
+        assert_eq!((c.iterations, c.model.as_str()), (Some(iters), model));
+        assert_eq!((c.input, c.batch_size), ([3, 512, 512], 16));
+        assert_eq!(c.schedule.kind, brelu::train::ScheduleKind::Poly);
+        assert_eq!((c.schedule.power, c.schedule.min_lr), (0.9, 1e-4));
+        let brelu = f.contains("brelu");
+        assert_eq!(c.optimizer.lr, if brelu { 5e-4 } else { 0.01 });
+        assert_eq!(c.schedule.warmup_iterations, if brelu { 1000 } else { 0 });
+    }
+    for f in ["ade20k-pipeline.toml", "voc-pipeline.toml"] {
+        brelu::pipeline::PipelineConfig::load(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+}

@@ -71,8 +71,7 @@ fn voc_tree(root: &Path, n_train: usize, n_val: usize) {
         });
         img.save(root.join("JPEGImages").join(format!("{id}.jpg")))
             .unwrap();
-        let mask =
-            image::GrayImage::from_fn(w as u32, h as u32, |x, y| image::Luma([label(x, y)]));
+        let mask = image::GrayImage::from_fn(w as u32, h as u32, |x, y| image::Luma([label(x, y)]));
         let (dir, list) = if i < n_train {
             ("SegmentationClassAug", &mut train)
         } else {
@@ -217,7 +216,12 @@ fn write_configs(dir: &Path) -> PathBuf {
     p
 }
 
+// About 70 s of CPU on 2 cores (DeepLabV3's 512-channel ASPP head is 74 MB of weights even at
+// 32x32: every checkpoint, fine-tune and secure session moves them), more than the default
+// suite allows. Run it with `cargo test --release --test seg_pipeline -- --ignored`
+// (`make test-all` runs every ignored test).
 #[test]
+#[ignore]
 fn tiny_deeplabv3_pipeline_end_to_end() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
