@@ -702,22 +702,26 @@ fn mixed_spec(model: &mut Model) {
     }
 }
 
-fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
-    let classes = 4;
-    let mut m = seg_model(name, input, classes, 8);
+/// Random weights with random batch-norm statistics and biases (so the logits are far from 0)
+/// and a small last batch-norm scale per bottleneck: random residual branches at full scale
+/// double the activations' variance per block (logits in the hundreds after 16 bottlenecks),
+/// which turns every +-1 ulp truncation and every near-zero patch decision into a large logit
+/// difference. Trained networks keep their values O(1) too.
+fn well_scaled(name: &str, input: [usize; 3], classes: usize, seed: i64) -> Model {
+    let m = seg_model(name, input, classes, seed);
     randomize_bn(&m);
-    // Random residual branches at full scale double the activations' variance per block
-    // (logits in the hundreds after 16 bottlenecks), which turns every +-1 ulp truncation and
-    // every near-zero patch decision into a large logit difference. A small last batch-norm
-    // scale per block keeps the network's values O(1), as trained networks are.
-    {
-        let _g = tch::no_grad_guard();
-        for (n, mut t) in m.named_tensors() {
-            if n.ends_with("bn3.weight") {
-                let _ = t.fill_(0.25);
-            }
+    let _g = tch::no_grad_guard();
+    for (n, mut t) in m.named_tensors() {
+        if n.ends_with("bn3.weight") {
+            let _ = t.fill_(0.25);
         }
     }
+    m
+}
+
+fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
+    let classes = 4;
+    let mut m = well_scaled(name, input, classes, 8);
     mixed_spec(&mut m);
     let mut rng = ChaCha20Rng::seed_from_u64(10);
     let img: Vec<f32> = (0..input.iter().product::<usize>())
@@ -735,6 +739,13 @@ fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
     let im = &r.images[0];
     assert_eq!(im.plaintext_logits.len(), classes * h * w);
     let e = im.max_logit_error.unwrap();
+    let big = im
+        .plaintext_logits
+        .iter()
+        .fold(0.0f64, |a, v| a.max(v.abs()));
+    // Logits far above the tolerance: the check is not passed by a network that outputs ~0
+    // (which untouched batch-norm statistics give after many depthwise convs).
+    assert!(big > 2.0, "{name}: degenerate logits (max {big})");
     assert!(e < 0.1, "{name}: logit error {e}");
     // One DReLU per patch, as the spec says.
     let expected: usize = m
@@ -782,4 +793,85 @@ fn secure_inference_mobilenetv2_d8_matches_plaintext() {
 #[test]
 fn secure_inference_resnet50_d8_matches_plaintext() {
     secure_check(R50, [3, 24, 32], false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line on a segmentation model: synthetic tables -> knapsack -> secure run
+// ---------------------------------------------------------------------------------------------
+
+fn run_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "brelu {args:?} failed: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cli_knapsack_spec_runs_securely_on_the_segmentation_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let input = "3,32,32";
+    let m = well_scaled(MNV2, [3, 32, 32], 5, 13);
+    m.save_weights(&d.join("w.safetensors")).unwrap();
+    run_ok(&[
+        "distortion",
+        "synthetic",
+        "--model",
+        MNV2,
+        "--input",
+        input,
+        "-o",
+        &p("t"),
+    ]);
+    run_ok(&[
+        "knapsack",
+        "--model",
+        MNV2,
+        "--distortion",
+        &p("t"),
+        "--ratio",
+        "0.06",
+        "-o",
+        &p("spec.json"),
+    ]);
+    let out = run_ok(&[
+        "secure",
+        "run",
+        "--model",
+        MNV2,
+        "--input",
+        input,
+        "--classes",
+        "5",
+        "--weights",
+        &p("w.safetensors"),
+        "--spec",
+        &p("spec.json"),
+        "--frac-bits",
+        "16",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let relus = r["relus"].as_u64().unwrap();
+    let drelus = r["drelus_per_image"].as_u64().unwrap();
+    // By hand at 32x32 (maps 16, 8, 4 and the 1x1 image pool), as in the 512 test.
+    let px = |s: u64| s * s;
+    let backbone = 32 * px(16)
+        + 32 * px(16)
+        + (96 * px(16) + 96 * px(8) + 2 * 144 * px(8))
+        + (144 * px(8) + 144 * px(4) + 4 * 192 * px(4))
+        + (2 * 192 + 6 * 384 + 2 * 384 + 4 * 576 + 2 * 576 + 4 * 960 + 2 * 960) * px(4);
+    assert_eq!(relus, backbone + 512 + 5 * 512 * px(4));
+    assert!(
+        drelus <= relus * 6 / 100 && drelus > relus * 5 / 100,
+        "{drelus} of {relus}"
+    );
+    let im = &r["images"][0];
+    assert_eq!(im["plaintext_logits"].as_array().unwrap().len(), 5 * 4 * 4);
+    assert!(im["max_logit_error"].as_f64().unwrap() < 0.1, "{im}");
+    assert!(im["pixel_agreement"].as_f64().unwrap() > 0.9, "{im}");
 }
