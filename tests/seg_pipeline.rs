@@ -218,7 +218,7 @@ fn write_configs(dir: &Path) -> PathBuf {
 
 // About 70 s of CPU on 2 cores (DeepLabV3's 512-channel ASPP head is 74 MB of weights even at
 // 32x32: every checkpoint, fine-tune and secure session moves them), more than the default
-// suite allows. Run it with `cargo test --release --test seg_pipeline -- --ignored`
+// suite allows. Run it with `cargo test --test seg_pipeline -- --ignored`
 // (`make test-all` runs every ignored test).
 #[test]
 #[ignore]
@@ -281,6 +281,28 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
         text.contains(&format!("mIoU {:.2}%", 100.0 * base.miou)),
         "{text}"
     );
+    // `brelu distortion extract --data` on the segmentation configuration: training images
+    // resized and center-cropped to the input, output = decoder logits.
+    let ddir = tmp.path().join("dist-cli");
+    let o = std::process::Command::new(bin)
+        .args(["distortion", "extract", "--data"])
+        .arg(tmp.path().join("seg.toml"))
+        .arg("-w")
+        .arg(run_dir.join("baseline").join(train::CHECKPOINT_WEIGHTS))
+        .args([
+            "--samples",
+            "2",
+            "--estimator",
+            "first-order",
+            "--sites",
+            "decode_5",
+            "-o",
+        ])
+        .arg(&ddir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(ddir.join("decode_5.npy").exists());
     // Unknown label in a validation mask: a clear error naming file and value.
     let bad = tmp.path().join("voc/SegmentationClass/2008_000005.png");
     image::GrayImage::from_pixel(32, 36, image::Luma([200u8]))
