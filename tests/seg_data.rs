@@ -545,3 +545,56 @@ fn shipped_segmentation_configs_parse() {
         brelu::pipeline::PipelineConfig::load(&dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
 }
+
+/// Decode throughput of the segmentation training transform (JPEG + PNG mask, rescale, crop,
+/// flip, jitter) against the class-folder random-resized-crop on the same JPEGs, one batch of
+/// 32 images of 500x375 each: prints figures for BENCHMARKS.md, asserts only the shapes.
+/// `cargo test --test seg_data -- --ignored --nocapture decode_throughput`
+#[test]
+#[ignore]
+fn decode_throughput() {
+    let d = tempfile::tempdir().unwrap();
+    let n = 32;
+    std::fs::create_dir_all(d.path().join("images/training")).unwrap();
+    std::fs::create_dir_all(d.path().join("annotations/training")).unwrap();
+    std::fs::create_dir_all(d.path().join("train/c0")).unwrap();
+    for i in 0..n {
+        let (h, w) = (375, 500);
+        let raw = labels_for(h, w, 151, i);
+        let red: Vec<u8> = raw.iter().map(|&v| v.wrapping_mul(10)).collect();
+        let img = d.path().join(format!("images/training/{i:04}.jpg"));
+        write_rgb(&img, h, w, &red);
+        std::fs::copy(&img, d.path().join(format!("train/c0/{i:04}.jpg"))).unwrap();
+        write_gray(
+            &d.path().join(format!("annotations/training/{i:04}.png")),
+            h,
+            w,
+            &raw,
+        );
+    }
+    let mut t = transforms([512, 512]);
+    t.test_scale = [2048, 512];
+    t.photometric = true;
+    let seg = seg::open(Layout::Ade20k, d.path(), Split::Train, t).unwrap();
+    let folder = data::folder::open(d.path(), Split::Train, 224).unwrap();
+    let idx: Vec<i64> = (0..n as i64).collect();
+    let st: Vec<_> = (0..n as u64).map(Transform::Train).collect();
+    let ft: Vec<_> = (0..n as u64).map(data::folder::Transform::Train).collect();
+    for round in 0..2 {
+        let t0 = std::time::Instant::now();
+        let (x, y) = seg.decode_batch(&idx, &st).unwrap();
+        let ts = t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
+        let f = folder.decode_batch(&idx, &ft).unwrap();
+        let tf = t0.elapsed().as_secs_f64();
+        assert_eq!((x.size(), y.size()), (vec![32, 3, 512, 512], vec![32, 512, 512]));
+        assert_eq!(f.len(), 32 * 3 * 224 * 224);
+        println!(
+            "round {round}: segmentation train transform {:.1} img/s (512 crop), class-folder \
+             random-resized-crop {:.1} img/s (224), {} rayon threads",
+            n as f64 / ts,
+            n as f64 / tf,
+            rayon::current_num_threads()
+        );
+    }
+}
