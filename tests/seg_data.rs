@@ -587,7 +587,10 @@ fn decode_throughput() {
         let t0 = std::time::Instant::now();
         let f = folder.decode_batch(&idx, &ft).unwrap();
         let tf = t0.elapsed().as_secs_f64();
-        assert_eq!((x.size(), y.size()), (vec![32, 3, 512, 512], vec![32, 512, 512]));
+        assert_eq!(
+            (x.size(), y.size()),
+            (vec![32, 3, 512, 512], vec![32, 512, 512])
+        );
         assert_eq!(f.len(), 32 * 3 * 224 * 224);
         println!(
             "round {round}: segmentation train transform {:.1} img/s (512 crop), class-folder \
