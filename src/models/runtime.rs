@@ -349,9 +349,9 @@ impl Model {
         graph.site_ops.clear();
         // (index in new graph, folded weight, folded bias)
         let mut folded: Vec<(usize, Tensor, Tensor)> = Vec::new();
-        let mut copied: Vec<(usize, usize)> = Vec::new(); // (new op, old op)
-                                                          // Dropout is the identity in evaluation: its readers read its input instead.
+        // Dropout is the identity in evaluation: its readers read its input instead.
         let mut alias: Vec<Slot> = (0..self.graph.slots).collect();
+        let mut copied: Vec<(usize, usize)> = Vec::new(); // (new op, old op)
         let ops = &self.graph.ops;
         let mut i = 0;
         while i < ops.len() {
