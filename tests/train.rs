@@ -37,16 +37,26 @@ fn cfg(text: &str) -> Config {
 
 #[test]
 fn shipped_configs_parse() {
-    for f in [
-        "fashion-mnist.toml",
-        "cifar100-resnet18.toml",
-        "cifar100-resnet18-brelu.toml",
-    ] {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("configs")
-            .join(f);
-        Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+    // Every file in configs/: pipeline files (they name a `train` configuration) and
+    // training configurations.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let pipeline = text.lines().any(|l| l.trim_start().starts_with("train ="));
+        if pipeline {
+            brelu::pipeline::PipelineConfig::load(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        } else {
+            Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+        n += 1;
     }
+    assert!(n >= 6, "only {n} configurations found in {}", dir.display());
 }
 
 #[test]
@@ -129,6 +139,38 @@ fn schedules_match_hand_computed_values() {
     close(lc(2), 0.05);
     close(lc(7), 0.01 + 0.04 * 0.5); // halfway: cos(pi/2) = 0
     close(lc(12), 0.01);
+}
+
+#[test]
+fn per_iteration_schedules_move_within_epochs() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    let text = TINY.replace(
+        "kind = \"step\"\nmilestones = [1]\ngamma = 0.5",
+        "kind = \"cosine\"\nmin_lr = 0.01\nwarmup_epochs = 2\nwarmup_start = 0.1\n\
+         per_iteration = true",
+    );
+    let c = cfg(&text);
+    let lr = |e, b| train::lr_for_batch(&c.schedule, 0.05, e, b, 4, 12);
+    // Warm-up: linear in the fraction of the 2 warm-up epochs done.
+    close(lr(0, 0), 0.005);
+    close(lr(0, 2), 0.05 * (0.1 + 0.9 * 0.25));
+    close(lr(1, 3), 0.05 * (0.1 + 0.9 * 1.75 / 2.0));
+    close(lr(2, 0), 0.05);
+    // Cosine: 10 epochs after warm-up; a quarter of the way at epoch 4.5.
+    let quarter = 0.01 + 0.04 * 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos());
+    close(lr(4, 2), quarter);
+    // Off: one rate per epoch, the batch index is ignored.
+    let c0 = cfg(&text.replace("per_iteration = true", "per_iteration = false"));
+    for b in 0..4 {
+        close(
+            train::lr_for_batch(&c0.schedule, 0.05, 0, b, 4, 12),
+            lr_at(&c0.schedule, 0.05, 0, 12),
+        );
+    }
+    // Step milestones stay whole epochs.
+    let st = cfg(&TINY.replace("gamma = 0.5", "gamma = 0.5\nper_iteration = true"));
+    close(train::lr_for_batch(&st.schedule, 0.1, 0, 3, 4, 2), 0.1);
+    close(train::lr_for_batch(&st.schedule, 0.1, 1, 0, 4, 2), 0.05);
 }
 
 /// 48 8x8 images in 3 classes (bright left, bright right, bright top), lightly noisy.

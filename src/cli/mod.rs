@@ -40,7 +40,7 @@ pub enum Command {
     /// Pick a patch size per channel from distortion tables under a DReLU budget.
     Knapsack(knapsack::KnapsackArgs),
     /// Train a model from a configuration file (checkpoint every epoch, `--resume`).
-    Train(train::TrainArgs),
+    Train(train::TrainCmdArgs),
     /// Fine-tune trained weights with a block-ReLU spec at every site.
     Finetune(train::FinetuneArgs),
     /// Test-set top-1, top-5 and loss of weights (optionally under a spec) and its DReLUs.

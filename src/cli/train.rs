@@ -28,6 +28,15 @@ pub struct TrainArgs {
     /// Override the iteration count of an iteration-based configuration.
     #[arg(long)]
     pub iterations: Option<usize>,
+    /// Override the configuration's learning rate (optimizer.lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Override the configuration's training batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Override the configuration's seed (initialisation, data order, augmentation).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// cpu (default), cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
@@ -35,6 +44,16 @@ pub struct TrainArgs {
     /// starting weights, i.e. the original network).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainCmdArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Start from these weights (safetensors) instead of a fresh initialisation, e.g. ResNet50
+    /// weights for the avg-pool stem swap (`model = "resnet50-avgpool"`).
+    #[arg(long, short)]
+    pub weights: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -68,9 +87,13 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-fn load_config(path: &Path, epochs: Option<usize>, iterations: Option<usize>) -> Result<Config> {
+/// Reads the configuration and applies the command-line overrides, validating the result
+/// like the file itself (the overrides are part of the run's configuration hash, so a resume
+/// with other overrides is refused).
+fn load_config(path: &Path, a: Option<&TrainArgs>) -> Result<Config> {
     let mut cfg = Config::load(path).context("reading the training configuration")?;
-    if let Some(e) = epochs {
+    let Some(a) = a else { return Ok(cfg) };
+    if let Some(e) = a.epochs {
         anyhow::ensure!(e > 0, "--epochs must be at least 1");
         anyhow::ensure!(
             cfg.iterations.is_none(),
@@ -79,7 +102,7 @@ fn load_config(path: &Path, epochs: Option<usize>, iterations: Option<usize>) ->
         );
         cfg.epochs = e;
     }
-    if let Some(i) = iterations {
+    if let Some(i) = a.iterations {
         anyhow::ensure!(i > 0, "--iterations must be at least 1");
         anyhow::ensure!(
             cfg.iterations.is_some(),
@@ -88,6 +111,22 @@ fn load_config(path: &Path, epochs: Option<usize>, iterations: Option<usize>) ->
         );
         cfg.iterations = Some(i);
     }
+    if let Some(lr) = a.lr {
+        anyhow::ensure!(
+            lr.is_finite() && lr > 0.0,
+            "--lr must be a positive number, got {lr}"
+        );
+        cfg.optimizer.lr = lr;
+    }
+    if let Some(b) = a.batch_size {
+        anyhow::ensure!(b > 0, "--batch-size must be at least 1");
+        cfg.batch_size = b;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    cfg.validate(path)
+        .context("the configuration with the command-line overrides")?;
     Ok(cfg)
 }
 
@@ -109,7 +148,7 @@ fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
 }
 
 fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
-    let cfg = load_config(&a.config, a.epochs, a.iterations)?;
+    let cfg = load_config(&a.config, Some(a))?;
     let device = train::parse_device(a.device.as_deref())?;
     let run_dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -169,8 +208,8 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
     Ok(())
 }
 
-pub fn train_cmd(a: TrainArgs) -> Result<()> {
-    run_training(&a, None, None)
+pub fn train_cmd(a: TrainCmdArgs) -> Result<()> {
+    run_training(&a.train, a.weights.as_deref(), None)
 }
 
 pub fn finetune_cmd(a: FinetuneArgs) -> Result<()> {
@@ -189,7 +228,7 @@ struct EvalReport {
 }
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let cfg = load_config(&a.config, None, None)?;
+    let cfg = load_config(&a.config, None)?;
     let device = train::parse_device(a.device.as_deref())?;
     let mut model = train::build_model(&cfg, device)?;
     model

@@ -167,6 +167,10 @@ pub struct ScheduleConfig {
     /// Warm-up starts at this fraction of the rate.
     #[serde(default = "warmup_default")]
     pub warmup_start: f64,
+    /// Update the rate before every batch (smooth warm-up and cosine) instead of once per
+    /// epoch.
+    #[serde(default)]
+    pub per_iteration: bool,
 }
 
 fn one() -> f64 {
@@ -274,6 +278,12 @@ impl Config {
             return bad(
                 "schedule.warmup_epochs",
                 "an iteration-based run warms up in iterations: use warmup_iterations".into(),
+            );
+        }
+        if self.iterations.is_some() && self.schedule.per_iteration {
+            return bad(
+                "schedule.per_iteration",
+                "an iteration-based run already updates the rate every iteration".into(),
             );
         }
         if self.iterations.is_none() && self.schedule.warmup_iterations > 0 {

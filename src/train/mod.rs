@@ -19,7 +19,7 @@ pub mod segment;
 pub mod sgd;
 
 pub use config::{Config, DatasetConfig, OptimizerConfig, ScheduleConfig, ScheduleKind};
-pub use schedule::{lr_at, lr_at_iteration};
+pub use schedule::{lr_at, lr_at_iteration, lr_at_progress, lr_for_batch};
 
 use crate::data::{self, BatchIter, Dataset, DatasetKind, Normalize, Split, Task};
 use crate::error::{write_atomic, Error, Result};
@@ -503,9 +503,18 @@ impl<'a> Run<'a> {
                 format!("epoch {}/{}", epoch + 1, cfg.epochs),
             );
             let mut w = Window::default();
-            for b in it {
+            let batches = it.batches();
+            for (i, b) in it.enumerate() {
                 let (x, y) = b?;
-                self.step(&x, &y, lr, &mut w, &format!("epoch {}", epoch + 1))?;
+                let lr_b = lr_for_batch(
+                    &cfg.schedule,
+                    cfg.optimizer.lr,
+                    epoch,
+                    i,
+                    batches,
+                    cfg.epochs,
+                );
+                self.step(&x, &y, lr_b, &mut w, &format!("epoch {}", epoch + 1))?;
                 bar.inc(1);
                 bar.set_message(window_message(&w, t0));
             }

@@ -29,3 +29,18 @@ pub fn tiny_dataset(dir: &Path) -> PathBuf {
     .unwrap();
     cfg
 }
+
+/// Runs the brelu binary; returns (success, stdout, stderr).
+// Not every test binary that includes this module runs the CLI.
+#[allow(dead_code)]
+pub fn brelu(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        .args(args)
+        .output()
+        .expect("the brelu binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
