@@ -5,10 +5,13 @@
 use brelu::distortion::extract::{init_dir, plan, run};
 use brelu::distortion::{collect, Estimator, PlanOptions, Samples, Shard};
 use brelu::models::{find, sites, ArchConfig, Architecture, GraphBuilder, Model, Op, Slot};
+use brelu::secure::engine::with_parties;
 use brelu::secure::link::LinkConfig;
 use brelu::secure::plan::{Interp, Plan, Settings};
+use brelu::secure::proto;
 use brelu::secure::report::run_compare;
 use brelu::secure::ring::Fixed;
+use brelu::secure::Role;
 use brelu::spec::{Catalog, PatchOption};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -747,7 +750,15 @@ fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
     let (plan, _) = Plan::from_model(&m, settings).unwrap();
     let (h, w) = (input[1].div_ceil(8), input[2].div_ceil(8));
     assert_eq!(plan.outputs, classes * h * w);
-    let r = run_compare(&m, &[img], None, settings, false, LinkConfig::default()).unwrap();
+    let r = run_compare(
+        &m,
+        std::slice::from_ref(&img),
+        None,
+        settings,
+        false,
+        LinkConfig::default(),
+    )
+    .unwrap();
     let im = &r.images[0];
     assert_eq!(im.plaintext_logits.len(), classes * h * w);
     let e = im.max_logit_error.unwrap();
@@ -781,18 +792,41 @@ fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
     if !check_argmax_error {
         return;
     }
-    // Arg-max-only mode cannot reveal a map: a clear error, not a hang.
-    let e = run_compare(
-        &m,
-        &[vec![0.0; input.iter().product()]],
-        None,
-        settings,
-        true,
-        LinkConfig::default(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("arg-max-only"), "{e}");
+    // Arg-max-only mode reveals one class per pixel, the classes of the plaintext pass.
+    let a = run_compare(&m, &[img], None, settings, true, LinkConfig::default()).unwrap();
+    let im = &a.images[0];
+    assert!(im.max_logit_error.is_none());
+    let agree = im.pixel_agreement.unwrap();
+    assert!(agree > 0.9, "{name}: arg-max-only pixel agreement {agree}");
+}
+
+#[test]
+fn secure_argmax_per_column_reveals_each_columns_largest() {
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    for (n, m) in [(1usize, 3usize), (2, 5), (7, 4), (150, 6)] {
+        // Small integers: many ties, which go to the lower index.
+        let v: Vec<i64> = (0..n * m).map(|_| rng.gen_range(-3..4)).collect();
+        let vu: Vec<u64> = v.iter().map(|&x| x as u64).collect();
+        let s0: Vec<u64> = vu.iter().map(|_| rng.gen()).collect();
+        let s1 = brelu::secure::ring::sub(&vu, &s0);
+        let out = with_parties(Settings::default(), |p| {
+            let mine: &[u64] = match p.role {
+                Role::Client => &s0,
+                Role::Server => &s1,
+                Role::Dealer => &[],
+            };
+            proto::argmax_columns(p, mine, n, m)
+        })
+        .unwrap();
+        let idx = brelu::secure::ring::add(&out[0], &out[1]);
+        assert_eq!(idx.len(), m);
+        for (col, &got) in idx.iter().enumerate() {
+            let best = (0..n)
+                .max_by_key(|&k| (v[k * m + col], std::cmp::Reverse(k)))
+                .unwrap();
+            assert_eq!(got as usize, best, "n {n} column {col}");
+        }
+    }
 }
 
 #[test]

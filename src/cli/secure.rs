@@ -303,6 +303,16 @@ fn print_report(r: &RunReport) {
         ]);
     }
     println!("per layer, per image:\n{}", l.render());
+    for i in &r.images {
+        if let Some(a) = i.pixel_agreement {
+            println!(
+                "image {}: {:.2}% of the pixels get the plaintext fixed-point class (a logit \
+                 map: the prediction columns above are arg-maxes over all its values)",
+                i.index,
+                100.0 * a
+            );
+        }
+    }
     println!(
         "mean per image: {:.2} s, {} ({} client-server, {} client-dealer, {} server-dealer); \
          secure = plaintext prediction on {}/{} images{}",
@@ -376,9 +386,11 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
             return print_json(&run);
         }
         for (i, im) in run.images.iter().enumerate() {
-            let pred = im
-                .argmax
-                .unwrap_or_else(|| argmax(im.logits.as_deref().unwrap_or(&[])));
+            let pred = match (&im.pixel_classes, im.argmax) {
+                (Some(c), _) => format!("classes of {} pixels", c.len()),
+                (None, Some(k)) => k.to_string(),
+                (None, None) => argmax(im.logits.as_deref().unwrap_or(&[])).to_string(),
+            };
             println!(
                 "image {i}: prediction {pred}{}  {:.2} s  sent {} to server, {} to dealer",
                 s.labels

@@ -28,8 +28,10 @@ pub fn lin_op(l: &Layer) -> Option<LinOp> {
 pub struct ImageRun {
     /// Client only: the revealed logits (absent in arg-max-only mode).
     pub logits: Option<Vec<f64>>,
-    /// Client only: the revealed arg-max (arg-max-only mode).
+    /// Client only: the revealed arg-max (arg-max-only mode, classifiers).
     pub argmax: Option<usize>,
+    /// Client only: the revealed class of every pixel (arg-max-only mode, segmentation maps).
+    pub pixel_classes: Option<Vec<usize>>,
     pub seconds: f64,
     /// Bytes this party sent to each role during the image (index = role).
     pub bytes_sent: [u64; 3],
@@ -114,13 +116,6 @@ pub fn run_party(
         };
         if !more {
             break;
-        }
-        if argmax_only && plan.outputs != plan.classes {
-            return Err(Error::InvalidArgument(format!(
-                "arg-max-only mode reveals one class per image, but {} outputs {} values per \
-                 image (a map of {} classes): reveal the logits instead",
-                plan.model, plan.outputs, plan.classes
-            )));
         }
         let start = Instant::now();
         let bytes0 = p.bytes_sent();
@@ -233,20 +228,29 @@ fn run_image(
     let mut run = ImageRun::default();
     let frac = plan.settings.fixed;
     if argmax_only {
-        let idx = proto::argmax(p, &out, plan.classes)?;
+        // One column for a classifier, one per pixel for a segmentation map.
+        let cols = plan.outputs / plan.classes.max(1);
+        let idx = proto::argmax_columns(p, &out, plan.classes, cols)?;
         match p.role {
             Role::Server => p.send_ring(Role::Client, &idx, 8)?,
             Role::Client => {
-                let theirs = p.recv_ring(Role::Server, 1, 8)?;
+                let theirs = p.recv_ring(Role::Server, cols, 8)?;
                 p.round();
-                let v = idx[0].wrapping_add(theirs[0]) as usize;
-                if v >= plan.classes {
+                let v: Vec<usize> = ring::add(&idx, &theirs)
+                    .into_iter()
+                    .map(|c| c as usize)
+                    .collect();
+                if let Some(bad) = v.iter().find(|&&c| c >= plan.classes) {
                     return Err(Error::Malformed {
                         peer: "server".into(),
-                        msg: format!("revealed class {v} out of range"),
+                        msg: format!("revealed class {bad} out of range"),
                     });
                 }
-                run.argmax = Some(v);
+                if plan.outputs == plan.classes {
+                    run.argmax = Some(v[0]);
+                } else {
+                    run.pixel_classes = Some(v);
+                }
             }
             Role::Dealer => {}
         }

@@ -604,45 +604,54 @@ pub fn global_avg_pool(p: &Party, c: usize, hw: usize, x: &[u64]) -> Vec<u64> {
 /// Secure arg-max of `n` shared values: a tournament of DReLUs; returns shares of the index
 /// (ties go to the lower index).
 pub fn argmax(p: &mut Party, v: &[u64], n: usize) -> Result<Vec<u64>> {
+    argmax_columns(p, v, n, 1)
+}
+
+/// Secure arg-max down each of the `m` columns of an `n` x `m` shared matrix (row-major, so
+/// row k = class k of a class-major [K, H, W] logit map and column j = pixel j): one
+/// tournament for all columns at once, the same number of rounds as for one. Returns shares
+/// of the `m` indices (ties go to the lower index).
+pub fn argmax_columns(p: &mut Party, v: &[u64], n: usize, m: usize) -> Result<Vec<u64>> {
     let dealer = p.role == Role::Dealer;
     let j = p.j();
     let mut vals = v.to_vec();
     let mut idx: Vec<u64> = if dealer {
         Vec::new()
     } else {
-        (0..n as u64).map(|i| i * j).collect()
+        (0..n as u64)
+            .flat_map(|i| std::iter::repeat_n(i * j, m))
+            .collect()
     };
     let mut len = n;
     while len > 1 {
-        let pairs = len / 2;
+        let cnt = (len / 2) * m;
         let (dv, di): (Vec<u64>, Vec<u64>) = if dealer {
             (Vec::new(), Vec::new())
         } else {
-            (0..pairs)
-                .map(|q| {
-                    (
-                        vals[2 * q + 1].wrapping_sub(vals[2 * q]),
-                        idx[2 * q + 1].wrapping_sub(idx[2 * q]),
-                    )
+            (0..cnt)
+                .map(|e| {
+                    let (a, b) = (2 * (e / m) * m + e % m, (2 * (e / m) + 1) * m + e % m);
+                    (vals[b].wrapping_sub(vals[a]), idx[b].wrapping_sub(idx[a]))
                 })
                 .unzip()
         };
-        let d = drelu(p, &dv, pairs)?;
-        let map: Vec<u32> = (0..2 * pairs).map(|i| (i % pairs) as u32).collect();
+        let d = drelu(p, &dv, cnt)?;
+        let map: Vec<u32> = (0..2 * cnt).map(|i| (i % cnt) as u32).collect();
         let mut both = dv.clone();
         both.extend(di);
-        let prod = mul_expand(p, 2 * pairs, pairs, &both, &d, Some(&map))?;
+        let prod = mul_expand(p, 2 * cnt, cnt, &both, &d, Some(&map))?;
         let next = len.div_ceil(2);
         if !dealer {
-            let mut nv = Vec::with_capacity(next);
-            let mut ni = Vec::with_capacity(next);
-            for q in 0..pairs {
-                nv.push(vals[2 * q].wrapping_add(prod[q]));
-                ni.push(idx[2 * q].wrapping_add(prod[pairs + q]));
+            let mut nv = Vec::with_capacity(next * m);
+            let mut ni = Vec::with_capacity(next * m);
+            for e in 0..cnt {
+                let a = 2 * (e / m) * m + e % m;
+                nv.push(vals[a].wrapping_add(prod[e]));
+                ni.push(idx[a].wrapping_add(prod[cnt + e]));
             }
             if len % 2 == 1 {
-                nv.push(vals[len - 1]);
-                ni.push(idx[len - 1]);
+                nv.extend_from_slice(&vals[(len - 1) * m..len * m]);
+                ni.extend_from_slice(&idx[(len - 1) * m..len * m]);
             }
             vals = nv;
             idx = ni;

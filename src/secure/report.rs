@@ -48,9 +48,10 @@ pub struct ImageReport {
     pub max_float_error: Option<f64>,
     /// The plaintext fixed-point logits (class-major [K, H, W] for a segmentation map).
     pub plaintext_logits: Vec<f64>,
-    /// Segmentation maps only: the fraction of pixels whose arg-max class (over the K classes)
-    /// is the same in the secure and the plaintext fixed-point logits. (`prediction` and its
-    /// companions are then the arg-max over all K x H x W logits.)
+    /// Segmentation maps only: the fraction of pixels whose class (arg-max over the K classes)
+    /// is the same in the secure result (revealed logits, or the revealed classes in
+    /// arg-max-only mode) and the plaintext fixed-point logits. (`prediction` and its
+    /// companions are then the arg-max over all K x H x W logits, 0 in arg-max-only mode.)
     pub pixel_agreement: Option<f64>,
     pub seconds: f64,
     pub bytes: LinkBytes,
@@ -140,11 +141,19 @@ pub fn run_compare(
             float_prediction: argmax(&float),
             max_logit_error: run.logits.as_deref().map(|l| max_err(l, &fixed)),
             max_float_error: run.logits.as_deref().map(|l| max_err(l, &float)),
-            pixel_agreement: match run.logits.as_deref() {
-                Some(l) if plan.outputs != plan.classes => {
-                    Some(pixel_agreement(l, &fixed, plan.classes))
-                }
-                _ => None,
+            pixel_agreement: if plan.outputs != plan.classes {
+                let secure = match (&run.pixel_classes, run.logits.as_deref()) {
+                    (Some(c), _) => Some(c.clone()),
+                    (None, Some(l)) => Some(pixel_classes(l, plan.classes)),
+                    (None, None) => None,
+                };
+                let plain = pixel_classes(&fixed, plan.classes);
+                secure.map(|s| {
+                    let same = s.iter().zip(&plain).filter(|(a, b)| a == b).count();
+                    same as f64 / plain.len().max(1) as f64
+                })
+            } else {
+                None
             },
             plaintext_logits: fixed,
             seconds: run.seconds,
@@ -190,14 +199,12 @@ pub fn run_compare(
     })
 }
 
-/// Fraction of pixels of two class-major [K, P] logit maps with the same arg-max class.
-pub fn pixel_agreement(a: &[f64], b: &[f64], classes: usize) -> f64 {
-    let p = a.len() / classes.max(1);
-    let best = |v: &[f64], px: usize| {
-        (0..classes).fold(0, |k, c| if v[c * p + px] > v[k * p + px] { c } else { k })
-    };
-    let same = (0..p).filter(|&px| best(a, px) == best(b, px)).count();
-    same as f64 / p.max(1) as f64
+/// The arg-max class of every pixel of a class-major [K, P] logit map (first on ties).
+pub fn pixel_classes(v: &[f64], classes: usize) -> Vec<usize> {
+    let p = v.len() / classes.max(1);
+    (0..p)
+        .map(|px| (0..classes).fold(0, |k, c| if v[c * p + px] > v[k * p + px] { c } else { k }))
+        .collect()
 }
 
 fn layer_reports(plan: &Plan, runs: &[PartyRun; 3], n: u64) -> Vec<LayerReport> {
