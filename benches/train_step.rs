@@ -71,8 +71,8 @@ fn main() {
             input,
             num_classes: classes,
         };
-        let mut model = Model::new(find(name).expect("zoo model"), cfg, Device::Cpu)
-            .expect("model builds");
+        let mut model =
+            Model::new(find(name).expect("zoo model"), cfg, Device::Cpu).expect("model builds");
         let shape = [batch, input[0] as i64, input[1] as i64, input[2] as i64];
         let x = Tensor::randn(shape, (Kind::Float, Device::Cpu));
         let y = Tensor::randint(classes as i64, [batch], (Kind::Int64, Device::Cpu));

@@ -55,7 +55,9 @@ fn train_eval_finetune_from_the_command_line() {
     let run = tmp.path().join("run");
     let r = run.to_str().unwrap();
 
-    ok(&["train", "--config", c, "-o", r, "--epochs", "2", "--lr", "0.02"]);
+    ok(&[
+        "train", "--config", c, "-o", r, "--epochs", "2", "--lr", "0.02",
+    ]);
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let epochs: Vec<serde_json::Value> = lines
         .lines()
@@ -81,17 +83,41 @@ fn train_eval_finetune_from_the_command_line() {
     let spec_p = tmp.path().join("spec.json");
     let sp = spec_p.to_str().unwrap();
     ok(&[
-        "spec", "uniform", "--model", "resnet18-cifar-light", "--input", "1,8,8", "--patch", "2x2",
-        "-o", sp,
+        "spec",
+        "uniform",
+        "--model",
+        "resnet18-cifar-light",
+        "--input",
+        "1,8,8",
+        "--patch",
+        "2x2",
+        "-o",
+        sp,
     ]);
     let ft = tmp.path().join("ft");
     ok(&[
-        "finetune", "--config", c, "-w", w_s, "--spec", sp, "-o", ft.to_str().unwrap(),
-        "--epochs", "1",
+        "finetune",
+        "--config",
+        c,
+        "-w",
+        w_s,
+        "--spec",
+        sp,
+        "-o",
+        ft.to_str().unwrap(),
+        "--epochs",
+        "1",
     ]);
     let wf = ft.join("checkpoint.safetensors");
     let rep: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval", "--config", c, "-w", wf.to_str().unwrap(), "--spec", sp, "--json",
+        "eval",
+        "--config",
+        c,
+        "-w",
+        wf.to_str().unwrap(),
+        "--spec",
+        sp,
+        "--json",
     ]))
     .unwrap();
     let model = Model::new(
@@ -117,15 +143,32 @@ fn train_from_weights_with_overrides_and_refused_resume() {
     let cfg = common::tiny_dataset(tmp.path());
     let c = cfg.to_str().unwrap();
     let a = tmp.path().join("a");
-    ok(&["train", "--config", c, "-o", a.to_str().unwrap(), "--batch-size", "16"]);
+    ok(&[
+        "train",
+        "--config",
+        c,
+        "-o",
+        a.to_str().unwrap(),
+        "--batch-size",
+        "16",
+    ]);
     let w = a.join("checkpoint.safetensors");
 
     // From weights with a vanishing rate: the parameters stay where they started (batch-norm
     // running statistics still move, so only weights and biases are compared).
     let b = tmp.path().join("b");
     ok(&[
-        "train", "--config", c, "-o", b.to_str().unwrap(), "-w", w.to_str().unwrap(), "--lr",
-        "1e-12", "--seed", "9",
+        "train",
+        "--config",
+        c,
+        "-o",
+        b.to_str().unwrap(),
+        "-w",
+        w.to_str().unwrap(),
+        "--lr",
+        "1e-12",
+        "--seed",
+        "9",
     ]);
     let (start, end) = (tensors(&w), tensors(&b.join("checkpoint.safetensors")));
     assert_eq!(start.len(), end.len());
@@ -142,10 +185,20 @@ fn train_from_weights_with_overrides_and_refused_resume() {
 
     // Resuming with another override is refused, naming the checkpoint.
     let (success, _, err) = brelu(&[
-        "train", "--config", c, "-o", b.to_str().unwrap(), "--resume", "--lr", "0.5",
+        "train",
+        "--config",
+        c,
+        "-o",
+        b.to_str().unwrap(),
+        "--resume",
+        "--lr",
+        "0.5",
     ]);
     assert!(!success);
-    assert!(err.contains("checkpoint.json") && err.contains("another configuration"), "{err}");
+    assert!(
+        err.contains("checkpoint.json") && err.contains("another configuration"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -156,15 +209,27 @@ fn bad_flags_and_files_are_clear_errors() {
     let o = tmp.path().join("o");
     let o = o.to_str().unwrap();
     for (args, expect) in [
-        (vec!["train", "--config", c, "-o", o, "--batch-size", "0"], "--batch-size"),
+        (
+            vec!["train", "--config", c, "-o", o, "--batch-size", "0"],
+            "--batch-size",
+        ),
         (vec!["train", "--config", c, "-o", o, "--lr=-1"], "--lr"),
-        (vec!["train", "--config", c, "-o", o, "--epochs", "0"], "--epochs"),
-        (vec!["train", "--config", "/nonexistent/x.toml", "-o", o], "/nonexistent/x.toml"),
+        (
+            vec!["train", "--config", c, "-o", o, "--epochs", "0"],
+            "--epochs",
+        ),
+        (
+            vec!["train", "--config", "/nonexistent/x.toml", "-o", o],
+            "/nonexistent/x.toml",
+        ),
         (
             vec!["eval", "--config", c, "-w", "/nonexistent/w.safetensors"],
             "/nonexistent/w.safetensors",
         ),
-        (vec!["train", "--config", c, "-o", o, "--device", "tpu"], "unknown device"),
+        (
+            vec!["train", "--config", c, "-o", o, "--device", "tpu"],
+            "unknown device",
+        ),
     ] {
         let (success, _, err) = brelu(&args);
         assert!(!success, "{args:?} succeeded");

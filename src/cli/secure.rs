@@ -186,11 +186,17 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         test.truncate(a.images);
         let all: Vec<i64> = (0..test.len() as i64).collect();
         let x = train::normalization(cfg.dataset.kind).apply(&test.select(&all)?);
-        let labels = Vec::<i64>::try_from(&test.labels)?
-            .into_iter()
-            .map(|l| l as usize)
-            .collect();
-        (split_images(&x)?, Some(labels))
+        // Segmentation sets have masks, not one label per image.
+        let labels = match test.seg {
+            Some(_) => None,
+            None => Some(
+                Vec::<i64>::try_from(&test.labels)?
+                    .into_iter()
+                    .map(|l| l as usize)
+                    .collect(),
+            ),
+        };
+        (split_images(&x)?, labels)
     } else {
         let x = Tensor::randn(
             [

@@ -25,6 +25,9 @@ pub struct TrainArgs {
     /// Override the configuration's epoch count.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Override the iteration count of an iteration-based configuration.
+    #[arg(long)]
+    pub iterations: Option<usize>,
     /// Override the configuration's learning rate (optimizer.lr).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -92,10 +95,27 @@ fn load_config(path: &Path, a: Option<&TrainArgs>) -> Result<Config> {
     let Some(a) = a else { return Ok(cfg) };
     if let Some(e) = a.epochs {
         anyhow::ensure!(e > 0, "--epochs must be at least 1");
+        anyhow::ensure!(
+            cfg.iterations.is_none(),
+            "{} counts iterations: use --iterations",
+            path.display()
+        );
         cfg.epochs = e;
     }
+    if let Some(i) = a.iterations {
+        anyhow::ensure!(i > 0, "--iterations must be at least 1");
+        anyhow::ensure!(
+            cfg.iterations.is_some(),
+            "{} counts epochs: use --epochs",
+            path.display()
+        );
+        cfg.iterations = Some(i);
+    }
     if let Some(lr) = a.lr {
-        anyhow::ensure!(lr.is_finite() && lr > 0.0, "--lr must be a positive number, got {lr}");
+        anyhow::ensure!(
+            lr.is_finite() && lr > 0.0,
+            "--lr must be a positive number, got {lr}"
+        );
         cfg.optimizer.lr = lr;
     }
     if let Some(b) = a.batch_size {
@@ -108,6 +128,18 @@ fn load_config(path: &Path, a: Option<&TrainArgs>) -> Result<Config> {
     cfg.validate(path)
         .context("the configuration with the command-line overrides")?;
     Ok(cfg)
+}
+
+/// "top-1 12.34%" or "mIoU 12.34% pixel acc 56.78%".
+fn metric_text(r: &train::EvalResult) -> String {
+    match &r.segmentation {
+        Some(s) => format!(
+            "mIoU {:.2}% pixel acc {:.2}%",
+            100.0 * s.miou,
+            100.0 * s.pixel_accuracy
+        ),
+        None => format!("top-1 {:.2}% top-5 {:.2}%", 100.0 * r.top1, 100.0 * r.top5),
+    }
 }
 
 fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
@@ -145,27 +177,28 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;
+    let (unit, total) = match cfg.iterations {
+        Some(n) => ("iteration", n),
+        None => ("epoch", cfg.epochs),
+    };
     for m in &metrics {
         eprintln!(
-            "epoch {:>3}/{}  lr {:.2e}  train loss {:.4} top-1 {:.2}%  test loss {:.4} \
-             top-1 {:.2}% top-5 {:.2}%  {:.1}s ({:.0} img/s)",
-            m.epoch,
-            cfg.epochs,
+            "{unit} {:>3}/{total}  lr {:.2e}  train loss {:.4} acc {:.2}%  test loss {:.4} \
+             {}  {:.1}s ({:.0} img/s)",
+            m.iteration.unwrap_or(m.epoch),
             m.lr,
             m.train_loss,
             100.0 * m.train_top1,
             m.test.loss,
-            100.0 * m.test.top1,
-            100.0 * m.test.top5,
+            metric_text(&m.test),
             m.seconds,
             m.images_per_s
         );
     }
     if metrics.is_empty() {
         eprintln!(
-            "nothing to do: {} already finished {} epochs",
+            "nothing to do: {} already finished {total} {unit}s",
             run_dir.display(),
-            cfg.epochs
         );
     }
     eprintln!(
@@ -227,16 +260,29 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         return print_json(&r);
     }
     println!(
-        "{} on {} test images: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  DReLUs {} of {} ReLUs \
-         ({:.2}%)",
+        "{} on {} test images: {}  loss {:.4}  DReLUs {} of {} ReLUs ({:.2}%)",
         r.model,
         r.result.images,
-        100.0 * r.result.top1,
-        100.0 * r.result.top5,
+        metric_text(&r.result),
         r.result.loss,
         r.drelus,
         r.relus,
         100.0 * r.drelus as f64 / r.relus.max(1) as f64
     );
+    if let Some(s) = &r.result.segmentation {
+        println!("per-class IoU (%; '-': class absent from labels and predictions):");
+        let cells: Vec<String> = s
+            .per_class_iou
+            .iter()
+            .enumerate()
+            .map(|(c, v)| match v {
+                Some(v) => format!("{c:>3}: {:>6.2}", 100.0 * v),
+                None => format!("{c:>3}: {:>6}", "-"),
+            })
+            .collect();
+        for row in cells.chunks(6) {
+            println!("  {}", row.join("  "));
+        }
+    }
     Ok(())
 }

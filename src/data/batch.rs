@@ -111,6 +111,8 @@ pub struct BatchIter<'a> {
     batch_size: usize,
     pos: usize,
     augment: Option<(Augment, Rng)>,
+    /// Segmentation training: the generator of the per-image transform seeds.
+    seg_rng: Option<Rng>,
     normalize: Normalize,
     device: Device,
 }
@@ -139,6 +141,10 @@ impl<'a> BatchIter<'a> {
             batch_size: batch_size.max(1),
             pos: 0,
             augment: augment.map(|a| (a, Rng::for_epoch(seed, epoch, AUGMENT_STREAM))),
+            seg_rng: data
+                .seg
+                .as_ref()
+                .map(|_| Rng::for_epoch(seed, epoch, AUGMENT_STREAM)),
             normalize,
             device,
         }
@@ -157,6 +163,7 @@ impl<'a> BatchIter<'a> {
             batch_size: batch_size.max(1),
             pos: 0,
             augment: None,
+            seg_rng: None,
             normalize,
             device,
         }
@@ -171,11 +178,43 @@ impl<'a> BatchIter<'a> {
     pub fn order(&self) -> &[i64] {
         &self.order
     }
+
+    /// Skips the next `n` batches without decoding them, drawing the same random numbers as
+    /// yielding them would (so a run resumed mid-epoch sees the batches an uninterrupted run
+    /// sees). Only segmentation and class-folder sets draw per image; the in-memory
+    /// augmentation draws per image too (offsets and flip), so it is replayed on a dummy batch.
+    pub fn skip_batches(&mut self, n: usize) {
+        for _ in 0..n {
+            if self.pos >= self.order.len() {
+                return;
+            }
+            let end = (self.pos + self.batch_size).min(self.order.len());
+            let count = end - self.pos;
+            if let Some(rng) = &mut self.seg_rng {
+                for _ in 0..count {
+                    rng.next_u64();
+                }
+            } else if let Some((a, rng)) = &mut self.augment {
+                if self.data.folder.is_some() {
+                    for _ in 0..count {
+                        rng.next_u64();
+                    }
+                } else {
+                    let _ = a.apply(
+                        &Tensor::zeros([count as i64, 1, 1, 1], (Kind::Uint8, Device::Cpu)),
+                        rng,
+                    );
+                }
+            }
+            self.pos = end;
+        }
+    }
 }
 
 impl Iterator for BatchIter<'_> {
-    /// (images float32 [B, C, H, W] normalised, labels i64 [B]), on the device; an error when
-    /// an image of a class-folder set cannot be decoded.
+    /// (images float32 [B, C, H, W] normalised, labels i64 [B] or masks i64 [B, H, W] for
+    /// segmentation), on the device; an error when an image of a class-folder or segmentation
+    /// set cannot be decoded.
     type Item = crate::error::Result<(Tensor, Tensor)>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -186,6 +225,22 @@ impl Iterator for BatchIter<'_> {
         let ids = &self.order[self.pos..end];
         let idx = Tensor::from_slice(ids);
         self.pos = end;
+        if let Some(s) = &self.data.seg {
+            // Segmentation: the label of a batch is its masks, i64 [B, H, W].
+            let t: Vec<_> = match &mut self.seg_rng {
+                Some(rng) => ids
+                    .iter()
+                    .map(|_| super::seg::Transform::Train(rng.next_u64()))
+                    .collect(),
+                None => vec![super::seg::Transform::Fixed; ids.len()],
+            };
+            return Some(s.decode_batch(ids, &t).map(|(x, y)| {
+                (
+                    self.normalize.apply(&x.to_device(self.device)),
+                    y.to_device(self.device),
+                )
+            }));
+        }
         let x = match (&self.data.folder, &mut self.augment) {
             // Class folders are augmented while decoding (random-resized-crop + flip), one
             // seed per image drawn in order so the batch is reproducible.

@@ -2,11 +2,13 @@
 //! and the CIFAR binary layout ([`cifar`]), held in memory (at most ~180 MB, one u8 tensor
 //! [N, C, H, W]); ImageNet-style class folders ([`folder`]), of which only the file list is held
 //! and images are decoded per batch; per-channel normalisation, seeded augmentation and batch
-//! iteration ([`batch`]).
+//! iteration ([`batch`]); semantic segmentation sets (ADE20K, Pascal VOC) streamed per batch
+//! ([`seg`]).
 pub mod batch;
 pub mod cifar;
 pub mod folder;
 pub mod idx;
+pub mod seg;
 
 pub use batch::{Augment, BatchIter, Rng};
 
@@ -25,6 +27,30 @@ pub enum DatasetKind {
     Cifar100,
     /// ImageNet-style class folders (`train/<class>/*`, `val/<class>/*`), decoded per batch.
     Imagenet,
+    /// ADE20K scene parsing (150 classes), decoded per batch.
+    Ade20k,
+    /// Pascal VOC 2012 segmentation with the augmented set (21 classes), decoded per batch.
+    Voc,
+}
+
+/// What a data set's labels are, which decides the loss and the metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// One class per image; metric: top-1 accuracy.
+    Classification,
+    /// One class per pixel; metric: mIoU.
+    Segmentation,
+}
+
+impl Task {
+    /// The name of the task's headline metric.
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Task::Classification => "top-1",
+            Task::Segmentation => "mIoU",
+        }
+    }
 }
 
 impl DatasetKind {
@@ -37,7 +63,25 @@ impl DatasetKind {
             DatasetKind::Cifar10 => "data/cifar-10-batches-bin",
             DatasetKind::Cifar100 => "data/cifar-100-binary",
             DatasetKind::Imagenet => "data/imagenet",
+            DatasetKind::Ade20k => "data/ade/ADEChallengeData2016",
+            DatasetKind::Voc => "data/VOCdevkit/VOC2012",
         })
+    }
+
+    pub fn task(self) -> Task {
+        match self {
+            DatasetKind::Ade20k | DatasetKind::Voc => Task::Segmentation,
+            _ => Task::Classification,
+        }
+    }
+
+    /// The segmentation layout, if this is a segmentation set.
+    pub fn seg_layout(self) -> Option<seg::Layout> {
+        match self {
+            DatasetKind::Ade20k => Some(seg::Layout::Ade20k),
+            DatasetKind::Voc => Some(seg::Layout::Voc),
+            _ => None,
+        }
     }
 
     /// [C, H, W] of one image.
@@ -46,6 +90,7 @@ impl DatasetKind {
             DatasetKind::FashionMnist | DatasetKind::Mnist => [1, 28, 28],
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => [3, 32, 32],
             DatasetKind::Imagenet => [3, 224, 224],
+            DatasetKind::Ade20k | DatasetKind::Voc => [3, 512, 512],
         }
     }
 
@@ -53,6 +98,8 @@ impl DatasetKind {
         match self {
             DatasetKind::Cifar100 => 100,
             DatasetKind::Imagenet => 1000,
+            DatasetKind::Ade20k => 150,
+            DatasetKind::Voc => 21,
             _ => 10,
         }
     }
@@ -63,8 +110,11 @@ impl DatasetKind {
     pub fn default_augment(self) -> Option<Augment> {
         match self {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => Some(Augment { pad: 4, flip: true }),
-            // Class folders: any augmentation means random-resized-crop + flip (see folder).
-            DatasetKind::Imagenet => Some(Augment { pad: 0, flip: true }),
+            // Class folders: any augmentation means random-resized-crop + flip (see folder);
+            // segmentation sets: random rescale + crop, with `flip` (see seg).
+            DatasetKind::Imagenet | DatasetKind::Ade20k | DatasetKind::Voc => {
+                Some(Augment { pad: 0, flip: true })
+            }
             _ => None,
         }
     }
@@ -87,6 +137,8 @@ pub struct Dataset {
     pub num_classes: usize,
     /// The files of a class-folder set, decoded on demand.
     pub folder: Option<std::sync::Arc<folder::FolderSet>>,
+    /// The file pairs of a segmentation set, decoded on demand (`labels` is then empty).
+    pub seg: Option<std::sync::Arc<seg::SegSet>>,
 }
 
 impl Dataset {
@@ -129,6 +181,7 @@ impl Dataset {
             labels,
             num_classes,
             folder: None,
+            seg: None,
         })
     }
 
@@ -151,11 +204,36 @@ impl Dataset {
             labels: Tensor::from_slice(&set.labels),
             num_classes,
             folder: Some(std::sync::Arc::new(set)),
+            seg: None,
         })
     }
 
-    /// Images `idx` as u8 [n, C, H, W] (folder sets: decoded with the evaluation transform).
+    /// A segmentation set (see [`seg::open`]).
+    pub fn from_seg(set: seg::SegSet) -> Dataset {
+        Dataset {
+            images: Tensor::zeros([0], (Kind::Uint8, tch::Device::Cpu)),
+            labels: Tensor::zeros([0], (Kind::Int64, tch::Device::Cpu)),
+            num_classes: set.layout.num_classes(),
+            folder: None,
+            seg: Some(std::sync::Arc::new(set)),
+        }
+    }
+
+    pub fn task(&self) -> Task {
+        if self.seg.is_some() {
+            Task::Segmentation
+        } else {
+            Task::Classification
+        }
+    }
+
+    /// Images `idx` as u8 [n, C, H, W] (folder sets: decoded with the evaluation transform;
+    /// segmentation sets: with the fixed resize + center crop to the input size).
     pub fn select(&self, idx: &[i64]) -> Result<Tensor> {
+        if let Some(s) = &self.seg {
+            let t = vec![seg::Transform::Fixed; idx.len()];
+            return Ok(s.decode_batch(idx, &t)?.0);
+        }
         match &self.folder {
             None => Ok(self.images.index_select(0, &Tensor::from_slice(idx))),
             Some(f) => {
@@ -177,7 +255,10 @@ impl Dataset {
     }
 
     pub fn len(&self) -> usize {
-        self.labels.size()[0] as usize
+        match &self.seg {
+            Some(s) => s.len(),
+            None => self.labels.size()[0] as usize,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,6 +270,10 @@ impl Dataset {
         if let Some(f) = &self.folder {
             return [3, f.side, f.side];
         }
+        if let Some(s) = &self.seg {
+            let [h, w] = s.transforms.crop;
+            return [3, h, w];
+        }
         let s = self.images.size();
         [s[1] as usize, s[2] as usize, s[3] as usize]
     }
@@ -197,6 +282,12 @@ impl Dataset {
     /// (For a folder set: `n` images evenly spaced over the sorted list, so every class keeps
     /// its share.)
     pub fn truncate(&mut self, n: usize) {
+        if let Some(s) = &self.seg {
+            let mut g = (**s).clone();
+            g.truncate(n);
+            self.seg = Some(std::sync::Arc::new(g));
+            return;
+        }
         if let Some(f) = &self.folder {
             if n < self.len() {
                 let len = self.len();
@@ -262,13 +353,34 @@ pub fn load(kind: DatasetKind, dir: &Path, split: Split) -> Result<Dataset> {
 }
 
 /// [`load`] with the configured input (the output size of class-folder images) and class
-/// count.
+/// count (segmentation sets: default transforms with the input as crop size).
 pub fn load_sized(
     kind: DatasetKind,
     dir: &Path,
     split: Split,
     input: [usize; 3],
     num_classes: usize,
+) -> Result<Dataset> {
+    let t = seg::SegTransforms {
+        crop: [input[1], input[2]],
+        test_scale: [2048, 512],
+        scale_range: [0.5, 2.0],
+        flip: true,
+        photometric: true,
+        inference: seg::Inference::Whole,
+        stride: [(input[1] * 2 / 3).max(1), (input[2] * 2 / 3).max(1)],
+    };
+    load_with(kind, dir, split, input, num_classes, t)
+}
+
+/// [`load_sized`] with explicit segmentation transforms (ignored for classification sets).
+pub fn load_with(
+    kind: DatasetKind,
+    dir: &Path,
+    split: Split,
+    input: [usize; 3],
+    num_classes: usize,
+    seg_t: seg::SegTransforms,
 ) -> Result<Dataset> {
     match kind {
         DatasetKind::FashionMnist | DatasetKind::Mnist => idx::load_mnist(dir, split),
@@ -282,6 +394,19 @@ pub fn load_sized(
                 ));
             }
             Dataset::from_folder(folder::open(dir, split, input[1])?, num_classes)
+        }
+        DatasetKind::Ade20k | DatasetKind::Voc => {
+            if input[0] != 3 {
+                return Err(Error::data(
+                    dir,
+                    format!("segmentation images are RGB; the input {input:?} is not"),
+                ));
+            }
+            let layout = match kind {
+                DatasetKind::Ade20k => seg::Layout::Ade20k,
+                _ => seg::Layout::Voc,
+            };
+            Ok(Dataset::from_seg(seg::open(layout, dir, split, seg_t)?))
         }
     }
 }

@@ -338,7 +338,11 @@ pub fn run(
             None => relus,
         };
         let epath = dir.join("eval").join(format!("{name}.json"));
-        let e_in = hash_of(&(&w_hash, ft_cfg.test_limit, eval_bs));
+        let e_in = match test.seg {
+            None => hash_of(&(&w_hash, ft_cfg.test_limit, eval_bs)),
+            // Segmentation scores also depend on the test scale and the inference mode.
+            Some(_) => hash_of(&(&w_hash, ft_cfg.test_limit, eval_bs, &ft_cfg.dataset)),
+        };
         r.stage(&format!("eval-{name}"), e_in, |_| {
             let res = train::evaluate(&model, &test, &norm, eval_bs)?;
             write_json(&epath, &res)?;
@@ -355,14 +359,21 @@ pub fn run(
                 let per: usize = x.size()[1..].iter().product::<i64>() as usize;
                 let flat = Vec::<f32>::try_from(x.flatten(0, -1))?;
                 let images: Vec<Vec<f32>> = flat.chunks(per).map(|c| c.to_vec()).collect();
-                let labels: Vec<usize> = Vec::<i64>::try_from(test.labels.narrow(0, 0, n as i64))?
-                    .into_iter()
-                    .map(|l| l as usize)
-                    .collect();
+                // Segmentation: the images come at the input size (fixed transform) and
+                // there is no per-image label to compare with.
+                let labels: Option<Vec<usize>> = match test.seg {
+                    Some(_) => None,
+                    None => Some(
+                        Vec::<i64>::try_from(test.labels.narrow(0, 0, n as i64))?
+                            .into_iter()
+                            .map(|l| l as usize)
+                            .collect(),
+                    ),
+                };
                 let rep = secure::report::run_compare(
                     &model,
                     &images,
-                    Some(&labels),
+                    labels.as_deref(),
                     secure::plan::Settings::default(),
                     false,
                     secure::link::LinkConfig::default(),

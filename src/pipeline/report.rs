@@ -27,6 +27,9 @@ pub fn write(
     sites: &[SiteInfo],
 ) -> Result<PathBuf> {
     let base = rows.iter().find(|r| r.spec.is_none());
+    // The task's metric: top-1 for classification, mIoU for segmentation.
+    let metric = cfg.train_config.task().metric_name();
+    let seg = cfg.train_config.task() == crate::data::Task::Segmentation;
     let xs: Vec<f64> = rows
         .iter()
         .filter(|r| r.spec.is_some())
@@ -63,9 +66,9 @@ pub fn write(
     };
     plot(
         "accuracy.png",
-        "test top-1 against DReLU budget",
-        "top-1 (%)",
-        &|r| Some(100.0 * r.eval.top1),
+        &format!("test {metric} against DReLU budget"),
+        &format!("{metric} (%)"),
+        &|r| Some(100.0 * r.eval.metric()),
         true,
     )?;
     plot(
@@ -131,7 +134,7 @@ pub fn write(
         cfg.path.display(),
         dir.display()
     );
-    let _ = writeln!(md, "## Accuracy against DReLU budget (test top-1, %)\n");
+    let _ = writeln!(md, "## Accuracy against DReLU budget (test {metric}, %)\n");
     let _ = writeln!(md, "{}", headline(rows));
     let _ = writeln!(md, "![accuracy](accuracy.png)\n");
     let _ = writeln!(
@@ -156,9 +159,14 @@ pub fn write(
         );
     }
     let _ = writeln!(md, "## Every number\n");
+    let (m1, m2) = if seg {
+        ("mIoU %", "pixel acc. %")
+    } else {
+        ("top-1 %", "top-5 %")
+    };
     let _ = writeln!(
         md,
-        "| spec | method | budget | DReLUs | DReLUs % | predicted distortion | top-1 % | top-5 % | loss | secure MB/image | secure s/image | secure = plaintext |"
+        "| spec | method | budget | DReLUs | DReLUs % | predicted distortion | {m1} | {m2} | loss | secure MB/image | secure s/image | secure = plaintext |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -186,8 +194,8 @@ pub fn write(
             "| {name} | {method} | {budget} | {} | {:.2} | {dist} | {:.2} | {:.2} | {:.4} | {mb} | {secs} | {agree} |",
             r.drelus,
             100.0 * r.drelus as f64 / relus as f64,
-            100.0 * r.eval.top1,
-            100.0 * r.eval.top5,
+            100.0 * r.eval.metric(),
+            100.0 * if seg { r.eval.top1 } else { r.eval.top5 },
             r.eval.loss
         );
     }
@@ -214,7 +222,7 @@ pub fn write(
     Ok(path)
 }
 
-/// The budget x method accuracy table (markdown), baseline first.
+/// The budget x method table of the task's metric (markdown), baseline first.
 pub fn headline(rows: &[Row]) -> String {
     let mut s = String::from(
         "| DReLU budget | knapsack | uniform | per-site uniform |\n|---|---|---|---|\n",
@@ -224,7 +232,7 @@ pub fn headline(rows: &[Row]) -> String {
             s,
             "| all ReLUs ({}) | {:.2} (baseline) | | |",
             b.drelus,
-            100.0 * b.eval.top1
+            100.0 * b.eval.metric()
         );
     }
     let mut budgets: Vec<(f64, u64)> = rows
@@ -241,7 +249,7 @@ pub fn headline(rows: &[Row]) -> String {
                         .as_ref()
                         .is_some_and(|e| e.method == m && e.budget == budget)
                 })
-                .map(|r| format!("{:.2}", 100.0 * r.eval.top1))
+                .map(|r| format!("{:.2}", 100.0 * r.eval.metric()))
                 .unwrap_or_else(|| "-".into())
         };
         let _ = writeln!(
@@ -256,7 +264,7 @@ pub fn headline(rows: &[Row]) -> String {
     s
 }
 
-/// Budgets where the knapsack's accuracy is below a baseline's.
+/// Budgets where the knapsack's metric is below a baseline's.
 fn shortfalls(rows: &[Row]) -> Vec<String> {
     let mut out = Vec::new();
     for r in rows {
@@ -269,12 +277,12 @@ fn shortfalls(rows: &[Row]) -> Vec<String> {
                     .as_ref()
                     .is_some_and(|x| x.method == m && x.budget == e.budget)
             }) {
-                if o.eval.top1 > r.eval.top1 {
+                if o.eval.metric() > r.eval.metric() {
                     out.push(format!(
                         "{:.1}%: knapsack {:.2}% < {m} {:.2}%",
                         100.0 * e.ratio,
-                        100.0 * r.eval.top1,
-                        100.0 * o.eval.top1
+                        100.0 * r.eval.metric(),
+                        100.0 * o.eval.metric()
                     ));
                 }
             }

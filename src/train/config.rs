@@ -1,6 +1,7 @@
 //! Training configuration: a TOML file parsed into [`Config`] and validated. Unknown keys and
 //! bad values are errors naming the file and the field.
-use crate::data::{Augment, DatasetKind};
+use crate::data::seg::{Inference, SegTransforms};
+use crate::data::{Augment, DatasetKind, Task};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,17 @@ pub struct Config {
     pub dataset: DatasetConfig,
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
+    /// Training length in passes over the training split (give this or `iterations`).
+    #[serde(default)]
     pub epochs: usize,
+    /// Training length in optimizer steps (segmentation recipes); the schedule then runs per
+    /// iteration (milestones and warm-up in iterations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<usize>,
+    /// With `iterations`: checkpoint (and evaluate) every N iterations (default 1000) and at
+    /// the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<usize>,
     pub batch_size: usize,
     #[serde(default)]
     pub seed: u64,
@@ -57,9 +68,28 @@ pub struct DatasetConfig {
     /// Directory of the data files (default: the kind's usual location).
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// Training augmentation (default: crop with padding 4 + flip for CIFAR, none otherwise).
+    /// Training augmentation (default: crop with padding 4 + flip for CIFAR, none otherwise;
+    /// segmentation sets use only `flip`).
     #[serde(default)]
     pub augment: Option<Augment>,
+    /// Segmentation: (long, short) bounds the images are rescaled to fit, keeping their aspect
+    /// ratio (default [2048, 512], the published test scale of ADE20K and VOC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_scale: Option<[usize; 2]>,
+    /// Segmentation: training rescale ratio range relative to `test_scale` (default
+    /// [0.5, 2.0]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_range: Option<[f64; 2]>,
+    /// Segmentation: photometric jitter in training (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub photometric: Option<bool>,
+    /// Segmentation: "whole" (default) or "slide" inference in evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<Inference>,
+    /// Segmentation: [H, W] stride of the sliding windows (default 2/3 of the input, 341 for
+    /// 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide_stride: Option<[usize; 2]>,
 }
 
 impl DatasetConfig {
@@ -67,6 +97,24 @@ impl DatasetConfig {
         self.path
             .clone()
             .unwrap_or_else(|| self.kind.default_path())
+    }
+
+    /// The segmentation transforms for an input of `[C, H, W]`.
+    pub fn seg_transforms(&self, input: [usize; 3]) -> SegTransforms {
+        SegTransforms {
+            crop: [input[1], input[2]],
+            test_scale: self.test_scale.unwrap_or([2048, 512]),
+            scale_range: self.scale_range.unwrap_or([0.5, 2.0]),
+            flip: self
+                .augment
+                .or(self.kind.default_augment())
+                .is_some_and(|a| a.flip),
+            photometric: self.photometric.unwrap_or(true),
+            inference: self.inference.unwrap_or(Inference::Whole),
+            stride: self
+                .slide_stride
+                .unwrap_or([(input[1] * 2 / 3).max(1), (input[2] * 2 / 3).max(1)]),
+        }
     }
 
     pub fn augmentation(&self) -> Option<Augment> {
@@ -91,6 +139,8 @@ pub struct OptimizerConfig {
 pub enum ScheduleKind {
     Step,
     Cosine,
+    /// `min_lr + (lr - min_lr) * (1 - t / T)^power` (mmseg's poly).
+    Poly,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -108,6 +158,12 @@ pub struct ScheduleConfig {
     /// Linear warm-up length in epochs (0: none).
     #[serde(default)]
     pub warmup_epochs: usize,
+    /// Linear warm-up length in iterations (iteration-based runs; 0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_iterations: usize,
+    /// Poly: the exponent (default 0.9).
+    #[serde(default = "poly_power", skip_serializing_if = "is_poly_default")]
+    pub power: f64,
     /// Warm-up starts at this fraction of the rate.
     #[serde(default = "warmup_default")]
     pub warmup_start: f64,
@@ -119,6 +175,20 @@ pub struct ScheduleConfig {
 
 fn one() -> f64 {
     1.0
+}
+
+fn poly_power() -> f64 {
+    0.9
+}
+
+// Fields added later are left out of the canonical JSON at their defaults, so the hashes of
+// older configurations (and the checkpoints and pipeline stages keyed by them) do not change.
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+fn is_poly_default(v: &f64) -> bool {
+    *v == poly_power()
 }
 
 fn warmup_default() -> f64 {
@@ -184,8 +254,94 @@ impl Config {
                 ),
             );
         }
-        if self.epochs == 0 {
-            return bad("epochs", "must be at least 1".into());
+        match (self.epochs, self.iterations) {
+            (0, None) => return bad("epochs", "give epochs or iterations (at least 1)".into()),
+            (e, Some(_)) if e > 0 => {
+                return bad(
+                    "iterations",
+                    "give either epochs or iterations, not both".into(),
+                )
+            }
+            (_, Some(0)) => return bad("iterations", "must be at least 1".into()),
+            _ => {}
+        }
+        if self.checkpoint_every == Some(0) {
+            return bad("checkpoint_every", "must be at least 1".into());
+        }
+        if self.checkpoint_every.is_some() && self.iterations.is_none() {
+            return bad(
+                "checkpoint_every",
+                "only used with iterations (epoch runs checkpoint every epoch)".into(),
+            );
+        }
+        if self.iterations.is_some() && self.schedule.warmup_epochs > 0 {
+            return bad(
+                "schedule.warmup_epochs",
+                "an iteration-based run warms up in iterations: use warmup_iterations".into(),
+            );
+        }
+        if self.iterations.is_some() && self.schedule.per_iteration {
+            return bad(
+                "schedule.per_iteration",
+                "an iteration-based run already updates the rate every iteration".into(),
+            );
+        }
+        if self.iterations.is_none() && self.schedule.warmup_iterations > 0 {
+            return bad(
+                "schedule.warmup_iterations",
+                "only used with iterations (use warmup_epochs)".into(),
+            );
+        }
+        let d = &self.dataset;
+        let seg = d.kind.task() == Task::Segmentation;
+        for (field, given) in [
+            ("dataset.test_scale", d.test_scale.is_some()),
+            ("dataset.scale_range", d.scale_range.is_some()),
+            ("dataset.photometric", d.photometric.is_some()),
+            ("dataset.inference", d.inference.is_some()),
+            ("dataset.slide_stride", d.slide_stride.is_some()),
+        ] {
+            if given && !seg {
+                return bad(
+                    field,
+                    "only used by segmentation data sets (ade20k, voc)".into(),
+                );
+            }
+        }
+        if seg {
+            if d.augment.is_some_and(|a| a.pad > 0) {
+                return bad(
+                    "dataset.augment.pad",
+                    "segmentation sets crop with padding to the ignore label; use pad = 0".into(),
+                );
+            }
+            if let Some(s) = d.test_scale {
+                if s[0] == 0 || s[1] == 0 || s[0] < s[1] {
+                    return bad(
+                        "dataset.test_scale",
+                        format!("{s:?} must be [long, short] with long >= short > 0"),
+                    );
+                }
+            }
+            if let Some([lo, hi]) = d.scale_range {
+                if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+                    return bad(
+                        "dataset.scale_range",
+                        format!("[{lo}, {hi}] must satisfy 0 < low <= high"),
+                    );
+                }
+            }
+            if let Some(s) = d.slide_stride {
+                if s.contains(&0) || s[0] > self.input[1] || s[1] > self.input[2] {
+                    return bad(
+                        "dataset.slide_stride",
+                        format!(
+                            "{s:?} must be positive and at most the window (input) {:?}",
+                            &self.input[1..]
+                        ),
+                    );
+                }
+            }
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1".into());
@@ -251,17 +407,27 @@ impl Config {
                 format!("{:?} must be strictly increasing", s.milestones),
             );
         }
-        if s.kind == ScheduleKind::Cosine && !s.milestones.is_empty() {
+        if s.kind != ScheduleKind::Step && !s.milestones.is_empty() {
             return bad("schedule.milestones", "only used by kind = \"step\"".into());
+        }
+        if !(s.power.is_finite() && s.power > 0.0) {
+            return bad("schedule.power", format!("{} must be positive", s.power));
         }
         Ok(())
     }
 
+    /// The task implied by the data set.
+    pub fn task(&self) -> Task {
+        self.dataset.kind.task()
+    }
+
     /// A hash of everything that shapes the run except `epochs` (so a finished run can be
-    /// extended), as 16 hex digits (FNV-1a 64 over the canonical JSON).
+    /// extended; likewise the count of `iterations`), as 16 hex digits (FNV-1a 64 over the
+    /// canonical JSON).
     pub fn hash(&self) -> String {
         let mut c = self.clone();
         c.epochs = 0;
+        c.iterations = c.iterations.map(|_| 0);
         crate::hash::fnv_hex(serde_json::to_vec(&c).expect("config serialises"))
     }
 }

@@ -8,14 +8,20 @@
 //! and augmentation of epoch `e` come from brelu's own generator seeded with (seed, e), so a
 //! resumed run sees the same batches and optimizer state as an uninterrupted one and, on the
 //! CPU, ends with the same weights.
+//!
+//! Segmentation sets ([`segment`]) train on the per-pixel cross-entropy of the logits resized
+//! to the crop (ignore label 255) and evaluate to mIoU; their recipes count `iterations`
+//! instead of epochs, with a checkpoint (and evaluation) every `checkpoint_every` iterations
+//! from which a resumed run continues mid-epoch with the same batches.
 pub mod config;
 pub mod schedule;
+pub mod segment;
 pub mod sgd;
 
 pub use config::{Config, DatasetConfig, OptimizerConfig, ScheduleConfig, ScheduleKind};
-pub use schedule::{lr_at, lr_at_progress, lr_for_batch};
+pub use schedule::{lr_at, lr_at_iteration, lr_at_progress, lr_for_batch};
 
-use crate::data::{self, BatchIter, Dataset, DatasetKind, Normalize, Split};
+use crate::data::{self, BatchIter, Dataset, DatasetKind, Normalize, Split, Task};
 use crate::error::{write_atomic, Error, Result};
 use crate::models::{find, ArchConfig, Model};
 use serde::{Deserialize, Serialize};
@@ -32,7 +38,10 @@ pub fn normalization(kind: DatasetKind) -> Normalize {
         DatasetKind::FashionMnist => (&[0.2860], &[0.3530]),
         DatasetKind::Cifar10 => (&[0.4914, 0.4822, 0.4465], &[0.2470, 0.2435, 0.2616]),
         DatasetKind::Cifar100 => (&[0.5071, 0.4865, 0.4409], &[0.2673, 0.2564, 0.2762]),
-        DatasetKind::Imagenet => (&[0.485, 0.456, 0.406], &[0.229, 0.224, 0.225]),
+        // mmseg normalises ADE20K and VOC with the ImageNet statistics as well.
+        DatasetKind::Imagenet | DatasetKind::Ade20k | DatasetKind::Voc => {
+            (&[0.485, 0.456, 0.406], &[0.229, 0.224, 0.225])
+        }
     };
     Normalize {
         mean: mean.to_vec(),
@@ -44,7 +53,14 @@ pub fn normalization(kind: DatasetKind) -> Normalize {
 /// checks the image size against the configured input.
 pub fn load_split(cfg: &Config, split: Split) -> Result<Dataset> {
     let dir = cfg.dataset.dir();
-    let mut d = data::load_sized(cfg.dataset.kind, &dir, split, cfg.input, cfg.num_classes)?;
+    let mut d = data::load_with(
+        cfg.dataset.kind,
+        &dir,
+        split,
+        cfg.input,
+        cfg.num_classes,
+        cfg.dataset.seg_transforms(cfg.input),
+    )?;
     let limit = match split {
         Split::Train => cfg.train_limit,
         Split::Test => cfg.test_limit,
@@ -81,22 +97,61 @@ pub fn build_model(cfg: &Config, device: Device) -> Result<Model> {
 /// Evaluation figures.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EvalResult {
-    /// Fraction in [0, 1].
+    /// Fraction in [0, 1] (segmentation: pixel accuracy).
     pub top1: f64,
-    /// Fraction in [0, 1] (top-k with k = min(5, classes)).
+    /// Fraction in [0, 1] (top-k with k = min(5, classes); segmentation: per pixel).
     pub top5: f64,
-    /// Mean cross-entropy.
+    /// Mean cross-entropy (segmentation: per labelled pixel).
     pub loss: f64,
     pub images: usize,
+    /// Segmentation figures (absent for classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segmentation: Option<SegMetrics>,
 }
 
-/// Evaluates `model` (evaluation mode, no gradients) on `data` in order.
+/// Segmentation figures over all labelled (not ignored) pixels of a split.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SegMetrics {
+    /// Mean IoU over the classes present in the labels or the predictions, in [0, 1].
+    pub miou: f64,
+    pub pixel_accuracy: f64,
+    /// IoU per class; `null` for a class absent from both labels and predictions (left out
+    /// of the mean, like mmseg's NaN).
+    pub per_class_iou: Vec<Option<f64>>,
+    /// Labelled pixels counted.
+    pub pixels: u64,
+}
+
+impl EvalResult {
+    /// The task's headline metric, a fraction: mIoU for segmentation, top-1 otherwise.
+    pub fn metric(&self) -> f64 {
+        match &self.segmentation {
+            Some(s) => s.miou,
+            None => self.top1,
+        }
+    }
+
+    pub fn task(&self) -> Task {
+        match self.segmentation {
+            Some(_) => Task::Segmentation,
+            None => Task::Classification,
+        }
+    }
+}
+
+/// Evaluates `model` (evaluation mode, no gradients) on `data` in order. Segmentation sets
+/// are evaluated image by image at the test scale with the set's inference mode
+/// ([`segment::evaluate`], `batch_size` images decoded at once).
 pub fn evaluate(
     model: &Model,
     data: &Dataset,
     normalize: &Normalize,
     batch_size: usize,
 ) -> Result<EvalResult> {
+    if let Some(s) = &data.seg {
+        let e = segment::SegEval::of(&s.transforms, batch_size);
+        return segment::evaluate(model, data, normalize, &e);
+    }
     let _g = tch::no_grad_guard();
     let k = 5.min(data.num_classes) as i64;
     let (mut loss, mut c1, mut c5, mut n) = (0f64, 0i64, 0i64, 0usize);
@@ -117,16 +172,21 @@ pub fn evaluate(
         top5: c5 as f64 / d,
         loss: loss / d,
         images: n,
+        segmentation: None,
     })
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl` (per epoch, or per checkpoint of an iteration-based run).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochMetrics {
-    /// 1-based number of the finished epoch.
+    /// 1-based number of the finished epoch (iteration runs: the epoch being run).
     pub epoch: usize,
+    /// Iteration runs: the number of finished iterations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<usize>,
     pub lr: f64,
     pub train_loss: f64,
+    /// Since the previous line (segmentation: pixel accuracy).
     pub train_top1: f64,
     pub test: EvalResult,
     pub seconds: f64,
@@ -138,6 +198,9 @@ pub struct EpochMetrics {
 pub struct Checkpoint {
     /// Number of finished epochs (the next epoch to run, 0-based).
     pub epoch: usize,
+    /// Iteration runs: the number of finished iterations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<usize>,
     pub seed: u64,
     pub config_hash: String,
     /// The spec the model was trained with, if any.
@@ -192,7 +255,8 @@ pub fn read_checkpoint(run_dir: &Path) -> Result<Option<Checkpoint>> {
         .map_err(|e| Error::parse(&p, e.to_string()))
 }
 
-/// Keeps the metrics lines of epochs `<= upto` (drops those of a run being redone).
+/// Keeps the metrics lines of epochs (iteration runs: iterations) `<= upto` (drops those of a
+/// run being redone).
 fn trim_metrics(path: &Path, upto: usize) -> Result<()> {
     if !path.exists() {
         return Ok(());
@@ -202,7 +266,7 @@ fn trim_metrics(path: &Path, upto: usize) -> Result<()> {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let m: EpochMetrics =
             serde_json::from_str(line).map_err(|e| Error::parse(path, e.to_string()))?;
-        if m.epoch <= upto {
+        if m.iteration.unwrap_or(m.epoch) <= upto {
             keep.push_str(line);
             keep.push('\n');
         }
@@ -230,7 +294,7 @@ pub fn train_on(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let hash = cfg.hash();
     let metrics_path = dir.join(METRICS);
-    let mut start = 0;
+    let (mut start, mut start_it) = (0, 0);
     if opts.resume {
         if let Some(ck) = read_checkpoint(dir)? {
             if ck.config_hash != hash || ck.seed != cfg.seed {
@@ -246,15 +310,20 @@ pub fn train_on(
             }
             model.load_weights(&dir.join(CHECKPOINT_WEIGHTS))?;
             start = ck.epoch;
+            start_it = ck.iteration.unwrap_or(0);
         }
     }
-    trim_metrics(&metrics_path, start)?;
-    let norm = normalization(cfg.dataset.kind);
-    let augment = cfg.dataset.augmentation();
-    let eval_bs = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
+    trim_metrics(
+        &metrics_path,
+        if cfg.iterations.is_some() {
+            start_it
+        } else {
+            start
+        },
+    )?;
     let o = &cfg.optimizer;
     let mut opt = sgd::Sgd::new(model.var_store(), o.lr, o.momentum, o.weight_decay);
-    if start > 0 && dir.join(CHECKPOINT_OPTIMIZER).exists() {
+    if (start > 0 || start_it > 0) && dir.join(CHECKPOINT_OPTIMIZER).exists() {
         opt.load(&dir.join(CHECKPOINT_OPTIMIZER))?;
     }
     let teacher = match (&cfg.distill, &opts.teacher) {
@@ -270,87 +339,230 @@ pub fn train_on(
         }
         (None, _) => None,
     };
-    let mut out = Vec::new();
-    for epoch in start..cfg.epochs {
-        let lr = lr_at(&cfg.schedule, o.lr, epoch, cfg.epochs);
-        opt.lr = lr;
-        let t0 = Instant::now();
-        let it = BatchIter::train(
-            train_set,
-            cfg.batch_size,
-            cfg.seed,
+    let mut run = Run {
+        cfg,
+        model,
+        opt,
+        teacher,
+        train_set,
+        test_set,
+        opts,
+        hash,
+        metrics_path,
+        norm: normalization(cfg.dataset.kind),
+        out: Vec::new(),
+    };
+    match cfg.iterations {
+        None => run.by_epochs(start)?,
+        Some(total) => run.by_iterations(start_it, total)?,
+    }
+    Ok(run.out)
+}
+
+/// Running sums of the training loss and accuracy since the last metrics line.
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    correct: i64,
+    /// Samples (segmentation: labelled pixels) counted for the accuracy.
+    counted: i64,
+    /// Images seen.
+    images: usize,
+    /// Batches, for the mean loss.
+    batches: usize,
+}
+
+/// The state of one [`train_on`] call.
+struct Run<'a> {
+    cfg: &'a Config,
+    model: &'a mut Model,
+    opt: sgd::Sgd,
+    teacher: Option<Model>,
+    train_set: &'a Dataset,
+    test_set: &'a Dataset,
+    opts: &'a TrainOptions,
+    hash: String,
+    metrics_path: PathBuf,
+    norm: Normalize,
+    out: Vec<EpochMetrics>,
+}
+
+impl<'a> Run<'a> {
+    /// The training batches of `epoch` (borrowing the data set, not the run, so they stream
+    /// while the run steps).
+    fn batches(&self, epoch: usize) -> BatchIter<'a> {
+        BatchIter::train(
+            self.train_set,
+            self.cfg.batch_size,
+            self.cfg.seed,
             epoch,
-            augment,
-            norm.clone(),
-            model.device(),
-        );
-        let bar = progress_bar(opts.progress, it.batches() as u64, epoch, cfg.epochs);
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0i64, 0usize);
-        let batches = it.batches();
-        for (i, b) in it.enumerate() {
-            opt.lr = lr_for_batch(&cfg.schedule, o.lr, epoch, i, batches, cfg.epochs);
-            let (x, y) = b?;
-            let b = y.size()[0];
-            let logits = model.forward_t(&x, true);
-            let ce = logits.cross_entropy_for_logits(&y);
-            let loss = match (&teacher, &cfg.distill) {
-                (Some(t), Some(d)) => {
-                    let tl = tch::no_grad(|| t.forward_t(&x, false));
-                    ce + distillation_loss(&logits, &tl, d.alpha, d.temperature)
-                }
-                _ => ce,
-            };
-            opt.backward_step(&loss);
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "training diverged at epoch {} (loss {l}); lower optimizer.lr",
-                    epoch + 1
-                )));
-            }
-            loss_sum += l * b as f64;
-            correct += logits
+            self.cfg.dataset.augmentation(),
+            self.norm.clone(),
+            self.model.device(),
+        )
+    }
+
+    /// One optimizer step on a batch at rate `lr`.
+    fn step(&mut self, x: &Tensor, y: &Tensor, lr: f64, w: &mut Window, when: &str) -> Result<()> {
+        self.opt.lr = lr;
+        let logits = self.model.forward_t(x, true);
+        let seg = self.train_set.seg.is_some();
+        let (ce, pred, counted) = if seg {
+            let (ce, valid, up) = segment::seg_loss(&logits, y);
+            let hit = up
                 .argmax(1, false)
-                .eq_tensor(&y)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-            seen += b as usize;
-            bar.inc(1);
-            bar.set_message(format!(
-                "loss {:.4} acc {:.2}% {:.0} img/s",
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64().max(1e-9)
-            ));
+                .eq_tensor(y)
+                .logical_and(&y.ne(data::seg::IGNORE as i64));
+            (ce, hit, valid)
+        } else {
+            let ce = logits.cross_entropy_for_logits(y);
+            (ce, logits.argmax(1, false).eq_tensor(y), y.size()[0])
+        };
+        let loss = match (&self.teacher, &self.cfg.distill) {
+            (Some(t), Some(d)) => {
+                let tl = tch::no_grad(|| t.forward_t(x, false));
+                ce + distillation_loss(&logits, &tl, d.alpha, d.temperature)
+            }
+            _ => ce,
+        };
+        self.opt.backward_step(&loss);
+        let l = loss.double_value(&[]);
+        if !l.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "training diverged at {when} (loss {l}); lower optimizer.lr"
+            )));
         }
-        bar.finish_and_clear();
-        let train_secs = t0.elapsed().as_secs_f64();
-        let test = evaluate(model, test_set, &norm, eval_bs)?;
+        let b = x.size()[0] as usize;
+        w.loss += l * b as f64;
+        w.correct += pred.sum(Kind::Int64).int64_value(&[]);
+        w.counted += counted;
+        w.images += b;
+        w.batches += 1;
+        Ok(())
+    }
+
+    /// Evaluates, appends the metrics line and writes the checkpoint (all atomically but the
+    /// append, which [`trim_metrics`] repairs on resume).
+    fn checkpoint(
+        &mut self,
+        epoch: usize,
+        iteration: Option<usize>,
+        lr: f64,
+        w: &Window,
+        t0: Instant,
+        train_secs: f64,
+    ) -> Result<()> {
+        let eval_bs = self.cfg.eval_batch_size.unwrap_or(self.cfg.batch_size);
+        let test = evaluate(self.model, self.test_set, &self.norm, eval_bs)?;
         let m = EpochMetrics {
-            epoch: epoch + 1,
+            epoch,
+            iteration,
             lr,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_top1: correct as f64 / seen.max(1) as f64,
+            train_loss: w.loss / w.images.max(1) as f64,
+            train_top1: w.correct as f64 / w.counted.max(1) as f64,
             test,
             seconds: t0.elapsed().as_secs_f64(),
-            images_per_s: seen as f64 / train_secs.max(1e-9),
+            images_per_s: w.images as f64 / train_secs.max(1e-9),
         };
-        append_line(&metrics_path, &serde_json::to_string(&m).expect("metrics"))?;
-        model.save_weights(&dir.join(CHECKPOINT_WEIGHTS))?;
-        opt.save(&dir.join(CHECKPOINT_OPTIMIZER))?;
+        append_line(
+            &self.metrics_path,
+            &serde_json::to_string(&m).expect("metrics"),
+        )?;
+        let dir = &self.opts.run_dir;
+        self.model.save_weights(&dir.join(CHECKPOINT_WEIGHTS))?;
+        self.opt.save(&dir.join(CHECKPOINT_OPTIMIZER))?;
         let ck = Checkpoint {
-            epoch: epoch + 1,
-            seed: cfg.seed,
-            config_hash: hash.clone(),
-            spec: opts.spec.clone(),
+            // Iteration runs: the epochs completed (the resume point comes from `iteration`).
+            epoch: if iteration.is_some() {
+                epoch.saturating_sub(1)
+            } else {
+                epoch
+            },
+            iteration,
+            seed: self.cfg.seed,
+            config_hash: self.hash.clone(),
+            spec: self.opts.spec.clone(),
             momentum_saved: true,
             last: Some(m.clone()),
         };
         let text = serde_json::to_string_pretty(&ck).expect("checkpoint");
         write_atomic(&dir.join(CHECKPOINT_JSON), text.as_bytes())?;
-        out.push(m);
+        self.out.push(m);
+        Ok(())
     }
-    Ok(out)
+
+    fn by_epochs(&mut self, start: usize) -> Result<()> {
+        let cfg = self.cfg;
+        for epoch in start..cfg.epochs {
+            let lr = lr_at(&cfg.schedule, cfg.optimizer.lr, epoch, cfg.epochs);
+            let t0 = Instant::now();
+            let it = self.batches(epoch);
+            let bar = progress_bar(
+                self.opts.progress,
+                it.batches() as u64,
+                format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            );
+            let mut w = Window::default();
+            let batches = it.batches();
+            for (i, b) in it.enumerate() {
+                let (x, y) = b?;
+                let lr_b = lr_for_batch(
+                    &cfg.schedule,
+                    cfg.optimizer.lr,
+                    epoch,
+                    i,
+                    batches,
+                    cfg.epochs,
+                );
+                self.step(&x, &y, lr_b, &mut w, &format!("epoch {}", epoch + 1))?;
+                bar.inc(1);
+                bar.set_message(window_message(&w, t0));
+            }
+            bar.finish_and_clear();
+            let train_secs = t0.elapsed().as_secs_f64();
+            self.checkpoint(epoch + 1, None, lr, &w, t0, train_secs)?;
+        }
+        Ok(())
+    }
+
+    fn by_iterations(&mut self, start: usize, total: usize) -> Result<()> {
+        let cfg = self.cfg;
+        let every = cfg.checkpoint_every.unwrap_or(1000).clamp(1, total);
+        let per_epoch = self.batches(0).batches().max(1);
+        let bar = progress_bar(self.opts.progress, total as u64, "iterations".to_string());
+        bar.set_position(start as u64);
+        let mut it = start;
+        let (mut w, mut t0) = (Window::default(), Instant::now());
+        while it < total {
+            let epoch = it / per_epoch;
+            let mut batches = self.batches(epoch);
+            batches.skip_batches(it % per_epoch);
+            for b in batches.take(total - it) {
+                let (x, y) = b?;
+                let lr = lr_at_iteration(&cfg.schedule, cfg.optimizer.lr, it, total);
+                self.step(&x, &y, lr, &mut w, &format!("iteration {}", it + 1))?;
+                it += 1;
+                bar.inc(1);
+                bar.set_message(window_message(&w, t0));
+                if it.is_multiple_of(every) || it == total {
+                    let secs = t0.elapsed().as_secs_f64();
+                    self.checkpoint(epoch + 1, Some(it), lr, &w, t0, secs)?;
+                    (w, t0) = (Window::default(), Instant::now());
+                }
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+}
+
+fn window_message(w: &Window, t0: Instant) -> String {
+    format!(
+        "loss {:.4} acc {:.2}% {:.0} img/s",
+        w.loss / w.images.max(1) as f64,
+        100.0 * w.correct as f64 / w.counted.max(1) as f64,
+        w.images as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+    )
 }
 
 fn append_line(path: &Path, line: &str) -> Result<()> {
@@ -362,7 +574,7 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
     writeln!(f, "{line}").map_err(|e| Error::io(path, e))
 }
 
-fn progress_bar(show: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+fn progress_bar(show: bool, len: u64, prefix: String) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
@@ -374,7 +586,7 @@ fn progress_bar(show: bool, len: u64, epoch: usize, epochs: usize) -> indicatif:
         .expect("template")
         .progress_chars("=> "),
     );
-    bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+    bar.set_prefix(prefix);
     bar
 }
 
