@@ -1,5 +1,6 @@
 //! Secure inference: every protocol against plaintext on random and edge inputs, end-to-end
 //! runs on small random networks, session and transport failures.
+mod common;
 use brelu::secure::engine::with_parties;
 use brelu::secure::gemm::ConvGeom;
 use brelu::secure::plan::{ActPlan, Windows};
@@ -359,25 +360,6 @@ fn small_model(name: &str, input: [usize; 3], seed: i64) -> Model {
     .unwrap()
 }
 
-/// A spec cycling through ReLU, patches (some clipped at the border), identity and zero.
-fn mixed_spec(model: &mut Model) {
-    let cycle = [
-        PatchOption::RELU,
-        PatchOption::patch(2, 2),
-        PatchOption::patch(1, 3),
-        PatchOption::Identity,
-        PatchOption::patch(3, 3),
-        PatchOption::Zero,
-        PatchOption::patch(2, 1),
-    ];
-    for (i, s) in model.sites().to_vec().iter().enumerate() {
-        let opts = (0..s.channels)
-            .map(|c| cycle[(c + i) % cycle.len()].clipped(s.height, s.width))
-            .collect();
-        model.set_site_options(i, Some(opts)).unwrap();
-    }
-}
-
 fn random_images(n: usize, input: [usize; 3], seed: u64) -> Vec<Vec<f32>> {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     (0..n)
@@ -393,7 +375,7 @@ fn random_images(n: usize, input: [usize; 3], seed: u64) -> Vec<Vec<f32>> {
 fn end_to_end_block_relu_network_matches_plaintext() {
     let input = [1, 16, 16];
     let mut model = small_model("resnet18-cifar-light", input, 3);
-    mixed_spec(&mut model);
+    common::mixed_spec(&mut model);
     let images = random_images(3, input, 4);
     // 16 fractional bits make patch-decision flips (see LOGIT_TOLERANCE) rare.
     let settings = Settings {

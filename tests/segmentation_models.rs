@@ -2,6 +2,7 @@
 //! architecture), output shapes, the new graph ops (resize, concat, keep-dim pooling, dropout)
 //! against independent references, batch-norm folding, running from a site, mmseg-named
 //! weights, distortion extraction on 4-D logits and secure inference.
+mod common;
 use brelu::distortion::extract::{init_dir, plan, run};
 use brelu::distortion::{collect, Estimator, PlanOptions, Samples, Shard};
 use brelu::models::{find, sites, ArchConfig, Architecture, GraphBuilder, Model, Op, Slot};
@@ -698,25 +699,6 @@ fn distortion_on_the_logit_map() {
 // Secure inference
 // ---------------------------------------------------------------------------------------------
 
-/// A spec cycling through ReLU, patches (clipped to the map), identity and zero.
-fn mixed_spec(model: &mut Model) {
-    let cycle = [
-        PatchOption::RELU,
-        PatchOption::patch(2, 2),
-        PatchOption::patch(1, 3),
-        PatchOption::Identity,
-        PatchOption::patch(3, 3),
-        PatchOption::Zero,
-        PatchOption::patch(2, 1),
-    ];
-    for (i, s) in model.sites().to_vec().iter().enumerate() {
-        let opts = (0..s.channels)
-            .map(|c| cycle[(c + i) % cycle.len()].clipped(s.height, s.width))
-            .collect();
-        model.set_site_options(i, Some(opts)).unwrap();
-    }
-}
-
 /// Random weights with random batch-norm statistics and biases (so the logits are far from 0)
 /// and a small last batch-norm scale per bottleneck: random residual branches at full scale
 /// double the activations' variance per block (logits in the hundreds after 16 bottlenecks),
@@ -737,7 +719,7 @@ fn well_scaled(name: &str, input: [usize; 3], classes: usize, seed: i64) -> Mode
 fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
     let classes = 4;
     let mut m = well_scaled(name, input, classes, 8);
-    mixed_spec(&mut m);
+    common::mixed_spec(&mut m);
     let mut rng = ChaCha20Rng::seed_from_u64(10);
     let img: Vec<f32> = (0..input.iter().product::<usize>())
         .map(|_| rng.gen_range(-2.0f32..2.0))

@@ -33,6 +33,11 @@ fn subdirs(dir: &Path) -> Result<Vec<String>> {
 }
 
 fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    files_with_extension(dir, &EXTENSIONS)
+}
+
+/// The files directly in `dir` whose extension (any case) is one of `exts`, sorted.
+pub(crate) fn files_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -40,7 +45,7 @@ fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
             p.is_file()
                 && p.extension()
                     .map(|x| x.to_string_lossy().to_ascii_lowercase())
-                    .is_some_and(|x| EXTENSIONS.contains(&x.as_str()))
+                    .is_some_and(|x| exts.contains(&x.as_str()))
         })
         .collect();
     v.sort();

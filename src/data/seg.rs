@@ -95,21 +95,6 @@ pub struct SegSet {
     pub transforms: SegTransforms,
 }
 
-fn list_dir(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut v: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .map(|x| x.to_string_lossy().to_ascii_lowercase())
-                    .is_some_and(|x| exts.contains(&x.as_str()))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 /// Lists one split of a set under `root`. A missing directory, list file, image or annotation
 /// is an error naming the path that was expected.
 pub fn open(layout: Layout, root: &Path, split: Split, t: SegTransforms) -> Result<SegSet> {
@@ -144,7 +129,7 @@ fn open_ade(root: &Path, split: Split) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
             ));
         }
     }
-    let images = list_dir(&idir, &["jpg", "jpeg", "png"])?;
+    let images = super::folder::files_with_extension(&idir, &["jpg", "jpeg", "png"])?;
     let mut masks = Vec::with_capacity(images.len());
     for img in &images {
         let stem = img.file_stem().unwrap_or_default();

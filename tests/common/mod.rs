@@ -2,6 +2,7 @@
 use std::path::{Path, PathBuf};
 
 /// A tiny MNIST-layout data set (train and test, 8x8) and a configuration pointing at it.
+#[allow(dead_code)]
 pub fn tiny_dataset(dir: &Path) -> PathBuf {
     for (prefix, n) in [("train", 40usize), ("t10k", 10)] {
         let mut imgs = vec![0, 0, 8, 3];
@@ -43,4 +44,25 @@ pub fn brelu(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Sets a spec cycling through ReLU, patches (clipped to each map), identity and zero.
+#[allow(dead_code)]
+pub fn mixed_spec(model: &mut brelu::models::Model) {
+    use brelu::spec::PatchOption;
+    let cycle = [
+        PatchOption::RELU,
+        PatchOption::patch(2, 2),
+        PatchOption::patch(1, 3),
+        PatchOption::Identity,
+        PatchOption::patch(3, 3),
+        PatchOption::Zero,
+        PatchOption::patch(2, 1),
+    ];
+    for (i, s) in model.sites().to_vec().iter().enumerate() {
+        let opts = (0..s.channels)
+            .map(|c| cycle[(c + i) % cycle.len()].clipped(s.height, s.width))
+            .collect();
+        model.set_site_options(i, Some(opts)).unwrap();
+    }
 }
