@@ -6,7 +6,8 @@
 //! Throughput bytes = input read + output written (8 bytes per element) for every entry,
 //! so the GB/s columns compare directly. `cpu::forward` into a preallocated buffer is the
 //! kernel itself; `fused_tensor` is the public op (`f_block_relu_with`, allocating its
-//! output as the reference does). Groups: `cpu_*` always, `gpu_*` with `--features cuda`
+//! output as the reference does). `*_cold` entries cycle through buffers larger than the
+//! last-level cache, so they measure the memory-bound case. Groups: `cpu_*` always, `gpu_*` with `--features cuda`
 //! and a CUDA device (each timed region ends with a device synchronize).
 //! Run: `cargo bench --bench block_relu` (filter e.g. `-- cpu_`); scripts/bench_table.py
 //! turns target/criterion into the BENCHMARKS.md table.
@@ -30,6 +31,10 @@ const SHAPES: [(&str, [i64; 4]); 8] = [
     ("r50_32x1024x14x14", [32, 1024, 14, 14]),
     ("r50_32x2048x7x7", [32, 2048, 7, 7]),
 ];
+
+/// Bytes of input/output buffers the `*_cold` entries cycle through: several times the
+/// 32 MiB L3 of the development machines.
+const COLD_BYTES: usize = 256 << 20;
 
 /// A spec-like mix: each channel draws uniformly from the catalog below (seeded).
 fn patch_mix(c: usize, seed: u64) -> Vec<PatchOption> {
@@ -94,6 +99,37 @@ fn cpu_benches(c: &mut Criterion) {
             b.iter(|| ops::f_block_relu_with(Backend::Cpu, &x, &opts).expect("forward"))
         });
         g.bench_function("reference", |b| b.iter(|| reference::block_relu(&x, &opts)));
+
+        // The same in memory-bound form: successive calls cycle through input/output pairs
+        // that together exceed the last-level cache, so every call streams from DRAM (the
+        // sites above that fit in L3 are otherwise measured against a cache-speed copy).
+        let pairs = COLD_BYTES.div_ceil(8 * numel).max(2);
+        let cold_x: Vec<Vec<f32>> = (0..pairs).map(|_| xs.clone()).collect();
+        let mut cold_y: Vec<Vec<f32>> = (0..pairs).map(|_| vec![1f32; numel]).collect();
+        let cold_tx: Vec<Tensor> = (0..pairs).map(|_| x.copy()).collect();
+        let mut cold_ty: Vec<Tensor> = (0..pairs).map(|_| x.ones_like()).collect();
+        let mut k = 0;
+        g.bench_function("memcpy_cold", |b| {
+            b.iter(|| {
+                k = (k + 1) % pairs;
+                cold_y[k]
+                    .par_chunks_mut(1 << 16)
+                    .zip(cold_x[k].par_chunks(1 << 16))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+            })
+        });
+        g.bench_function("tensor_copy_cold", |b| {
+            b.iter(|| {
+                k = (k + 1) % pairs;
+                cold_ty[k].copy_(&cold_tx[k]);
+            })
+        });
+        g.bench_function("fused_cold", |b| {
+            b.iter(|| {
+                k = (k + 1) % pairs;
+                cpu::forward(&cold_x[k], &mut cold_y[k], s, &t).expect("forward")
+            })
+        });
         g.finish();
     }
     // Simulation for distortion extraction: 16 perturbations of a CIFAR-sized site.

@@ -186,6 +186,50 @@ fn cpu_kernel_equals_reference_on_exact_inputs() {
     }
 }
 
+/// The CPU kernel compiles separate code for the map widths 4, 7, 8, 14 and 16 and the
+/// patch sizes 1x2 .. 4x4; random shapes reach them only by chance, so every pair (and
+/// the generic paths beside them) is checked here, with odd heights so the last strip is
+/// short, against the reference and through all three entry points.
+#[test]
+fn cpu_kernel_specialised_paths_equal_reference() {
+    let mut r = rng(11);
+    for w in [4usize, 7, 8, 14, 16, 5, 28] {
+        for h in [w, w + 3] {
+            let mut options: Vec<PatchOption> = [(1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 2)]
+                .into_iter()
+                .chain([(3, 3), (4, 4), (1, 1), (5, 3), (3, 5)])
+                .map(|(bh, bw)| PatchOption::patch(bh, bw))
+                .collect();
+            options.extend([
+                PatchOption::Identity,
+                PatchOption::Zero,
+                PatchOption::patch(h as u32 + 1, w as u32 + 1),
+            ]);
+            let case = Case {
+                shape: [2, options.len(), h, w],
+                options,
+            };
+            let xv = exact_input(&mut r, &case);
+            let x = tensor(&xv, &case);
+            let what = format!("{h}x{w}");
+            let want = to_vec(&reference::block_relu(&x, &case.options));
+            let want_mask = to_vec(&reference::block_relu_mask(&x, &case.options));
+            let (s, t) = (shape_of(&case), table_of(&case));
+            let mut y = vec![f32::NAN; xv.len()];
+            cpu::forward(&xv, &mut y, s, &t).unwrap();
+            assert_bits(&y, &want, &format!("{what} forward"));
+            let mut m = vec![f32::NAN; xv.len()];
+            cpu::mask(&xv, &mut m, s, &t).unwrap();
+            assert_bits(&m, &want_mask, &format!("{what} mask"));
+            let (mut y2, mut m2) = (vec![f32::NAN; xv.len()], vec![7u8; xv.len()]);
+            cpu::forward_mask(&xv, &mut y2, &mut m2, s, &t).unwrap();
+            assert_bits(&y2, &want, &format!("{what} forward_mask y"));
+            let m2: Vec<f32> = m2.iter().map(|&b| b as f32).collect();
+            assert_bits(&m2, &want_mask, &format!("{what} forward_mask mask"));
+        }
+    }
+}
+
 #[test]
 fn cpu_kernel_agrees_on_real_inputs_except_near_zero_sums() {
     let mut r = rng(2);

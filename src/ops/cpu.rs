@@ -12,7 +12,7 @@
 //! make every partial sum exact (small integers, dyadic values), which is what the
 //! bit-for-bit tests rely on. A patch is kept iff its sum is `> 0` (an exact 0 gives 0),
 //! and the output is `x * m` with `m` in {0.0, 1.0}, exactly as the reference computes it.
-use super::table::{ChannelOpt, SimEntry, KIND_IDENTITY, KIND_PATCH, KIND_ZERO};
+use super::table::{ChannelOpt, SimEntry, KIND_IDENTITY, KIND_ZERO};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -83,11 +83,8 @@ const TASK_ELEMS: usize = 1 << 14;
 /// The tie rule: a patch is kept iff its sum is strictly positive.
 #[inline(always)]
 fn keep(sum: f32) -> f32 {
-    if sum > 0.0 {
-        1.0
-    } else {
-        0.0
-    }
+    // A bool-to-float conversion, not an `if`: signs are random, a branch mispredicts.
+    u8::from(sum > 0.0) as f32
 }
 
 fn check_len(
@@ -149,6 +146,11 @@ struct PlaneOut<'a, M> {
 }
 
 /// Runs one (n, c) plane `x` (h * w floats) with option `opt`.
+///
+/// Patches on maps of the ResNet widths 4, 7, 8, 14 and 16 with the patch sizes of the 6%
+/// specs get code compiled for that width and size (rows as arrays, sums in registers):
+/// on such small planes the per-strip bookkeeping of the generic loop cost 3-5x the
+/// arithmetic. Wider maps are memory-bound either way and take the generic loop.
 fn plane<M: MaskElem>(
     x: &[f32],
     h: usize,
@@ -157,87 +159,200 @@ fn plane<M: MaskElem>(
     s: &mut Scratch,
     out: PlaneOut<'_, M>,
 ) {
-    let PlaneOut { mut y, mut mask } = out;
-    let constant = match opt.kind {
-        KIND_IDENTITY => Some(1.0f32),
-        KIND_ZERO => Some(0.0f32),
-        _ => None,
-    };
-    if let Some(k) = constant {
-        // x * 1 and x * 0 (not a fill) so the bits match the reference, -0.0 and NaN included.
-        if let Some(y) = y.as_deref_mut() {
-            y.iter_mut().zip(x).for_each(|(o, a)| *o = a * k);
-        }
-        if let Some(m) = mask.as_deref_mut() {
-            m.fill(M::from_unit(k));
-        }
-        return;
-    }
-    debug_assert_eq!(opt.kind, KIND_PATCH);
     let (bh, bw) = (opt.bh as usize, opt.bw as usize);
-    if bh == 1 && bw == 1 {
-        // Plain ReLU: the patch sum is the pixel itself; one vectorisable loop.
-        if let Some(y) = y.as_deref_mut() {
-            y.iter_mut().zip(x).for_each(|(o, a)| *o = a * keep(*a));
-        }
-        if let Some(m) = mask.as_deref_mut() {
-            m.iter_mut()
-                .zip(x)
-                .for_each(|(o, a)| *o = M::from_unit(keep(*a)));
-        }
-        return;
+    match opt.kind {
+        KIND_IDENTITY => scale(x, 1.0, out),
+        KIND_ZERO => scale(x, 0.0, out),
+        _ if bh == 1 && bw == 1 => relu(x, out),
+        _ => match w {
+            4 => sizes::<M, 4>(x, h, w, bh, bw, s, out),
+            7 => sizes::<M, 7>(x, h, w, bh, bw, s, out),
+            8 => sizes::<M, 8>(x, h, w, bh, bw, s, out),
+            14 => sizes::<M, 14>(x, h, w, bh, bw, s, out),
+            16 => sizes::<M, 16>(x, h, w, bh, bw, s, out),
+            _ => sizes::<M, 0>(x, h, w, bh, bw, s, out),
+        },
     }
+}
+
+/// Identity (`k = 1`) and zero (`k = 0`) channels: `x * k`, not a copy or a fill, so the
+/// bits match the reference, -0.0 and NaN included.
+#[inline(always)]
+fn scale<M: MaskElem>(x: &[f32], k: f32, out: PlaneOut<'_, M>) {
+    if let Some(y) = out.y {
+        y.iter_mut().zip(x).for_each(|(o, a)| *o = a * k);
+    }
+    if let Some(m) = out.mask {
+        m.fill(M::from_unit(k));
+    }
+}
+
+/// 1x1 patches, the plain ReLU: the patch sum is the pixel itself.
+#[inline(always)]
+fn relu<M: MaskElem>(x: &[f32], out: PlaneOut<'_, M>) {
+    if let Some(y) = out.y {
+        y.iter_mut().zip(x).for_each(|(o, a)| *o = a * keep(*a));
+    }
+    if let Some(m) = out.mask {
+        m.iter_mut()
+            .zip(x)
+            .for_each(|(o, a)| *o = M::from_unit(keep(*a)));
+    }
+}
+
+/// Picks the code for `bh x bw` patches on maps `W` wide (`W = 0`: any width).
+#[inline(always)]
+fn sizes<M: MaskElem, const W: usize>(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    bh: usize,
+    bw: usize,
+    s: &mut Scratch,
+    out: PlaneOut<'_, M>,
+) {
+    match (bh, bw) {
+        (1, 2) => strips::<M, W, 1, 2>(x, h, w, bh, bw, s, out),
+        (1, 3) => strips::<M, W, 1, 3>(x, h, w, bh, bw, s, out),
+        (2, 1) => strips::<M, W, 2, 1>(x, h, w, bh, bw, s, out),
+        (2, 2) => strips::<M, W, 2, 2>(x, h, w, bh, bw, s, out),
+        (2, 3) => strips::<M, W, 2, 3>(x, h, w, bh, bw, s, out),
+        (3, 2) => strips::<M, W, 3, 2>(x, h, w, bh, bw, s, out),
+        (3, 3) => strips::<M, W, 3, 3>(x, h, w, bh, bw, s, out),
+        (4, 4) => strips::<M, W, 4, 4>(x, h, w, bh, bw, s, out),
+        _ => strips::<M, W, 0, 0>(x, h, w, bh, bw, s, out),
+    }
+}
+
+/// One plane of patches, strip by strip of `bh` rows: column sums (top to bottom), patch
+/// sums of those (left to right; the last patch of a row may be narrower), then every row
+/// of the strip times the column mask. Non-zero `W`, `BH`, `BW` fix the width and the
+/// patch size at compile time.
+#[inline(always)]
+fn strips<M: MaskElem, const W: usize, const BH: usize, const BW: usize>(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    bh: usize,
+    bw: usize,
+    s: &mut Scratch,
+    out: PlaneOut<'_, M>,
+) {
+    let bh = if BH > 0 { BH } else { bh };
+    let bw = if BW > 0 { BW } else { bw };
+    if W > 0 {
+        fixed_width::<M, W>(x, h, bh, bw, out)
+    } else {
+        any_width(x, h, w, bh, bw, s, out)
+    }
+}
+
+/// A strip's column mask from its column sums `cs`.
+#[inline(always)]
+fn column_mask(cs: &[f32], mc: &mut [f32], bw: usize) {
+    let w = cs.len();
+    let mut j = 0;
+    while j + bw <= w {
+        let mut sum = cs[j];
+        for t in 1..bw {
+            sum += cs[j + t];
+        }
+        let k = keep(sum);
+        mc[j..j + bw].iter_mut().for_each(|o| *o = k);
+        j += bw;
+    }
+    if j < w {
+        let k = keep(cs[j + 1..].iter().fold(cs[j], |acc, v| acc + v));
+        mc[j..].iter_mut().for_each(|o| *o = k);
+    }
+}
+
+/// [`strips`] on maps of a width known at compile time: rows are arrays, the column sums
+/// and mask live in registers.
+#[inline(always)]
+fn fixed_width<M: MaskElem, const W: usize>(
+    x: &[f32],
+    h: usize,
+    bh: usize,
+    bw: usize,
+    out: PlaneOut<'_, M>,
+) {
+    let PlaneOut { mut y, mut mask } = out;
+    let row = |r: usize| -> &[f32; W] { x[r * W..(r + 1) * W].try_into().expect("row") };
     let mut r0 = 0;
     while r0 < h {
         let rows = bh.min(h - r0);
-        let xs = &x[r0 * w..(r0 + rows) * w];
-        strip_mask(xs, rows, w, bw, s);
-        let mcol = &s.mcol[..w];
-        for r in 0..rows {
-            let xr = &xs[r * w..(r + 1) * w];
-            let at = (r0 + r) * w;
+        let mut cs = *row(r0);
+        for r in r0 + 1..r0 + rows {
+            let xr = row(r);
+            for j in 0..W {
+                cs[j] += xr[j];
+            }
+        }
+        let mut mc = [0f32; W];
+        column_mask(&cs, &mut mc, bw);
+        for r in r0..r0 + rows {
+            let xr = row(r);
             if let Some(y) = y.as_deref_mut() {
-                let yr = &mut y[at..at + w];
-                yr.iter_mut()
-                    .zip(xr)
-                    .zip(mcol)
-                    .for_each(|((o, a), m)| *o = a * m);
+                let yr: &mut [f32; W] = (&mut y[r * W..(r + 1) * W]).try_into().expect("row");
+                for j in 0..W {
+                    yr[j] = xr[j] * mc[j];
+                }
             }
             if let Some(mk) = mask.as_deref_mut() {
-                let mr = &mut mk[at..at + w];
-                mr.iter_mut()
-                    .zip(mcol)
-                    .for_each(|(o, m)| *o = M::from_unit(*m));
+                let mr: &mut [M; W] = (&mut mk[r * W..(r + 1) * W]).try_into().expect("row");
+                for j in 0..W {
+                    mr[j] = M::from_unit(mc[j]);
+                }
             }
         }
         r0 += rows;
     }
 }
 
-/// Fills `s.mcol[..w]` with the mask of every column of a strip of `rows` rows (`xs`),
-/// cut into patches `bw` wide. Sum order: columns top to bottom, then left to right.
-#[inline]
-fn strip_mask(xs: &[f32], rows: usize, w: usize, bw: usize, s: &mut Scratch) {
-    let colsum: &[f32] = if rows == 1 {
-        &xs[..w]
-    } else {
-        let cs = &mut s.colsum[..w];
-        cs.copy_from_slice(&xs[..w]);
+/// [`strips`] on maps of any width, with the column sums and mask in the task's scratch.
+/// Explicit row offsets rather than `chunks(w)`, which divides by `w` per strip.
+#[inline(always)]
+fn any_width<M: MaskElem>(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    bh: usize,
+    bw: usize,
+    s: &mut Scratch,
+    out: PlaneOut<'_, M>,
+) {
+    let PlaneOut { mut y, mut mask } = out;
+    let x = &x[..h * w];
+    let cs = &mut s.colsum[..w];
+    let mc = &mut s.mcol[..w];
+    let mut r0 = 0;
+    while r0 < h {
+        let rows = bh.min(h - r0);
+        let base = r0 * w;
+        cs.copy_from_slice(&x[base..base + w]);
         for r in 1..rows {
-            cs.iter_mut()
-                .zip(&xs[r * w..(r + 1) * w])
-                .for_each(|(c, a)| *c += a);
+            let xr = &x[base + r * w..base + (r + 1) * w];
+            cs.iter_mut().zip(xr).for_each(|(c, a)| *c += a);
         }
-        &s.colsum[..w]
-    };
-    let mcol = &mut s.mcol[..w];
-    if bw == 1 {
-        mcol.iter_mut().zip(colsum).for_each(|(m, c)| *m = keep(*c));
-    } else {
-        for (mc, cs) in mcol.chunks_mut(bw).zip(colsum.chunks(bw)) {
-            let sum = cs[1..].iter().fold(cs[0], |acc, v| acc + v);
-            mc.fill(keep(sum));
+        column_mask(cs, mc, bw);
+        for r in 0..rows {
+            let at = base + r * w;
+            if let Some(y) = y.as_deref_mut() {
+                y[at..at + w]
+                    .iter_mut()
+                    .zip(&x[at..at + w])
+                    .zip(mc.iter())
+                    .for_each(|((o, a), m)| *o = a * m);
+            }
+            if let Some(mk) = mask.as_deref_mut() {
+                mk[at..at + w]
+                    .iter_mut()
+                    .zip(mc.iter())
+                    .for_each(|(o, m)| *o = M::from_unit(*m));
+            }
         }
+        r0 += rows;
     }
 }
 
@@ -247,7 +362,9 @@ fn planes_per_task(plane: usize) -> usize {
 }
 
 /// Runs `plane` over every (n, c) plane, in parallel tasks of whole planes, writing `y`
-/// and/or `mask` (lengths checked by the caller).
+/// and/or `mask` (lengths checked by the caller). Planes are visited in memory order: the
+/// hardware prefetcher then streams them, which matters more than the mispredicted
+/// dispatch per plane (grouping a task's planes by option was slower on cold data).
 fn run_planes<M: MaskElem>(
     x: &[f32],
     y: Option<&mut [f32]>,
@@ -274,21 +391,19 @@ fn run_planes<M: MaskElem>(
         .enumerate()
         .for_each(|(t, ((mut yc, mut mc), xc))| {
             let mut s = Scratch::new(shape.w);
-            let first = t * (chunk / plane_len);
-            for (i, xp) in xc.chunks(plane_len).enumerate() {
+            // A running channel index: a `%` per plane costs as much as a 4x4 plane.
+            let mut c = t * (chunk / plane_len) % shape.c;
+            for (i, xp) in xc.chunks_exact(plane_len).enumerate() {
                 let r = i * plane_len..(i + 1) * plane_len;
                 let out = PlaneOut {
                     y: yc.as_deref_mut().map(|v| &mut v[r.clone()]),
                     mask: mc.as_deref_mut().map(|v| &mut v[r]),
                 };
-                plane(
-                    xp,
-                    shape.h,
-                    shape.w,
-                    table[(first + i) % shape.c],
-                    &mut s,
-                    out,
-                );
+                plane(xp, shape.h, shape.w, table[c], &mut s, out);
+                c += 1;
+                if c == shape.c {
+                    c = 0;
+                }
             }
         });
 }
