@@ -53,7 +53,9 @@ pub trait MaskElem: Copy + Send + Sync + 'static {
 impl MaskElem for u8 {
     #[inline(always)]
     fn from_unit(m: f32) -> Self {
-        m as u8
+        // 1.0 is 0x3f80_0000: its top bits are 001, those of 0.0 are 000. Integer bits, as
+        // a saturating float-to-int conversion costs several instructions per element.
+        (m.to_bits() >> 29) as u8
     }
     #[inline(always)]
     fn to_unit(self) -> f32 {
@@ -83,8 +85,9 @@ const TASK_ELEMS: usize = 1 << 14;
 /// The tie rule: a patch is kept iff its sum is strictly positive.
 #[inline(always)]
 fn keep(sum: f32) -> f32 {
-    // A bool-to-float conversion, not an `if`: signs are random, a branch mispredicts.
-    u8::from(sum > 0.0) as f32
+    // Bits, not an `if` (or a float select, which LLVM may lower to a branch): signs are
+    // random, and a mispredicted branch per patch costs more than the patch.
+    f32::from_bits(u32::from(sum > 0.0).wrapping_neg() & 1f32.to_bits())
 }
 
 fn check_len(
@@ -145,12 +148,34 @@ struct PlaneOut<'a, M> {
     mask: Option<&'a mut [M]>,
 }
 
-/// Runs one (n, c) plane `x` (h * w floats) with option `opt`.
+/// The code for one plane under one option (see [`kernel_for`]).
+type PlaneFn<M> = fn(&[f32], usize, usize, ChannelOpt, &mut Scratch, PlaneOut<'_, M>);
+
+/// Picks the code for option `opt` on maps `w` wide. Looked up once per channel, so a
+/// plane costs one indirect call rather than a chain of data-dependent branches, which
+/// mispredict on a random mix of options and cost as much as a whole 4x4 plane.
 ///
-/// Patches on maps of the ResNet widths 4, 7, 8, 14 and 16 with the patch sizes of the 6%
-/// specs get code compiled for that width and size (rows as arrays, sums in registers):
-/// on such small planes the per-strip bookkeeping of the generic loop cost 3-5x the
-/// arithmetic. Wider maps are memory-bound either way and take the generic loop.
+/// Patches on maps of the ResNet widths 4, 7, 8, 14 and 16 get code compiled for that
+/// width (rows as arrays, sums in registers), and the patch sizes of the 6% specs code
+/// compiled for that size: on small planes the per-strip bookkeeping of a generic loop
+/// cost 3-5x the arithmetic.
+fn kernel_for<M: MaskElem>(opt: ChannelOpt, w: usize) -> PlaneFn<M> {
+    match opt.kind {
+        KIND_IDENTITY => |x, _, _, _, _, out| scale(x, 1.0, out),
+        KIND_ZERO => |x, _, _, _, _, out| scale(x, 0.0, out),
+        _ if opt.bh == 1 && opt.bw == 1 => |x, _, _, _, _, out| relu(x, out),
+        _ => match w {
+            4 => sizes::<M, 4>(opt),
+            7 => sizes::<M, 7>(opt),
+            8 => sizes::<M, 8>(opt),
+            14 => sizes::<M, 14>(opt),
+            16 => sizes::<M, 16>(opt),
+            _ => sizes::<M, 0>(opt),
+        },
+    }
+}
+
+/// Runs one (n, c) plane `x` (h * w floats) with option `opt`.
 fn plane<M: MaskElem>(
     x: &[f32],
     h: usize,
@@ -159,20 +184,7 @@ fn plane<M: MaskElem>(
     s: &mut Scratch,
     out: PlaneOut<'_, M>,
 ) {
-    let (bh, bw) = (opt.bh as usize, opt.bw as usize);
-    match opt.kind {
-        KIND_IDENTITY => scale(x, 1.0, out),
-        KIND_ZERO => scale(x, 0.0, out),
-        _ if bh == 1 && bw == 1 => relu(x, out),
-        _ => match w {
-            4 => sizes::<M, 4>(x, h, w, bh, bw, s, out),
-            7 => sizes::<M, 7>(x, h, w, bh, bw, s, out),
-            8 => sizes::<M, 8>(x, h, w, bh, bw, s, out),
-            14 => sizes::<M, 14>(x, h, w, bh, bw, s, out),
-            16 => sizes::<M, 16>(x, h, w, bh, bw, s, out),
-            _ => sizes::<M, 0>(x, h, w, bh, bw, s, out),
-        },
-    }
+    kernel_for(opt, w)(x, h, w, opt, s, out)
 }
 
 /// Identity (`k = 1`) and zero (`k = 0`) channels: `x * k`, not a copy or a fill, so the
@@ -200,27 +212,18 @@ fn relu<M: MaskElem>(x: &[f32], out: PlaneOut<'_, M>) {
     }
 }
 
-/// Picks the code for `bh x bw` patches on maps `W` wide (`W = 0`: any width).
-#[inline(always)]
-fn sizes<M: MaskElem, const W: usize>(
-    x: &[f32],
-    h: usize,
-    w: usize,
-    bh: usize,
-    bw: usize,
-    s: &mut Scratch,
-    out: PlaneOut<'_, M>,
-) {
-    match (bh, bw) {
-        (1, 2) => strips::<M, W, 1, 2>(x, h, w, bh, bw, s, out),
-        (1, 3) => strips::<M, W, 1, 3>(x, h, w, bh, bw, s, out),
-        (2, 1) => strips::<M, W, 2, 1>(x, h, w, bh, bw, s, out),
-        (2, 2) => strips::<M, W, 2, 2>(x, h, w, bh, bw, s, out),
-        (2, 3) => strips::<M, W, 2, 3>(x, h, w, bh, bw, s, out),
-        (3, 2) => strips::<M, W, 3, 2>(x, h, w, bh, bw, s, out),
-        (3, 3) => strips::<M, W, 3, 3>(x, h, w, bh, bw, s, out),
-        (4, 4) => strips::<M, W, 4, 4>(x, h, w, bh, bw, s, out),
-        _ => strips::<M, W, 0, 0>(x, h, w, bh, bw, s, out),
+/// The code for the patches of `opt` on maps `W` wide (`W = 0`: any width).
+fn sizes<M: MaskElem, const W: usize>(opt: ChannelOpt) -> PlaneFn<M> {
+    match (opt.bh, opt.bw) {
+        (1, 2) => strips::<M, W, 1, 2>,
+        (1, 3) => strips::<M, W, 1, 3>,
+        (2, 1) => strips::<M, W, 2, 1>,
+        (2, 2) => strips::<M, W, 2, 2>,
+        (2, 3) => strips::<M, W, 2, 3>,
+        (3, 2) => strips::<M, W, 3, 2>,
+        (3, 3) => strips::<M, W, 3, 3>,
+        (4, 4) => strips::<M, W, 4, 4>,
+        _ => strips::<M, W, 0, 0>,
     }
 }
 
@@ -228,18 +231,16 @@ fn sizes<M: MaskElem, const W: usize>(
 /// sums of those (left to right; the last patch of a row may be narrower), then every row
 /// of the strip times the column mask. Non-zero `W`, `BH`, `BW` fix the width and the
 /// patch size at compile time.
-#[inline(always)]
 fn strips<M: MaskElem, const W: usize, const BH: usize, const BW: usize>(
     x: &[f32],
     h: usize,
     w: usize,
-    bh: usize,
-    bw: usize,
+    opt: ChannelOpt,
     s: &mut Scratch,
     out: PlaneOut<'_, M>,
 ) {
-    let bh = if BH > 0 { BH } else { bh };
-    let bw = if BW > 0 { BW } else { bw };
+    let bh = if BH > 0 { BH } else { opt.bh as usize };
+    let bw = if BW > 0 { BW } else { opt.bw as usize };
     if W > 0 {
         fixed_width::<M, W>(x, h, bh, bw, out)
     } else {
@@ -361,10 +362,10 @@ fn planes_per_task(plane: usize) -> usize {
     (TASK_ELEMS / plane.max(1)).max(1)
 }
 
-/// Runs `plane` over every (n, c) plane, in parallel tasks of whole planes, writing `y`
-/// and/or `mask` (lengths checked by the caller). Planes are visited in memory order: the
-/// hardware prefetcher then streams them, which matters more than the mispredicted
-/// dispatch per plane (grouping a task's planes by option was slower on cold data).
+/// Runs every (n, c) plane with its channel's kernel, in parallel tasks of whole planes,
+/// writing `y` and/or `mask` (lengths checked by the caller). Planes are visited in memory
+/// order so the hardware prefetcher streams them (visiting a task's planes option by
+/// option, to save the per-plane indirect call, was slower on data not in cache).
 fn run_planes<M: MaskElem>(
     x: &[f32],
     y: Option<&mut [f32]>,
@@ -376,6 +377,7 @@ fn run_planes<M: MaskElem>(
     if plane_len == 0 || x.is_empty() {
         return;
     }
+    let kernels: Vec<PlaneFn<M>> = table.iter().map(|&o| kernel_for(o, shape.w)).collect();
     let chunk = planes_per_task(plane_len) * plane_len;
     let tasks = x.len().div_ceil(chunk);
     fn split<T>(s: Option<&mut [T]>, chunk: usize, tasks: usize) -> Vec<Option<&mut [T]>> {
@@ -399,7 +401,7 @@ fn run_planes<M: MaskElem>(
                     y: yc.as_deref_mut().map(|v| &mut v[r.clone()]),
                     mask: mc.as_deref_mut().map(|v| &mut v[r]),
                 };
-                plane(xp, shape.h, shape.w, table[c], &mut s, out);
+                kernels[c](xp, shape.h, shape.w, table[c], &mut s, out);
                 c += 1;
                 if c == shape.c {
                     c = 0;
