@@ -242,7 +242,12 @@ fn strips<M: MaskElem, const W: usize, const BH: usize, const BW: usize>(
     let bh = if BH > 0 { BH } else { opt.bh as usize };
     let bw = if BW > 0 { BW } else { opt.bw as usize };
     if W > 0 {
-        fixed_width::<M, W>(x, h, bh, bw, out)
+        if h == W {
+            // Square maps (all of the ResNets'): the strip loop unrolls too.
+            fixed_width::<M, W>(x, W, bh, bw, out)
+        } else {
+            fixed_width::<M, W>(x, h, bh, bw, out)
+        }
     } else {
         any_width(x, h, w, bh, bw, s, out)
     }
