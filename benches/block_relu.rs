@@ -65,6 +65,9 @@ fn group_settings(
 }
 
 fn cpu_benches(c: &mut Criterion) {
+    // As the `brelu` binary does (see its doc); without it `fused_tensor` and `reference`
+    // on the 100 MB sites mostly measure 4 KiB page faults of their fresh outputs.
+    ops::prefer_huge_pages();
     for (i, (name, shape)) in SHAPES.iter().enumerate() {
         let x = Tensor::randn(*shape, (Kind::Float, Device::Cpu));
         let opts = patch_mix(shape[1] as usize, i as u64);
@@ -98,6 +101,9 @@ fn cpu_benches(c: &mut Criterion) {
         g.bench_function("fused_tensor", |b| {
             b.iter(|| ops::f_block_relu_with(Backend::Cpu, &x, &opts).expect("forward"))
         });
+        // A plain framework ReLU, allocating its output too: what a site costs without
+        // block ReLU.
+        g.bench_function("torch_relu", |b| b.iter(|| x.relu()));
         g.bench_function("reference", |b| b.iter(|| reference::block_relu(&x, &opts)));
 
         // The same in memory-bound form: successive calls cycle through input/output pairs

@@ -53,6 +53,8 @@ fn report(model: &str, variant: &str, step: &str, batch: i64, secs: f64) {
 }
 
 fn main() {
+    // Allocate as the `brelu` binary does.
+    brelu::ops::prefer_huge_pages();
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

@@ -7,6 +7,8 @@
 # Usage: [BRELU_BENCH_STEPS=5] scripts/bench-train.sh [MODEL ...]   (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Both sides allocate large tensors on transparent huge pages, as the brelu binary does.
+export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1}
 VENV=${VENV:-.bench-venv}
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   python3 -m venv "$VENV"

@@ -32,7 +32,7 @@ def fmt_t(ns):
     return f"{ns / 1e6:.2f} ms" if ns >= 1e5 else f"{ns / 1e3:.1f} us"
 
 
-cols = ["memcpy", "tensor_copy", "fused", "fused_tensor", "reference",
+cols = ["memcpy", "tensor_copy", "fused", "fused_tensor", "torch_relu", "reference",
         "memcpy_cold", "tensor_copy_cold", "fused_cold"]
 print("| group | " + " | ".join(f"{c} median (GB/s)" for c in cols)
       + " | fused vs reference | fused / copy bw | fused_cold / copy_cold bw |")

@@ -245,3 +245,15 @@ impl tch::nn::Module for BlockRelu {
         block_relu(xs, &self.options)
     }
 }
+
+/// Asks libtorch to back large CPU tensors with transparent huge pages (its documented
+/// `THP_MEM_ALLOC_ENABLE` switch) unless the user set that variable. A fresh 100 MB output
+/// is otherwise faulted in 4 KiB at a time on first write: on the development VMs that made
+/// a ResNet50 56x56 block-ReLU call 4.5x slower than the kernel itself (BENCHMARKS.md).
+/// Call it first thing in `main`: libtorch reads the variable on its first allocation.
+pub fn prefer_huge_pages() {
+    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
+}
