@@ -156,6 +156,11 @@ fn cpu_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// Bytes of input/output tensors the GPU `*_cold` entries cycle through: 5x the H100's
+/// 50 MB L2.
+#[cfg(feature = "cuda")]
+const GPU_COLD_BYTES: usize = 256 << 20;
+
 #[cfg(feature = "cuda")]
 fn gpu_benches(c: &mut Criterion) {
     use std::time::Instant;
@@ -192,6 +197,28 @@ fn gpu_benches(c: &mut Criterion) {
         });
         g.bench_function("reference", |b| {
             b.iter_custom(|n| timed(n, || drop(reference::block_relu(&x, &opts))))
+        });
+        // Memory-bound form, as on the CPU: inputs cycled through so that they exceed the
+        // L2 (50 MB on an H100), which otherwise serves the smaller sites' copies.
+        let pairs = GPU_COLD_BYTES.div_ceil(8 * x.numel()).max(2);
+        let cold_x: Vec<Tensor> = (0..pairs).map(|_| x.copy()).collect();
+        let mut cold_y: Vec<Tensor> = (0..pairs).map(|_| x.zeros_like()).collect();
+        let mut k = 0;
+        g.bench_function("tensor_copy_cold", |b| {
+            b.iter_custom(|n| {
+                timed(n, || {
+                    k = (k + 1) % pairs;
+                    cold_y[k].copy_(&cold_x[k]);
+                })
+            })
+        });
+        g.bench_function("fused_cold", |b| {
+            b.iter_custom(|n| {
+                timed(n, || {
+                    k = (k + 1) % pairs;
+                    drop(ops::f_block_relu_with(Backend::Cuda, &cold_x[k], &opts).expect("forward"))
+                })
+            })
         });
         g.finish();
 

@@ -82,6 +82,9 @@ for t in "$here"/bin/test-*; do
 done
 echo "=== benches"
 "$here"/bin/bench-block_relu --bench "${1:-gpu_}" || status=1
+# The BENCHMARKS.md table (medians, GB/s, ratios to the copies, cache-hot and cold).
+python3 scripts/bench_table.py target/criterion "${1:-gpu_}" || status=1
+if [ -n "${OUT:-}" ]; then cp -r target/criterion "$OUT/criterion" 2>/dev/null || true; fi
 exit $status
 RUN
 chmod +x .gpu/run.sh
