@@ -7,8 +7,9 @@
 //! so the GB/s columns compare directly. `cpu::forward` into a preallocated buffer is the
 //! kernel itself; `fused_tensor` is the public op (`f_block_relu_with`, allocating its
 //! output as the reference does). `*_cold` entries cycle through buffers larger than the
-//! last-level cache, so they measure the memory-bound case. Groups: `cpu_*` always, `gpu_*` with `--features cuda`
-//! and a CUDA device (each timed region ends with a device synchronize).
+//! last-level cache, so they measure the memory-bound case. Groups: `cpu_*` always,
+//! `gpu_*` with `--features cuda` and a CUDA device (each timed region ends with a device
+//! synchronize).
 //! Run: `cargo bench --bench block_relu` (filter e.g. `-- cpu_`); scripts/bench_table.py
 //! turns target/criterion into the BENCHMARKS.md table.
 use brelu::ops::{self, cpu, reference, table, Backend};
