@@ -186,14 +186,14 @@ fn cpu_kernel_equals_reference_on_exact_inputs() {
     }
 }
 
-/// The CPU kernel compiles separate code for the map widths 4, 7, 8, 14 and 16 and the
-/// patch sizes 1x2 .. 4x4; random shapes reach them only by chance, so every pair (and
+/// The CPU kernel compiles separate code for the map widths 4, 7, 8, 14, 16, 28, 32 and 56
+/// and the patch sizes 1x2 .. 4x4; random shapes reach them only by chance, so every pair (and
 /// the generic paths beside them) is checked here, with odd heights so the last strip is
 /// short, against the reference and through all three entry points.
 #[test]
 fn cpu_kernel_specialised_paths_equal_reference() {
     let mut r = rng(11);
-    for w in [4usize, 7, 8, 14, 16, 5, 28] {
+    for w in [4usize, 7, 8, 14, 16, 28, 32, 56, 5, 9] {
         for h in [w, w + 3] {
             let mut options: Vec<PatchOption> = [(1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 2)]
                 .into_iter()
