@@ -159,7 +159,7 @@ type PlaneFn<M> = fn(&[f32], usize, usize, ChannelOpt, &mut Scratch, PlaneOut<'_
 /// compiled for that width (rows as arrays, sums in registers), and the patch sizes of the
 /// 6% specs code compiled for that size: on small planes the per-strip bookkeeping of a
 /// generic loop cost 3-5x the arithmetic, and on 32x32 maps the fixed width took the
-/// cache-hot kernel from 41% to 63-76% of a copy.
+/// cache-hot kernel from 41% to 51-76% of a copy (three runs).
 fn kernel_for<M: MaskElem>(opt: ChannelOpt, w: usize) -> PlaneFn<M> {
     match opt.kind {
         KIND_IDENTITY => |x, _, _, _, _, out| scale(x, 1.0, out),
