@@ -1,6 +1,7 @@
 //! Training: configuration parsing and validation, learning-rate schedules against
 //! hand-computed values, a tiny training run whose loss falls, and resume giving the same
 //! weights as an uninterrupted run.
+use crate::common;
 use brelu::data::Dataset;
 use brelu::train::{self, lr_at, Config, TrainOptions};
 use std::path::Path;
@@ -28,8 +29,6 @@ milestones = [1]
 gamma = 0.5
 "#;
 
-/// Model initialisation seeds libtorch's global generator: tests that build models take turns.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn cfg(text: &str) -> Config {
     Config::from_toml_str(text, Path::new("tiny.toml")).unwrap()
@@ -203,7 +202,7 @@ fn weights(path: &Path) -> Vec<(String, tch::Tensor)> {
 
 #[test]
 fn tiny_run_learns_and_resume_is_bit_exact() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::torch_rng();
     let c = cfg(TINY);
     let (tr, te) = (toy(48, 0), toy(24, 5));
     let opts = |dir: &Path, resume| TrainOptions {
@@ -315,7 +314,7 @@ fn distillation_loss_matches_hand_computation() {
 
 #[test]
 fn distillation_runs_with_a_teacher_and_is_validated() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::torch_rng();
     let text = format!("{TINY}\n[distill]\nalpha = 0.5\ntemperature = 2.0\n");
     let mut c = cfg(&text);
     c.epochs = 1;
@@ -349,7 +348,7 @@ fn distillation_runs_with_a_teacher_and_is_validated() {
 /// the skipped batches must replay) ends with the weights of an uninterrupted run.
 #[test]
 fn iteration_run_resumes_mid_epoch_bit_exact() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::torch_rng();
     let text = TINY
         .replace("epochs = 2", "iterations = 10\ncheckpoint_every = 4")
         .replace(

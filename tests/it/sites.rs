@@ -1,4 +1,5 @@
 //! Site lists from the dry run: the published ReLU counts (SPEC.md 2 and 4).
+use crate::common;
 use brelu::models::{architectures, find, sites, Model};
 use tch::{Device, Tensor};
 
@@ -50,6 +51,7 @@ fn site_names_follow_spec() {
 /// The shape-level dry run agrees with a real forward pass at every site of every model.
 #[test]
 fn dry_run_matches_forward() {
+    let _rng = common::torch_rng();
     tch::manual_seed(0);
     for arch in architectures() {
         let input = if arch.default_input()[1] > 64 {

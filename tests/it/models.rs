@@ -1,5 +1,6 @@
 //! Model runtime: block-ReLU semantics against a plain loop, running from a site, batch-norm
 //! folding, and weight files (our own and a hand-made torchvision-named one).
+use crate::common;
 use brelu::models::{find, ArchConfig, Model};
 use brelu::ops;
 use brelu::spec::{PatchOption, Spec};
@@ -67,6 +68,7 @@ fn int_input(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn block_relu_ragged_edges_identity_zero() {
+    let _rng = common::torch_rng();
     let cases: &[(usize, usize, &[PatchOption])] = &[
         (
             7,
@@ -112,6 +114,7 @@ fn block_relu_ragged_edges_identity_zero() {
 
 #[test]
 fn block_relu_gradient_is_the_mask() {
+    let _rng = common::torch_rng();
     let opts = [
         PatchOption::patch(2, 2),
         PatchOption::Identity,
@@ -164,6 +167,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn forward_from_site_equals_full_forward() {
+    let _rng = common::torch_rng();
     tch::manual_seed(1);
     let mut model = small_model("resnet18-cifar");
     randomize_bn(&model);
@@ -197,6 +201,7 @@ fn forward_from_site_equals_full_forward() {
 
 #[test]
 fn bn_folding_matches_eval_mode() {
+    let _rng = common::torch_rng();
     tch::manual_seed(2);
     for name in ["resnet18-cifar-light", "resnet50-avgpool", "mobilenetv2"] {
         let mut model = small_model(name);
@@ -242,6 +247,7 @@ fn bn_folding_matches_eval_mode() {
 
 #[test]
 fn weights_round_trip_and_errors() {
+    let _rng = common::torch_rng();
     tch::manual_seed(3);
     let dir = tempfile::tempdir().unwrap();
     let model = small_model("resnet18-cifar");
@@ -349,6 +355,7 @@ fn torchvision_resnet18_cifar(classes: i64) -> BTreeMap<String, (Vec<i64>, Vec<u
 
 #[test]
 fn loads_hand_made_torchvision_file() {
+    let _rng = common::torch_rng();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tv.safetensors");
     let tensors = torchvision_resnet18_cifar(10);
@@ -411,6 +418,7 @@ fn loads_hand_made_torchvision_file() {
 
 #[test]
 fn mobilenet_mmcls_names_map_to_torchvision() {
+    let _rng = common::torch_rng();
     use brelu::models::mobilenet_v2::mmcls_to_torchvision as m;
     assert_eq!(
         m("backbone.conv1.conv.weight").as_deref(),

@@ -1,7 +1,7 @@
 //! `brelu train`, `finetune` and `eval` as a user runs them, on a tiny generated MNIST-layout
 //! data set: run directories, JSON reports checked against a direct computation, the
 //! command-line overrides, starting from weights, and clear errors.
-mod common;
+use crate::common;
 
 use brelu::models::{find, ArchConfig, Model};
 use brelu::spec::{spec_cost, Spec};
@@ -49,6 +49,7 @@ fn direct_top1(cfg_path: &Path, weights: &Path, spec: Option<&Spec>) -> f64 {
 
 #[test]
 fn train_eval_finetune_from_the_command_line() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = common::tiny_dataset(tmp.path());
     let c = cfg.to_str().unwrap();

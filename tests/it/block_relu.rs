@@ -11,6 +11,7 @@
 //! "Bit-for-bit" compares `to_bits`, except that +0.0 and -0.0 are equal: the reference
 //! computes `x * mask` (-0.0 for a negative x in a dropped patch) but takes a `relu`
 //! shortcut (+0.0) when every channel is a plain ReLU; the kernels always compute `x * m`.
+use crate::common;
 use brelu::error::Error;
 use brelu::ops::{self, cpu, reference, table, Backend};
 use brelu::spec::PatchOption;
@@ -360,6 +361,7 @@ fn simulate_matches_block_relu_per_copy() {
 
 #[test]
 fn dispatch_and_bad_input() {
+    let _rng = common::torch_rng();
     let x = Tensor::randn([2, 3, 5, 5], (Kind::Float, Device::Cpu));
     assert_eq!(Backend::for_tensor(&x), Backend::Cpu);
     assert_eq!(Backend::for_tensor(&x.transpose(2, 3)), Backend::Reference);

@@ -1,7 +1,7 @@
 //! The pipeline end to end on a tiny generated data set and model: every stage writes its
 //! outputs, an interrupted run continues where it stopped, an unchanged run does nothing, and a
 //! changed budget list re-runs only the stages after the distortion tables.
-mod common;
+use crate::common;
 
 use brelu::pipeline::{self, PipelineConfig};
 use std::path::Path;
@@ -26,6 +26,7 @@ fn write_pipeline(dir: &Path, ratios: &str) -> std::path::PathBuf {
 
 #[test]
 fn tiny_pipeline_runs_resumes_and_reruns_only_what_changed() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let cfgp = write_pipeline(tmp.path(), "0.4");
     let cfg = PipelineConfig::load(&cfgp).unwrap();

@@ -1,8 +1,17 @@
 //! Shared test fixtures.
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// libtorch has one random generator per process, and all tests share the process: a test
+/// that seeds it, draws from it (random tensors, weight initialisation, dropout, training) or
+/// needs its draws to repeat holds this lock, so each such test sees the same numbers however
+/// the harness schedules the others.
+pub fn torch_rng() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A tiny MNIST-layout data set (train and test, 8x8) and a configuration pointing at it.
-#[allow(dead_code)]
 pub fn tiny_dataset(dir: &Path) -> PathBuf {
     for (prefix, n) in [("train", 40usize), ("t10k", 10)] {
         let mut imgs = vec![0, 0, 8, 3];
@@ -32,8 +41,6 @@ pub fn tiny_dataset(dir: &Path) -> PathBuf {
 }
 
 /// Runs the brelu binary; returns (success, stdout, stderr).
-// Not every test binary that includes this module runs the CLI.
-#[allow(dead_code)]
 pub fn brelu(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
         .args(args)
@@ -47,7 +54,6 @@ pub fn brelu(args: &[&str]) -> (bool, String, String) {
 }
 
 /// Sets a spec cycling through ReLU, patches (clipped to each map), identity and zero.
-#[allow(dead_code)]
 pub fn mixed_spec(model: &mut brelu::models::Model) {
     use brelu::spec::PatchOption;
     let cycle = [

@@ -1,7 +1,7 @@
 //! Distortion extraction against brute force (the whole network re-run with one channel
 //! changed), exactness properties of the estimators, sharding / resume byte-identity, shard
 //! consistency checks, and the rank statistics of `compare`.
-mod common;
+use crate::common;
 
 use brelu::distortion::compare::{compare, spearman};
 use brelu::distortion::extract::{init_dir, plan, run};
@@ -124,6 +124,7 @@ fn rel_close(a: f64, b: f64, tol: f64) -> bool {
 
 #[test]
 fn exact_matches_brute_force_and_relu_option_is_zero() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let w = tiny_model(tmp.path());
     let s = samples(7);
@@ -173,6 +174,7 @@ fn exact_matches_brute_force_and_relu_option_is_zero() {
 
 #[test]
 fn baseline_spec_is_measured_on_top_of() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let w = tiny_model(tmp.path());
     let m = load(&w, None);
@@ -219,6 +221,7 @@ fn baseline_spec_is_measured_on_top_of() {
 
 #[test]
 fn shards_workers_and_resume_give_identical_bytes() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let w = tiny_model(tmp.path());
     let s = samples(7);
@@ -344,6 +347,7 @@ fn collect_lists_missing_shards_and_refuses_mixed_ones() {
 
 #[test]
 fn first_order_is_exact_where_the_rest_of_the_network_is_linear() {
+    let _rng = common::torch_rng();
     // After the last site comes global average pooling and the classifier: linear, so the
     // first-order term with a full probe basis is the exact distortion.
     let tmp = tempfile::tempdir().unwrap();
@@ -388,6 +392,7 @@ fn first_order_is_exact_where_the_rest_of_the_network_is_linear() {
 
 #[test]
 fn snr_at_the_last_site_is_the_normalised_output_error() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let w = tiny_model(tmp.path());
     let s = samples(4);
@@ -429,6 +434,7 @@ fn snr_at_the_last_site_is_the_normalised_output_error() {
 
 #[test]
 fn spearman_and_compare() {
+    let _rng = common::torch_rng();
     // Hand-computed: ranks of [1, 2, 2, 5] are [1, 2.5, 2.5, 4]; of [4, 3, 2, 1] [4, 3, 2, 1].
     let r = spearman(&[1.0, 2.0, 2.0, 5.0], &[4.0, 3.0, 2.0, 1.0]);
     assert!((r - (-0.9486832980505138)).abs() < 1e-12, "{r}");
@@ -478,6 +484,7 @@ fn run_ok(args: &[&str]) -> String {
 
 #[test]
 fn cli_extract_killed_and_resumed_equals_uninterrupted_and_feeds_the_knapsack() {
+    let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_dataset(tmp.path());
     let cfg = cfg.to_str().unwrap();

@@ -1,6 +1,6 @@
 //! Secure inference: every protocol against plaintext on random and edge inputs, end-to-end
 //! runs on small random networks, session and transport failures.
-mod common;
+use crate::common;
 use brelu::secure::engine::with_parties;
 use brelu::secure::gemm::ConvGeom;
 use brelu::secure::plan::{ActPlan, Windows};
@@ -56,6 +56,7 @@ fn edge_values() -> Vec<i64> {
 
 #[test]
 fn drelu_exact_on_edges_and_random() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(11);
     let mut vals = edge_values();
     for _ in 0..3000 {
@@ -86,6 +87,7 @@ fn drelu_exact_on_edges_and_random() {
 
 #[test]
 fn drelu_approximate_window_is_exact_away_from_zero() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(12);
     let s = Settings {
         drelu_bits: 16,
@@ -115,6 +117,7 @@ fn drelu_approximate_window_is_exact_away_from_zero() {
 
 #[test]
 fn beaver_multiply_with_expansion() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(13);
     let (n, m) = (500, 37);
     let mut x: Vec<u64> = (0..n).map(|_| rng.gen()).collect();
@@ -137,6 +140,7 @@ fn beaver_multiply_with_expansion() {
 
 #[test]
 fn linear_layers_match_plaintext_within_one_ulp() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(14);
     let fx = Fixed::default();
     let geoms = [
@@ -219,6 +223,7 @@ fn block_relu_plain(act: &ActPlan, x: &[u64]) -> Vec<u64> {
 
 #[test]
 fn block_relu_matches_plaintext_with_mixed_options_and_ties() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(15);
     let (c, h, w) = (6, 7, 5);
     let opts = vec![
@@ -253,6 +258,7 @@ fn block_relu_matches_plaintext_with_mixed_options_and_ties() {
 
 #[test]
 fn pools_match_plaintext() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(16);
     let (c, h, w) = (3, 9, 8);
     let x: Vec<u64> = (0..c * h * w)
@@ -290,6 +296,7 @@ fn pools_match_plaintext() {
 
 #[test]
 fn secure_argmax_reveals_the_largest() {
+    let _rng = common::torch_rng();
     let mut rng = ChaCha20Rng::seed_from_u64(17);
     for n in [1usize, 2, 7, 10] {
         let v: Vec<i64> = (0..n).map(|_| rng.gen_range(-100_000..100_000)).collect();
@@ -373,6 +380,7 @@ fn random_images(n: usize, input: [usize; 3], seed: u64) -> Vec<Vec<f32>> {
 
 #[test]
 fn end_to_end_block_relu_network_matches_plaintext() {
+    let _rng = common::torch_rng();
     let input = [1, 16, 16];
     let mut model = small_model("resnet18-cifar-light", input, 3);
     common::mixed_spec(&mut model);
@@ -426,6 +434,7 @@ fn end_to_end_block_relu_network_matches_plaintext() {
 
 #[test]
 fn end_to_end_argmax_only_and_relu_network() {
+    let _rng = common::torch_rng();
     let input = [1, 12, 12];
     let model = small_model("resnet18-cifar-light", input, 5);
     let images = random_images(2, input, 6);
@@ -462,6 +471,7 @@ fn end_to_end_argmax_only_and_relu_network() {
 
 #[test]
 fn end_to_end_every_model_in_the_zoo() {
+    let _rng = common::torch_rng();
     // Max-pool stem (resnet50), average-pool stem (resnet50-avgpool), depthwise convolutions
     // (mobilenetv2), at tiny inputs to stay fast.
     for (name, input) in [
@@ -839,10 +849,11 @@ fn a_stalled_party_times_the_others_out() {
 /// The Fashion-MNIST default model (`brelu train --config configs/fashion-mnist.toml`), when
 /// its weights are named by `BRELU_FMNIST_WEIGHTS`: secure predictions equal the plaintext
 /// fixed-point predictions on the first 20 test images. Ignored by default (needs the trained
-/// weights and the data set); run with `cargo test --test secure -- --ignored`.
+/// weights and the data set); run with `cargo test --test it -- --ignored secure::`.
 #[test]
 #[ignore]
 fn fashion_mnist_trained_model_matches_plaintext() {
+    let _rng = common::torch_rng();
     let Ok(weights) = std::env::var("BRELU_FMNIST_WEIGHTS") else {
         eprintln!("BRELU_FMNIST_WEIGHTS not set: skipped");
         return;

@@ -2,7 +2,7 @@
 //! architecture), output shapes, the new graph ops (resize, concat, keep-dim pooling, dropout)
 //! against independent references, batch-norm folding, running from a site, mmseg-named
 //! weights, distortion extraction on 4-D logits and secure inference.
-mod common;
+use crate::common;
 use brelu::distortion::extract::{init_dir, plan, run};
 use brelu::distortion::{collect, Estimator, PlanOptions, Samples, Shard};
 use brelu::models::{find, sites, ArchConfig, Architecture, GraphBuilder, Model, Op, Slot};
@@ -23,12 +23,6 @@ use tch::{Device, Kind, Tensor};
 const MNV2: &str = "deeplabv3-mobilenetv2";
 const R50: &str = "deeplabv3-resnet50-d8";
 
-/// tch's random generator is global: tests that seed it and draw weights or inputs run one at
-/// a time, so each sees the same numbers however the harness schedules them.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn totals(model: &str, input: [usize; 3]) -> (usize, usize, usize) {
     let s = sites(find(model).unwrap(), input).unwrap();
@@ -163,7 +157,7 @@ fn conv_dilations(model: &str, input: [usize; 3]) -> BTreeMap<String, (usize, us
 
 #[test]
 fn dilations_follow_the_mmseg_configs() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     let r = conv_dilations(R50, [3, 64, 64]);
     // contract_dilation: a dilated stage's first block uses half the dilation.
     assert_eq!(r["layer2.0.conv2"], (2, 1, 1));
@@ -224,7 +218,7 @@ fn image(input: [usize; 3], n: i64) -> Tensor {
 
 #[test]
 fn output_is_the_logit_map_at_one_eighth() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     for (name, input, want) in [
         (MNV2, [3, 64, 48], [8, 6]),
         // Odd sizes: every stride-2 conv (and the avg pool) rounds up.
@@ -302,7 +296,7 @@ fn bilinear(plane: &[f64], h: usize, w: usize, ho: usize, wo: usize) -> Vec<f64>
 
 #[test]
 fn resize_concat_pool_and_dropout_match_references() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     let input = [2, 5, 7];
     let m = Model::new(
         &PROBE,
@@ -406,7 +400,7 @@ fn ring_resize_matches_bilinear_within_rounding() {
 
 #[test]
 fn bn_folding_matches_eval_mode() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     for (name, input) in [(MNV2, [3, 32, 40]), (R50, [3, 32, 32])] {
         let m = seg_model(name, input, 5, 2);
         randomize_bn(&m);
@@ -425,7 +419,7 @@ fn bn_folding_matches_eval_mode() {
 
 #[test]
 fn forward_from_a_site_equals_full_forward() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     for (name, input) in [(MNV2, [3, 32, 32]), (R50, [3, 32, 32])] {
         let m = seg_model(name, input, 4, 3);
         randomize_bn(&m);
@@ -505,7 +499,7 @@ fn save_mmseg(m: &Model, path: &Path, extra: &[(&str, Tensor)]) {
 
 #[test]
 fn loads_mmseg_checkpoints_and_skips_the_auxiliary_head() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     let dir = tempfile::tempdir().unwrap();
     for (name, input) in [(MNV2, [3, 32, 32]), (R50, [3, 16, 16])] {
         let m = seg_model(name, input, 6, 5);
@@ -622,7 +616,7 @@ fn popts(estimator: Estimator, sites: &[&str], probes: usize) -> PlanOptions {
 
 #[test]
 fn distortion_on_the_logit_map() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     let input = [3, 16, 16];
     let classes = 3;
     let dir = tempfile::tempdir().unwrap();
@@ -724,7 +718,7 @@ fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
     let img: Vec<f32> = (0..input.iter().product::<usize>())
         .map(|_| rng.gen_range(-2.0f32..2.0))
         .collect();
-    // 16 fractional bits make patch-decision flips near zero rare (see tests/secure.rs).
+    // 16 fractional bits make patch-decision flips near zero rare (see tests/it/secure.rs).
     let settings = Settings {
         fixed: Fixed { frac: 16 },
         ..Settings::default()
@@ -813,13 +807,13 @@ fn secure_argmax_per_column_reveals_each_columns_largest() {
 
 #[test]
 fn secure_inference_mobilenetv2_d8_matches_plaintext() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     secure_check(MNV2, [3, 32, 32], true);
 }
 
 #[test]
 fn secure_inference_resnet50_d8_matches_plaintext() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     secure_check(R50, [3, 24, 32], false);
 }
 
@@ -839,7 +833,7 @@ fn run_ok(args: &[&str]) -> String {
 
 #[test]
 fn cli_knapsack_spec_runs_securely_on_the_segmentation_model() {
-    let _serial = serial();
+    let _serial = common::torch_rng();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();

@@ -549,7 +549,7 @@ fn shipped_segmentation_configs_parse() {
 /// Decode throughput of the segmentation training transform (JPEG + PNG mask, rescale, crop,
 /// flip, jitter) against the class-folder random-resized-crop on the same JPEGs, one batch of
 /// 32 images of 500x375 each: prints figures for BENCHMARKS.md, asserts only the shapes.
-/// `cargo test --test seg_data -- --ignored --nocapture decode_throughput`
+/// `cargo test --test it -- --ignored --nocapture seg_data::decode_throughput`
 #[test]
 #[ignore]
 fn decode_throughput() {

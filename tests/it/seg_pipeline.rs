@@ -3,6 +3,7 @@
 //! training run, `brelu eval` on the command line, and the whole pipeline (baseline ->
 //! first-order distortion on decoder logits -> knapsack at 2 budgets -> fine-tune -> mIoU ->
 //! secure inference on 1 image -> report).
+use crate::common;
 use brelu::data::seg::{Inference, SegTransforms, Transform};
 use brelu::data::{self, DatasetKind, Split};
 use brelu::models::{find, ArchConfig, Model};
@@ -12,8 +13,6 @@ use brelu::train::{self, normalization};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// Model initialisation seeds libtorch's global generator: tests that build models take turns.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// ADE20K tree with smooth images whose colour follows the label (so a network can learn a
 /// little), raw labels 0..=5 (0 = ignored "other").
@@ -101,7 +100,7 @@ fn tiny_model(seed: i64) -> Model {
 /// shifted labels; sliding windows that tile the image exactly agree with per-tile forwards.
 #[test]
 fn seg_evaluation_matches_an_independent_count() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = common::torch_rng();
     let d = tempfile::tempdir().unwrap();
     ade_tree(d.path(), 1, 2);
     let model = tiny_model(1);
@@ -221,7 +220,7 @@ fn write_configs(dir: &Path) -> PathBuf {
 // 32x32, and every checkpoint, fine-tune and secure session moves them.
 #[test]
 fn tiny_deeplabv3_pipeline_end_to_end() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let cfgp = write_configs(tmp.path());
     let cfg = PipelineConfig::load(&cfgp).unwrap();

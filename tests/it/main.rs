@@ -1,0 +1,18 @@
+//! The integration tests, one binary: each file was a test binary of its own, and linking
+//! tch and brelu fourteen times dominated `make test` on small machines.
+mod common;
+
+mod block_relu;
+mod data;
+mod distortion;
+mod knapsack;
+mod models;
+mod pipeline;
+mod secure;
+mod seg_data;
+mod seg_pipeline;
+mod segmentation_models;
+mod sites;
+mod spec;
+mod train;
+mod train_cli;
