@@ -29,7 +29,6 @@ milestones = [1]
 gamma = 0.5
 "#;
 
-
 fn cfg(text: &str) -> Config {
     Config::from_toml_str(text, Path::new("tiny.toml")).unwrap()
 }
@@ -203,7 +202,10 @@ fn weights(path: &Path) -> Vec<(String, tch::Tensor)> {
 #[test]
 fn tiny_run_learns_and_resume_is_bit_exact() {
     let _serial = common::torch_rng();
-    let c = cfg(TINY);
+    // At TINY's lr 0.05 (momentum 0.9, batch 8) this net is at the edge of stability: its
+    // second-epoch loss rose on some of libtorch's kernel choices (oneDNN AVX2, ATen's
+    // default and AVX2 loops) and fell on others. At 0.01 it falls 4 to 7 times on every one.
+    let c = cfg(&TINY.replace("lr = 0.05", "lr = 0.01"));
     let (tr, te) = (toy(48, 0), toy(24, 5));
     let opts = |dir: &Path, resume| TrainOptions {
         run_dir: dir.to_path_buf(),
@@ -224,7 +226,8 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
         full[0].train_loss,
         full[1].train_loss
     );
-    assert_eq!(full[1].lr, 0.025);
+    assert!(full[1].train_top1 > full[0].train_top1);
+    assert_eq!(full[1].lr, 0.005);
     let lines = std::fs::read_to_string(a.path().join(train::METRICS)).unwrap();
     assert_eq!(lines.lines().count(), 2);
     let ck = train::read_checkpoint(a.path()).unwrap().unwrap();
