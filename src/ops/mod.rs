@@ -12,6 +12,7 @@
 //! `y` in one pass. Following tch's convention each op exists twice: `f_*` returns a
 //! `Result`, the plain name panics with the error's message.
 pub mod cpu;
+mod device;
 pub mod reference;
 pub mod table;
 mod tensor_bridge;
@@ -21,6 +22,8 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+
+pub use device::parse_device;
 
 use crate::error::{Error, Result};
 use crate::spec::PatchOption;
