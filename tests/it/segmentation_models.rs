@@ -676,9 +676,18 @@ fn distortion_on_the_logit_map() {
     // since dropout (evaluation) and the 1x1 classifier after it are linear.
     let fo = extract(&popts(Estimator::FirstOrder, &sites, 12), "f");
     let (te, tf) = (&exact.sites["decode_5"], &fo.sites["decode_5"]);
+    // The claim is exact in real arithmetic, but the exact side differences two float32
+    // forward passes: each logit carries a rounding error δ of a few ulps of the logit scale,
+    // |δ| <= κ·ε·sqrt(power), whatever kernels the processor gets. Squaring the perturbed
+    // difference turns that into |D̃ - D| <= 2·sqrt(D)·|δ| + δ², which is not small relative
+    // to D when D is tiny (4e-8 here): a pure relative tolerance holds on one CPU and fails on
+    // another. κ = 8 is ten times the worst seen over oneDNN's SSE4.1/AVX2/AVX-512 kernels and
+    // ATen's default/AVX2/AVX-512 ones (0.82); at D ~ 1e-6 the term is still only 1-2% of D.
+    let delta = 8.0 * f64::from(f32::EPSILON) * power.sqrt();
+    let noise = |d: f64| 2.0 * d.sqrt() * delta + delta * delta;
     for (a, b) in te.values.iter().zip(&tf.values) {
         assert!(
-            (a - b).abs() <= 1e-3 * a.abs().max(b.abs()) + 1e-12,
+            (a - b).abs() <= 1e-3 * a.abs().max(b.abs()) + noise(a.abs().max(b.abs())),
             "exact {a:e} vs first-order {b:e}"
         );
     }
