@@ -18,7 +18,7 @@ use tch::Device;
 #[derive(Subcommand, Debug)]
 pub enum DistortionCommand {
     /// Measure D(site, channel, option) of a trained network on samples of its training set
-    /// (SPEC.md section 5). Resumable: run the same command again after a kill. Shardable:
+    /// (docs/method.md section 5). Resumable: run the same command again after a kill. Shardable:
     /// `--shard i/n` in n processes (or SLURM / Kubernetes indexed jobs), then `collect`.
     Extract(Box<ExtractArgs>),
     /// Check that every shard of an extraction finished and agrees, then write the tables.

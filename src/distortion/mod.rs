@@ -1,5 +1,5 @@
 //! Distortion: how much each (site, channel, option) changes the network's output
-//! (SPEC.md section 5), and the tables that carry it to the knapsack.
+//! (docs/method.md section 5), and the tables that carry it to the knapsack.
 pub mod extract;
 pub mod tables;
 

@@ -1,4 +1,4 @@
-//! The protocols (SPEC.md 8.4), written once for all three roles: each function is called by
+//! The protocols (docs/method.md 8.4), written once for all three roles: each function is called by
 //! the client and the server with their shares and by the dealer with empty inputs and the
 //! public sizes; the role decides what each does.
 //!
@@ -10,7 +10,7 @@
 //!   image before its online part (`Phase::Online`), on separate PRF streams (`prf_off`).
 //! - Weight masks B are drawn once per session and F = W - B is opened once per session (see
 //!   [`setup_linear`]); a linear layer then costs one exchange of E = X - A.
-//! - DReLU returns shares of [a > 0] (the tie rule of SPEC.md 2: a patch summing to exactly 0
+//! - DReLU returns shares of [a > 0] (the tie rule of docs/method.md 2: a patch summing to exactly 0
 //!   gets 0). It computes MSB(-2a) so the value handed to ShareConvert is even and can never be
 //!   2^k - 1; this is exact for |a| < 2^(k-2).
 use super::gemm::{self, ConvGeom};

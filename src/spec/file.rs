@@ -1,4 +1,4 @@
-//! Spec files (SPEC.md section 10): one option per channel of every site, as JSON.
+//! Spec files (docs/method.md section 10): one option per channel of every site, as JSON.
 //!
 //! ```json
 //! {"model": "resnet18-cifar", "input": [3, 32, 32],

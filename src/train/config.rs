@@ -39,7 +39,7 @@ pub struct Config {
     /// Evaluation batch size (default: batch_size).
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
-    /// Knowledge distillation from a teacher network (SPEC.md section 7).
+    /// Knowledge distillation from a teacher network (docs/method.md section 7).
     #[serde(default)]
     pub distill: Option<DistillConfig>,
 }

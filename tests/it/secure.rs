@@ -400,7 +400,7 @@ fn end_to_end_block_relu_network_matches_plaintext() {
     )
     .unwrap();
     assert!(r.drelus_per_image < r.relus);
-    // One DReLU per patch, none for identity and zero channels (SPEC.md 2).
+    // One DReLU per patch, none for identity and zero channels (docs/method.md 2).
     let expected: usize = model
         .sites()
         .iter()

@@ -1,4 +1,4 @@
-//! Distortion extraction (SPEC.md section 5): D(site, channel, option) for every site, channel
+//! Distortion extraction (docs/method.md section 5): D(site, channel, option) for every site, channel
 //! and catalog option, with the exact estimator or a cheaper one.
 //!
 //! The work is a fixed list of *units*, independent of how it is split: for the exact and SNR
@@ -13,7 +13,7 @@
 //! Layout of an extraction directory:
 //! `job.json` (what is computed; every process checks it matches), `units/<site>/b<batch>-c<chunk>.npy`,
 //! `shards/<i>-of-<n>.json` (written when a shard finished), and after collection the tables
-//! (`manifest.json` + `<site>.npy`, SPEC.md section 10).
+//! (`manifest.json` + `<site>.npy`, docs/method.md section 10).
 //!
 //! Files: [`job`] (the job, its units and shards, the directory), [`samples`], [`run`] (a shard
 //! over one worker per device), the workers ([`exact`] for the exact and SNR estimators,

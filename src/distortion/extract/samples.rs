@@ -54,7 +54,7 @@ impl Samples {
     }
 }
 
-/// The samples of SPEC.md section 5: a seeded subset of the training split of `source`, in a
+/// The samples of docs/method.md section 5: a seeded subset of the training split of `source`, in a
 /// seeded order, with the evaluation transform (normalisation only).
 pub fn training_samples(source: Source<'_>, n: usize, seed: u64) -> Result<Samples> {
     let data = source.load_split(Split::Train)?;
