@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SETUP_STAMP := .libtorch/.stamp-torch-2.11.0
 
-.PHONY: setup test test-all demo lint fmt bench cuda-setup cuda-build gpu clean
+.PHONY: setup test test-portable test-kernels test-all demo lint fmt bench cuda-setup cuda-build gpu clean
 
 setup: $(SETUP_STAMP)
 
@@ -13,6 +13,17 @@ $(SETUP_STAMP):
 test: setup
 	$(CARGO) test
 
+## The suite once more on libtorch's most portable kernels (oneDNN SSE4.1, ATen's default
+## loops): float tolerances must hold whatever kernels the processor gets. CI runs this too.
+test-portable: setup
+	ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default $(CARGO) test
+
+## The suite under every kernel choice libtorch 2.11 honours on x86-64 (same build, ~2.5 min each).
+KERNEL_SETTINGS := ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX512_CORE ONEDNN_MAX_CPU_ISA=SSE41 \
+	ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2
+test-kernels: setup
+	set -e; for s in $(KERNEL_SETTINGS); do echo "== $$s"; env $$s $(CARGO) test; done
+
 ## Slow tests too (training to a target accuracy, big models).
 test-all: setup
 	$(CARGO) test -- --include-ignored
@@ -22,9 +33,14 @@ demo: setup
 	$(CARGO) build --release
 	scripts/demo.sh
 
-lint: setup
+## Formatting and clippy, without and with the CUDA kernels (nvcc from PyPI, see cuda-setup).
+lint: cuda-setup
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	NVCC=$$(scripts/nvcc-path.sh) $(CARGO) clippy --all-targets --features cuda -- -D warnings
+
+fmt:
+	$(CARGO) fmt
 
 bench: setup
 	$(CARGO) bench

@@ -2,7 +2,7 @@
 // the very same functions run in the CUDA kernels (block_relu.cu, simulate.cu) and in the
 // host-only harness (host_check.cu) that a Rust test compares with the CPU kernel.
 //
-// Semantics: SPEC.md section 2. Layout of ChannelOpt / SimEntry: src/ops/table.rs.
+// Semantics: docs/method.md section 2. Layout of ChannelOpt / SimEntry: src/ops/table.rs.
 //
 // Work split: one thread block per (n, c) plane. The plane is walked in tiles of k strips,
 // a strip being bh rows (the last one may be partial). For each tile:

@@ -31,3 +31,9 @@ pub fn fnv_hex(bytes: impl IntoIterator<Item = u8>) -> String {
     }
     h.hex()
 }
+
+/// FNV-1a 64 of a value's compact JSON, as 16 hex digits: the fingerprint of configurations,
+/// jobs and stage inputs.
+pub fn of_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    fnv_hex(serde_json::to_vec(v).expect("fingerprinted values serialise"))
+}

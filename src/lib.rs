@@ -9,16 +9,27 @@
 //!                                                 spec (options, catalogs, costs)
 //! ```
 //!
-//! Modules: [`spec`] (options, catalogs, spec files, cost model), [`models`] (architectures
-//! as op graphs with named ReLU sites, weights), [`ops`] (block-ReLU operators),
-//! [`distortion`] (distortion tables), [`knapsack`] (exact and Lagrangian solvers, reports),
-//! [`npy`] (the table file format), [`data`] (data sets, augmentation, batches),
-//! [`train`] (configuration, training, evaluation, checkpoints), [`secure`] (3-party secure
-//! inference on secret shares), [`pipeline`] (every stage in one resumable run with a report), [`cli`] (the `brelu` command).
+//! Modules, in stage order: a module uses only modules of earlier stages (checked by
+//! `tests/it/layers.rs`).
+//!
+//! 1. Utilities: [`error`] (the typed error), [`fs`] (atomic writes), [`hash`] (fingerprints),
+//!    [`npy`] (the table file format), [`plot`].
+//! 2. [`spec`]: options, catalogs, spec files, cost model.
+//! 3. [`ops`]: block-ReLU operators, device selection.
+//! 4. [`models`]: architectures as op graphs with named ReLU sites, weights.
+//! 5. [`data`]: data sets, their configuration, normalisation, augmentation, batches.
+//! 6. [`train`]: training configuration, training, evaluation, checkpoints.
+//! 7. [`distortion`]: distortion extraction and tables.
+//! 8. [`knapsack`]: exact and Lagrangian solvers, reports, the uniform baselines, estimator
+//!    comparison.
+//! 9. [`secure`]: 3-party secure inference on secret shares.
+//! 10. [`pipeline`]: every stage in one resumable run with a report.
+//! 11. [`cli`]: the `brelu` command.
 pub mod cli;
 pub mod data;
 pub mod distortion;
 pub mod error;
+pub mod fs;
 pub mod hash;
 pub mod knapsack;
 pub mod models;

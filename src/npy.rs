@@ -1,7 +1,8 @@
 //! Minimal `.npy` (NumPy format v1/v2/v3) reading and writing for float64 C-order arrays, the
 //! format of distortion tables. Reading checks the header fully: dtype, order, shape and the
 //! data length, so a truncated or foreign file is an error, never garbage.
-use crate::error::{write_atomic, Error, Result};
+use crate::error::{Error, Result};
+use crate::fs::write_atomic;
 use std::path::Path;
 
 const MAGIC: &[u8] = b"\x93NUMPY";

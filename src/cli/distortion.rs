@@ -1,23 +1,24 @@
 //! `brelu distortion ...`: extract, collect, compare and plot distortion tables.
 use super::{print_json, ModelArgs};
-use crate::distortion::compare::compare;
-use crate::distortion::extract::{self, fnv_hex, RunReport};
+use crate::distortion::extract::{self, Extracted, Extraction, Job};
 use crate::distortion::{collect, DistortionTables, Estimator, PlanOptions, Shard};
+use crate::hash::fnv_hex;
 use crate::knapsack::budget_from_ratio;
+use crate::knapsack::compare::compare;
 use crate::models::{find, sites as model_sites, Model};
 use crate::spec::{Catalog, PatchOption, Spec};
 use crate::train::{self, Config};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use std::cell::Cell;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tch::Device;
 
 #[derive(Subcommand, Debug)]
 pub enum DistortionCommand {
     /// Measure D(site, channel, option) of a trained network on samples of its training set
-    /// (SPEC.md section 5). Resumable: run the same command again after a kill. Shardable:
+    /// (docs/method.md section 5). Resumable: run the same command again after a kill. Shardable:
     /// `--shard i/n` in n processes (or SLURM / Kubernetes indexed jobs), then `collect`.
     Extract(Box<ExtractArgs>),
     /// Check that every shard of an extraction finished and agrees, then write the tables.
@@ -238,7 +239,7 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
     } else {
         a.devices
             .iter()
-            .map(|d| train::parse_device(Some(d)))
+            .map(|d| crate::ops::parse_device(Some(d)))
             .collect::<crate::error::Result<_>>()?
     };
     let catalog = match &a.catalog {
@@ -272,8 +273,8 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
     if a.random_init {
         eprintln!("warning: --random-init: measuring a freshly initialised network");
     }
-    let samples =
-        extract::training_samples(&cfg, a.samples, a.seed).context("choosing the samples")?;
+    let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
+        .context("choosing the samples")?;
     let probes = a.probes.unwrap_or(cfg.num_classes.min(64));
     let opts = PlanOptions {
         estimator: a.estimator,
@@ -287,9 +288,83 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         skip_unchanged: !a.no_skip,
         baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
     };
-    let job = extract::plan(&model, &catalog, &samples, &opts)?;
-    drop(model);
-    extract::init_dir(&a.output, &job)?;
+    let pb = progress_bar();
+    let x = Extraction {
+        dir: &a.output,
+        catalog: &catalog,
+        samples: &samples,
+        options: &opts,
+        shard,
+        devices: &devices,
+        make_model: &make_model,
+        replace_stale: false,
+        collect: !a.no_collect,
+        progress: Some(&pb),
+    };
+    // Only errors of the run itself name the directory (planning errors read better alone).
+    let started = Cell::new(false);
+    let announce = |job: &Job| {
+        started.set(true);
+        announce_job(job, shard, shard_from);
+    };
+    let done = match extract::extract(&x, model, &announce) {
+        Ok(done) => done,
+        Err(e) if started.get() => {
+            return Err(e).with_context(|| format!("extracting into {}", a.output.display()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    finish(&a.output, shard, done)
+}
+
+/// A bar of units done, on a terminal only.
+fn progress_bar() -> indicatif::ProgressBar {
+    if std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} units  {per_sec}  elapsed {elapsed}  left {eta}",
+            )
+            .expect("valid template"),
+        );
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// What the run did, and the tables or why they are not collected yet.
+fn finish(output: &Path, shard: Shard, done: Extracted) -> Result<()> {
+    let (r, secs) = (&done.run, done.seconds);
+    eprintln!(
+        "{} of {} units computed in {secs:.1} s ({} already done); {:.0} evaluations/s",
+        r.computed,
+        r.units,
+        r.units - r.computed,
+        r.evaluations as f64 / secs.max(1e-9)
+    );
+    match done.tables {
+        None => Ok(()),
+        Some(Ok(t)) => {
+            eprintln!(
+                "tables ({} sites) in {}: feed them to `brelu knapsack -m {} -d {} --ratio 0.06 -o spec.json`",
+                t.sites.len(),
+                output.display(),
+                t.model,
+                output.display()
+            );
+            Ok(())
+        }
+        Some(Err(e)) if shard.count > 1 => {
+            eprintln!("shard done; not collecting yet: {e}");
+            Ok(())
+        }
+        Some(Err(e)) => Err(e).context("collecting the tables"),
+    }
+}
+
+/// The line printed when the run starts: what is measured, and which shard.
+fn announce_job(job: &Job, shard: Shard, shard_from: Option<&str>) {
     let evals_total: usize = job
         .sites
         .values()
@@ -311,58 +386,6 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
             None => String::new(),
         }
     );
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(0);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} units  {per_sec}  elapsed {elapsed}  left {eta}",
-            )
-            .expect("valid template"),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let t0 = Instant::now();
-    let r: RunReport = extract::run(
-        &job,
-        &a.output,
-        &samples,
-        shard,
-        &devices,
-        &make_model,
-        Some(&pb),
-    )
-    .with_context(|| format!("extracting into {}", a.output.display()))?;
-    pb.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
-    eprintln!(
-        "{} of {} units computed in {secs:.1} s ({} already done); {:.0} evaluations/s",
-        r.computed,
-        r.units,
-        r.units - r.computed,
-        r.evaluations as f64 / secs.max(1e-9)
-    );
-    if a.no_collect {
-        return Ok(());
-    }
-    match collect(&a.output) {
-        Ok(t) => {
-            eprintln!(
-                "tables ({} sites) in {}: feed them to `brelu knapsack -m {} -d {} --ratio 0.06 -o spec.json`",
-                t.sites.len(),
-                a.output.display(),
-                t.model,
-                a.output.display()
-            );
-            Ok(())
-        }
-        Err(e) if shard.count > 1 => {
-            eprintln!("shard done; not collecting yet: {e}");
-            Ok(())
-        }
-        Err(e) => Err(e).context("collecting the tables"),
-    }
 }
 
 fn read_tables(p: &Path) -> Result<DistortionTables> {

@@ -187,7 +187,7 @@ fn sweep(a: &KnapsackArgs, problem: &Problem, ratios: &[f64]) -> Result<()> {
         reports.push(rep);
     }
     let json = serde_json::to_string_pretty(&reports)?;
-    crate::error::write_atomic(&a.output.join("sweep.json"), json.as_bytes())?;
+    crate::fs::write_atomic(&a.output.join("sweep.json"), json.as_bytes())?;
     let points: Vec<(f64, f64)> = reports
         .iter()
         .map(|r| (r.drelus as f64, r.objective))

@@ -10,7 +10,7 @@ use crate::secure::plan::{argmax, Plan, Settings};
 use crate::secure::ring::Fixed;
 use crate::secure::{run_compare, LinkConfig, RunReport};
 use crate::spec::Spec;
-use crate::train::{self, Config};
+use crate::train::Config;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::net::TcpListener;
@@ -26,6 +26,8 @@ pub enum SecureCommand {
     /// Run one party of a session (for real multi-host use).
     Party(PartyArgs),
     /// Ring (wrapping u64) GEMM throughput next to f64 GEMM (libtorch BLAS) in the same run.
+    /// A developer's micro-benchmark (BENCHMARKS.md), so left out of the help.
+    #[command(hide = true)]
     Gemm(GemmArgs),
 }
 
@@ -182,10 +184,13 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
     let (images, labels) = if !need_images {
         (Vec::new(), None)
     } else if let Some(cfg) = &cfg {
-        let mut test = train::load_split(cfg, Split::Test).context("loading the test set")?;
+        let mut test = cfg
+            .source()
+            .load_split(Split::Test)
+            .context("loading the test set")?;
         test.truncate(a.images);
         let all: Vec<i64> = (0..test.len() as i64).collect();
-        let x = train::normalization(cfg.dataset.kind).apply(&test.select(&all)?);
+        let x = crate::data::normalization(cfg.dataset.kind).apply(&test.select(&all)?);
         // Segmentation sets have masks, not one label per image.
         let labels = match test.seg {
             Some(_) => None,

@@ -20,7 +20,7 @@ pub struct StatsArgs {
     /// Architecture name (see `brelu models`).
     #[arg(long, short)]
     pub model: String,
-    /// The spec file (JSON, SPEC.md section 10).
+    /// The spec file (JSON, docs/method.md section 10).
     #[arg(long, short)]
     pub spec: PathBuf,
     /// Print JSON instead of tables.

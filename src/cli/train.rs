@@ -149,7 +149,7 @@ fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
 
 fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
     let cfg = load_config(&a.config, Some(a))?;
-    let device = train::parse_device(a.device.as_deref())?;
+    let device = crate::ops::parse_device(a.device.as_deref())?;
     let run_dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
             .config
@@ -229,7 +229,7 @@ struct EvalReport {
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let cfg = load_config(&a.config, None)?;
-    let device = train::parse_device(a.device.as_deref())?;
+    let device = crate::ops::parse_device(a.device.as_deref())?;
     let mut model = train::build_model(&cfg, device)?;
     model
         .load_weights(&a.weights)
@@ -241,11 +241,14 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         drelus = spec_cost(&spec, model.sites()).drelus;
         model.apply_spec(&spec)?;
     }
-    let test = train::load_split(&cfg, Split::Test).context("loading the test set")?;
+    let test = cfg
+        .source()
+        .load_split(Split::Test)
+        .context("loading the test set")?;
     let result = train::evaluate(
         &model,
         &test,
-        &train::normalization(cfg.dataset.kind),
+        &crate::data::normalization(cfg.dataset.kind),
         cfg.eval_batch_size.unwrap_or(cfg.batch_size),
     )?;
     let r = EvalReport {

@@ -110,10 +110,6 @@ pub enum Transform {
     Train(u64),
 }
 
-fn uniform(rng: &mut Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Decodes one file to RGB u8, channel-major [3, side, side].
 pub fn decode(path: &Path, side: usize, t: Transform) -> Result<Vec<u8>> {
     let img = image::open(path)
@@ -138,9 +134,9 @@ pub fn decode(path: &Path, side: usize, t: Transform) -> Result<Vec<u8>> {
             let area = (w * h) as f64;
             let mut rect = None;
             for _ in 0..10 {
-                let target = area * (0.08 + 0.92 * uniform(&mut rng));
+                let target = area * (0.08 + 0.92 * rng.uniform());
                 let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
-                let ratio = (lo + (hi - lo) * uniform(&mut rng)).exp();
+                let ratio = (lo + (hi - lo) * rng.uniform()).exp();
                 let cw = (target * ratio).sqrt().round() as usize;
                 let ch = (target / ratio).sqrt().round() as usize;
                 if cw >= 1 && ch >= 1 && cw <= w && ch <= h {

@@ -3,14 +3,16 @@
 //! [N, C, H, W]); ImageNet-style class folders ([`folder`]), of which only the file list is held
 //! and images are decoded per batch; per-channel normalisation, seeded augmentation and batch
 //! iteration ([`batch`]); semantic segmentation sets (ADE20K, Pascal VOC) streamed per batch
-//! ([`seg`]).
+//! ([`seg`]); the `[dataset]` configuration, split loading and normalisation ([`config`]).
 pub mod batch;
 pub mod cifar;
+pub mod config;
 pub mod folder;
 pub mod idx;
 pub mod seg;
 
 pub use batch::{Augment, BatchIter, Rng};
+pub use config::{normalization, DatasetConfig, Source};
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};

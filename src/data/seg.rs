@@ -316,10 +316,6 @@ pub struct Pair {
     pub mask: Mask,
 }
 
-fn uniform(rng: &mut Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// The size of `(h, w)` rescaled to fit `(long, short)` keeping the aspect ratio (mmseg's
 /// `keep_ratio` rescale: the largest factor with long side <= long and short side <= short).
 pub fn fit_scale(h: usize, w: usize, long: f64, short: f64) -> (usize, usize) {
@@ -379,7 +375,7 @@ fn chw(img: &RgbImage) -> Vec<u8> {
 fn photometric(img: &mut RgbImage, rng: &mut Rng) {
     let clamp = |v: f64| v.round().clamp(0.0, 255.0) as u8;
     if rng.next_u64() & 1 == 1 {
-        let delta = -32.0 + 64.0 * uniform(rng);
+        let delta = -32.0 + 64.0 * rng.uniform();
         for p in img.pixels_mut() {
             for c in p.0.iter_mut() {
                 *c = clamp(*c as f64 + delta);
@@ -387,7 +383,7 @@ fn photometric(img: &mut RgbImage, rng: &mut Rng) {
         }
     }
     if rng.next_u64() & 1 == 1 {
-        let alpha = 0.5 + uniform(rng);
+        let alpha = 0.5 + rng.uniform();
         for p in img.pixels_mut() {
             for c in p.0.iter_mut() {
                 *c = clamp(*c as f64 * alpha);
@@ -395,7 +391,7 @@ fn photometric(img: &mut RgbImage, rng: &mut Rng) {
         }
     }
     if rng.next_u64() & 1 == 1 {
-        let alpha = 0.5 + uniform(rng);
+        let alpha = 0.5 + rng.uniform();
         for p in img.pixels_mut() {
             let g = 0.299 * p.0[0] as f64 + 0.587 * p.0[1] as f64 + 0.114 * p.0[2] as f64;
             for c in p.0.iter_mut() {
@@ -477,7 +473,7 @@ impl SegSet {
             Transform::Train(seed) => {
                 let mut rng = Rng::new(seed);
                 let [lo, hi] = tr.scale_range;
-                let ratio = lo + (hi - lo) * uniform(&mut rng);
+                let ratio = lo + (hi - lo) * rng.uniform();
                 let (nh, nw) = fit_scale(h, w, long * ratio, short * ratio);
                 let mut r = resize(&img, nh, nw);
                 let m = resize_mask(&mask, nh, nw);

@@ -1,6 +1,5 @@
 //! Distortion: how much each (site, channel, option) changes the network's output
-//! (SPEC.md section 5), and the tables that carry it to the knapsack.
-pub mod compare;
+//! (docs/method.md section 5), and the tables that carry it to the knapsack.
 pub mod extract;
 pub mod tables;
 

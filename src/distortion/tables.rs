@@ -1,7 +1,8 @@
-//! Distortion tables on disk (SPEC.md section 10): `manifest.json` plus one `<site>.npy` per
+//! Distortion tables on disk (docs/method.md section 10): `manifest.json` plus one `<site>.npy` per
 //! site, float64 [C, options], lower is better. Tables made by other tools load too: only the
-//! keys SPEC.md requires are read, extra keys are kept.
-use crate::error::{write_atomic, Error, Result};
+//! keys docs/method.md requires are read, extra keys are kept.
+use crate::error::{Error, Result};
+use crate::fs::write_atomic;
 use crate::npy;
 use crate::spec::{Catalog, PatchOption, SiteInfo};
 use indexmap::IndexMap;

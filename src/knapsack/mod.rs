@@ -1,6 +1,10 @@
-//! The multiple-choice knapsack of SPEC.md section 6: pick one option per channel to minimise
+//! The multiple-choice knapsack of docs/method.md section 6: pick one option per channel to minimise
 //! total distortion under a DReLU budget. [`dp`] is exact in bounded memory, [`lagrange`] is
-//! near-instant with a certified gap; [`report`] summarises a solution.
+//! near-instant with a certified gap; [`report`] summarises a solution; [`compare`] measures
+//! what a cheap distortion estimator costs in knapsack terms; [`baselines`] are the uniform
+//! specs it is compared with.
+pub mod baselines;
+pub mod compare;
 pub mod dp;
 pub mod lagrange;
 pub mod problem;

@@ -1,4 +1,4 @@
-//! The multiple-choice knapsack instance (SPEC.md section 6) built from distortion tables:
+//! The multiple-choice knapsack instance (docs/method.md section 6) built from distortion tables:
 //! one group of items per channel, an item being (DReLU cost, distortion, option).
 //!
 //! Building it drops options with a non-finite distortion (with a warning), keeps per channel

@@ -252,7 +252,7 @@ impl GraphBuilder {
         })
     }
 
-    /// A ReLU site named `site` (SPEC.md section 4 names).
+    /// A ReLU site named `site` (docs/method.md section 4 names).
     pub fn act(&mut self, x: Slot, site: &str) -> Slot {
         let site_index = self.g.sites.len();
         self.g.sites.push(site.to_string());

@@ -2,7 +2,7 @@
 //! 2018) with ReLU in place of ReLU6, as the method fine-tunes it.
 //!
 //! Parameter names follow torchvision (`features.0.0`, `features.3.conv.1.0`, `classifier.1`).
-//! Sites follow the mmseg layout (SPEC.md 4): `conv1` (stem), `layer{s}_{b}_{k}` for stage s
+//! Sites follow the mmseg layout (docs/method.md 4): `conv1` (stem), `layer{s}_{b}_{k}` for stage s
 //! (1..7) and block b, k = 0 after the expansion 1x1 conv and 1 after the depthwise conv
 //! (stage 1 has no expansion: only `layer1_0_0`), and `conv2` for the final 1x1 conv.
 use super::graph::{GraphBuilder, Slot};

@@ -34,7 +34,7 @@ pub trait Architecture: Sync {
     fn default_input(&self) -> [usize; 3];
     fn default_classes(&self) -> usize;
     /// Emits the network's ops (parameter names = torchvision state-dict prefixes, sites named
-    /// as in SPEC.md 4) and returns the output slot: [N, classes] logits for a classifier,
+    /// as in docs/method.md 4) and returns the output slot: [N, classes] logits for a classifier,
     /// a [N, classes, H', W'] logit map for a segmentation model.
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot;
     /// The torchvision name of an mmcls/mmseg checkpoint tensor name, if it is one of ours.

@@ -1,7 +1,7 @@
 //! ResNets (He et al., "Deep Residual Learning for Image Recognition", 2016).
 //!
 //! Parameter names follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`,
-//! `fc`), so a torchvision state dict saved as safetensors loads as is. Sites (SPEC.md 4):
+//! `fc`), so a torchvision state dict saved as safetensors loads as is. Sites (docs/method.md 4):
 //! `stem`, then `layer{i}_{j}_{k}`: k = 1, 2 after the block's first convs and the last k after
 //! the residual add. ResNet50 uses torchvision's v1.5 Bottleneck (stride on the 3x3 conv).
 //! Strides and dilations per stage and mmseg's deep stem are parameters, so the dilated

@@ -1,4 +1,4 @@
-//! Fused CPU block-ReLU kernels over plain `f32` slices in NCHW order (SPEC.md section 2).
+//! Fused CPU block-ReLU kernels over plain `f32` slices in NCHW order (docs/method.md section 2).
 //!
 //! Every kernel makes one pass over memory: the (n, c) planes are split into groups that
 //! rayon hands to the cores, and inside a plane the rows are walked one strip of `bh` rows
@@ -462,7 +462,7 @@ pub fn mask<M: MaskElem>(
     Ok(())
 }
 
-/// Backward: `grad_x = mask * grad_y` (the mask is a constant, SPEC.md section 2).
+/// Backward: `grad_x = mask * grad_y` (the mask is a constant, docs/method.md section 2).
 pub fn backward<M: MaskElem>(grad_y: &[f32], mask: &[M], grad_x: &mut [f32]) -> Result<()> {
     const OP: &str = "cpu::backward";
     if mask.len() != grad_y.len() || grad_x.len() != grad_y.len() {

@@ -1,4 +1,4 @@
-//! Block-ReLU operators on tch tensors (SPEC.md section 2).
+//! Block-ReLU operators on tch tensors (docs/method.md section 2).
 //!
 //! `block_relu` is what every site of every model calls; it picks the fastest implementation
 //! for the tensor: the CUDA kernels (`kernels/*.cu`, feature `cuda`) for CUDA tensors, the
@@ -7,11 +7,12 @@
 //!
 //! Autograd: tch has no user-defined autograd functions, so the training path (input that
 //! requires grad) computes the 0/1 mask with a kernel, outside the graph, and returns
-//! `x * mask`. Autograd then gives `dx = mask * dy`, which is exactly SPEC.md's gradient, at
+//! `x * mask`. Autograd then gives `dx = mask * dy`, which is exactly docs/method.md's gradient, at
 //! the cost of one extra elementwise op in the forward. The inference path (no grad) writes
 //! `y` in one pass. Following tch's convention each op exists twice: `f_*` returns a
 //! `Result`, the plain name panics with the error's message.
 pub mod cpu;
+mod device;
 pub mod reference;
 pub mod table;
 mod tensor_bridge;
@@ -21,6 +22,8 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+
+pub use device::parse_device;
 
 use crate::error::{Error, Result};
 use crate::spec::PatchOption;

@@ -1,4 +1,4 @@
-//! Block ReLU with framework ops (SPEC.md section 2): the obviously-correct twin that tests
+//! Block ReLU with framework ops (docs/method.md section 2): the obviously-correct twin that tests
 //! compare the fused kernels with, and the baseline the benchmarks measure against.
 //!
 //! For each group of channels sharing a patch size: pad to whole patches (zeros leave the
@@ -35,7 +35,7 @@ pub fn patch_mask(x: &Tensor, bh: i64, bw: i64) -> Tensor {
 }
 
 /// The 0/1 mask of block ReLU over `x` [N, C, H, W] with one option per channel.
-/// The mask is computed without gradient: SPEC.md treats it as a constant.
+/// The mask is computed without gradient: docs/method.md treats it as a constant.
 pub fn block_relu_mask(x: &Tensor, options: &[PatchOption]) -> Tensor {
     let _guard = tch::no_grad_guard();
     let x = x.detach();

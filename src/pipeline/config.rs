@@ -210,7 +210,7 @@ impl PipelineConfig {
         match &self.weights {
             Some(w) => {
                 let b = std::fs::read(w).map_err(|e| Error::io(w, e))?;
-                Ok(Some(crate::distortion::extract::fnv_hex(b)))
+                Ok(Some(crate::hash::fnv_hex(b)))
             }
             None => Ok(None),
         }

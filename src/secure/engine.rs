@@ -3,7 +3,7 @@
 //! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
 use super::link::LinkConfig;
 use super::party::{loopback_streams, LayerStats, Party, Phase, Role, TAG_SESSION};
-use super::plan::{layer_inputs, layer_output, Layer, Plan, Weights};
+use super::plan::{Layer, Plan, Weights};
 use super::proto::{self, LinOp, LinearMask};
 use super::ring;
 use super::wire::Kind;
@@ -213,8 +213,8 @@ fn run_image(
                 }
             }
         };
-        vals[layer_output(l)] = Some(y);
-        for s in layer_inputs(l) {
+        vals[l.output()] = Some(y);
+        for s in l.inputs() {
             if last_use[s] == i {
                 vals[s] = None;
             }

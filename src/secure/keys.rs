@@ -1,4 +1,4 @@
-//! Pairwise keys and PRF streams (SPEC.md 8.3).
+//! Pairwise keys and PRF streams (docs/method.md 8.3).
 //!
 //! At session start each pair of parties runs an ephemeral X25519 key agreement (fresh secrets
 //! from the operating system's RNG). The shared point is hashed with SHA-256 together with both

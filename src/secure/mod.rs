@@ -1,4 +1,4 @@
-//! Three-party secure inference (SPEC.md 8): a client holding an image, a server holding the
+//! Three-party secure inference (docs/method.md 8): a client holding an image, a server holding the
 //! weights and a dealer producing correlated randomness run a block-ReLU network on additive
 //! secret shares in Z_2^64 and the client learns only the logits (or only the arg-max).
 //!
@@ -22,7 +22,7 @@
 //! - Why F is opened once: the server's weights W and their mask B are the same for every
 //!   image, so F = W - B is sent at session start; each image pays only for E = X - A.
 //! - DReLU computes [x > 0] as MSB(-2x) so that ShareConvert never sees 2^k - 1 and the tie
-//!   rule of SPEC.md 2 (a patch summing to 0 gets 0) holds exactly.
+//!   rule of docs/method.md 2 (a patch summing to 0 gets 0) holds exactly.
 //!
 //! - Offline / online: for each image the dealer first walks the whole network and sends all
 //!   input-independent correlated randomness (triple corrections, DReLU masks and bit shares;

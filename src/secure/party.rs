@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-/// The three roles (SPEC.md 8.1). The index is also the arithmetic party index of the two
+/// The three roles (docs/method.md 8.1). The index is also the arithmetic party index of the two
 /// share holders: the client holds share 0, the server share 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,4 +1,4 @@
-//! The protocols (SPEC.md 8.4), written once for all three roles: each function is called by
+//! The protocols (docs/method.md 8.4), written once for all three roles: each function is called by
 //! the client and the server with their shares and by the dealer with empty inputs and the
 //! public sizes; the role decides what each does.
 //!
@@ -10,7 +10,7 @@
 //!   image before its online part (`Phase::Online`), on separate PRF streams (`prf_off`).
 //! - Weight masks B are drawn once per session and F = W - B is opened once per session (see
 //!   [`setup_linear`]); a linear layer then costs one exchange of E = X - A.
-//! - DReLU returns shares of [a > 0] (the tie rule of SPEC.md 2: a patch summing to exactly 0
+//! - DReLU returns shares of [a > 0] (the tie rule of docs/method.md 2: a patch summing to exactly 0
 //!   gets 0). It computes MSB(-2a) so the value handed to ShareConvert is even and can never be
 //!   2^k - 1; this is exact for |a| < 2^(k-2).
 use super::gemm::{self, ConvGeom};
@@ -333,6 +333,115 @@ fn bit_shares(v: &[u64], k: usize, server_share: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The dealer's part of [`drelu`]: correlated randomness ahead (offline), then the two
+/// PrivateCompare results (online).
+fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
+    let bits = p.settings.drelu_bits;
+    let k = bits as usize;
+    let me = Modulus::even(bits);
+    let mo = Modulus::odd(bits);
+    let w = width(bits);
+    if p.does_offline() {
+        // Correlated randomness, sent ahead: z in Z_2^k with shares in Z_2^k and
+        // Z_(2^k-1) and bit shares; x in Z_(2^k-1) with shares and bit shares.
+        let z = p.own.ring_mod(n, me);
+        let x = p.own.ring_mod(n, mo);
+        let sd = p.prf_off(Role::Server);
+        let z1 = sd.ring_mod(n, me);
+        let zo1 = sd.ring_mod(n, mo);
+        let zb1 = sd.zp(n * k);
+        let x1 = sd.ring_mod(n, mo);
+        let xb1 = sd.zp(n * k);
+        let z0: Vec<u64> = z.iter().zip(&z1).map(|(a, b)| me.sub(*a, *b)).collect();
+        let zo0: Vec<u64> = z
+            .iter()
+            .zip(&zo1)
+            .map(|(a, b)| mo.sub(mo.reduce(*a), *b))
+            .collect();
+        let x0: Vec<u64> = x.iter().zip(&x1).map(|(a, b)| mo.sub(*a, *b)).collect();
+        let mut msg = super::wire::pack_u64(&z0, w);
+        msg.extend(super::wire::pack_u64(&zo0, w));
+        msg.extend(bit_shares(&z, k, &zb1));
+        msg.extend(super::wire::pack_u64(&x0, w));
+        msg.extend(bit_shares(&x, k, &xb1));
+        p.send_bytes(Role::Client, super::wire::Kind::Offline, &msg)?;
+        p.carry.push_back(x);
+    }
+    if !p.does_online() {
+        return Ok(Vec::new());
+    }
+    let x = p.carry.pop_front().ok_or_else(|| {
+        Error::InvalidArgument("dealer: a comparison without its offline values".into())
+    })?;
+    // ShareConvert: g' = beta1 XOR [z > c], shared in Z_(2^k-1).
+    let g = pc_dealer(p, n, k)?;
+    let g1 = p.prf(Role::Server).ring_mod(n, mo);
+    let g0: Vec<u64> = g
+        .iter()
+        .zip(&g1)
+        .map(|(a, b)| mo.sub(*a as u64, *b))
+        .collect();
+    p.send_ring(Role::Client, &g0, w)?;
+    // ComputeMSB: h = beta2 XOR [x > r] XOR lsb(x), shared in Z_2^64.
+    let bp = pc_dealer(p, n, k)?;
+    let h1 = p.prf(Role::Server).ring(n);
+    let h0: Vec<u64> = (0..n)
+        .map(|e| ((bp[e] as u64) ^ (x[e] & 1)).wrapping_sub(h1[e]))
+        .collect();
+    p.send_ring(Role::Client, &h0, 8)?;
+    p.round();
+    p.round();
+    Ok(Vec::new())
+}
+
+/// A computing party's shares of the dealer's correlated randomness of [`drelu`].
+struct DreluRandomness {
+    /// z in Z_2^k.
+    z: Vec<u64>,
+    /// z in Z_(2^k-1).
+    zo: Vec<u64>,
+    /// Bits of z in Z_67.
+    zb: Vec<u8>,
+    /// x in Z_(2^k-1).
+    x: Vec<u64>,
+    /// Bits of x in Z_67.
+    xb: Vec<u8>,
+}
+
+fn drelu_randomness(p: &mut Party, n: usize) -> Result<DreluRandomness> {
+    let bits = p.settings.drelu_bits;
+    let k = bits as usize;
+    let me = Modulus::even(bits);
+    let mo = Modulus::odd(bits);
+    let w = width(bits);
+    let j = p.j();
+    Ok(if j == 1 {
+        let sd = p.prf_off(Role::Dealer);
+        let z = sd.ring_mod(n, me);
+        let zo = sd.ring_mod(n, mo);
+        let zb = sd.zp(n * k);
+        let x = sd.ring_mod(n, mo);
+        let xb = sd.zp(n * k);
+        DreluRandomness { z, zo, zb, x, xb }
+    } else {
+        let len = 3 * n * w + 2 * n * k;
+        let m = p.recv_bytes(Role::Dealer, super::wire::Kind::Offline, len)?;
+        let ring = |s: &[u8]| super::wire::unpack_u64(s, w).unwrap_or_default();
+        let mut o = 0;
+        let mut take = |len: usize| {
+            let s = &m[o..o + len];
+            o += len;
+            s
+        };
+        let z = ring(take(n * w));
+        let zo = ring(take(n * w));
+        let zb = take(n * k).to_vec();
+        let x = ring(take(n * w));
+        let xb = take(n * k).to_vec();
+        DreluRandomness { z, zo, zb, x, xb }
+    })
+}
+
 /// DReLU: shares of [a > 0] in Z_2^64 for shares of `n` values `a` (SecureNN ShareConvert +
 /// ComputeMSB, each with a PrivateCompare in Z_67). With `drelu_bits` k < 64 only a window of
 /// k bits (after dropping `drelu_shift` low bits) is compared. Bytes per element, w =
@@ -352,57 +461,7 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
         return Ok(Vec::new());
     }
     if p.role == Role::Dealer {
-        if p.does_offline() {
-            // Correlated randomness, sent ahead: z in Z_2^k with shares in Z_2^k and
-            // Z_(2^k-1) and bit shares; x in Z_(2^k-1) with shares and bit shares.
-            let z = p.own.ring_mod(n, me);
-            let x = p.own.ring_mod(n, mo);
-            let sd = p.prf_off(Role::Server);
-            let z1 = sd.ring_mod(n, me);
-            let zo1 = sd.ring_mod(n, mo);
-            let zb1 = sd.zp(n * k);
-            let x1 = sd.ring_mod(n, mo);
-            let xb1 = sd.zp(n * k);
-            let z0: Vec<u64> = z.iter().zip(&z1).map(|(a, b)| me.sub(*a, *b)).collect();
-            let zo0: Vec<u64> = z
-                .iter()
-                .zip(&zo1)
-                .map(|(a, b)| mo.sub(mo.reduce(*a), *b))
-                .collect();
-            let x0: Vec<u64> = x.iter().zip(&x1).map(|(a, b)| mo.sub(*a, *b)).collect();
-            let mut msg = super::wire::pack_u64(&z0, w);
-            msg.extend(super::wire::pack_u64(&zo0, w));
-            msg.extend(bit_shares(&z, k, &zb1));
-            msg.extend(super::wire::pack_u64(&x0, w));
-            msg.extend(bit_shares(&x, k, &xb1));
-            p.send_bytes(Role::Client, super::wire::Kind::Offline, &msg)?;
-            p.carry.push_back(x);
-        }
-        if !p.does_online() {
-            return Ok(Vec::new());
-        }
-        let x = p.carry.pop_front().ok_or_else(|| {
-            Error::InvalidArgument("dealer: a comparison without its offline values".into())
-        })?;
-        // ShareConvert: g' = beta1 XOR [z > c], shared in Z_(2^k-1).
-        let g = pc_dealer(p, n, k)?;
-        let g1 = p.prf(Role::Server).ring_mod(n, mo);
-        let g0: Vec<u64> = g
-            .iter()
-            .zip(&g1)
-            .map(|(a, b)| mo.sub(*a as u64, *b))
-            .collect();
-        p.send_ring(Role::Client, &g0, w)?;
-        // ComputeMSB: h = beta2 XOR [x > r] XOR lsb(x), shared in Z_2^64.
-        let bp = pc_dealer(p, n, k)?;
-        let h1 = p.prf(Role::Server).ring(n);
-        let h0: Vec<u64> = (0..n)
-            .map(|e| ((bp[e] as u64) ^ (x[e] & 1)).wrapping_sub(h1[e]))
-            .collect();
-        p.send_ring(Role::Client, &h0, 8)?;
-        p.round();
-        p.round();
-        return Ok(Vec::new());
+        return drelu_dealer(p, n);
     }
     let j = p.j();
     // b = -2a mod 2^k (after dropping the low bits for a window): MSB(b) = [a > 0].
@@ -417,32 +476,7 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
             me.reduce(v.wrapping_mul(2).wrapping_neg())
         })
         .collect();
-    // Dealer's correlated randomness.
-    let (z, zo, zb, x, xb) = if j == 1 {
-        let sd = p.prf_off(Role::Dealer);
-        let z = sd.ring_mod(n, me);
-        let zo = sd.ring_mod(n, mo);
-        let zb = sd.zp(n * k);
-        let x = sd.ring_mod(n, mo);
-        let xb = sd.zp(n * k);
-        (z, zo, zb, x, xb)
-    } else {
-        let len = 3 * n * w + 2 * n * k;
-        let m = p.recv_bytes(Role::Dealer, super::wire::Kind::Offline, len)?;
-        let ring = |s: &[u8]| super::wire::unpack_u64(s, w).unwrap_or_default();
-        let mut o = 0;
-        let mut take = |len: usize| {
-            let s = &m[o..o + len];
-            o += len;
-            s
-        };
-        let z = ring(take(n * w));
-        let zo = ring(take(n * w));
-        let zb = take(n * k).to_vec();
-        let x = ring(take(n * w));
-        let xb = take(n * k).to_vec();
-        (z, zo, zb, x, xb)
-    };
+    let DreluRandomness { z, zo, zb, x, xb } = drelu_randomness(p, n)?;
     // ShareConvert: open c = b + z (mod 2^k); b = c - z + 2^k [z > c], so
     // b = c - z + [z > c] (mod 2^k - 1).
     let cs: Vec<u64> = b.iter().zip(&z).map(|(a, b)| me.add(*a, *b)).collect();

@@ -1,5 +1,5 @@
 //! The ring Z_2^64 (wrapping `u64`), fixed-point encoding, local share truncation and the small
-//! prime field Z_67 used by the comparison protocol (SPEC.md 8.2).
+//! prime field Z_67 used by the comparison protocol (docs/method.md 8.2).
 //!
 //! Values are two's-complement fixed point with `frac` fractional bits: `enc(v) = round(v *
 //! 2^frac)` as an `i64`, stored as the `u64` with the same bits. Secret shares are additive:
@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(failures, 0);
     }
 
-    /// Large values: the failure rate follows |x| / 2^64 (SPEC.md 8.2 asks to measure it).
+    /// Large values: the failure rate follows |x| / 2^64 (docs/method.md 8.2 asks to measure it).
     #[test]
     fn local_truncation_failure_rate_is_measured() {
         use rand::{Rng, SeedableRng};

@@ -1,4 +1,4 @@
-//! Patch-size catalogs (SPEC.md section 3): which options the knapsack may pick at a site.
+//! Patch-size catalogs (docs/method.md section 3): which options the knapsack may pick at a site.
 //!
 //! The default catalog is `configs/block_sizes.json` (embedded in the binary), keyed by the
 //! side of a square map. Other maps use the fallback rule. Every catalog gets `identity`;
@@ -15,7 +15,7 @@ const BUILTIN: &str = include_str!("../../configs/block_sizes.json");
 pub struct Catalog {
     by_side: BTreeMap<usize, Vec<PatchOption>>,
     overrides: BTreeMap<String, Vec<PatchOption>>,
-    /// Offer the zero option too (off by default, as in SPEC.md).
+    /// Offer the zero option too (off by default, as in docs/method.md section 3).
     pub include_zero: bool,
 }
 
@@ -143,7 +143,7 @@ impl Catalog {
     }
 }
 
-/// SPEC.md 3 fallback for maps whose side has no catalog entry: every (bh, bw) with
+/// docs/method.md 3 fallback for maps whose side has no catalog entry: every (bh, bw) with
 /// bh, bw <= 8 plus the squares of a quarter, half and the whole side, clipped to the map.
 pub fn fallback(h: usize, w: usize) -> Vec<PatchOption> {
     let mut out = Vec::new();

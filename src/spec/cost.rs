@@ -1,4 +1,4 @@
-//! DReLU counts and the byte cost model of SPEC.md 8.6, used by reports and the knapsack.
+//! DReLU counts and the byte cost model of docs/method.md 8.6, used by reports and the knapsack.
 //!
 //! Bytes for one channel of n pixels with N DReLUs (patches): N DReLUs at a fixed cost each
 //! (Porthos-style 8*(6*8+14) = 496 bytes, SecureNN-style 8*(8*8+19) = 664 bytes) plus the

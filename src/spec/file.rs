@@ -1,4 +1,4 @@
-//! Spec files (SPEC.md section 10): one option per channel of every site, as JSON.
+//! Spec files (docs/method.md section 10): one option per channel of every site, as JSON.
 //!
 //! ```json
 //! {"model": "resnet18-cifar", "input": [3, 32, 32],
@@ -7,7 +7,8 @@
 //! Reading checks the structure; [`Spec::validate`] checks it against a model's sites and
 //! names the first problem (unknown or missing site, channel count, patch larger than the map).
 use super::{PatchOption, SiteInfo};
-use crate::error::{write_atomic, Error, Result};
+use crate::error::{Error, Result};
+use crate::fs::write_atomic;
 use indexmap::IndexMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

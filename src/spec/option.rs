@@ -1,4 +1,4 @@
-//! `PatchOption`: what one channel of a ReLU site does (SPEC.md section 2).
+//! `PatchOption`: what one channel of a ReLU site does (docs/method.md section 2).
 use serde::{Deserialize, Serialize};
 use std::fmt;
 

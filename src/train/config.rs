@@ -1,10 +1,9 @@
 //! Training configuration: a TOML file parsed into [`Config`] and validated. Unknown keys and
 //! bad values are errors naming the file and the field.
-use crate::data::seg::{Inference, SegTransforms};
-use crate::data::{Augment, DatasetKind, Task};
+use crate::data::{DatasetConfig, Source, Task};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -40,7 +39,7 @@ pub struct Config {
     /// Evaluation batch size (default: batch_size).
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
-    /// Knowledge distillation from a teacher network (SPEC.md section 7).
+    /// Knowledge distillation from a teacher network (docs/method.md section 7).
     #[serde(default)]
     pub distill: Option<DistillConfig>,
 }
@@ -59,69 +58,6 @@ pub struct DistillConfig {
 
 fn four() -> f64 {
     4.0
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DatasetConfig {
-    pub kind: DatasetKind,
-    /// Directory of the data files (default: the kind's usual location).
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// Training augmentation (default: crop with padding 4 + flip for CIFAR, none otherwise;
-    /// segmentation sets use only `flip`).
-    #[serde(default)]
-    pub augment: Option<Augment>,
-    /// Segmentation: (long, short) bounds the images are rescaled to fit, keeping their aspect
-    /// ratio (default [2048, 512], the published test scale of ADE20K and VOC).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub test_scale: Option<[usize; 2]>,
-    /// Segmentation: training rescale ratio range relative to `test_scale` (default
-    /// [0.5, 2.0]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale_range: Option<[f64; 2]>,
-    /// Segmentation: photometric jitter in training (default true).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub photometric: Option<bool>,
-    /// Segmentation: "whole" (default) or "slide" inference in evaluation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inference: Option<Inference>,
-    /// Segmentation: [H, W] stride of the sliding windows (default 2/3 of the input, 341 for
-    /// 512).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slide_stride: Option<[usize; 2]>,
-}
-
-impl DatasetConfig {
-    pub fn dir(&self) -> PathBuf {
-        self.path
-            .clone()
-            .unwrap_or_else(|| self.kind.default_path())
-    }
-
-    /// The segmentation transforms for an input of `[C, H, W]`.
-    pub fn seg_transforms(&self, input: [usize; 3]) -> SegTransforms {
-        SegTransforms {
-            crop: [input[1], input[2]],
-            test_scale: self.test_scale.unwrap_or([2048, 512]),
-            scale_range: self.scale_range.unwrap_or([0.5, 2.0]),
-            flip: self
-                .augment
-                .or(self.kind.default_augment())
-                .is_some_and(|a| a.flip),
-            photometric: self.photometric.unwrap_or(true),
-            inference: self.inference.unwrap_or(Inference::Whole),
-            stride: self
-                .slide_stride
-                .unwrap_or([(input[1] * 2 / 3).max(1), (input[2] * 2 / 3).max(1)]),
-        }
-    }
-
-    pub fn augmentation(&self) -> Option<Augment> {
-        self.augment
-            .or_else(|| self.kind.default_augment())
-            .filter(|a| a.pad > 0 || a.flip)
-    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -216,7 +152,7 @@ impl Config {
 
     /// Checks value ranges; errors name `path` and the field.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |field: &str, msg: String| {
+        let bad = |field: &str, msg: String| -> Result<()> {
             Err(Error::Config {
                 path: path.to_path_buf(),
                 field: field.to_string(),
@@ -228,6 +164,14 @@ impl Config {
             field: "model".into(),
             msg: e.to_string(),
         })?;
+        self.check_shape_and_length(&bad)?;
+        self.check_dataset(&bad)?;
+        self.check_batches_and_distillation(&bad)?;
+        self.check_optimizer_and_schedule(&bad)
+    }
+
+    /// Classes, input, and the run length in epochs or iterations.
+    fn check_shape_and_length(&self, bad: &dyn Fn(&str, String) -> Result<()>) -> Result<()> {
         if self.num_classes == 0 {
             return bad("num_classes", "must be positive".into());
         }
@@ -292,6 +236,11 @@ impl Config {
                 "only used with iterations (use warmup_epochs)".into(),
             );
         }
+        Ok(())
+    }
+
+    /// The segmentation-only `[dataset]` fields.
+    fn check_dataset(&self, bad: &dyn Fn(&str, String) -> Result<()>) -> Result<()> {
         let d = &self.dataset;
         let seg = d.kind.task() == Task::Segmentation;
         for (field, given) in [
@@ -343,6 +292,14 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Batch sizes, distillation and the split caps.
+    fn check_batches_and_distillation(
+        &self,
+        bad: &dyn Fn(&str, String) -> Result<()>,
+    ) -> Result<()> {
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1".into());
         }
@@ -369,6 +326,11 @@ impl Config {
         if self.test_limit == Some(0) {
             return bad("test_limit", "must be at least 1".into());
         }
+        Ok(())
+    }
+
+    /// The learning rate and its schedule.
+    fn check_optimizer_and_schedule(&self, bad: &dyn Fn(&str, String) -> Result<()>) -> Result<()> {
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return bad("optimizer.lr", format!("{} must be positive", o.lr));
@@ -416,6 +378,17 @@ impl Config {
         Ok(())
     }
 
+    /// The data set at this configuration's input, class count and split caps.
+    pub fn source(&self) -> Source<'_> {
+        Source {
+            dataset: &self.dataset,
+            input: self.input,
+            num_classes: self.num_classes,
+            train_limit: self.train_limit,
+            test_limit: self.test_limit,
+        }
+    }
+
     /// The task implied by the data set.
     pub fn task(&self) -> Task {
         self.dataset.kind.task()
@@ -428,6 +401,6 @@ impl Config {
         let mut c = self.clone();
         c.epochs = 0;
         c.iterations = c.iterations.map(|_| 0);
-        crate::hash::fnv_hex(serde_json::to_vec(&c).expect("config serialises"))
+        crate::hash::of_json(&c)
     }
 }

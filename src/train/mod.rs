@@ -18,11 +18,12 @@ pub mod schedule;
 pub mod segment;
 pub mod sgd;
 
-pub use config::{Config, DatasetConfig, OptimizerConfig, ScheduleConfig, ScheduleKind};
+pub use config::{Config, OptimizerConfig, ScheduleConfig, ScheduleKind};
 pub use schedule::{lr_at, lr_at_iteration, lr_at_progress, lr_for_batch};
 
-use crate::data::{self, BatchIter, Dataset, DatasetKind, Normalize, Split, Task};
-use crate::error::{write_atomic, Error, Result};
+use crate::data::{self, BatchIter, Dataset, Normalize, Split, Task};
+use crate::error::{Error, Result};
+use crate::fs::write_atomic;
 use crate::models::{find, ArchConfig, Model};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -30,55 +31,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// The normalisation used for a data set kind: the published per-channel training-set
-/// statistics (so evaluation needs no pass over the training set).
-pub fn normalization(kind: DatasetKind) -> Normalize {
-    let (mean, std): (&[f64], &[f64]) = match kind {
-        DatasetKind::Mnist => (&[0.1307], &[0.3081]),
-        DatasetKind::FashionMnist => (&[0.2860], &[0.3530]),
-        DatasetKind::Cifar10 => (&[0.4914, 0.4822, 0.4465], &[0.2470, 0.2435, 0.2616]),
-        DatasetKind::Cifar100 => (&[0.5071, 0.4865, 0.4409], &[0.2673, 0.2564, 0.2762]),
-        // mmseg normalises ADE20K and VOC with the ImageNet statistics as well.
-        DatasetKind::Imagenet | DatasetKind::Ade20k | DatasetKind::Voc => {
-            (&[0.485, 0.456, 0.406], &[0.229, 0.224, 0.225])
-        }
-    };
-    Normalize {
-        mean: mean.to_vec(),
-        std: std.to_vec(),
-    }
-}
-
-/// Loads a split of the configured data set, capped by `train_limit` / `test_limit`, and
-/// checks the image size against the configured input.
+/// The configured split of `cfg` (see [`crate::data::Source::load_split`]).
 pub fn load_split(cfg: &Config, split: Split) -> Result<Dataset> {
-    let dir = cfg.dataset.dir();
-    let mut d = data::load_with(
-        cfg.dataset.kind,
-        &dir,
-        split,
-        cfg.input,
-        cfg.num_classes,
-        cfg.dataset.seg_transforms(cfg.input),
-    )?;
-    let limit = match split {
-        Split::Train => cfg.train_limit,
-        Split::Test => cfg.test_limit,
-    };
-    if let Some(n) = limit {
-        d.truncate(n);
-    }
-    if d.image_shape() != cfg.input {
-        return Err(Error::data(
-            &dir,
-            format!(
-                "images are {:?} but the configuration's input is {:?}",
-                d.image_shape(),
-                cfg.input
-            ),
-        ));
-    }
-    Ok(d)
+    cfg.source().load_split(split)
 }
 
 /// A freshly initialised model for `cfg` (seeded with `cfg.seed`).
@@ -349,7 +304,7 @@ pub fn train_on(
         opts,
         hash,
         metrics_path,
-        norm: normalization(cfg.dataset.kind),
+        norm: data::normalization(cfg.dataset.kind),
         out: Vec::new(),
     };
     match cfg.iterations {
@@ -588,34 +543,4 @@ fn progress_bar(show: bool, len: u64, prefix: String) -> indicatif::ProgressBar 
     );
     bar.set_prefix(prefix);
     bar
-}
-
-/// Picks the device: `cpu` (default), `cuda` or `cuda:N` (only when CUDA is available).
-pub fn parse_device(s: Option<&str>) -> Result<Device> {
-    match s.unwrap_or("cpu") {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            if !tch::Cuda::is_available() {
-                return Err(Error::InvalidArgument(format!(
-                    "device {d}: CUDA is not available in this libtorch/machine"
-                )));
-            }
-            let n = match d.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| Error::InvalidArgument(format!("device {d}: expected cuda:N")))?,
-                None => 0,
-            };
-            if n >= tch::Cuda::device_count() as usize {
-                return Err(Error::InvalidArgument(format!(
-                    "device {d}: only {} CUDA device(s)",
-                    tch::Cuda::device_count()
-                )));
-            }
-            Ok(Device::Cuda(n))
-        }
-        d => Err(Error::InvalidArgument(format!(
-            "unknown device '{d}' (expected cpu, cuda or cuda:N)"
-        ))),
-    }
 }

@@ -1,5 +1,5 @@
 //! Block-ReLU kernels against their obviously-correct twin (`ops::reference`), on seeded
-//! random shapes and option tables (SPEC.md section 2):
+//! random shapes and option tables (docs/method.md section 2):
 //! - bit-for-bit on inputs whose patch sums are exact in f32 (multiples of 1/4 in [-2, 2],
 //!   so exact-zero sums, the tie case, are frequent);
 //! - on random real inputs, agreement except for patches whose sum is within rounding of

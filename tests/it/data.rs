@@ -1,7 +1,7 @@
 //! Data readers on small generated files (idx plain and gz, CIFAR-10/100 layouts), their
 //! errors on missing, truncated and wrong-magic files, augmentation and batch iteration.
+use brelu::data::normalization;
 use brelu::data::{self, cifar, idx, Augment, BatchIter, DatasetKind, Rng, Split};
-use brelu::train::normalization;
 use std::io::Write;
 use std::path::Path;
 use tch::Kind;

@@ -3,9 +3,9 @@
 //! consistency checks, and the rank statistics of `compare`.
 use crate::common;
 
-use brelu::distortion::compare::{compare, spearman};
 use brelu::distortion::extract::{init_dir, plan, run};
 use brelu::distortion::{collect, DistortionTables, Estimator, PlanOptions, Samples, Shard};
+use brelu::knapsack::compare::{compare, spearman};
 use brelu::models::{find, ArchConfig, Model};
 use brelu::spec::{Catalog, PatchOption, Spec};
 use common::tiny_dataset;

@@ -6,6 +6,7 @@ mod block_relu;
 mod data;
 mod distortion;
 mod knapsack;
+mod layers;
 mod models;
 mod pipeline;
 mod secure;

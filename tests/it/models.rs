@@ -7,7 +7,7 @@ use brelu::spec::{PatchOption, Spec};
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
-/// Block ReLU of SPEC.md 2 as a plain loop over patches: the independent oracle.
+/// Block ReLU of docs/method.md 2 as a plain loop over patches: the independent oracle.
 fn naive_block_relu(
     x: &[f32],
     n: usize,

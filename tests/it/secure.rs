@@ -400,7 +400,7 @@ fn end_to_end_block_relu_network_matches_plaintext() {
     )
     .unwrap();
     assert!(r.drelus_per_image < r.relus);
-    // One DReLU per patch, none for identity and zero channels (SPEC.md 2).
+    // One DReLU per patch, none for identity and zero channels (docs/method.md 2).
     let expected: usize = model
         .sites()
         .iter()
@@ -867,7 +867,7 @@ fn fashion_mnist_trained_model_matches_plaintext() {
     model.load_weights(std::path::Path::new(&weights)).unwrap();
     let mut test = brelu::train::load_split(&cfg, brelu::data::Split::Test).unwrap();
     test.truncate(20);
-    let x = brelu::train::normalization(cfg.dataset.kind).apply(&test.images);
+    let x = brelu::data::normalization(cfg.dataset.kind).apply(&test.images);
     let images: Vec<Vec<f32>> = (0..20)
         .map(|i| Vec::<f32>::try_from(x.get(i).flatten(0, -1)).unwrap())
         .collect();

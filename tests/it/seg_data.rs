@@ -3,10 +3,11 @@
 //! unknown labels, missing annotations and corrupt files; batching and mid-epoch skipping;
 //! mIoU against a hand-computed confusion example; the poly schedule and the segmentation
 //! configuration checks.
+use brelu::data::normalization;
 use brelu::data::seg::{self, Inference, Layout, SegTransforms, Transform, IGNORE};
 use brelu::data::{self, BatchIter, DatasetKind, Split};
 use brelu::train::segment::Confusion;
-use brelu::train::{lr_at_iteration, normalization, Config};
+use brelu::train::{lr_at_iteration, Config};
 use std::path::Path;
 use tch::Tensor;
 

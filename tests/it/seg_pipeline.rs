@@ -4,15 +4,15 @@
 //! first-order distortion on decoder logits -> knapsack at 2 budgets -> fine-tune -> mIoU ->
 //! secure inference on 1 image -> report).
 use crate::common;
+use brelu::data::normalization;
 use brelu::data::seg::{Inference, SegTransforms, Transform};
 use brelu::data::{self, DatasetKind, Split};
 use brelu::models::{find, ArchConfig, Model};
 use brelu::pipeline::{self, PipelineConfig};
+use brelu::train;
 use brelu::train::segment::{self, Confusion, SegEval};
-use brelu::train::{self, normalization};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
-
 
 /// ADE20K tree with smooth images whose colour follows the label (so a network can learn a
 /// little), raw labels 0..=5 (0 = ignored "other").

@@ -23,7 +23,6 @@ use tch::{Device, Kind, Tensor};
 const MNV2: &str = "deeplabv3-mobilenetv2";
 const R50: &str = "deeplabv3-resnet50-d8";
 
-
 fn totals(model: &str, input: [usize; 3]) -> (usize, usize, usize) {
     let s = sites(find(model).unwrap(), input).unwrap();
     (

@@ -1,4 +1,4 @@
-//! Site lists from the dry run: the published ReLU counts (SPEC.md 2 and 4).
+//! Site lists from the dry run: the published ReLU counts (docs/method.md 2 and 4).
 use crate::common;
 use brelu::models::{architectures, find, sites, Model};
 use tch::{Device, Tensor};

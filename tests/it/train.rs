@@ -273,7 +273,7 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
     assert!(msg.contains("another configuration"), "{msg}");
 
     // Evaluation on the training data after training: better than chance (1/3).
-    let r = train::evaluate(&m, &tr, &train::normalization(c.dataset.kind), 16).unwrap();
+    let r = train::evaluate(&m, &tr, &brelu::data::normalization(c.dataset.kind), 16).unwrap();
     assert_eq!(r.images, 48);
     assert!(r.top5 >= r.top1);
 }

@@ -37,7 +37,7 @@ fn direct_top1(cfg_path: &Path, weights: &Path, spec: Option<&Spec>) -> f64 {
     }
     let test = train::load_split(&cfg, brelu::data::Split::Test).unwrap();
     let idx: Vec<i64> = (0..test.len() as i64).collect();
-    let x = train::normalization(cfg.dataset.kind).apply(&test.select(&idx).unwrap());
+    let x = brelu::data::normalization(cfg.dataset.kind).apply(&test.select(&idx).unwrap());
     let logits = tch::no_grad(|| m.forward_t(&x, false));
     let hits = logits
         .argmax(1, false)

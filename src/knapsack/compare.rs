@@ -1,8 +1,8 @@
 //! What a cheap estimator costs: per-site rank agreement of two sets of tables and the
 //! distortion (measured by the second) of the knapsack solution picked with the first.
-use super::DistortionTables;
+use super::{BuildOptions, Problem, Solver};
+use crate::distortion::DistortionTables;
 use crate::error::{Error, Result};
-use crate::knapsack::{self, BuildOptions, Problem, Solver};
 use crate::spec::{SiteInfo, Spec};
 use serde::Serialize;
 
@@ -139,7 +139,7 @@ pub fn compare(
     };
     let solve_spec = |t: &DistortionTables| -> Result<Spec> {
         let p = Problem::build(t, sites, opts)?;
-        let (_, sol) = knapsack::solve(&p, budget, Solver::Auto, max_memory)?;
+        let (_, sol) = super::solve(&p, budget, Solver::Auto, max_memory)?;
         Ok(p.to_spec(&sol.choice))
     };
     Ok(Comparison {

@@ -1,119 +1,20 @@
-//! `RUN_DIR/report.md` and its PNG plots.
-use super::{PipelineConfig, Row};
-use crate::error::{write_atomic, Result};
-use crate::plot::line_plot;
-use crate::spec::{spec_cost, SiteInfo, Spec};
+//! The text of `report.md`, section by section.
+use super::super::{PipelineConfig, Row};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-const METHODS: [&str; 3] = ["knapsack", "uniform", "per-site"];
-
-fn series(rows: &[Row], method: &str, y: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
-    let mut v: Vec<(f64, f64)> = rows
-        .iter()
-        .filter(|r| r.spec.as_ref().is_some_and(|s| s.method == method))
-        .filter_map(|r| y(r).map(|y| (r.drelus as f64, y)))
-        .collect();
-    v.sort_by(|a, b| a.0.total_cmp(&b.0));
-    v
+/// The whole report.
+pub(super) fn render(cfg: &PipelineConfig, dir: &Path, rows: &[Row], relus: u64) -> String {
+    let mut md = String::new();
+    intro(&mut md, cfg, dir, relus);
+    accuracy(&mut md, cfg, rows);
+    numbers(&mut md, cfg, rows, relus);
+    closing(&mut md, cfg, dir, rows);
+    md
 }
 
-/// Plots, then the markdown report; returns the report's path.
-pub fn write(
-    cfg: &PipelineConfig,
-    dir: &Path,
-    rows: &[Row],
-    relus: u64,
-    sites: &[SiteInfo],
-) -> Result<PathBuf> {
-    let base = rows.iter().find(|r| r.spec.is_none());
-    // The task's metric: top-1 for classification, mIoU for segmentation.
-    let metric = cfg.train_config.task().metric_name();
-    let seg = cfg.train_config.task() == crate::data::Task::Segmentation;
-    let xs: Vec<f64> = rows
-        .iter()
-        .filter(|r| r.spec.is_some())
-        .map(|r| r.drelus as f64)
-        .collect();
-    let (x0, x1) = xs
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-            (a.min(x), b.max(x))
-        });
-
-    let plot = |file: &str,
-                title: &str,
-                ylabel: &str,
-                y: &dyn Fn(&Row) -> Option<f64>,
-                with_base: bool|
-     -> Result<()> {
-        let mut s: Vec<(&str, Vec<(f64, f64)>)> = METHODS
-            .iter()
-            .map(|m| (*m, series(rows, m, y)))
-            .filter(|(_, p)| !p.is_empty())
-            .collect();
-        if with_base {
-            if let Some(yb) = base.and_then(y) {
-                if x0.is_finite() {
-                    s.push(("baseline (all ReLUs)", vec![(x0, yb), (x1, yb)]));
-                }
-            }
-        }
-        if s.is_empty() {
-            return Ok(());
-        }
-        line_plot(&dir.join(file), title, "DReLUs per image", ylabel, &s)
-    };
-    plot(
-        "accuracy.png",
-        &format!("test {metric} against DReLU budget"),
-        &format!("{metric} (%)"),
-        &|r| Some(100.0 * r.eval.metric()),
-        true,
-    )?;
-    plot(
-        "secure_bytes.png",
-        "secure inference: bytes per image",
-        "MB per image",
-        &|r| r.secure.as_ref().map(|s| s.mean_bytes as f64 / 1e6),
-        false,
-    )?;
-    plot(
-        "secure_runtime.png",
-        "secure inference: seconds per image (3 parties, this machine)",
-        "seconds per image",
-        &|r| r.secure.as_ref().map(|s| s.mean_seconds),
-        false,
-    )?;
-    // Per-site allocation of the knapsack specs.
-    let mut alloc: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for r in rows {
-        let Some(e) = r.spec.as_ref().filter(|e| e.method == "knapsack") else {
-            continue;
-        };
-        let spec = Spec::read(&dir.join(&e.file))?;
-        let cost = spec_cost(&spec, sites);
-        let pts = cost
-            .sites
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as f64, 100.0 * s.drelus as f64 / s.relus.max(1) as f64))
-            .collect();
-        alloc.push((format!("{:.1}%", 100.0 * e.ratio), pts));
-    }
-    if !alloc.is_empty() {
-        let s: Vec<(&str, Vec<(f64, f64)>)> =
-            alloc.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
-        line_plot(
-            &dir.join("allocation.png"),
-            "knapsack: DReLUs kept per site (site index in network order)",
-            "site",
-            "DReLUs / ReLUs (%)",
-            &s,
-        )?;
-    }
-
-    let mut md = String::new();
+/// Title, what was run and how to reproduce it.
+fn intro(md: &mut String, cfg: &PipelineConfig, dir: &Path, relus: u64) {
     let _ = writeln!(md, "# brelu pipeline report\n");
     let _ = writeln!(
         md,
@@ -134,6 +35,11 @@ pub fn write(
         cfg.path.display(),
         dir.display()
     );
+}
+
+/// The headline table, its plot and where the knapsack is not ahead.
+fn accuracy(md: &mut String, cfg: &PipelineConfig, rows: &[Row]) {
+    let metric = cfg.train_config.task().metric_name();
     let _ = writeln!(md, "## Accuracy against DReLU budget (test {metric}, %)\n");
     let _ = writeln!(md, "{}", headline(rows));
     let _ = writeln!(md, "![accuracy](accuracy.png)\n");
@@ -158,6 +64,11 @@ pub fn write(
             cfg.distortion.estimator, cfg.distortion.samples
         );
     }
+}
+
+/// Every number of every row.
+fn numbers(md: &mut String, cfg: &PipelineConfig, rows: &[Row], relus: u64) {
+    let seg = cfg.train_config.task() == crate::data::Task::Segmentation;
     let _ = writeln!(md, "## Every number\n");
     let (m1, m2) = if seg {
         ("mIoU %", "pixel acc. %")
@@ -199,6 +110,10 @@ pub fn write(
             r.eval.loss
         );
     }
+}
+
+/// Test-set sizes, how to re-evaluate a row, the secure-inference and allocation plots.
+fn closing(md: &mut String, cfg: &PipelineConfig, dir: &Path, rows: &[Row]) {
     let _ = writeln!(
         md,
         "\nTest images: {} per evaluation; secure inference: {} test images per spec, all three \
@@ -217,9 +132,6 @@ pub fn write(
         md,
         "## Where the knapsack spends DReLUs\n\n![allocation](allocation.png)\n"
     );
-    let path = dir.join("report.md");
-    write_atomic(&path, md.as_bytes())?;
-    Ok(path)
 }
 
 /// The budget x method table of the task's metric (markdown), baseline first.

@@ -1,0 +1,117 @@
+//! The report's PNG plots: the metric, bytes and seconds per image against DReLUs for each
+//! method, and the knapsack's per-site allocation.
+use super::super::Row;
+use crate::error::Result;
+use crate::plot::line_plot;
+use crate::spec::{spec_cost, SiteInfo, Spec};
+use std::path::Path;
+
+const METHODS: [&str; 3] = ["knapsack", "uniform", "per-site"];
+
+fn series(rows: &[Row], method: &str, y: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
+    let mut v: Vec<(f64, f64)> = rows
+        .iter()
+        .filter(|r| r.spec.as_ref().is_some_and(|s| s.method == method))
+        .filter_map(|r| y(r).map(|y| (r.drelus as f64, y)))
+        .collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// Every plot of the report, into `dir`.
+pub(super) fn write(dir: &Path, rows: &[Row], metric: &str, sites: &[SiteInfo]) -> Result<()> {
+    metric_plots(dir, rows, metric)?;
+    allocation_plot(dir, rows, sites)
+}
+
+/// Metric, bytes and seconds per image against DReLUs, one line per method.
+fn metric_plots(dir: &Path, rows: &[Row], metric: &str) -> Result<()> {
+    let base = rows.iter().find(|r| r.spec.is_none());
+    let xs: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.spec.is_some())
+        .map(|r| r.drelus as f64)
+        .collect();
+    let (x0, x1) = xs
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+
+    let plot = |file: &str,
+                title: &str,
+                ylabel: &str,
+                y: &dyn Fn(&Row) -> Option<f64>,
+                with_base: bool|
+     -> Result<()> {
+        let mut s: Vec<(&str, Vec<(f64, f64)>)> = METHODS
+            .iter()
+            .map(|m| (*m, series(rows, m, y)))
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        if with_base {
+            if let Some(yb) = base.and_then(y) {
+                if x0.is_finite() {
+                    s.push(("baseline (all ReLUs)", vec![(x0, yb), (x1, yb)]));
+                }
+            }
+        }
+        if s.is_empty() {
+            return Ok(());
+        }
+        line_plot(&dir.join(file), title, "DReLUs per image", ylabel, &s)
+    };
+    plot(
+        "accuracy.png",
+        &format!("test {metric} against DReLU budget"),
+        &format!("{metric} (%)"),
+        &|r| Some(100.0 * r.eval.metric()),
+        true,
+    )?;
+    plot(
+        "secure_bytes.png",
+        "secure inference: bytes per image",
+        "MB per image",
+        &|r| r.secure.as_ref().map(|s| s.mean_bytes as f64 / 1e6),
+        false,
+    )?;
+    plot(
+        "secure_runtime.png",
+        "secure inference: seconds per image (3 parties, this machine)",
+        "seconds per image",
+        &|r| r.secure.as_ref().map(|s| s.mean_seconds),
+        false,
+    )?;
+    Ok(())
+}
+
+/// Per-site allocation of the knapsack specs.
+fn allocation_plot(dir: &Path, rows: &[Row], sites: &[SiteInfo]) -> Result<()> {
+    let mut alloc: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for r in rows {
+        let Some(e) = r.spec.as_ref().filter(|e| e.method == "knapsack") else {
+            continue;
+        };
+        let spec = Spec::read(&dir.join(&e.file))?;
+        let cost = spec_cost(&spec, sites);
+        let pts = cost
+            .sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as f64, 100.0 * s.drelus as f64 / s.relus.max(1) as f64))
+            .collect();
+        alloc.push((format!("{:.1}%", 100.0 * e.ratio), pts));
+    }
+    if !alloc.is_empty() {
+        let s: Vec<(&str, Vec<(f64, f64)>)> =
+            alloc.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+        line_plot(
+            &dir.join("allocation.png"),
+            "knapsack: DReLUs kept per site (site index in network order)",
+            "site",
+            "DReLUs / ReLUs (%)",
+            &s,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! One function per stage of the pipeline; [`super::run`] calls them in order.
+use super::runner::{file_hash, read_json, write_json, Runner};
+use super::{PipelineConfig, Row, SecureSummary, SpecEntry};
+use crate::data::{Dataset, Normalize};
+use crate::distortion::extract::{self, Extraction};
+use crate::distortion::{DistortionTables, PlanOptions, Shard};
+use crate::error::{Error, Result};
+use crate::hash::of_json;
+use crate::knapsack::{self, baselines, budget_from_ratio, BuildOptions, Problem, Solver};
+use crate::models::Model;
+use crate::secure;
+use crate::spec::{spec_cost, Catalog, SiteInfo, Spec};
+use crate::train::{self, TrainOptions};
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+/// The baseline network's weights and their hash.
+pub(super) struct Baseline {
+    pub(super) weights: PathBuf,
+    pub(super) hash: String,
+}
+
+/// The baseline network as the later stages see it.
+pub(super) struct Network {
+    pub(super) model: Model,
+    pub(super) sites: Vec<SiteInfo>,
+    /// ReLUs per image.
+    pub(super) relus: u64,
+}
+
+impl Network {
+    pub(super) fn load(cfg: &PipelineConfig, base: &Baseline) -> Result<Network> {
+        let model = load_model(cfg, &base.weights, None)?;
+        let sites = model.sites().to_vec();
+        let relus: u64 = sites.iter().map(|s| s.relus() as u64).sum();
+        Ok(Network {
+            model,
+            sites,
+            relus,
+        })
+    }
+}
+
+/// The baseline recipe's model with `weights` and, if given, a spec applied.
+fn load_model(cfg: &PipelineConfig, weights: &Path, spec: Option<&Spec>) -> Result<Model> {
+    let mut m = train::build_model(&cfg.train_config, Device::Cpu)?;
+    m.load_weights(weights)?;
+    if let Some(s) = spec {
+        m.apply_spec(s)?;
+    }
+    Ok(m)
+}
+
+/// 1. Baseline weights: copied from the configuration, or trained.
+pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline> {
+    let base_cfg = &cfg.train_config;
+    let base_w = r.dir.join("baseline").join(train::CHECKPOINT_WEIGHTS);
+    let base_in = of_json(&(base_cfg, base_cfg.epochs, cfg.weights_hash()?));
+    let hash = r.stage("baseline", base_in, |d| {
+        let run_dir = d.join("baseline");
+        if let Some(w) = &cfg.weights {
+            std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+            std::fs::copy(w, &base_w).map_err(|e| Error::io(w, e))?;
+        } else {
+            // A different recipe than the checkpoint's cannot resume it.
+            if let Some(ck) = train::read_checkpoint(&run_dir)? {
+                if ck.config_hash != base_cfg.hash() {
+                    std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+                }
+            }
+            let mut model = train::build_model(base_cfg, Device::Cpu)?;
+            let opts = TrainOptions {
+                run_dir: run_dir.clone(),
+                resume: true,
+                progress: cfg.progress,
+                spec: None,
+                teacher: None,
+            };
+            train::train(base_cfg, &mut model, &opts)?;
+        }
+        file_hash(&base_w)
+    })?;
+    Ok(Baseline {
+        weights: base_w,
+        hash,
+    })
+}
+
+/// 2. Distortion tables of the baseline network; returns the stage's output hash.
+pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) -> Result<String> {
+    let base_cfg = &cfg.train_config;
+    let ddir = r.dir.join("distortion");
+    let dist_in = of_json(&(&base.hash, &cfg.distortion));
+    r.stage("distortion", dist_in, |_| {
+        let model = load_model(cfg, &base.weights, None)?;
+        let d = &cfg.distortion;
+        let samples = extract::training_samples(base_cfg.source(), d.samples, d.seed)?;
+        let opts = PlanOptions {
+            estimator: d.estimator.parse().map_err(Error::InvalidArgument)?,
+            seed: d.seed,
+            batch: d.batch,
+            stack: d.stack,
+            chunk: d.chunk,
+            probes: base_cfg.num_classes.min(64),
+            sites: None,
+            zero: false,
+            skip_unchanged: true,
+            baseline: None,
+        };
+        let make = |_: Device| load_model(cfg, &base.weights, None);
+        let x = Extraction {
+            dir: &ddir,
+            catalog: &Catalog::builtin(),
+            samples: &samples,
+            options: &opts,
+            shard: Shard::ALL,
+            devices: &[Device::Cpu],
+            make_model: &make,
+            replace_stale: true,
+            collect: true,
+            progress: None,
+        };
+        let done = extract::extract(&x, model, &|_| {})?;
+        done.tables.expect("collection was asked for")?;
+        file_hash(&ddir.join("manifest.json")).map(|h| h + &done.job.hash())
+    })
+}
+
+/// 3. Specs: the knapsack and the two uniform baselines at every budget.
+pub(super) fn specs(
+    r: &mut Runner,
+    cfg: &PipelineConfig,
+    net: &Network,
+    dist_hash: &str,
+) -> Result<PathBuf> {
+    let relus = net.relus;
+    let mut budgets: Vec<(f64, u64)> = cfg
+        .ratios
+        .iter()
+        .map(|&q| Ok((q, budget_from_ratio(relus, q)?)))
+        .collect::<Result<_>>()?;
+    budgets.extend(cfg.budgets.iter().map(|&b| (b as f64 / relus as f64, b)));
+    let ddir = r.dir.join("distortion");
+    let specs_path = r.dir.join("specs").join("specs.json");
+    let specs_in = of_json(&(dist_hash, &budgets, cfg.baselines));
+    r.stage("specs", specs_in, |d| {
+        let tables = DistortionTables::read(&ddir)?;
+        let entries = make_specs(
+            &tables,
+            &net.sites,
+            &budgets,
+            cfg.baselines,
+            &d.join("specs"),
+        )?;
+        write_json(&specs_path, &entries)?;
+        file_hash(&specs_path)
+    })?;
+    Ok(specs_path)
+}
+
+/// The test split the rows are measured on, its normalisation and evaluation batch size.
+pub(super) struct TestSet {
+    pub(super) data: Dataset,
+    pub(super) norm: Normalize,
+    pub(super) batch: usize,
+}
+
+/// 4-6. One row: fine-tune (unless `entry` is the baseline network), evaluate, secure
+/// inference.
+pub(super) fn row(
+    r: &mut Runner,
+    cfg: &PipelineConfig,
+    base: &Baseline,
+    net: &Network,
+    test: &TestSet,
+    entry: Option<SpecEntry>,
+) -> Result<Row> {
+    let name = entry
+        .as_ref()
+        .map(|e| e.name.clone())
+        .unwrap_or("baseline".into());
+    let spec = match &entry {
+        Some(e) => Some(Spec::load(
+            &r.dir.join(&e.file),
+            net.model.name(),
+            net.model.config().input,
+            &net.sites,
+        )?),
+        None => None,
+    };
+    let (weights, w_hash) = match (&spec, &entry) {
+        (Some(s), Some(e)) => finetune(r, cfg, base, e, s)?,
+        _ => (base.weights.clone(), base.hash.clone()),
+    };
+    let model = load_model(cfg, &weights, spec.as_ref())?;
+    let drelus = match &spec {
+        Some(s) => spec_cost(s, &net.sites).drelus as u64,
+        None => net.relus,
+    };
+    let eval = evaluate(r, cfg, &name, &w_hash, &model, test)?;
+    let secure = if cfg.secure.images > 0 {
+        let label = entry.as_ref().map(|e| &e.name);
+        Some(secure_inference(
+            r, cfg, &name, &w_hash, label, &model, test,
+        )?)
+    } else {
+        None
+    };
+    Ok(Row {
+        spec: entry,
+        drelus,
+        eval,
+        secure,
+    })
+}
+
+/// 4. Fine-tunes the baseline under spec `s`; returns the weights and their hash.
+fn finetune(
+    r: &mut Runner,
+    cfg: &PipelineConfig,
+    base: &Baseline,
+    e: &SpecEntry,
+    s: &Spec,
+) -> Result<(PathBuf, String)> {
+    let ft_cfg = &cfg.finetune_config;
+    let dir = r.dir.clone();
+    let run_dir = dir.join("finetune").join(&e.name);
+    let w = run_dir.join(train::CHECKPOINT_WEIGHTS);
+    let ft_in = of_json(&(&base.hash, of_json(&s.sites), ft_cfg, ft_cfg.epochs));
+    let h = r.stage(&format!("finetune-{}", e.name), ft_in, |_| {
+        if let Some(ck) = train::read_checkpoint(&run_dir)? {
+            if ck.config_hash != ft_cfg.hash() {
+                std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+            }
+        }
+        let mut m = load_model(cfg, &base.weights, Some(s))?;
+        let opts = TrainOptions {
+            run_dir: run_dir.clone(),
+            resume: true,
+            progress: cfg.progress,
+            spec: Some(dir.join(&e.file)),
+            // With `[distill]` in the fine-tune recipe: the original network.
+            teacher: Some(base.weights.clone()),
+        };
+        train::train(ft_cfg, &mut m, &opts)?;
+        file_hash(&w)
+    })?;
+    Ok((w, h))
+}
+
+/// 5. Test-set evaluation of `model`.
+fn evaluate(
+    r: &mut Runner,
+    cfg: &PipelineConfig,
+    name: &str,
+    w_hash: &str,
+    model: &Model,
+    test: &TestSet,
+) -> Result<train::EvalResult> {
+    let ft_cfg = &cfg.finetune_config;
+    let eval_bs = test.batch;
+    let epath = r.dir.join("eval").join(format!("{name}.json"));
+    let e_in = match test.data.seg {
+        None => of_json(&(w_hash, ft_cfg.test_limit, eval_bs)),
+        // Segmentation scores also depend on the test scale and the inference mode.
+        Some(_) => of_json(&(w_hash, ft_cfg.test_limit, eval_bs, &ft_cfg.dataset)),
+    };
+    r.stage(&format!("eval-{name}"), e_in, |_| {
+        let res = train::evaluate(model, &test.data, &test.norm, eval_bs)?;
+        write_json(&epath, &res)?;
+        file_hash(&epath)
+    })?;
+    read_json(&epath)
+}
+
+/// 6. Secure inference of the first test images with `model`.
+fn secure_inference(
+    r: &mut Runner,
+    cfg: &PipelineConfig,
+    name: &str,
+    w_hash: &str,
+    label: Option<&String>,
+    model: &Model,
+    test: &TestSet,
+) -> Result<SecureSummary> {
+    let spath = r.dir.join("secure").join(format!("{name}.json"));
+    let s_in = of_json(&(w_hash, label, &cfg.secure));
+    r.stage(&format!("secure-{name}"), s_in, |_| {
+        let n = cfg.secure.images.min(test.data.len());
+        let first: Vec<i64> = (0..n as i64).collect();
+        let x = test.norm.apply(&test.data.select(&first)?);
+        let per: usize = x.size()[1..].iter().product::<i64>() as usize;
+        let flat = Vec::<f32>::try_from(x.flatten(0, -1))?;
+        let images: Vec<Vec<f32>> = flat.chunks(per).map(|c| c.to_vec()).collect();
+        // Segmentation: the images come at the input size (fixed transform) and
+        // there is no per-image label to compare with.
+        let labels: Option<Vec<usize>> = match test.data.seg {
+            Some(_) => None,
+            None => Some(
+                Vec::<i64>::try_from(test.data.labels.narrow(0, 0, n as i64))?
+                    .into_iter()
+                    .map(|l| l as usize)
+                    .collect(),
+            ),
+        };
+        let rep = secure::report::run_compare(
+            model,
+            &images,
+            labels.as_deref(),
+            secure::plan::Settings::default(),
+            false,
+            secure::link::LinkConfig::default(),
+        )?;
+        let sum = SecureSummary {
+            images: rep.images.len(),
+            agree_plaintext: rep.agree_plaintext,
+            mean_seconds: rep.mean_seconds,
+            mean_bytes: rep.mean_bytes.total,
+            setup_bytes: rep.setup_bytes.total,
+        };
+        write_json(&spath, &sum)?;
+        file_hash(&spath)
+    })?;
+    read_json(&spath)
+}
+
+/// The knapsack spec and the two uniform baselines at every budget, written under `dir`.
+pub(super) fn make_specs(
+    tables: &DistortionTables,
+    sites: &[SiteInfo],
+    budgets: &[(f64, u64)],
+    baselines: bool,
+    dir: &Path,
+) -> Result<Vec<SpecEntry>> {
+    let problem = Problem::build(tables, sites, BuildOptions::default())?;
+    let catalog = Catalog::builtin();
+    let mut out = Vec::new();
+    for &(ratio, budget) in budgets {
+        let label = format!("{:.2}pct", ratio * 100.0);
+        let mut specs: Vec<(String, Spec)> = Vec::new();
+        let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, 2 << 30)?;
+        specs.push(("knapsack".into(), problem.to_spec(&sol.choice)));
+        if baselines {
+            // No uniform patch may fit a small budget (one DReLU per channel is the floor).
+            if let Some(u) = baselines::uniform_spec(tables, sites, budget) {
+                specs.push(("uniform".into(), u));
+            }
+            specs.push((
+                "per-site".into(),
+                baselines::per_site_spec(tables, sites, &catalog, budget)?,
+            ));
+        }
+        for (method, spec) in specs {
+            let name = format!("{method}-{label}");
+            let file = PathBuf::from("specs").join(format!("{name}.json"));
+            spec.write(&dir.join(format!("{name}.json")))?;
+            out.push(SpecEntry {
+                drelus: spec_cost(&spec, sites).drelus as u64,
+                distortion: crate::knapsack::compare::spec_distortion(tables, &spec).ok(),
+                name,
+                method,
+                ratio,
+                budget,
+                file,
+            });
+        }
+    }
+    Ok(out)
+}

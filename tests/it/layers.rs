@@ -1,0 +1,297 @@
+//! The crate's layering: data flows one way through an ordered list of stages, and no module
+//! may name a module of its own stage or a later one (so there are no cycles either). The
+//! check reads every file under src/, follows each `crate::<module>` path and each
+//! `super::`-chain that climbs out of its top-level module, and names every offending file
+//! and path.
+use std::path::{Path, PathBuf};
+
+/// Top-level modules, lowest stage first; modules on one line share a stage (and so may not
+/// use each other).
+const STAGES: &[&[&str]] = &[
+    &["error"],
+    &["fs"],
+    &["hash", "npy", "plot"],
+    &["spec"],
+    &["ops"],
+    &["models"],
+    &["data"],
+    &["train"],
+    &["distortion"],
+    &["knapsack"],
+    &["secure"],
+    &["pipeline"],
+    &["cli"],
+];
+
+fn stage(module: &str) -> Option<usize> {
+    STAGES.iter().position(|s| s.contains(&module))
+}
+
+#[derive(Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    /// `::`
+    Path,
+    Punct(char),
+}
+
+/// Identifiers and punctuation of Rust source, comments and string and char literals left out.
+fn tokens(src: &str) -> Vec<Tok> {
+    let c: Vec<char> = src.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        let ch = c[i];
+        if ch == '/' && c.get(i + 1) == Some(&'/') {
+            while i < c.len() && c[i] != '\n' {
+                i += 1;
+            }
+        } else if ch == '/' && c.get(i + 1) == Some(&'*') {
+            let mut depth = 0;
+            while i < c.len() {
+                if c[i] == '/' && c.get(i + 1) == Some(&'*') {
+                    depth += 1;
+                    i += 2;
+                } else if c[i] == '*' && c.get(i + 1) == Some(&'/') {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if ch == 'r' && matches!(c.get(i + 1), Some('"') | Some('#')) && {
+            let mut j = i + 1;
+            while c.get(j) == Some(&'#') {
+                j += 1;
+            }
+            c.get(j) == Some(&'"')
+        } {
+            // Raw string: r#"..."#.
+            let mut j = i + 1;
+            let mut hashes = 0;
+            while c[j] == '#' {
+                hashes += 1;
+                j += 1;
+            }
+            j += 1;
+            loop {
+                if c[j] == '"' && (0..hashes).all(|k| c.get(j + 1 + k) == Some(&'#')) {
+                    i = j + 1 + hashes;
+                    break;
+                }
+                j += 1;
+            }
+        } else if ch == '"' {
+            i += 1;
+            while c[i] != '"' {
+                i += if c[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else if ch == '\'' {
+            // A char literal ('x', '\n', '\u{..}') or a lifetime ('a).
+            if c.get(i + 1) == Some(&'\\') {
+                i += 3;
+                while c[i] != '\'' {
+                    i += 1;
+                }
+                i += 1;
+            } else if c.get(i + 2) == Some(&'\'') {
+                i += 3;
+            } else {
+                i += 1;
+            }
+        } else if ch.is_alphabetic() || ch == '_' {
+            let start = i;
+            while i < c.len() && (c[i].is_alphanumeric() || c[i] == '_') {
+                i += 1;
+            }
+            out.push(Tok::Ident(c[start..i].iter().collect()));
+        } else if ch == ':' && c.get(i + 1) == Some(&':') {
+            out.push(Tok::Path);
+            i += 2;
+        } else {
+            if !ch.is_whitespace() {
+                out.push(Tok::Punct(ch));
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+fn ident(t: Option<&Tok>) -> Option<&str> {
+    match t {
+        Some(Tok::Ident(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The first segment of every path a use-tree at `toks[i]` names: `a` for `a::b`, `a` and `c`
+/// for `{a::b, c}`, and the tokens after it.
+fn heads(toks: &[Tok], i: usize) -> Vec<String> {
+    match toks.get(i) {
+        Some(Tok::Ident(s)) => vec![s.clone()],
+        Some(Tok::Punct('{')) => {
+            let (mut out, mut depth, mut j, mut item_start) = (Vec::new(), 0, i, true);
+            while j < toks.len() {
+                match &toks[j] {
+                    Tok::Punct('{') => {
+                        depth += 1;
+                        item_start = depth == 1;
+                    }
+                    Tok::Punct('}') => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    Tok::Punct(',') if depth == 1 => item_start = true,
+                    Tok::Ident(s) if item_start && depth == 1 => {
+                        out.push(s.clone());
+                        item_start = false;
+                    }
+                    _ => item_start = false,
+                }
+                j += 1;
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Every top-level module a file names outside its own, with the path as written.
+fn references(file_depth: usize, src: &str) -> Vec<(String, String)> {
+    let toks = tokens(src);
+    let mut out = Vec::new();
+    // Inline modules (`mod tests { .. }`) deepen `super::`: the brace depth each opened at.
+    let (mut inline, mut depth) = (Vec::<usize>::new(), 0usize);
+    let mut i = 0;
+    while i < toks.len() {
+        match &toks[i] {
+            Tok::Punct('{') => depth += 1,
+            Tok::Punct('}') => {
+                depth -= 1;
+                if inline.last() == Some(&depth) {
+                    inline.pop();
+                }
+            }
+            Tok::Ident(m)
+                if m == "mod"
+                    && ident(toks.get(i + 1)).is_some()
+                    && toks.get(i + 2) == Some(&Tok::Punct('{')) =>
+            {
+                inline.push(depth);
+            }
+            Tok::Ident(k) if k == "crate" && toks.get(i + 1) == Some(&Tok::Path) => {
+                for h in heads(&toks, i + 2) {
+                    out.push((h.clone(), format!("crate::{h}")));
+                }
+            }
+            Tok::Ident(k)
+                if k == "super"
+                    && (i == 0 || toks[i - 1] != Tok::Path)
+                    && toks.get(i + 1) == Some(&Tok::Path) =>
+            {
+                let mut n = 0;
+                let mut j = i;
+                while ident(toks.get(j)) == Some("super") && toks.get(j + 1) == Some(&Tok::Path) {
+                    n += 1;
+                    j += 2;
+                }
+                // Climbing to the crate root leaves the top-level module.
+                if n >= file_depth + inline.len() {
+                    for h in heads(&toks, j) {
+                        out.push((h.clone(), format!("{}{h}", "super::".repeat(n))));
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn no_module_uses_a_later_stage() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut bad = Vec::new();
+    for f in &files {
+        let rel = f.strip_prefix(&src).unwrap();
+        let parts: Vec<String> = rel
+            .iter()
+            .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+            .collect();
+        if parts == ["lib"] || parts == ["main"] {
+            continue; // the crate root declares the modules; the binary uses `brelu::`
+        }
+        let top = parts[0].as_str();
+        let Some(own) = stage(top) else {
+            bad.push(format!(
+                "src/{}: module '{top}' has no stage in STAGES",
+                rel.display()
+            ));
+            continue;
+        };
+        // src/a.rs and src/a/mod.rs are module `a` (depth 1), src/a/b.rs is `a::b` (depth 2).
+        let depth = parts.len() - usize::from(parts.last().unwrap() == "mod");
+        let text = std::fs::read_to_string(f).unwrap();
+        for (module, path) in references(depth, &text) {
+            if module == top {
+                continue;
+            }
+            match stage(&module) {
+                Some(s) if s < own => {}
+                Some(s) => bad.push(format!(
+                    "src/{}: `{path}`: {top} (stage {own}) must not use {module} (stage {s})",
+                    rel.display()
+                )),
+                None => bad.push(format!(
+                    "src/{}: `{path}`: '{module}' is not a module with a stage",
+                    rel.display()
+                )),
+            }
+        }
+    }
+    assert!(bad.is_empty(), "layering violations:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn the_scanner_sees_paths_and_skips_comments_and_strings() {
+    let src = r#"
+        use crate::{error::Error, spec::{self, Spec}};
+        use super::super::models::Model;
+        // crate::cli in a comment
+        const S: &str = "crate::pipeline";
+        mod tests { use super::*; }
+        fn f<'a>(x: &'a str) -> char { let _ = crate::hash::fnv_hex(x.bytes()); 'c' }
+    "#;
+    let refs: Vec<String> = references(2, src).into_iter().map(|r| r.1).collect();
+    assert_eq!(
+        refs,
+        [
+            "crate::error",
+            "crate::spec",
+            "super::super::models",
+            "crate::hash"
+        ]
+    );
+}
