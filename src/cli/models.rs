@@ -49,7 +49,7 @@ pub fn models(a: ModelsArgs) -> Result<()> {
                 relus: s.iter().map(|x| x.relus()).sum(),
             })
         })
-        .collect::<crate::Result<Vec<_>>>()?;
+        .collect::<crate::error::Result<Vec<_>>>()?;
     if a.json {
         return print_json(&rows);
     }
