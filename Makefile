@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SETUP_STAMP := .libtorch/.stamp-torch-2.11.0
 
-.PHONY: setup test test-portable test-kernels test-all demo lint fmt bench cuda-setup cuda-build gpu clean
+.PHONY: setup test test-portable test-kernels test-all demo lint fmt bench cuda-setup cuda-build gpu gpu-check gpu-check-cpu clean
 
 setup: $(SETUP_STAMP)
 
@@ -51,6 +51,15 @@ cuda-setup: setup
 ## Build with the CUDA kernels (nvcc from PyPI, see cuda-setup).
 cuda-build: cuda-setup
 	NVCC=$$(scripts/nvcc-path.sh) $(CARGO) build --features cuda --all-targets
+
+## Build and pack the GPU check into .gpu/ (under 64 MiB); on the GPU machine run
+## .gpu/gpu-check.sh; `make gpu-check-cpu` runs the same steps on the CPU (CI does both).
+gpu-check: gpu
+
+## The GPU check's steps on the CPU, from a CPU build packed the same way (CI runs this).
+gpu-check-cpu: setup
+	scripts/gpu.sh build-cpu
+	.gpu-cpu/gpu-check.sh --cpu --out target/gpu-check-cpu
 
 ## Build CUDA binaries here, run tests and benches on a lent GPU machine (see scripts/gpu.sh).
 gpu: cuda-setup

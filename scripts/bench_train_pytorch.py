@@ -106,12 +106,14 @@ MODELS = {
 }
 
 
-def timed(fn, steps):
-    fn()  # warm-up (allocator, oneDNN primitive cache)
+def timed(fn, steps, sync=lambda: None):
+    fn()  # warm-up (allocator, oneDNN primitive cache, cuDNN autotuning)
+    sync()
     out = []
     for _ in range(steps):
         t = time.perf_counter()
         fn()
+        sync()  # CUDA launches are asynchronous: time the work, not the launch
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
@@ -120,14 +122,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=int(os.environ.get("BRELU_BENCH_STEPS", "5")))
     p.add_argument("--only", default=None, help="one model name")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
     a = p.parse_args()
+    dev = torch.device(a.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     for name, (make, batch, shape) in MODELS.items():
         if a.only and name != a.only:
             continue
-        m = make()
-        x = torch.randn(batch, *shape)
-        y = torch.randint(0, m.fc.out_features, (batch,))
+        batch = a.batch or batch
+        m = make().to(dev)
+        x = torch.randn(batch, *shape, device=dev)
+        y = torch.randint(0, m.fc.out_features, (batch,), device=dev)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
         def train_step():
@@ -142,7 +149,7 @@ def main():
                 m(x)
 
         for step, fn in (("train", train_step), ("eval", eval_step)):
-            s = timed(fn, a.steps)
+            s = timed(fn, a.steps, sync)
             print(
                 json.dumps(
                     {
@@ -150,6 +157,7 @@ def main():
                         "model": name,
                         "step": step,
                         "batch": batch,
+                        "device": a.device,
                         "median_s": s,
                         "images_per_s": batch / s,
                         "threads": torch.get_num_threads(),

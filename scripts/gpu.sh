@@ -3,13 +3,17 @@
 # with a run.sh for a GPU machine.
 #
 # Usage: scripts/gpu.sh build      build with --features cuda, fill .gpu/
+#        scripts/gpu.sh build-cpu  the same pack without CUDA into .gpu-cpu/ (a CUDA build links
+#                                  libtorch_cuda, which a CPU machine lacks), for CI to run
+#                                  `.gpu-cpu/gpu-check.sh --cpu`
 #        (BRELU_GPU_PROFILE=release for an optimised host side; the default `dev` profile
 #        reuses the already built dependencies, which are optimised anyway, and the kernels
 #        are compiled by nvcc -O3 either way)
 #        (then, on the GPU machine, from the repository root)  .gpu/run.sh [bench-filter]
 #
-# .gpu/ holds: the stripped test executables (tests/*.rs and the lib unit tests), the bench
-# executable, the nvcc-built host harness (host_check), and run.sh. The binaries link
+# .gpu/ holds: the stripped test executables (tests/it and the lib unit tests), the bench
+# executable, the brelu CLI, the nvcc-built host harness (host_check), run.sh, and the GPU
+# check (gpu-check.sh with its helpers; see that script). The binaries link
 # libtorch dynamically; run.sh points LD_LIBRARY_PATH at the torch/lib of the machine's
 # python3 (plus its nvidia/*/lib folders), so that machine needs `pip install torch` (2.11,
 # CUDA 13 build) and an NVIDIA driver; nothing else.
@@ -17,27 +21,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-build}" in
-build) ;;
+build)
+  pack=.gpu
+  features=(--features cuda)
+  NVCC="$(scripts/nvcc-path.sh)"
+  export NVCC
+  echo "gpu.sh: building with NVCC=$NVCC" >&2
+  ;;
+build-cpu)
+  pack=.gpu-cpu
+  features=()
+  ;;
 *)
-  echo "usage: scripts/gpu.sh build" >&2
+  echo "usage: scripts/gpu.sh build|build-cpu" >&2
   exit 2
   ;;
 esac
 
-NVCC="$(scripts/nvcc-path.sh)"
-export NVCC
-echo "gpu.sh: building with NVCC=$NVCC" >&2
 json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
 profile="${BRELU_GPU_PROFILE:-dev}"
-cargo test --profile "$profile" --features cuda --no-run --message-format=json >"$json"
-cargo bench --profile "$profile" --features cuda --bench block_relu --no-run --message-format=json >>"$json"
+cargo test --profile "$profile" "${features[@]}" --no-run --message-format=json >"$json"
+cargo bench --profile "$profile" "${features[@]}" --bench block_relu --no-run --message-format=json >>"$json"
 outdir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 
-rm -rf .gpu
-mkdir -p .gpu/bin
+rm -rf "$pack"
+mkdir -p "$pack/bin"
 # Executables of test and bench targets, from cargo's JSON messages.
-python3 - "$json" <<'PY'
+python3 - "$json" "$pack" <<'PY'
 import json, os, shutil, sys
 seen = set()
 for line in open(sys.argv[1]):
@@ -55,14 +66,18 @@ for line in open(sys.argv[1]):
     if name in seen:
         continue
     seen.add(name)
-    shutil.copy(m["executable"], os.path.join(".gpu/bin", name))
+    shutil.copy(m["executable"], os.path.join(sys.argv[2], "bin", name))
     print("gpu.sh: packed", name, file=sys.stderr)
 PY
+# The CLI and the GPU check (scripts/gpu-check.sh) with its helpers.
+cargo build --profile "$profile" "${features[@]}" --bin brelu
+cp target/"$outdir"/brelu "$pack/bin/brelu"
+cp scripts/gpu-check.sh scripts/gpu_check.py scripts/bench_train_pytorch.py "$pack/"
 hc="$(ls -t target/"$outdir"/build/brelu-*/out/host_check 2>/dev/null | head -1)"
-if [ -n "$hc" ]; then cp "$hc" .gpu/bin/host_check; fi
-strip .gpu/bin/* 2>/dev/null || true
+if [ -n "$hc" ]; then cp "$hc" "$pack/bin/host_check"; fi
+strip "$pack"/bin/* 2>/dev/null || true
 
-cat >.gpu/run.sh <<'RUN'
+cat >"$pack/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the packed CUDA tests, then the GPU benches (criterion filter, default `gpu_`).
 # Usage, from the repository root on the GPU machine: .gpu/run.sh [bench-filter]
@@ -87,8 +102,7 @@ python3 scripts/bench_table.py target/criterion "${1:-gpu_}" || status=1
 if [ -n "${OUT:-}" ]; then cp -r target/criterion "$OUT/criterion" 2>/dev/null || true; fi
 exit $status
 RUN
-chmod +x .gpu/run.sh
-du -sh .gpu
-size=$(du -sm .gpu | cut -f1)
-if [ "$size" -ge 64 ]; then echo "gpu.sh: warning: .gpu/ is ${size} MiB (limit 64)" >&2; fi
-echo "gpu.sh: done; on the GPU machine run .gpu/run.sh from the repository root" >&2
+chmod +x "$pack/run.sh"
+size=$(du -sm "$pack" | cut -f1)
+if [ "$size" -ge 64 ]; then echo "gpu.sh: error: $pack/ is ${size} MiB (a lent machine takes 64)" >&2; exit 1; fi
+echo "gpu.sh: packed $pack/ (${size} MiB); on the GPU machine, from the repository root: .gpu/gpu-check.sh (or .gpu/run.sh for tests and benches only)" >&2

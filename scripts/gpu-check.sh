@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Checks brelu's CUDA paths on a lent GPU machine in one go, each step under its own time
+# limit, compared against an independent result, with one PASS/FAIL line per step, a JSON
+# report and a table. `--cpu` runs the same steps on the CPU, smaller (CI runs that mode so
+# this script cannot rot between GPU loans).
+#
+# Usage:  make gpu-check                     (here: build with --features cuda, pack .gpu/)
+#         .gpu/gpu-check.sh [--out DIR]      (on the GPU machine, from the repository root)
+#         make gpu-check-cpu                 (a CPU build packed into .gpu-cpu/, then
+#                                            .gpu-cpu/gpu-check.sh --cpu; CI runs it)
+# --bin: where brelu, test-test-it (the test binary) and bench-block_relu are (default: the
+# bin/ beside this script, as `make gpu-check` packs it). --out: report folder (default $OUT, else
+# gpu-check-out). The GPU machine needs python3 with torch 2.11 (its lib folder is put on
+# LD_LIBRARY_PATH) and a driver; nothing from the network.
+#
+# Steps: facts; kernels (CUDA/CPU block-ReLU kernels against the framework-ops reference);
+# bench (block ReLU and the simulation kernel); distortion-exact (extraction on the device,
+# timed, and its tables against the CPU's); first-order (device against CPU); train (the loss
+# falls, the first interval agrees with the CPU's; images/s next to PyTorch eager when PyTorch
+# is importable); finetune (spec + distillation, the loss falls).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+mode=gpu
+bin=""
+out="${OUT:-$PWD/gpu-check-out}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+  --cpu) mode=cpu ;;
+  --bin) bin="$2"; shift ;;
+  --out) out="$2"; shift ;;
+  -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+  *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -n "$bin" ] || bin="$here/bin"
+helper="$here/gpu_check.py"
+pyref="$here/bench_train_pytorch.py"
+it="$bin/test-test-it"
+bench="$bin/bench-block_relu"
+for f in "$bin/brelu" "$it" "$bench" "$helper" "$pyref"; do
+  [ -e "$f" ] || { echo "gpu-check: missing $f (run \`make gpu-check\` and use .gpu/gpu-check.sh, or pass --bin)" >&2; exit 2; }
+done
+
+if [ "$mode" = gpu ]; then
+  torch="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')" || {
+    echo "gpu-check: python3 cannot import torch (needed for its CUDA libraries)" >&2; exit 2; }
+  libs="$torch/lib"
+  for d in "$torch"/../nvidia/*/lib "$torch"/../nvidia/cu13/lib; do [ -d "$d" ] && libs="$libs:$d"; done
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  dev=cuda:0
+else
+  dev=cpu
+fi
+
+rm -rf "$out"
+mkdir -p "$out/work"
+w="$out/work"
+steps="$out/steps.jsonl"
+: >"$steps"
+failed=0
+
+# step NAME LIMIT_S FUNCTION: runs FUNCTION under a time limit; its last stdout line is the
+# step's figures (JSON); a non-zero exit or a timeout is a failure.
+step() {
+  local name=$1 limit=$2 fn=$3 t0 rc figures
+  t0=$(date +%s.%N)
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f "$fn" run); $fn" >"$out/$name.log" 2>&1
+  rc=$?
+  figures=$(grep '^{' "$out/$name.log" | tail -1)
+  [ -n "$figures" ] || figures='{}'
+  python3 - "$name" "$rc" "$t0" "$figures" "$limit" >>"$steps" <<'PY'
+import json, sys, time
+name, rc, t0, fig, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+fig = json.loads(fig)
+if rc in (124, 137):
+    fig["error"] = f"timed out after {limit} s"
+print(json.dumps({"name": name, "pass": rc == 0, "rc": rc, "seconds": time.time() - t0, "figures": fig}))
+PY
+  if [ $rc -eq 0 ]; then echo "PASS $name"; else echo "FAIL $name (rc $rc, log: $out/$name.log)"; tail -5 "$out/$name.log" | sed 's/^/    /'; failed=1; fi
+}
+export bin it bench helper pyref dev mode w
+# run: echoes a command, runs it and stops the step (exit) when it fails.
+run() { echo "+ $*" >&2; "$@" || exit 1; }
+
+# ---- facts ----
+if [ "$mode" = gpu ]; then
+  device=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+else
+  device="$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), $(nproc) cores"
+fi
+python3 -c 'import json,sys;print(json.dumps({"device":sys.argv[1],"mode":sys.argv[2],"isa":sys.argv[3]}))' \
+  "$device" "$mode" "$(grep -o -m1 'avx512f' /proc/cpuinfo || echo avx2-or-less)" >"$out/facts.json"
+echo "gpu-check ($mode) on $device; figures in $out"
+
+# Data (synthetic CIFAR-100, learnable), configurations and shared weights.
+python3 "$helper" cifar "$w/cifar-100-binary" 512 128 >/dev/null
+if [ "$mode" = gpu ]; then iters=20 every=5 bs=64 samples=64 sites=layer1_0_1,layer2_0_1,layer3_0_1,layer4_0_1; else iters=12 every=4 bs=16 samples=2 sites=layer4_0_1; fi
+export iters every bs samples sites
+cat >"$w/r18.toml" <<EOF
+model = "resnet18-cifar"
+num_classes = 100
+input = [3, 32, 32]
+iterations = $iters
+checkpoint_every = $every
+batch_size = $bs
+eval_batch_size = 128
+seed = 0
+
+[dataset]
+kind = "cifar100"
+path = "$w/cifar-100-binary"
+
+[optimizer]
+lr = 0.02
+momentum = 0.9
+weight_decay = 5e-4
+
+[schedule]
+kind = "step"
+milestones = []
+gamma = 0.1
+EOF
+sed -e 's/^lr = 0.02/lr = 0.005/' "$w/r18.toml" >"$w/r18-ft.toml"
+printf '\n[distill]\nalpha = 0.5\ntemperature = 2.0\n' >>"$w/r18-ft.toml"
+
+kernels() {
+  # The packed test binary: block-ReLU kernels (CPU, and CUDA when a GPU is present) against
+  # the framework-ops reference, bit for bit where the sums are exact.
+  "$it" block_relu:: --test-threads=2 2>&1 | tee /dev/stderr | grep -q '^test result: ok' || exit 1
+  if [ "$mode" = gpu ]; then
+    # The CUDA tests skip themselves without a GPU: make sure they ran here.
+    "$it" block_relu:: --list 2>/dev/null | grep -c cuda >/dev/null || exit 1
+  fi
+  n=$("$it" block_relu:: --list 2>/dev/null | grep -c ': test$')
+  echo "{\"tests\": $n}"
+}
+bench_step() {
+  if [ "$mode" = gpu ]; then f=gpu_; q=(); else f=cpu_simulate; q=(--warm-up-time 0.3 --measurement-time 1); fi
+  run "$bench" --bench "$f" "${q[@]}" >"$w/bench.txt" 2>&1
+  cat "$w/bench.txt" >&2
+  python3 "$helper" criterion "$w/bench.txt"
+}
+weights() {
+  # One SGD step on the CPU: the weights every later step starts from (random BN statistics
+  # made real, identical on every device).
+  run "$bin/brelu" train --config "$w/r18.toml" --iterations 1 --output "$w/w0" >&2
+  echo '{}'
+}
+distortion_exact() {
+  # Timed: the device extraction at full size.
+  t0=$(date +%s.%N)
+  run "$bin/brelu" distortion extract --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" \
+    --samples "$samples" --sites "$sites" --devices "$dev" -o "$w/ex-timed" >"$w/ex-timed.txt" 2>&1
+  t1=$(date +%s.%N)
+  cat "$w/ex-timed.txt" >&2
+  evals=$(sed -n 's/.* \([0-9][0-9]*\) (channel, option, sample) evaluations.*/\1/p' "$w/ex-timed.txt")
+  # Equality: one late site on 2 samples, device against CPU (CPU mode: stacked copies against
+  # one perturbation per forward pass, a different code path).
+  if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--stack 8 --batch 2); b=(--stack 1 --batch 1); fi
+  common=(distortion extract --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" --samples 2 --sites layer4_0_1)
+  run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/ex-a" >&2
+  run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/ex-b" >&2
+  # D differences two float32 forward passes, so its noise does not shrink with D (see
+  # tests/it/segmentation_models.rs): a relative bound with a floor at the site's largest D.
+  # On the GPU, cuDNN's TF32 convolutions (libtorch's default) round to 10 mantissa bits.
+  if [ "$mode" = gpu ]; then tol=(2e-2 1e-3); else tol=(2e-3 1e-4); fi
+  cmp=$(python3 "$helper" tables "$w/ex-a" "$w/ex-b" "${tol[@]}") || { echo "$cmp"; exit 1; }
+  python3 - "$cmp" "$evals" "$t0" "$t1" "$samples" <<'PY'
+import json, sys
+fig = json.loads(sys.argv[1]); evals, t0, t1, samples = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+s = t1 - t0
+fig.update({"timed_seconds": s, "evaluations": evals, "evaluations_per_s": evals / s,
+            "channel_options_per_s": evals / samples / s})
+print(json.dumps(fig))
+PY
+}
+first_order() {
+  if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--batch 2); b=(--batch 1); fi
+  # A full probe basis (one per logit): no random probes, so both sides compute the same sum.
+  common=(distortion extract --estimator first-order --probes 100 --data "$w/r18.toml"
+    --weights "$w/w0/checkpoint.safetensors" --samples 4 --sites "$sites")
+  run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/fo-a" >&2
+  run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/fo-b" >&2
+  if [ "$mode" = gpu ]; then tol=(2e-2 1e-3); else tol=(2e-3 1e-4); fi
+  python3 "$helper" tables "$w/fo-a" "$w/fo-b" "${tol[@]}"
+}
+train_step() {
+  # The device run learns; its first interval agrees with the CPU's (same initialisation,
+  # same batches; TF32 convolutions on the GPU explain a relative 1e-2).
+  run "$bin/brelu" train --config "$w/r18.toml" --device "$dev" --output "$w/train" >&2
+  if [ "$mode" = gpu ]; then
+    run "$bin/brelu" train --config "$w/r18.toml" --iterations "$every" --output "$w/train-ref" >&2
+    fig=$(python3 "$helper" losses "$w/train" "$w/train-ref" 2e-2 --min-drop 0.1) || { echo "$fig"; exit 1; }
+  else
+    # One thread against two: another summation order of every reduction.
+    run env OMP_NUM_THREADS=1 "$bin/brelu" train --config "$w/r18.toml" --iterations "$every" --output "$w/train-ref" >&2
+    fig=$(python3 "$helper" losses "$w/train" "$w/train-ref" 1e-3 --min-drop 0.1) || { echo "$fig"; exit 1; }
+  fi
+  eager=null
+  if python3 -c 'import torch' 2>/dev/null; then
+    d=cpu; [ "$mode" = gpu ] && d=cuda
+    eager=$(python3 "$pyref" --only resnet18-cifar --batch "$bs" --steps 5 --device "$d" | head -1) || exit 1
+  fi
+  python3 -c 'import json,sys;f=json.loads(sys.argv[1]);e=json.loads(sys.argv[2]);f["pytorch_eager_images_per_s"]=e and e["images_per_s"];print(json.dumps(f))' "$fig" "$eager"
+}
+finetune() {
+  run "$bin/brelu" spec uniform --model resnet18-cifar --patch 2x2 -o "$w/spec.json" >&2
+  run "$bin/brelu" finetune --config "$w/r18-ft.toml" --weights "$w/train/checkpoint.safetensors" \
+    --spec "$w/spec.json" --device "$dev" --output "$w/ft" >&2
+  python3 "$helper" losses "$w/ft" --min-drop 0.0
+}
+
+if [ "$mode" = gpu ]; then big=600; else big=900; fi
+step kernels 300 kernels
+step bench 300 bench_step
+step weights 120 weights
+step distortion-exact $big distortion_exact
+step first-order 300 first_order
+step train $big train_step
+step finetune 300 finetune
+python3 "$helper" report "$out" "$mode" | tee "$out/table.md"
+exit $failed
