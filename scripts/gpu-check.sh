@@ -17,7 +17,9 @@
 # bench (block ReLU and the simulation kernel); distortion-exact (extraction on the device,
 # timed, and its tables against the CPU's); first-order (device against CPU); train (the loss
 # falls, the first interval agrees with the CPU's; images/s next to PyTorch eager when PyTorch
-# is importable); finetune (spec + distillation, the loss falls).
+# is importable); resnet50 (extraction at 224 on two late sites, timed, and against the CPU);
+# deeplab (DeepLabV3-MobileNetV2 forward/backward at 512, against the CPU); finetune (spec +
+# distillation, the loss falls). Not yet: bf16 and NCCL (they wait for the scale-out work).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 mode=gpu
@@ -124,6 +126,61 @@ EOF
 sed -e 's/^lr = 0.02/lr = 0.005/' "$w/r18.toml" >"$w/r18-ft.toml"
 printf '\n[distill]\nalpha = 0.5\ntemperature = 2.0\n' >>"$w/r18-ft.toml"
 
+python3 "$helper" images "$w" >/dev/null
+# ResNet50 at 224 (1000-way, on 10 synthetic class folders) and DeepLabV3-MobileNetV2 at 512 (ADE20K).
+cat >"$w/r50.toml" <<EOF
+model = "resnet50"
+num_classes = 1000
+input = [3, 224, 224]
+iterations = 1
+checkpoint_every = 1
+batch_size = 2
+eval_batch_size = 10
+seed = 0
+
+[dataset]
+kind = "imagenet"
+path = "$w/imagenet"
+
+[optimizer]
+lr = 0.01
+momentum = 0.9
+weight_decay = 1e-4
+
+[schedule]
+kind = "step"
+milestones = []
+gamma = 0.1
+EOF
+cat >"$w/mnv2.toml" <<EOF
+model = "deeplabv3-mobilenetv2"
+num_classes = 150
+input = [3, 512, 512]
+iterations = 2
+checkpoint_every = 1
+batch_size = 2
+eval_batch_size = 1
+seed = 0
+
+[dataset]
+kind = "ade20k"
+path = "$w/ade"
+test_scale = [512, 512]
+inference = "whole"
+
+[optimizer]
+lr = 0.01
+momentum = 0.9
+weight_decay = 5e-4
+
+[schedule]
+kind = "poly"
+power = 0.9
+min_lr = 1e-4
+EOF
+if [ "$mode" = gpu ]; then r50_samples=16 r50_sites=layer4_2_1,layer4_2_2; else r50_samples=1 r50_sites=layer4_2_2; fi
+export r50_samples r50_sites
+
 kernels() {
   # The packed test binary: block-ReLU kernels (CPU, and CUDA when a GPU is present) against
   # the framework-ops reference, bit for bit where the sums are exact.
@@ -185,6 +242,36 @@ first_order() {
   if [ "$mode" = gpu ]; then tol=(2e-2 1e-3); else tol=(2e-3 1e-4); fi
   python3 "$helper" tables "$w/fo-a" "$w/fo-b" "${tol[@]}"
 }
+resnet50() {
+  # One SGD step on the CPU gives the weights; then a timed extraction of two late sites on the
+  # device and one site against the CPU (CPU mode: stacked against single perturbations).
+  run "$bin/brelu" train --config "$w/r50.toml" --output "$w/w50" >&2
+  t0=$(date +%s.%N)
+  run "$bin/brelu" distortion extract --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" \
+    --samples "$r50_samples" --batch 8 --sites "$r50_sites" --devices "$dev" -o "$w/ex50-timed" >"$w/ex50-timed.txt" 2>&1
+  t1=$(date +%s.%N)
+  cat "$w/ex50-timed.txt" >&2
+  evals=$(sed -n 's/.* \([0-9][0-9]*\) (channel, option, sample) evaluations.*/\1/p' "$w/ex50-timed.txt")
+  if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); tol=(2e-2 1e-3); else a=(--stack 8); b=(--stack 1); tol=(2e-3 1e-4); fi
+  common=(distortion extract --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" --samples 1 --sites layer4_2_2)
+  run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/ex50-a" >&2
+  run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/ex50-b" >&2
+  cmp=$(python3 "$helper" tables "$w/ex50-a" "$w/ex50-b" "${tol[@]}") || { echo "$cmp"; exit 1; }
+  python3 -c 'import json,sys;f=json.loads(sys.argv[1]);e,s=int(sys.argv[2]),float(sys.argv[4])-float(sys.argv[3]);f.update(timed_seconds=s,evaluations=e,evaluations_per_s=e/s);print(json.dumps(f))' \
+    "$cmp" "$evals" "$t0" "$t1"
+}
+deeplab() {
+  # Forward and backward of DeepLabV3-MobileNetV2 at 512x512 (2 SGD steps of 2 crops) on the
+  # device; the first step's loss against the CPU's (CPU mode: one thread against two).
+  run "$bin/brelu" train --config "$w/mnv2.toml" --device "$dev" --output "$w/mnv2" >&2
+  if [ "$mode" = gpu ]; then
+    run "$bin/brelu" train --config "$w/mnv2.toml" --iterations 1 --output "$w/mnv2-ref" >&2
+    python3 "$helper" losses "$w/mnv2" "$w/mnv2-ref" 2e-2
+  else
+    run env OMP_NUM_THREADS=1 "$bin/brelu" train --config "$w/mnv2.toml" --iterations 1 --output "$w/mnv2-ref" >&2
+    python3 "$helper" losses "$w/mnv2" "$w/mnv2-ref" 1e-3
+  fi
+}
 train_step() {
   # The device run learns; its first interval agrees with the CPU's (same initialisation,
   # same batches; TF32 convolutions on the GPU explain a relative 1e-2).
@@ -208,7 +295,7 @@ finetune() {
   run "$bin/brelu" spec uniform --model resnet18-cifar --patch 2x2 -o "$w/spec.json" >&2
   run "$bin/brelu" finetune --config "$w/r18-ft.toml" --weights "$w/train/checkpoint.safetensors" \
     --spec "$w/spec.json" --device "$dev" --output "$w/ft" >&2
-  python3 "$helper" losses "$w/ft" --min-drop 0.0
+  python3 "$helper" losses "$w/ft" --min-drop 0
 }
 
 if [ "$mode" = gpu ]; then big=600; else big=900; fi
@@ -217,7 +304,9 @@ step bench 300 bench_step
 step weights 120 weights
 step distortion-exact $big distortion_exact
 step first-order 300 first_order
+step resnet50 $big resnet50
 step train $big train_step
+step deeplab 600 deeplab
 step finetune 300 finetune
 python3 "$helper" report "$out" "$mode" | tee "$out/table.md"
 exit $failed
