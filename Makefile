@@ -33,9 +33,10 @@ demo: setup
 	$(CARGO) build --release
 	scripts/demo.sh
 
-## Formatting and clippy, without and with the CUDA kernels (nvcc from PyPI, see cuda-setup).
+## Formatting, size limits (scripts/size-check.py), clippy without and with the CUDA kernels.
 lint: cuda-setup
 	$(CARGO) fmt --check
+	python3 scripts/size-check.py
 	$(CARGO) clippy --all-targets -- -D warnings
 	NVCC=$$(scripts/nvcc-path.sh) $(CARGO) clippy --all-targets --features cuda -- -D warnings
 
