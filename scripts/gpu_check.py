@@ -7,6 +7,7 @@ guarantee and CI has no PyTorch).
     gpu_check.py tables A B RTOL FLOOR           compare two distortion directories
     gpu_check.py losses RUN [REF RTOL] [--min-drop F]   a training run learned (and agrees with REF)
     gpu_check.py criterion LOG                   medians of a criterion run's output
+    gpu_check.py flops DIR SECONDS               effective FLOP/s of an exact extraction
     gpu_check.py report OUT MODE                 report.json + table from OUT/steps.jsonl
 
 Every check prints one JSON object of figures on its last line and exits 1 when it fails.
@@ -136,6 +137,76 @@ def tables(a, b, rtol, floor):
     print(json.dumps(fig))
 
 
+def resnet_convs(model, classes):
+    """(site after which it runs or None, multiply-adds) of every convolution and the fc in
+    order, for brelu's resnet18-cifar (32x32, no stem pooling) and resnet50 (224, torchvision
+    v1.5: the stride on the 3x3). Downsample branches read the block input, which precedes
+    every site of the block, so an extraction never recomputes them: left out."""
+    ops = []
+    if model == "resnet18-cifar":
+        hw, cin = 32, 64
+        ops.append(("stem", hw * hw * 3 * 64 * 9))
+        for s, (c, n) in enumerate(zip((64, 128, 256, 512), (2, 2, 2, 2)), 1):
+            for b in range(n):
+                stride = 2 if (s > 1 and b == 0) else 1
+                hw //= stride
+                ops.append((None, hw * hw * cin * c * 9))
+                ops.append((f"layer{s}_{b}_1", 0))
+                ops.append((None, hw * hw * c * c * 9))
+                ops.append((f"layer{s}_{b}_2", 0))
+                cin = c
+        ops.append((None, cin * classes))
+    elif model == "resnet50":
+        hw, cin = 56, 64
+        ops.append(("stem", 112 * 112 * 3 * 64 * 49))
+        for s, (w, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), 1):
+            for b in range(n):
+                stride = 2 if (s > 1 and b == 0) else 1
+                ops.append((None, hw * hw * cin * w))
+                ops.append((f"layer{s}_{b}_1", 0))
+                hw //= stride
+                ops.append((None, hw * hw * w * w * 9))
+                ops.append((f"layer{s}_{b}_2", 0))
+                ops.append((None, hw * hw * w * 4 * w))
+                ops.append((f"layer{s}_{b}_3", 0))
+                cin = 4 * w
+        ops.append((None, cin * classes))
+    else:
+        raise ValueError(f"no FLOP model for {model}")
+    return ops
+
+
+def suffix_macs(model, classes, site):
+    ops = resnet_convs(model, classes)
+    names = [n for n, _ in ops]
+    if site not in names:
+        raise ValueError(f"{model}: no site {site}")
+    return sum(m for _, m in ops[names.index(site) + 1:])
+
+
+# FP32 peaks without tensor cores (dense), from NVIDIA's data sheets, TFLOP/s.
+# The first entry whose words all appear in the card's name applies.
+PEAK_FP32 = {"H200": 67.0, "H100 PCIe": 51.0, "H100 NVL": 60.0, "H100": 67.0, "A100": 19.5}
+
+
+def flops(d, seconds, device=""):
+    """Effective FLOP/s of an extraction: every (channel, option, sample) evaluation counted as
+    the network after its site (2 FLOPs per multiply-add), over the wall time."""
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    classes = None
+    total = 0.0
+    for site, meta in m["sites"].items():
+        shape, data = read_npy(os.path.join(d, meta["file"]))
+        classes = classes or (100 if m["model"] == "resnet18-cifar" else 1000)
+        total += 2.0 * suffix_macs(m["model"], classes, site) * shape[0] * shape[1] * m["samples"]
+    fig = {"effective_tflop_s": total / float(seconds) / 1e12}
+    peak = next((v for k, v in PEAK_FP32.items() if all(w in device for w in k.split())), None)
+    if peak:
+        fig["fp32_peak_tflop_s"] = peak
+        fig["fraction_of_fp32_peak"] = fig["effective_tflop_s"] / peak
+    print(json.dumps(fig))
+
+
 def metrics(run):
     lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
     if not lines:
@@ -216,6 +287,8 @@ def main():
         tables(*rest)
     elif cmd == "losses":
         losses(rest)
+    elif cmd == "flops":
+        flops(*rest)
     elif cmd == "criterion":
         criterion(rest[0])
     elif cmd == "report":
