@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
   --cpu) mode=cpu ;;
   --bin) bin="$2"; shift ;;
   --out) out="$2"; shift ;;
-  -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+  -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -56,7 +56,12 @@ else
   dev=cpu
 fi
 
-rm -rf "$out"
+# A folder of an earlier check is reused; anything else is left alone.
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -e "$out/steps.jsonl" ]; then
+  echo "gpu-check: $out exists and is not a gpu-check report folder; pick another --out" >&2
+  exit 2
+fi
+rm -rf "$out/work" "$out"/*.log "$out/steps.jsonl" "$out/report.json" "$out/table.md" "$out/facts.json"
 mkdir -p "$out/work"
 w="$out/work"
 steps="$out/steps.jsonl"
