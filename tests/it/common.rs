@@ -40,9 +40,15 @@ pub fn tiny_dataset(dir: &Path) -> PathBuf {
     cfg
 }
 
+/// The brelu binary: `BRELU_BIN` when set (a packed test binary on another machine, where the
+/// build path does not exist), else the one cargo built.
+pub fn brelu_exe() -> std::ffi::OsString {
+    std::env::var_os("BRELU_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_brelu").into())
+}
+
 /// Runs the brelu binary; returns (success, stdout, stderr).
 pub fn brelu(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let out = std::process::Command::new(brelu_exe())
         .args(args)
         .output()
         .expect("the brelu binary runs");

@@ -470,7 +470,7 @@ fn spearman_and_compare() {
 }
 
 fn brelu_cmd(args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"));
+    let mut c = std::process::Command::new(common::brelu_exe());
     c.args(args);
     c
 }

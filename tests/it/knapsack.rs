@@ -235,7 +235,7 @@ fn cli_writes_a_spec_within_budget_that_validates() {
     t.write(&tdir).unwrap();
     let spec_path = dir.path().join("spec.json");
     for solver in ["exact", "lagrange"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+        let out = std::process::Command::new(crate::common::brelu_exe())
             .args([
                 "knapsack",
                 "--model",
@@ -268,7 +268,7 @@ fn cli_writes_a_spec_within_budget_that_validates() {
     }
     // A sweep writes one spec per ratio, the numbers and the plot.
     let sweep = dir.path().join("sweep");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let out = std::process::Command::new(crate::common::brelu_exe())
         .args([
             "knapsack",
             "--model",
@@ -316,7 +316,7 @@ fn cli_writes_a_spec_within_budget_that_validates() {
     }
     let t2dir = dir.path().join("dist2");
     t2.write(&t2dir).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let out = std::process::Command::new(crate::common::brelu_exe())
         .args([
             "knapsack",
             "--model",
@@ -356,7 +356,7 @@ fn lagrange_gap_is_small_on_a_realistic_instance() {
 #[test]
 fn cli_synthetic_tables_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let out = std::process::Command::new(crate::common::brelu_exe())
         .args([
             "distortion",
             "synthetic",

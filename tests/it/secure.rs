@@ -660,10 +660,10 @@ fn spawn_parties_with(
     extra_args: [&[&str]; 3],
     wait_started: bool,
 ) -> Vec<PartyProc> {
-    let exe = env!("CARGO_BIN_EXE_brelu");
+    let exe = common::brelu_exe();
     let (pc, ps) = (free_port(), free_port());
     let spawn = |role: &str, extra: Vec<String>| {
-        let mut child = std::process::Command::new(exe)
+        let mut child = std::process::Command::new(&exe)
             .args([
                 "secure",
                 "party",
@@ -758,7 +758,7 @@ fn parties_with_different_specs_refuse_the_session() {
     // The server runs the same architecture with a block-ReLU spec the others do not have.
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("spec.json");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let st = std::process::Command::new(common::brelu_exe())
         .args([
             "spec",
             "uniform",
@@ -888,7 +888,7 @@ fn fashion_mnist_trained_model_matches_plaintext() {
 
 #[test]
 fn secure_run_cli_prints_a_json_report() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let out = std::process::Command::new(common::brelu_exe())
         .args([
             "secure",
             "run",

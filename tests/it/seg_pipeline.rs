@@ -255,8 +255,8 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
     assert!(again.ran.is_empty(), "{:?}", again.ran);
 
     // `brelu eval` on the command line: mIoU, pixel accuracy and per-class IoU.
-    let bin = Path::new(env!("CARGO_BIN_EXE_brelu"));
-    let o = std::process::Command::new(bin)
+    let bin = common::brelu_exe();
+    let o = std::process::Command::new(&bin)
         .args(["eval", "--config"])
         .arg(tmp.path().join("seg.toml"))
         .arg("--weights")
@@ -281,7 +281,7 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
     // `brelu distortion extract --data` on the segmentation configuration: training images
     // resized and center-cropped to the input, output = decoder logits.
     let ddir = tmp.path().join("dist-cli");
-    let o = std::process::Command::new(bin)
+    let o = std::process::Command::new(&bin)
         .args(["distortion", "extract", "--data"])
         .arg(tmp.path().join("seg.toml"))
         .arg("-w")
@@ -305,7 +305,7 @@ fn tiny_deeplabv3_pipeline_end_to_end() {
     image::GrayImage::from_pixel(32, 36, image::Luma([200u8]))
         .save(&bad)
         .unwrap();
-    let o = std::process::Command::new(bin)
+    let o = std::process::Command::new(&bin)
         .args(["eval", "--config"])
         .arg(tmp.path().join("seg.toml"))
         .arg("--weights")

@@ -830,7 +830,7 @@ fn secure_inference_resnet50_d8_matches_plaintext() {
 // ---------------------------------------------------------------------------------------------
 
 fn run_ok(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brelu"))
+    let out = std::process::Command::new(common::brelu_exe())
         .args(args)
         .output()
         .unwrap();

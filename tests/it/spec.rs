@@ -151,7 +151,7 @@ fn bad_specs_name_the_first_problem() {
 }
 
 fn brelu() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_brelu"))
+    Command::new(crate::common::brelu_exe())
 }
 
 #[test]
