@@ -73,7 +73,7 @@ failed=0
 step() {
   local name=$1 limit=$2 fn=$3 t0 rc figures
   t0=$(date +%s.%N)
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f "$fn" run); $fn" >"$out/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f "$fn" run reference timed_extract); $fn" >"$out/$name.log" 2>&1
   rc=$?
   figures=$(grep '^{' "$out/$name.log" | tail -1)
   [ -n "$figures" ] || figures='{}'
@@ -185,7 +185,27 @@ power = 0.9
 min_lr = 1e-4
 EOF
 if [ "$mode" = gpu ]; then r50_samples=16 r50_sites=layer4_2_1,layer4_2_2; else r50_samples=1 r50_sites=layer4_2_2; fi
-export r50_samples r50_sites
+# Tolerances of the comparisons with the reference side. D differences two float32 forward
+# passes, so its noise does not shrink with D (see tests/it/segmentation_models.rs): tables
+# get a relative bound plus a floor at the site's largest D. On the GPU, cuDNN's TF32
+# convolutions (libtorch's default) round to 10 mantissa bits.
+if [ "$mode" = gpu ]; then tab_rtol=2e-2 tab_floor=1e-3 loss_rtol=2e-2; else tab_rtol=2e-3 tab_floor=1e-4 loss_rtol=1e-3; fi
+export r50_samples r50_sites tab_rtol tab_floor loss_rtol
+
+# The reference side of a comparison: the CPU against the GPU; in CPU mode, one thread
+# against all (another summation order of every reduction).
+reference() {
+  if [ "$mode" = gpu ]; then run "$bin/brelu" "$@"; else run env OMP_NUM_THREADS=1 "$bin/brelu" "$@"; fi
+}
+# timed_extract DIR ARGS...: an extraction into DIR on the device; prints its speed figures.
+timed_extract() {
+  local d=$1 t0 t1
+  shift
+  t0=$(date +%s.%N)
+  run "$bin/brelu" distortion extract "$@" --devices "$dev" -o "$d" >&2
+  t1=$(date +%s.%N)
+  python3 "$helper" speed "$d" "$(python3 -c "print($t1 - $t0)")" "$device"
+}
 
 kernels() {
   # The packed test binary: block-ReLU kernels (CPU, and CUDA when a GPU is present) against
@@ -204,40 +224,23 @@ kernels() {
   run "$bench" --bench "$f" "${q[@]}" >"$w/bench.txt" 2>&1
   cat "$w/bench.txt" >&2
   b=$(python3 "$helper" criterion "$w/bench.txt") || { echo "$b"; exit 1; }
-  python3 -c 'import json,sys;f=json.loads(sys.argv[1]);f["tests"]=int(sys.argv[2]);print(json.dumps(f))' "$b" "$n"
+  python3 "$helper" merge "$b" "{\"tests\": $n}"
 }
 distortion_exact() {
   # One SGD step on the CPU: the weights every later step starts from (identical on every
   # device, real batch-norm statistics).
   run "$bin/brelu" train --config "$w/r18.toml" --iterations 1 --output "$w/w0" >&2
   # Timed: the device extraction at full size.
-  t0=$(date +%s.%N)
-  run "$bin/brelu" distortion extract --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" \
-    --samples "$samples" --sites "$sites" --devices "$dev" -o "$w/ex-timed" >"$w/ex-timed.txt" 2>&1
-  t1=$(date +%s.%N)
-  cat "$w/ex-timed.txt" >&2
-  evals=$(sed -n 's/.* \([0-9][0-9]*\) (channel, option, sample) evaluations.*/\1/p' "$w/ex-timed.txt")
+  sp=$(timed_extract "$w/ex-timed" --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" \
+    --samples "$samples" --sites "$sites") || exit 1
   # Equality: one late site on 2 samples, device against CPU (CPU mode: stacked copies against
   # one perturbation per forward pass, a different code path).
   if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--stack 8 --batch 2); b=(--stack 1 --batch 1); fi
   common=(distortion extract --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" --samples 2 --sites layer4_0_1)
   run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/ex-a" >&2
   run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/ex-b" >&2
-  # D differences two float32 forward passes, so its noise does not shrink with D (see
-  # tests/it/segmentation_models.rs): a relative bound with a floor at the site's largest D.
-  # On the GPU, cuDNN's TF32 convolutions (libtorch's default) round to 10 mantissa bits.
-  if [ "$mode" = gpu ]; then tol=(2e-2 1e-3); else tol=(2e-3 1e-4); fi
-  cmp=$(python3 "$helper" tables "$w/ex-a" "$w/ex-b" "${tol[@]}") || { echo "$cmp"; exit 1; }
-  fl=$(python3 "$helper" flops "$w/ex-timed" "$(python3 -c "print($t1 - $t0)")" "$device") || exit 1
-  python3 - "$cmp" "$evals" "$t0" "$t1" "$samples" "$fl" <<'PY'
-import json, sys
-fig = json.loads(sys.argv[1]); evals, t0, t1, samples = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-s = t1 - t0
-fig.update({"timed_seconds": s, "evaluations": evals, "evaluations_per_s": evals / s,
-            "channel_options_per_s": evals / samples / s})
-fig.update(json.loads(sys.argv[6]))
-print(json.dumps(fig))
-PY
+  cmp=$(python3 "$helper" tables "$w/ex-a" "$w/ex-b" "$tab_rtol" "$tab_floor") || { echo "$cmp"; exit 1; }
+  python3 "$helper" merge "$cmp" "$sp"
 }
 first_order() {
   if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--batch 2); b=(--batch 1); fi
@@ -246,71 +249,49 @@ first_order() {
     --weights "$w/w0/checkpoint.safetensors" --samples 4 --sites "$sites")
   run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/fo-a" >&2
   run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/fo-b" >&2
-  if [ "$mode" = gpu ]; then tol=(2e-2 1e-3); else tol=(2e-3 1e-4); fi
-  python3 "$helper" tables "$w/fo-a" "$w/fo-b" "${tol[@]}"
+  python3 "$helper" tables "$w/fo-a" "$w/fo-b" "$tab_rtol" "$tab_floor"
 }
 resnet50() {
   # One SGD step on the CPU gives the weights; then a timed extraction of two late sites on the
   # device and one site against the CPU (CPU mode: stacked against single perturbations).
   run "$bin/brelu" train --config "$w/r50.toml" --output "$w/w50" >&2
-  t0=$(date +%s.%N)
-  run "$bin/brelu" distortion extract --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" \
-    --samples "$r50_samples" --batch 8 --sites "$r50_sites" --devices "$dev" -o "$w/ex50-timed" >"$w/ex50-timed.txt" 2>&1
-  t1=$(date +%s.%N)
-  cat "$w/ex50-timed.txt" >&2
-  evals=$(sed -n 's/.* \([0-9][0-9]*\) (channel, option, sample) evaluations.*/\1/p' "$w/ex50-timed.txt")
-  if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); tol=(2e-2 1e-3); else a=(--stack 8); b=(--stack 1); tol=(2e-3 1e-4); fi
+  sp=$(timed_extract "$w/ex50-timed" --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" \
+    --samples "$r50_samples" --batch 8 --sites "$r50_sites") || exit 1
+  if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--stack 8); b=(--stack 1); fi
   common=(distortion extract --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" --samples 1 --sites layer4_2_2)
   run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/ex50-a" >&2
   run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/ex50-b" >&2
-  cmp=$(python3 "$helper" tables "$w/ex50-a" "$w/ex50-b" "${tol[@]}") || { echo "$cmp"; exit 1; }
-  fl=$(python3 "$helper" flops "$w/ex50-timed" "$(python3 -c "print($t1 - $t0)")" "$device") || exit 1
-  python3 -c 'import json,sys;f=json.loads(sys.argv[1]);e,s=int(sys.argv[2]),float(sys.argv[4])-float(sys.argv[3]);f.update(timed_seconds=s,evaluations=e,evaluations_per_s=e/s);f.update(json.loads(sys.argv[5]));print(json.dumps(f))' \
-    "$cmp" "$evals" "$t0" "$t1" "$fl"
+  cmp=$(python3 "$helper" tables "$w/ex50-a" "$w/ex50-b" "$tab_rtol" "$tab_floor") || { echo "$cmp"; exit 1; }
+  python3 "$helper" merge "$cmp" "$sp"
 }
 deeplab() {
   # Forward and backward of DeepLabV3-MobileNetV2 at 512x512 (2 SGD steps of 2 crops) on the
-  # device; the first step's loss against the CPU's (CPU mode: one thread against two).
+  # device; the first step's loss against the reference side's.
   run "$bin/brelu" train --config "$w/mnv2.toml" --device "$dev" --output "$w/mnv2" >&2
-  if [ "$mode" = gpu ]; then
-    run "$bin/brelu" train --config "$w/mnv2.toml" --iterations 1 --output "$w/mnv2-ref" >&2
-    python3 "$helper" losses "$w/mnv2" "$w/mnv2-ref" 2e-2
-  else
-    run env OMP_NUM_THREADS=1 "$bin/brelu" train --config "$w/mnv2.toml" --iterations 1 --output "$w/mnv2-ref" >&2
-    python3 "$helper" losses "$w/mnv2" "$w/mnv2-ref" 1e-3
-  fi
+  reference train --config "$w/mnv2.toml" --iterations 1 --output "$w/mnv2-ref" >&2
+  python3 "$helper" losses "$w/mnv2" "$w/mnv2-ref" "$loss_rtol"
 }
 train_step() {
-  # The device run learns; its first interval agrees with the CPU's (same initialisation,
-  # same batches; TF32 convolutions on the GPU explain a relative 1e-2).
+  # The device run learns; its first interval agrees with the reference side's (same
+  # initialisation, same batches).
   run "$bin/brelu" train --config "$w/r18.toml" --device "$dev" --output "$w/train" >&2
-  if [ "$mode" = gpu ]; then
-    run "$bin/brelu" train --config "$w/r18.toml" --iterations "$every" --output "$w/train-ref" >&2
-    fig=$(python3 "$helper" losses "$w/train" "$w/train-ref" 2e-2 --min-drop 0.1) || { echo "$fig"; exit 1; }
-  else
-    # One thread against two: another summation order of every reduction.
-    run env OMP_NUM_THREADS=1 "$bin/brelu" train --config "$w/r18.toml" --iterations "$every" --output "$w/train-ref" >&2
-    fig=$(python3 "$helper" losses "$w/train" "$w/train-ref" 1e-3 --min-drop 0.1) || { echo "$fig"; exit 1; }
-  fi
-  eager=null
+  reference train --config "$w/r18.toml" --iterations "$every" --output "$w/train-ref" >&2
+  fig=$(python3 "$helper" losses "$w/train" "$w/train-ref" "$loss_rtol" --min-drop 0.1) || { echo "$fig"; exit 1; }
+  eager='{"images_per_s": null}'
   if python3 -c 'import torch' 2>/dev/null; then
     d=cpu; [ "$mode" = gpu ] && d=cuda
     eager=$(python3 "$pyref" --only resnet18-cifar --batch "$bs" --steps 5 --device "$d" | head -1) || exit 1
   fi
-  python3 -c 'import json,sys;f=json.loads(sys.argv[1]);e=json.loads(sys.argv[2]);f["pytorch_eager_images_per_s"]=e and e["images_per_s"];print(json.dumps(f))' "$fig" "$eager"
+  e=$(python3 -c 'import json,sys;print(json.dumps({"pytorch_eager_images_per_s":json.loads(sys.argv[1])["images_per_s"]}))' "$eager")
+  python3 "$helper" merge "$fig" "$e"
 }
 finetune() {
   run "$bin/brelu" spec uniform --model resnet18-cifar --patch 2x2 -o "$w/spec.json" >&2
   ft=(finetune --config "$w/r18-ft.toml" --weights "$w/train/checkpoint.safetensors" --spec "$w/spec.json")
   run "$bin/brelu" "${ft[@]}" --device "$dev" --output "$w/ft" >&2
-  # It learns, and its first interval agrees with the CPU's (CPU mode: one thread).
-  if [ "$mode" = gpu ]; then
-    run "$bin/brelu" "${ft[@]}" --iterations "$every" --output "$w/ft-ref" >&2
-    python3 "$helper" losses "$w/ft" "$w/ft-ref" 2e-2 --min-drop 0
-  else
-    run env OMP_NUM_THREADS=1 "$bin/brelu" "${ft[@]}" --iterations "$every" --output "$w/ft-ref" >&2
-    python3 "$helper" losses "$w/ft" "$w/ft-ref" 1e-3 --min-drop 0
-  fi
+  # It learns, and its first interval agrees with the reference side's.
+  reference "${ft[@]}" --iterations "$every" --output "$w/ft-ref" >&2
+  python3 "$helper" losses "$w/ft" "$w/ft-ref" "$loss_rtol" --min-drop 0
 }
 
 if [ "$mode" = gpu ]; then big=600; else big=900; fi

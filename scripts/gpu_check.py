@@ -7,7 +7,8 @@ guarantee and CI has no PyTorch).
     gpu_check.py tables A B RTOL FLOOR           compare two distortion directories
     gpu_check.py losses RUN [REF RTOL] [--min-drop F]   a training run learned (and agrees with REF)
     gpu_check.py criterion LOG                   medians of a criterion run's output
-    gpu_check.py flops DIR SECONDS               effective FLOP/s of an exact extraction
+    gpu_check.py speed DIR SECONDS [DEVICE]      evaluations/s and effective FLOP/s of an extraction
+    gpu_check.py merge JSON...                   one JSON object from several
     gpu_check.py report OUT MODE                 report.json + table from OUT/steps.jsonl
 
 Every check prints one JSON object of figures on its last line and exits 1 when it fails.
@@ -189,22 +190,33 @@ def suffix_macs(model, classes, site):
 PEAK_FP32 = {"H200": 67.0, "H100 PCIe": 51.0, "H100 NVL": 60.0, "H100": 67.0, "A100": 19.5}
 
 
-def flops(d, seconds, device=""):
-    """Effective FLOP/s of an extraction: every (channel, option, sample) evaluation counted as
-    the network after its site (2 FLOPs per multiply-add), over the wall time."""
+def speed(d, seconds, device=""):
+    """Throughput of an extraction from its manifest: (channel, option, sample) evaluations
+    per second, and effective FLOP/s with each evaluation counted as the network after its
+    site (2 FLOPs per multiply-add), against the card's FP32 peak when it is known."""
     m = json.load(open(os.path.join(d, "manifest.json")))
-    classes = None
-    total = 0.0
+    s = float(seconds)
+    classes = 100 if m["model"] == "resnet18-cifar" else 1000
+    evals = flop = 0
     for site, meta in m["sites"].items():
-        shape, data = read_npy(os.path.join(d, meta["file"]))
-        classes = classes or (100 if m["model"] == "resnet18-cifar" else 1000)
-        total += 2.0 * suffix_macs(m["model"], classes, site) * shape[0] * shape[1] * m["samples"]
-    fig = {"effective_tflop_s": total / float(seconds) / 1e12}
+        n = meta["shape"][0] * len(meta["options"]) * m["samples"]
+        evals += n
+        flop += 2 * suffix_macs(m["model"], classes, site) * n
+    fig = {"timed_seconds": s, "evaluations": evals, "evaluations_per_s": evals / s,
+           "channel_options_per_s": evals / m["samples"] / s, "effective_tflop_s": flop / s / 1e12}
     peak = next((v for k, v in PEAK_FP32.items() if all(w in device for w in k.split())), None)
     if peak:
         fig["fp32_peak_tflop_s"] = peak
         fig["fraction_of_fp32_peak"] = fig["effective_tflop_s"] / peak
     print(json.dumps(fig))
+
+
+def merge(objects):
+    """One JSON object from several (later keys win), for a step's figures."""
+    out = {}
+    for o in objects:
+        out.update(json.loads(o) or {})
+    print(json.dumps(out))
 
 
 def metrics(run):
@@ -287,8 +299,10 @@ def main():
         tables(*rest)
     elif cmd == "losses":
         losses(rest)
-    elif cmd == "flops":
-        flops(*rest)
+    elif cmd == "speed":
+        speed(*rest)
+    elif cmd == "merge":
+        merge(rest)
     elif cmd == "criterion":
         criterion(rest[0])
     elif cmd == "report":
