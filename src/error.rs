@@ -75,6 +75,14 @@ pub enum Error {
     /// sequence number, wrong or oversize length.
     #[error("secure: malformed frame from {peer}: {msg}")]
     Malformed { peer: String, msg: String },
+    /// A connection did not authenticate as the party it claimed to be (unknown key, role not
+    /// expected, duplicate role, not a brelu handshake); nothing was sent to it.
+    #[error("secure: refused {peer}: {msg}")]
+    Refused { peer: String, msg: String },
+    /// Data from an authenticated peer failed its integrity check: tampered, replayed,
+    /// reordered or dropped on the way.
+    #[error("secure: data from {peer} failed authentication (tampered, replayed, reordered or dropped on the way); session ended")]
+    Tampered { peer: String },
     /// A peer runs a different model, spec or protocol setting (hash of all of them).
     #[error(
         "secure: {peer} runs a different model/spec/settings (its hash {theirs}, ours {ours})"

@@ -5,7 +5,8 @@ use super::{parse_input, print_json};
 use crate::data::Split;
 use crate::models::{find, ArchConfig, Model};
 use crate::secure::engine::{run_party, ClientInput};
-use crate::secure::party::{accept_n, connect_retry, Party, Role};
+use crate::secure::noise::{fingerprint, Identity, Trust};
+use crate::secure::party::{connect_retry, Join, Role};
 use crate::secure::plan::{argmax, Plan, Settings};
 use crate::secure::ring::Fixed;
 use crate::secure::{run_compare, LinkConfig, RunReport};
@@ -23,8 +24,12 @@ pub enum SecureCommand {
     /// Run client, server and dealer in this process over loopback TCP and compare with the
     /// plaintext fixed-point and float models.
     Run(RunArgs),
-    /// Run one party of a session (for real multi-host use).
+    /// Run one party of a session (for real multi-host use). Every party authenticates the
+    /// others by their pinned public keys (see `keygen`) and all links are encrypted.
     Party(PartyArgs),
+    /// Write a party's static key pair: ROLE.key (private, mode 0600; stays with the party)
+    /// and ROLE.pub (give it to the two other parties).
+    Keygen(KeygenArgs),
     /// Ring (wrapping u64) GEMM throughput next to f64 GEMM (libtorch BLAS) in the same run.
     /// A developer's micro-benchmark (BENCHMARKS.md), so left out of the help.
     #[command(hide = true)]
@@ -97,9 +102,36 @@ pub struct PartyArgs {
     /// Peers to connect to: `client=HOST:PORT` (server, dealer), `server=HOST:PORT` (dealer).
     #[arg(long = "peer", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// This party's private key file (from `brelu secure keygen`).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The pinned public key of another party, `ROLE=FILE`; give both other roles.
+    #[arg(long = "peer-key", value_delimiter = ',')]
+    pub peer_keys: Vec<String>,
+    /// A folder holding this party's ROLE.key and the other two's .pub files (what
+    /// `keygen --role all` writes; for tests and single-operator setups), instead of --key and
+    /// --peer-key.
+    #[arg(long, conflicts_with_all = ["key", "peer_keys"])]
+    pub keys: Option<PathBuf>,
+    /// Server: run with seeded random weights instead of --weights (demos and tests).
+    #[arg(long)]
+    pub random_weights: bool,
     /// Print the client's result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// client, server, dealer, or all (three key pairs in one folder, for tests and demos).
+    #[arg(long)]
+    pub role: String,
+    /// Folder to write the key files into.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Replace existing key files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +149,7 @@ pub fn run(c: SecureCommand) -> Result<()> {
     match c {
         SecureCommand::Run(a) => run_cmd(a),
         SecureCommand::Party(a) => party_cmd(a),
+        SecureCommand::Keygen(a) => keygen_cmd(a),
         SecureCommand::Gemm(a) => gemm_cmd(a),
     }
 }
@@ -341,38 +374,125 @@ fn peer_addr<'a>(peers: &'a [String], role: &str) -> Result<&'a str> {
         .with_context(|| format!("missing --peer {role}=HOST:PORT"))
 }
 
+fn keygen_cmd(a: KeygenArgs) -> Result<()> {
+    let roles: Vec<Role> = match a.role.as_str() {
+        "all" => Role::ALL.to_vec(),
+        r => vec![Role::parse(r)
+            .with_context(|| format!("--role must be client, server, dealer or all, got '{r}'"))?],
+    };
+    for r in &roles {
+        let key = a.out.join(format!("{}.key", r.name()));
+        if key.exists() && !a.force {
+            bail!(
+                "{} exists: a party's key is its identity, so it is not replaced without --force",
+                key.display()
+            );
+        }
+    }
+    for r in roles {
+        let id = Identity::generate(r)?;
+        let (key, public) = id.save(&a.out)?;
+        println!(
+            "{r}: private key {} (keep it with the {r}), public key {} (give it to the others), \
+             fingerprint {}",
+            key.display(),
+            public.display(),
+            fingerprint(&id.public)
+        );
+    }
+    Ok(())
+}
+
+/// The party's own key and the pinned keys of the two others, from --keys or --key/--peer-key.
+fn load_keys(a: &PartyArgs, role: Role) -> Result<(Identity, Trust)> {
+    let others: Vec<Role> = Role::ALL.into_iter().filter(|r| *r != role).collect();
+    let mut trust = Trust::default();
+    let (key, peers): (PathBuf, Vec<(Role, PathBuf)>) = match &a.keys {
+        Some(dir) => (
+            dir.join(format!("{}.key", role.name())),
+            others
+                .iter()
+                .map(|r| (*r, dir.join(format!("{}.pub", r.name()))))
+                .collect(),
+        ),
+        None => {
+            let key = a.key.clone().with_context(|| {
+                format!(
+                    "the {role} needs its private key: --key FILE (or --keys DIR); make one with \
+                     `brelu secure keygen --role {role} -o DIR`"
+                )
+            })?;
+            let mut peers = Vec::new();
+            for p in &a.peer_keys {
+                let (r, f) = p
+                    .split_once('=')
+                    .with_context(|| format!("--peer-key must be ROLE=FILE, got '{p}'"))?;
+                let r = Role::parse(r)
+                    .with_context(|| format!("--peer-key: unknown role '{r}' in '{p}'"))?;
+                if r == role {
+                    bail!("--peer-key {p}: that is this party's own role");
+                }
+                peers.push((r, PathBuf::from(f)));
+            }
+            (key, peers)
+        }
+    };
+    let id = Identity::load(&key).context("loading this party's key")?;
+    if id.role != role {
+        bail!(
+            "{}: the key is the {}'s, but this party runs as the {role}",
+            key.display(),
+            id.role
+        );
+    }
+    for (r, f) in peers {
+        trust
+            .pin_file(r, &f)
+            .context("loading a pinned public key")?;
+    }
+    for r in others {
+        if trust.get(r).is_none() {
+            bail!("missing --peer-key {r}=FILE: the {role} must pin the {r}'s public key");
+        }
+    }
+    Ok((id, trust))
+}
+
 fn party_cmd(a: PartyArgs) -> Result<()> {
     let role = Role::parse(&a.role)
         .with_context(|| format!("--role must be client, server or dealer, got '{}'", a.role))?;
+    if role == Role::Server && a.session.weights.is_none() && !a.random_weights {
+        bail!(
+            "the server needs the model's weights: --weights FILE.safetensors (or \
+             --random-weights for a demo with seeded random weights)"
+        );
+    }
+    let (identity, trust) = load_keys(&a, role)?;
     let s = load_session(&a.session, role == Role::Client)?;
     let (plan, weights) = Plan::from_model(&s.model, s.settings)?;
     let timeout = s.link.timeout;
-    let listen = |n: usize| -> Result<Vec<std::net::TcpStream>> {
+    let hash = plan.hash();
+    let join = Join {
+        identity: &identity,
+        trust: &trust,
+        settings: plan.settings,
+        session_hash: &hash,
+        cfg: s.link,
+        layers: plan.layers.len(),
+    };
+    let mut dialed = Vec::new();
+    for peer in Role::ALL.into_iter().filter(|r| *r < role) {
+        let addr = peer_addr(&a.peers, peer.name())?;
+        dialed.push((peer, connect_retry(addr, peer.name(), timeout)?));
+    }
+    let mut on_refused = |e: &crate::Error| eprintln!("{role}: {e}; still waiting");
+    let p = if role == Role::Dealer {
+        join.connected(dialed)
+    } else {
         let addr = a.listen.as_deref().context("missing --listen HOST:PORT")?;
         let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        Ok(accept_n(&l, n, timeout)?)
-    };
-    let streams = match role {
-        Role::Client => listen(2)?,
-        Role::Server => {
-            let c = connect_retry(peer_addr(&a.peers, "client")?, "client", timeout)?;
-            let mut v = vec![c];
-            v.extend(listen(1)?);
-            v
-        }
-        Role::Dealer => vec![
-            connect_retry(peer_addr(&a.peers, "client")?, "client", timeout)?,
-            connect_retry(peer_addr(&a.peers, "server")?, "server", timeout)?,
-        ],
-    };
-    let p = Party::handshake(
-        role,
-        streams,
-        plan.settings,
-        &plan.hash(),
-        s.link,
-        plan.layers.len(),
-    )
+        join.listening(dialed, &l, &mut on_refused)
+    }
     .with_context(|| format!("{role}: session handshake"))?;
     eprintln!("{role}: session started (hash {})", &plan.hash()[..16]);
     let input = ClientInput {

@@ -2,7 +2,8 @@
 //! input sharing, every layer's protocol, and the output reveal; counts time, bytes, rounds
 //! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
 use super::link::LinkConfig;
-use super::party::{loopback_streams, LayerStats, Party, Phase, Role, TAG_SESSION};
+use super::noise::ephemeral_session;
+use super::party::{loopback_streams, Join, LayerStats, Party, Phase, Role, TAG_SESSION};
 use super::plan::{Layer, Plan, Weights};
 use super::proto::{self, LinOp, LinearMask};
 use super::ring;
@@ -280,21 +281,24 @@ pub fn run_local(
 ) -> Result<[PartyRun; 3]> {
     let hash = plan.hash();
     let [sc, ss, sd] = loopback_streams()?;
-    let nl = plan.layers.len();
-    let settings = plan.settings;
+    let [kc, ks, kd] = ephemeral_session()?;
+    let join = |(identity, trust)| Join {
+        identity,
+        trust,
+        settings: plan.settings,
+        session_hash: &hash,
+        cfg,
+        layers: plan.layers.len(),
+    };
+    let (jc, js, jd) = (
+        join((&kc.0, &kc.1)),
+        join((&ks.0, &ks.1)),
+        join((&kd.0, &kd.1)),
+    );
     let (rc, rs, rd) = std::thread::scope(|scope| {
-        let hc = scope.spawn(|| {
-            let p = Party::handshake(Role::Client, sc, settings, &hash, cfg, nl)?;
-            run_party(p, plan, None, Some(input))
-        });
-        let hs = scope.spawn(|| {
-            let p = Party::handshake(Role::Server, ss, settings, &hash, cfg, nl)?;
-            run_party(p, plan, Some(weights), None)
-        });
-        let hd = scope.spawn(|| {
-            let p = Party::handshake(Role::Dealer, sd, settings, &hash, cfg, nl)?;
-            run_party(p, plan, None, None)
-        });
+        let hc = scope.spawn(|| run_party(jc.connected(sc)?, plan, None, Some(input)));
+        let hs = scope.spawn(|| run_party(js.connected(ss)?, plan, Some(weights), None));
+        let hd = scope.spawn(|| run_party(jd.connected(sd)?, plan, None, None));
         let join = |h: std::thread::ScopedJoinHandle<'_, Result<PartyRun>>| {
             h.join().unwrap_or_else(|_| {
                 Err(Error::Link {
@@ -325,11 +329,20 @@ pub fn with_parties<T: Send>(
     f: impl Fn(&mut Party) -> Result<T> + Sync,
 ) -> Result<[T; 3]> {
     let [sc, ss, sd] = loopback_streams()?;
-    let hash = "protocol-test";
-    let cfg = LinkConfig::default();
+    let keys = ephemeral_session()?;
     let f = &f;
+    let keys = &keys;
     let run = move |role: Role, streams| -> Result<T> {
-        let mut p = Party::handshake(role, streams, settings, hash, cfg, 1)?;
+        let (identity, trust) = &keys[role as usize];
+        let join = Join {
+            identity,
+            trust,
+            settings,
+            session_hash: "protocol-test",
+            cfg: LinkConfig::default(),
+            layers: 1,
+        };
+        let mut p = join.connected(streams)?;
         p.tag = 0;
         let out = f(&mut p)?;
         p.finish()?;

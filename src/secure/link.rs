@@ -1,25 +1,30 @@
-//! One TCP connection to a peer: framed messages, a maximum frame size, read and write
-//! timeouts, byte counters. Sending never blocks the protocol: frames go to a writer thread
-//! through a queue, so both halves of an exchange are sent before either side receives and
-//! large exchanges cannot deadlock on full socket buffers. There is no acknowledgement: TCP is
-//! reliable, and the per-direction sequence number in every header catches protocol bugs.
+//! One authenticated, encrypted TCP connection to a peer ([`super::noise`]): framed messages
+//! cut into frames of at most `max_frame` bytes, deadlines per frame, byte counters. Sending
+//! never blocks the protocol: frames go to a writer thread (which also encrypts) through a
+//! queue, so both halves of an exchange are sent before either side receives and large
+//! exchanges cannot deadlock on full socket buffers. There is no acknowledgement: TCP is
+//! reliable, the AEAD catches any change on the way, and the per-direction sequence number in
+//! every header catches protocol bugs.
+use super::noise::{AuthFailed, RecordReader, RecordWriter, Transport, MAX_PLAIN};
 use super::wire::{Header, Kind, HEADER_LEN};
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Link settings shared by all links of a party.
 #[derive(Clone, Copy, Debug)]
 pub struct LinkConfig {
-    /// Longest wait for a peer's next frame (and for a blocked write).
+    /// Longest wait for each frame from a peer (from the request to its last byte) and for
+    /// each frame to be written.
     pub timeout: Duration,
-    /// Largest accepted payload in bytes.
+    /// Largest frame payload in bytes; larger messages travel as several frames.
     pub max_frame: usize,
-    /// Most bytes of offline frames kept while an online frame is awaited (the dealer sends
-    /// an image's whole offline part ahead: 0.34 GB for ResNet50 at 224x224 and 6%).
+    /// Most bytes of the dealer's offline frames kept while an online frame is awaited (the
+    /// dealer sends an image's whole offline part ahead: 0.34 GB for ResNet50 at 224x224 and
+    /// 6%).
     pub max_ahead: usize,
 }
 
@@ -27,16 +32,23 @@ impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
             timeout: Duration::from_secs(120),
-            max_frame: 1 << 30,
+            max_frame: 16 << 20,
             max_ahead: 4 << 30,
         }
     }
 }
 
-/// A framed, counted connection to one peer.
+/// Bytes on the wire for a frame of `n` bytes (header included): each frame is sealed into its
+/// own records of at most [`MAX_PLAIN`] bytes, each with a 2-byte length and a 16-byte tag.
+pub fn wire_len(n: usize) -> u64 {
+    (n + n.div_ceil(MAX_PLAIN) * 18) as u64
+}
+
+/// A framed, counted, encrypted connection to one peer.
 pub struct Link {
     peer: String,
     stream: TcpStream,
+    reader: RecordReader,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     writer: Option<JoinHandle<std::io::Result<()>>>,
     /// Signalled when the writer thread ends.
@@ -44,28 +56,41 @@ pub struct Link {
     cfg: LinkConfig,
     send_seq: u32,
     recv_seq: u32,
-    /// Frames that arrived before they were asked for (the dealer's offline frames run ahead
-    /// of its online ones on the same connection), in arrival order.
+    /// Whether the peer may send offline frames ahead (only the dealer does).
+    pub accepts_offline: bool,
+    /// Offline frames that arrived before they were asked for (the dealer's offline frames
+    /// run ahead of its online ones on the same connection), in arrival order.
     pending: std::collections::VecDeque<(Header, Vec<u8>)>,
     pending_bytes: usize,
-    /// Bytes written to this link (headers included).
+    /// Bytes written to this link (frame headers, record lengths and tags included).
     pub bytes_sent: u64,
-    /// Bytes read from this link (headers included).
+    /// Frame bytes read from this link (headers included).
     pub bytes_recv: u64,
     pub frames_sent: u64,
 }
 
 impl Link {
-    /// Wraps a connected stream; `peer` names the other party in errors.
-    pub fn new(stream: TcpStream, peer: &str, cfg: LinkConfig) -> Result<Link> {
+    /// Wraps a stream whose handshake gave `transport`; `peer` names the other party in
+    /// errors.
+    pub fn new(
+        stream: TcpStream,
+        peer: &str,
+        cfg: LinkConfig,
+        transport: Transport,
+    ) -> Result<Link> {
         let err = |e: std::io::Error| Error::Link {
             peer: peer.to_string(),
             msg: e.to_string(),
         };
+        if cfg.max_frame == 0 || cfg.max_frame > u32::MAX as usize {
+            return Err(Error::InvalidArgument(format!(
+                "maximum frame size {} must be in 1..=4 GiB",
+                cfg.max_frame
+            )));
+        }
         stream.set_nodelay(true).map_err(err)?;
-        stream.set_read_timeout(Some(cfg.timeout)).map_err(err)?;
-        stream.set_write_timeout(Some(cfg.timeout)).map_err(err)?;
-        let mut w = stream.try_clone().map_err(err)?;
+        let reader = RecordReader::new(stream.try_clone().map_err(err)?, transport.clone());
+        let mut w = RecordWriter::new(stream.try_clone().map_err(err)?, transport, cfg.timeout);
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let (done_tx, writer_done) = mpsc::channel::<()>();
         let writer = std::thread::Builder::new()
@@ -74,8 +99,9 @@ impl Link {
                 let r = (|| {
                     for frame in rx {
                         w.write_all(&frame)?;
+                        w.flush()?;
                     }
-                    w.flush()
+                    Ok(())
                 })();
                 let _ = done_tx.send(());
                 r
@@ -84,12 +110,14 @@ impl Link {
         Ok(Link {
             peer: peer.to_string(),
             stream,
+            reader,
             tx: Some(tx),
             writer: Some(writer),
             writer_done,
             cfg,
             send_seq: 0,
             recv_seq: 0,
+            accepts_offline: false,
             pending: std::collections::VecDeque::new(),
             pending_bytes: 0,
             bytes_sent: 0,
@@ -121,31 +149,29 @@ impl Link {
         }
     }
 
-    /// Queues one frame; returns at once.
+    /// Queues one message (as frames of at most `max_frame` bytes); returns at once.
     pub fn send(&mut self, kind: Kind, tag: u32, payload: &[u8]) -> Result<()> {
-        if payload.len() > self.cfg.max_frame || payload.len() > u32::MAX as usize {
-            return Err(Error::InvalidArgument(format!(
-                "message of {} bytes to {} exceeds the maximum frame size {}",
-                payload.len(),
-                self.peer,
-                self.cfg.max_frame
-            )));
-        }
-        let h = Header {
-            kind,
-            tag,
-            seq: self.send_seq,
-            len: payload.len() as u32,
-        };
-        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-        frame.extend_from_slice(&h.encode());
-        frame.extend_from_slice(payload);
-        self.send_seq = self.send_seq.wrapping_add(1);
-        self.bytes_sent += frame.len() as u64;
-        self.frames_sent += 1;
-        let sent = self.tx.as_ref().map(|tx| tx.send(frame).is_ok());
-        if sent != Some(true) {
-            return Err(self.writer_error());
+        let max = self.cfg.max_frame;
+        let frames = payload.len().div_ceil(max).max(1);
+        for i in 0..frames {
+            let chunk = &payload[i * max..((i + 1) * max).min(payload.len())];
+            let h = Header {
+                kind,
+                more: i + 1 < frames,
+                tag,
+                seq: self.send_seq,
+                len: chunk.len() as u32,
+            };
+            let mut frame = Vec::with_capacity(HEADER_LEN + chunk.len());
+            frame.extend_from_slice(&h.encode());
+            frame.extend_from_slice(chunk);
+            self.send_seq = self.send_seq.wrapping_add(1);
+            self.bytes_sent += wire_len(frame.len());
+            self.frames_sent += 1;
+            let sent = self.tx.as_ref().map(|tx| tx.send(frame).is_ok());
+            if sent != Some(true) {
+                return Err(self.writer_error());
+            }
         }
         Ok(())
     }
@@ -161,6 +187,11 @@ impl Link {
 
     fn io_error(&self, e: std::io::Error) -> Error {
         use std::io::ErrorKind::*;
+        if e.get_ref().is_some_and(|i| i.is::<AuthFailed>()) {
+            return Error::Tampered {
+                peer: self.peer.clone(),
+            };
+        }
         match e.kind() {
             WouldBlock | TimedOut => Error::Timeout {
                 peer: self.peer.clone(),
@@ -171,59 +202,90 @@ impl Link {
         }
     }
 
-    /// Receives the next frame of `kind` for step `tag`, which must have exactly `expect_len`
-    /// payload bytes when given. Offline frames (input-independent data the dealer sends
-    /// ahead) that arrive while an online frame is awaited are kept until asked for, at most
-    /// `max_ahead` bytes of them; any other frame out of order is an error.
-    pub fn recv(&mut self, kind: Kind, tag: u32, expect_len: Option<usize>) -> Result<Vec<u8>> {
-        let found = self
-            .pending
-            .iter()
-            .position(|(h, _)| h.kind == kind && h.tag == tag);
-        let (h, payload) = match found {
-            Some(i) => {
-                let f = self.pending.remove(i).expect("index from position");
-                self.pending_bytes -= f.1.len();
-                f
+    /// Receives the message of `kind` for step `tag`, which must have exactly `len` bytes.
+    /// Offline frames (input-independent data the dealer sends ahead) that arrive while an
+    /// online message is awaited are kept until asked for, at most `max_ahead` bytes of them;
+    /// any other frame out of order is an error. No frame longer than what is still expected
+    /// (or than `max_frame`, for frames kept ahead) is ever allocated.
+    pub fn recv(&mut self, kind: Kind, tag: u32, len: usize) -> Result<Vec<u8>> {
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let (h, chunk) = self.next_chunk(kind, tag, len - out.len())?;
+            if out.is_empty() && !h.more && chunk.len() == len {
+                return Ok(chunk);
             }
-            None => loop {
-                let (h, payload) = self.read_frame()?;
-                if h.kind == kind && h.tag == tag {
-                    break (h, payload);
-                }
-                // Only offline frames may run ahead of online ones; anything else out of order
-                // is a protocol violation.
-                if h.kind != Kind::Offline || kind == Kind::Offline {
-                    return Err(self.malformed(format!(
-                        "got a {:?} frame for step {}, expected {:?} for step {}",
-                        h.kind, h.tag, kind, tag
-                    )));
-                }
-                self.pending_bytes += payload.len();
-                if self.pending_bytes > self.cfg.max_ahead {
-                    return Err(self.malformed(format!(
-                        "more than {} bytes sent ahead while waiting for {:?} of step {}",
-                        self.cfg.max_ahead, kind, tag
-                    )));
-                }
-                self.pending.push_back((h, payload));
-            },
-        };
-        if let Some(n) = expect_len {
-            if h.len as usize != n {
-                return Err(self.malformed(format!(
-                    "{:?} frame for step {} has {} bytes, expected {n}",
-                    h.kind, h.tag, h.len
-                )));
+            if out.is_empty() {
+                out.reserve_exact(len);
+            }
+            out.extend_from_slice(&chunk);
+            if !h.more {
+                break;
             }
         }
-        Ok(payload)
+        if out.len() != len {
+            return Err(self.malformed(format!(
+                "{kind:?} message for step {tag} has {} bytes, expected {len}",
+                out.len()
+            )));
+        }
+        Ok(out)
     }
 
-    /// Reads one frame from the socket, checking the header and the arrival sequence number.
-    fn read_frame(&mut self) -> Result<(Header, Vec<u8>)> {
+    /// The next frame of (`kind`, `tag`), from those kept ahead or from the socket; its
+    /// payload may have at most `room` bytes.
+    fn next_chunk(&mut self, kind: Kind, tag: u32, room: usize) -> Result<(Header, Vec<u8>)> {
+        let too_long = |s: &Self, h: &Header| {
+            s.malformed(format!(
+                "{:?} frame for step {} has {} bytes, at most {room} expected",
+                h.kind, h.tag, h.len
+            ))
+        };
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|(h, _)| h.kind == kind && h.tag == tag)
+        {
+            let f = self.pending.remove(i).expect("index from position");
+            self.pending_bytes -= f.1.len();
+            if f.0.len as usize > room {
+                return Err(too_long(self, &f.0));
+            }
+            return Ok(f);
+        }
+        loop {
+            let h = self.read_header()?;
+            if h.kind == kind && h.tag == tag {
+                if h.len as usize > room {
+                    return Err(too_long(self, &h));
+                }
+                let payload = self.read_payload(&h)?;
+                return Ok((h, payload));
+            }
+            // Only the dealer's offline frames may run ahead of online ones; anything else out
+            // of order is a protocol violation.
+            if h.kind != Kind::Offline || kind == Kind::Offline || !self.accepts_offline {
+                return Err(self.malformed(format!(
+                    "got a {:?} frame for step {}, expected {:?} for step {}",
+                    h.kind, h.tag, kind, tag
+                )));
+            }
+            if self.pending_bytes + h.len as usize > self.cfg.max_ahead {
+                return Err(self.malformed(format!(
+                    "more than {} bytes sent ahead while waiting for {:?} of step {}",
+                    self.cfg.max_ahead, kind, tag
+                )));
+            }
+            let payload = self.read_payload(&h)?;
+            self.pending_bytes += payload.len();
+            self.pending.push_back((h, payload));
+        }
+    }
+
+    /// Reads and checks one frame header; the frame must arrive within the timeout.
+    fn read_header(&mut self) -> Result<Header> {
+        self.reader.deadline = Instant::now() + self.cfg.timeout;
         let mut hb = [0u8; HEADER_LEN];
-        self.stream
+        self.reader
             .read_exact(&mut hb)
             .map_err(|e| self.io_error(e))?;
         let h = Header::decode(&hb, self.cfg.max_frame).map_err(|m| self.malformed(m))?;
@@ -233,13 +295,17 @@ impl Link {
                 h.seq, self.recv_seq
             )));
         }
+        Ok(h)
+    }
+
+    fn read_payload(&mut self, h: &Header) -> Result<Vec<u8>> {
         let mut payload = vec![0u8; h.len as usize];
-        self.stream
+        self.reader
             .read_exact(&mut payload)
             .map_err(|e| self.io_error(e))?;
         self.recv_seq = self.recv_seq.wrapping_add(1);
         self.bytes_recv += (HEADER_LEN + payload.len()) as u64;
-        Ok((h, payload))
+        Ok(payload)
     }
 
     /// Flushes every queued frame and closes the connection cleanly.

@@ -38,6 +38,7 @@ pub mod engine;
 pub mod gemm;
 pub mod keys;
 pub mod link;
+pub mod noise;
 pub mod party;
 pub mod plan;
 pub mod proto;

@@ -1,7 +1,10 @@
 //! One party of a session: its role, its links and PRFs with the two others, per-layer
-//! counters, and the session handshake (roles, X25519 keys, hash of model + spec + settings).
+//! counters, and the session handshake: each link authenticates with the parties' static keys
+//! ([`super::noise`]), and the handshake payloads carry the role, an ephemeral X25519 key for
+//! the pair's PRF and the hash of model + spec + settings.
 use super::keys::{KeyPair, Prf};
 use super::link::{Link, LinkConfig};
+use super::noise::{self, Identity, Transport, Trust};
 use super::plan::Settings;
 use super::wire::{pack_u64, unpack_u64, Kind};
 use crate::error::{Error, Result};
@@ -11,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// The three roles (docs/method.md 8.1). The index is also the arithmetic party index of the two
 /// share holders: the client holds share 0, the server share 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Client = 0,
@@ -39,7 +42,7 @@ impl Role {
         }
     }
 
-    fn from_u8(v: u8) -> Option<Role> {
+    pub fn from_u8(v: u8) -> Option<Role> {
         Role::ALL.get(v as usize).copied()
     }
 }
@@ -95,67 +98,214 @@ pub struct Party {
 }
 
 const HELLO_LEN: usize = 1 + 32 + 64;
-/// Tag of the handshake and session control frames.
+/// Tag of the session control frames.
 pub const TAG_SESSION: u32 = u32::MAX;
+/// Longest a listener spends on one incoming connection's handshake, so a silent impostor
+/// cannot hold the port for the whole session timeout.
+const HANDSHAKE_PER_CONNECTION: Duration = Duration::from_secs(10);
 
-impl Party {
-    /// Runs the handshake on every stream: exchange role, X25519 public key and the session
-    /// hash; fail on a wrong role or a different hash; derive the pairwise PRFs.
-    pub fn handshake(
-        role: Role,
-        streams: Vec<TcpStream>,
-        settings: Settings,
-        session_hash: &str,
-        cfg: LinkConfig,
-        layers: usize,
+fn hello(role: Role, ephemeral: &[u8; 32], session_hash: &str) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HELLO_LEN);
+    h.push(role as u8);
+    h.extend_from_slice(ephemeral);
+    h.extend_from_slice(session_hash.as_bytes());
+    h.resize(HELLO_LEN, b' ');
+    h
+}
+
+/// Everything a party needs to join a session.
+pub struct Join<'a> {
+    pub identity: &'a Identity,
+    /// The pinned keys of the two other roles.
+    pub trust: &'a Trust,
+    pub settings: Settings,
+    /// Hash of model, spec and settings: every party must have the same.
+    pub session_hash: &'a str,
+    pub cfg: LinkConfig,
+    /// Layers of the plan (sizes the per-layer counters).
+    pub layers: usize,
+}
+
+/// One authenticated link before the party is assembled.
+struct Joined {
+    peer: Role,
+    link: Link,
+    prf: Prf,
+}
+
+impl Join<'_> {
+    fn role(&self) -> Role {
+        self.identity.role
+    }
+
+    /// Checks the peer's hello, derives the pair's PRF and wraps the link.
+    fn finish_link(
+        &self,
+        peer: Role,
+        stream: TcpStream,
+        transport: Transport,
+        ours: KeyPair,
+        theirs: &[u8],
+    ) -> Result<Joined> {
+        let malformed = |msg: String| Error::Malformed {
+            peer: peer.name().into(),
+            msg,
+        };
+        if theirs.len() != HELLO_LEN || theirs[0] != peer as u8 {
+            return Err(malformed(format!(
+                "bad handshake payload ({} bytes)",
+                theirs.len()
+            )));
+        }
+        let hash = String::from_utf8_lossy(&theirs[33..]).trim().to_string();
+        if hash != self.session_hash {
+            return Err(Error::SessionMismatch {
+                peer: peer.name().into(),
+                ours: self.session_hash.into(),
+                theirs: hash,
+            });
+        }
+        let mut pk = [0u8; 32];
+        pk.copy_from_slice(&theirs[1..33]);
+        let prf = ours.agree(
+            &pk,
+            (self.role() as u8) < (peer as u8),
+            self.session_hash.as_bytes(),
+        );
+        let mut link = Link::new(stream, peer.name(), self.cfg, transport)?;
+        link.accepts_offline = peer == Role::Dealer;
+        Ok(Joined { peer, link, prf })
+    }
+
+    /// Dials side of one link: `stream` is connected to `peer` (a lower role).
+    fn initiate(&self, peer: Role, mut stream: TcpStream) -> Result<Joined> {
+        let key = self.trust.get(peer).ok_or_else(|| Error::Refused {
+            peer: peer.name().into(),
+            msg: format!("no pinned key for the {peer}"),
+        })?;
+        let keys = KeyPair::generate();
+        let deadline = Instant::now() + self.cfg.timeout;
+        let ours = hello(self.role(), &keys.public, self.session_hash);
+        let (t, theirs) = noise::initiate(&mut stream, self.identity, peer, key, &ours, deadline)?;
+        self.finish_link(peer, stream, t, keys, &theirs)
+    }
+
+    /// Answering side of one link: `stream` comes from one of the `allowed` roles.
+    fn respond(
+        &self,
+        mut stream: TcpStream,
+        allowed: &[Role],
+        deadline: Instant,
+    ) -> Result<Joined> {
+        let keys = KeyPair::generate();
+        let ours = hello(self.role(), &keys.public, self.session_hash);
+        let (peer, t, theirs) = noise::respond(
+            &mut stream,
+            self.identity,
+            self.trust,
+            allowed,
+            deadline,
+            |_, _| ours,
+        )?;
+        self.finish_link(peer, stream, t, keys, &theirs)
+    }
+
+    /// Joins over streams already connected to each peer (loopback sessions): a party dials
+    /// the lower roles and answers the higher ones.
+    pub fn connected(&self, streams: Vec<(Role, TcpStream)>) -> Result<Party> {
+        let mut joined = Vec::new();
+        for (peer, s) in streams {
+            joined.push(if peer < self.role() {
+                self.initiate(peer, s)?
+            } else {
+                self.respond(s, &[peer], Instant::now() + self.cfg.timeout)?
+            });
+        }
+        self.assemble(joined)
+    }
+
+    /// Joins with `dialed` streams to the lower roles and a listener for the higher ones.
+    /// Connections that do not authenticate as an expected role are refused (reported to
+    /// `on_refused`, sent nothing) and the listener keeps waiting until the timeout.
+    pub fn listening(
+        &self,
+        dialed: Vec<(Role, TcpStream)>,
+        listener: &TcpListener,
+        on_refused: &mut dyn FnMut(&Error),
     ) -> Result<Party> {
+        let mut joined = Vec::new();
+        for (peer, s) in dialed {
+            joined.push(self.initiate(peer, s)?);
+        }
+        let mut needed: Vec<Role> = Role::ALL.into_iter().filter(|r| *r > self.role()).collect();
+        let io = |e: std::io::Error| Error::Link {
+            peer: "listener".into(),
+            msg: e.to_string(),
+        };
+        listener.set_nonblocking(true).map_err(io)?;
+        let deadline = Instant::now() + self.cfg.timeout;
+        let mut last_refusal: Option<String> = None;
+        let mut refusals = 0usize;
+        while !needed.is_empty() {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).map_err(io)?;
+                    let by = deadline.min(Instant::now() + HANDSHAKE_PER_CONNECTION);
+                    match self.respond(s, &needed, by) {
+                        Ok(j) => {
+                            needed.retain(|r| *r != j.peer);
+                            joined.push(j);
+                        }
+                        Err(e @ (Error::Refused { .. } | Error::Malformed { .. })) => {
+                            on_refused(&e);
+                            refusals += 1;
+                            last_refusal = Some(e.to_string());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let who = needed
+                            .iter()
+                            .map(|r| r.name())
+                            .collect::<Vec<_>>()
+                            .join(" and the ");
+                        let secs = self.cfg.timeout.as_secs_f64();
+                        return Err(match last_refusal {
+                            Some(last) => Error::Refused {
+                                peer: format!("every connection claiming to be the {who}"),
+                                msg: format!(
+                                    "none authenticated within {secs} s ({refusals} refused;                                      the last: {last})"
+                                ),
+                            },
+                            None => Error::Timeout {
+                                peer: format!("the {who} (never connected)"),
+                                secs,
+                            },
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        self.assemble(joined)
+    }
+
+    fn assemble(&self, joined: Vec<Joined>) -> Result<Party> {
+        let role = self.role();
         let mut links: [Option<Link>; 3] = [None, None, None];
         let mut prfs: [Option<Prf>; 3] = [None, None, None];
-        let mut pending = Vec::new();
-        for s in streams {
-            let peer = s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "peer".into());
-            let mut link = Link::new(s, &peer, cfg)?;
-            let keys = KeyPair::generate();
-            let mut hello = Vec::with_capacity(HELLO_LEN);
-            hello.push(role as u8);
-            hello.extend_from_slice(&keys.public);
-            hello.extend_from_slice(session_hash.as_bytes());
-            hello.resize(HELLO_LEN, b' ');
-            link.send(Kind::Hello, TAG_SESSION, &hello)?;
-            pending.push((link, keys));
-        }
-        for (mut link, keys) in pending {
-            let h = link.recv(Kind::Hello, TAG_SESSION, Some(HELLO_LEN))?;
-            let peer_role = Role::from_u8(h[0]).ok_or_else(|| Error::Malformed {
-                peer: link.peer().to_string(),
-                msg: format!("unknown role {}", h[0]),
-            })?;
-            if peer_role == role || links[peer_role as usize].is_some() {
-                return Err(Error::Malformed {
-                    peer: link.peer().to_string(),
-                    msg: format!("a second {peer_role} connected"),
+        for j in joined {
+            if j.peer == role || links[j.peer as usize].is_some() {
+                return Err(Error::Refused {
+                    peer: j.peer.name().into(),
+                    msg: format!("a second {} connected", j.peer),
                 });
             }
-            link.set_peer(peer_role.name());
-            let theirs = String::from_utf8_lossy(&h[33..]).trim().to_string();
-            if theirs != session_hash {
-                return Err(Error::SessionMismatch {
-                    peer: peer_role.name().into(),
-                    ours: session_hash.into(),
-                    theirs,
-                });
-            }
-            let mut pk = [0u8; 32];
-            pk.copy_from_slice(&h[1..33]);
-            prfs[peer_role as usize] = Some(keys.agree(
-                &pk,
-                (role as u8) < (peer_role as u8),
-                session_hash.as_bytes(),
-            ));
-            links[peer_role as usize] = Some(link);
+            links[j.peer as usize] = Some(j.link);
+            prfs[j.peer as usize] = Some(j.prf);
         }
         let mut prfs_off: [Option<Prf>; 3] = [None, None, None];
         for (off, prf) in prfs_off.iter_mut().zip(prfs.iter_mut()) {
@@ -184,12 +334,14 @@ impl Party {
             phase: Phase::Inline,
             carry: std::collections::VecDeque::new(),
             own: Prf::private(),
-            settings,
+            settings: self.settings,
             tag: TAG_SESSION,
-            stats: vec![LayerStats::default(); layers + 2],
+            stats: vec![LayerStats::default(); self.layers + 2],
         })
     }
+}
 
+impl Party {
     /// Arithmetic party index: 0 for the client, 1 for the server.
     pub fn j(&self) -> u64 {
         match self.role {
@@ -269,7 +421,7 @@ impl Party {
 
     pub fn recv_bytes(&mut self, from: Role, kind: Kind, len: usize) -> Result<Vec<u8>> {
         let tag = self.tag;
-        self.link(from).recv(kind, tag, Some(len))
+        self.link(from).recv(kind, tag, len)
     }
 
     /// Sends ring elements packed `width` bytes each.
@@ -343,10 +495,15 @@ impl Party {
     }
 }
 
-/// Connected stream pairs for the three links of a session on loopback, by role.
-pub fn loopback_streams() -> Result<[Vec<TcpStream>; 3]> {
-    let mut out: [Vec<TcpStream>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-    for (a, b) in [(0usize, 1usize), (0, 2), (1, 2)] {
+/// Connected streams for the three links of a session on loopback: per role, its streams to
+/// the two others, each labelled with the peer's role.
+pub fn loopback_streams() -> Result<[Vec<(Role, TcpStream)>; 3]> {
+    let mut out: [Vec<(Role, TcpStream)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    for (a, b) in [
+        (Role::Client, Role::Server),
+        (Role::Client, Role::Dealer),
+        (Role::Server, Role::Dealer),
+    ] {
         let io = |e: std::io::Error| Error::Link {
             peer: "loopback".into(),
             msg: e.to_string(),
@@ -355,8 +512,8 @@ pub fn loopback_streams() -> Result<[Vec<TcpStream>; 3]> {
         let addr = l.local_addr().map_err(io)?;
         let s = TcpStream::connect(addr).map_err(io)?;
         let (t, _) = l.accept().map_err(io)?;
-        out[a].push(t);
-        out[b].push(s);
+        out[a as usize].push((b, t));
+        out[b as usize].push((a, s));
     }
     Ok(out)
 }
@@ -376,34 +533,4 @@ pub fn connect_retry(addr: &str, peer: &str, timeout: Duration) -> Result<TcpStr
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
-}
-
-/// Accepts `n` connections on `listener` within `timeout`.
-pub fn accept_n(listener: &TcpListener, n: usize, timeout: Duration) -> Result<Vec<TcpStream>> {
-    let io = |e: std::io::Error| Error::Link {
-        peer: "listener".into(),
-        msg: e.to_string(),
-    };
-    listener.set_nonblocking(true).map_err(io)?;
-    let start = Instant::now();
-    let mut out = Vec::new();
-    while out.len() < n {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(io)?;
-                out.push(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() >= timeout {
-                    return Err(Error::Timeout {
-                        peer: format!("{} more peer(s) to connect", n - out.len()),
-                        secs: timeout.as_secs_f64(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(io(e)),
-        }
-    }
-    Ok(out)
 }

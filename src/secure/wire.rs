@@ -1,23 +1,26 @@
 //! The frame format of the secure-inference links. A frame is a 16-byte header and a payload:
 //!
 //! ```text
-//! magic "BR" | version u8 | kind u8 | tag u32 LE | seq u32 LE | len u32 LE | payload (len bytes)
+//! magic "BR" | version u8 | kind u8 (bit 7: more) | tag u32 LE | seq u32 LE | len u32 LE | payload
 //! ```
 //!
 //! `tag` names the layer (op index) or session step a message belongs to, `seq` counts frames
-//! per direction from 0, so a lost, duplicated or reordered frame is detected. Decoding checks
-//! the length against the maximum frame size before anything is allocated and never panics.
+//! per direction from 0, so a lost, duplicated or reordered frame is detected. A message larger
+//! than the maximum frame size travels as several frames of the same kind and tag, all but the
+//! last with the `more` bit set. Decoding checks the length against the maximum frame size
+//! before anything is allocated and never panics. Frames travel inside the encrypted records of
+//! [`super::noise`].
 
 pub const MAGIC: [u8; 2] = *b"BR";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// Bit of the kind byte set on every frame of a message but its last.
+const MORE: u8 = 0x80;
 pub const HEADER_LEN: usize = 16;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// Session handshake: role, public key, session hash.
-    Hello = 1,
     /// Session setup: the opened weight masks F = W - B.
     Setup = 2,
     /// Protocol data of one layer.
@@ -33,7 +36,6 @@ pub enum Kind {
 impl Kind {
     pub fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
-            1 => Kind::Hello,
             2 => Kind::Setup,
             3 => Kind::Data,
             4 => Kind::Control,
@@ -48,6 +50,8 @@ impl Kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub kind: Kind,
+    /// Another frame of the same message follows.
+    pub more: bool,
     pub tag: u32,
     pub seq: u32,
     pub len: u32,
@@ -58,7 +62,7 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[0..2].copy_from_slice(&MAGIC);
         b[2] = VERSION;
-        b[3] = self.kind as u8;
+        b[3] = self.kind as u8 | if self.more { MORE } else { 0 };
         b[4..8].copy_from_slice(&self.tag.to_le_bytes());
         b[8..12].copy_from_slice(&self.seq.to_le_bytes());
         b[12..16].copy_from_slice(&self.len.to_le_bytes());
@@ -79,7 +83,8 @@ impl Header {
         if b[2] != VERSION {
             return Err(format!("protocol version {} (ours is {VERSION})", b[2]));
         }
-        let kind = Kind::from_u8(b[3]).ok_or_else(|| format!("unknown frame type {}", b[3]))?;
+        let kind = Kind::from_u8(b[3] & !MORE)
+            .ok_or_else(|| format!("unknown frame type {}", b[3] & !MORE))?;
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let len = word(12);
         if len as usize > max_frame {
@@ -89,6 +94,7 @@ impl Header {
         }
         Ok(Header {
             kind,
+            more: b[3] & MORE != 0,
             tag: word(4),
             seq: word(8),
             len,
@@ -152,6 +158,7 @@ mod tests {
     fn header_round_trip() {
         let h = Header {
             kind: Kind::Data,
+            more: true,
             tag: 7,
             seq: 99,
             len: 1234,
@@ -174,7 +181,7 @@ mod tests {
             if i % 2 == 0 && n >= 4 {
                 b[0..2].copy_from_slice(&MAGIC);
                 b[2] = VERSION;
-                b[3] = rng.gen_range(0..7);
+                b[3] = rng.gen_range(0..7) | if rng.gen() { MORE } else { 0 };
             }
             if let Ok(h) = Header::decode(&b, 1 << 24) {
                 assert_eq!(h.encode().as_slice(), b.as_slice());

@@ -10,6 +10,8 @@ mod layers;
 mod models;
 mod pipeline;
 mod secure;
+mod secure_links;
+mod secure_parties;
 mod seg_data;
 mod seg_pipeline;
 mod segmentation_models;
