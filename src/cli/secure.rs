@@ -365,6 +365,17 @@ fn print_report(r: &RunReport) {
             .map(|c| format!("; correct {c}/{}", r.images.len()))
             .unwrap_or_default()
     );
+    if r.far_off_images > 0 {
+        eprintln!(
+            "warning: {} image(s) have logits more than {} from the plaintext fixed-point pass: \
+             a local truncation failed (its probability grows with |value| * 2^frac / 2^64: use \
+             fewer --frac-bits than {}) or a patch summing to within a few ulps of 0 decided \
+             differently",
+            r.far_off_images,
+            crate::secure::report::FAR_OFF,
+            r.frac_bits
+        );
+    }
 }
 
 fn peer_addr<'a>(peers: &'a [String], role: &str) -> Result<&'a str> {
@@ -470,6 +481,16 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
     let (identity, trust) = load_keys(&a, role)?;
     let s = load_session(&a.session, role == Role::Client)?;
     let (plan, weights) = Plan::from_model(&s.model, s.settings)?;
+    // Checked before any peer is contacted: a bad image must not cost the others a session.
+    let input = ClientInput {
+        images: s
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, x)| plan.settings.fixed.encode_all(x, &format!("image {i}")))
+            .collect::<crate::Result<_>>()?,
+        argmax_only: a.session.argmax_only,
+    };
     let timeout = s.link.timeout;
     let hash = plan.hash();
     let join = Join {
@@ -495,14 +516,6 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
     }
     .with_context(|| format!("{role}: session handshake"))?;
     eprintln!("{role}: session started (hash {})", &plan.hash()[..16]);
-    let input = ClientInput {
-        images: s
-            .images
-            .iter()
-            .map(|x| plan.settings.fixed.encode_all(x))
-            .collect(),
-        argmax_only: a.session.argmax_only,
-    };
     let w = (role == Role::Server).then_some(&weights);
     let run = run_party(p, &plan, w, (role == Role::Client).then_some(&input))
         .with_context(|| format!("{role}: secure inference"))?;

@@ -438,18 +438,38 @@ fn drelu_randomness(p: &mut Party, n: usize) -> Result<DreluRandomness> {
         let zb = take(n * k).to_vec();
         let x = ring(take(n * w));
         let xb = take(n * k).to_vec();
+        // Out-of-range values would break the field arithmetic (a share of 68 or more
+        // underflows in PrivateCompare): refuse them by name.
+        let bad = !z.iter().all(|&v| me.contains(v))
+            || !zo.iter().chain(&x).all(|&v| mo.contains(v))
+            || zb.iter().chain(&xb).any(|&v| v >= P);
+        if bad {
+            return Err(Error::Malformed {
+                peer: "dealer".into(),
+                msg: "DReLU randomness outside its ring or Z_67".into(),
+            });
+        }
         DreluRandomness { z, zo, zb, x, xb }
     })
 }
 
 /// DReLU: shares of [a > 0] in Z_2^64 for shares of `n` values `a` (SecureNN ShareConvert +
 /// ComputeMSB, each with a PrivateCompare in Z_67). With `drelu_bits` k < 64 only a window of
-/// k bits (after dropping `drelu_shift` low bits) is compared. Bytes per element, w =
+/// k bits (after dropping `drelu_shift` low bits) is compared; see [`drelu_in_window`] for
+/// sums of several values. Bytes per element, w =
 /// ceil(k/8): dealer -> client 3w + 2k (correlated randomness, sent ahead), w and 8 (the two
 /// comparison results); client <-> server 2 x 2w (the two openings); client, server -> dealer
 /// 2 x 2k (the two PrivateCompare vectors). In all 6k + 8w + 8: 456 bytes for k = 64, 120 for
 /// k = 16. Six sequential message trips.
 pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
+    drelu_in_window(p, a, n, &[])
+}
+
+/// [`drelu`] where element `e` is a sum of up to 2^`sum_bits[e]` values (a block-ReLU patch):
+/// an approximate window drops that many more low bits, so it bounds the mean as the
+/// published method's mean comparison does, instead of wrapping on a large patch whose sum
+/// leaves the window. Exact DReLU (64 bits) ignores `sum_bits`.
+pub fn drelu_in_window(p: &mut Party, a: &[u64], n: usize, sum_bits: &[u8]) -> Result<Vec<u64>> {
     let bits = p.settings.drelu_bits;
     let shift = p.settings.drelu_shift();
     let k = bits as usize;
@@ -467,9 +487,11 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
     // b = -2a mod 2^k (after dropping the low bits for a window): MSB(b) = [a > 0].
     let b: Vec<u64> = a
         .iter()
-        .map(|&v| {
+        .enumerate()
+        .map(|(e, &v)| {
             let v = if bits < 64 {
-                trunc_share(v, shift, j as usize)
+                let extra = sum_bits.get(e).copied().unwrap_or(0) as u32;
+                trunc_share(v, (shift + extra).min(63), j as usize)
             } else {
                 v
             };
@@ -486,7 +508,14 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
     let g = if j == 1 {
         p.prf(Role::Dealer).ring_mod(n, mo)
     } else {
-        p.recv_ring(Role::Dealer, n, w)?
+        let g = p.recv_ring(Role::Dealer, n, w)?;
+        if !g.iter().all(|&v| mo.contains(v)) {
+            return Err(Error::Malformed {
+                peer: "dealer".into(),
+                msg: format!("ShareConvert result outside Z_(2^{bits}-1)"),
+            });
+        }
+        g
     };
     p.round();
     p.round();
@@ -530,7 +559,7 @@ pub fn block_relu(p: &mut Party, act: &super::plan::ActPlan, x: &[u64]) -> Resul
     } else {
         act.patch_sums(x)
     };
-    let d = drelu(p, &sums, act.patches)?;
+    let d = drelu_in_window(p, &sums, act.patches, &act.sum_bits)?;
     let xa: Vec<u64> = if p.role == Role::Dealer {
         Vec::new()
     } else {

@@ -8,6 +8,12 @@ use crate::models::Model;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
+/// A secure logit this far (real units) from the plaintext fixed-point one did not just
+/// collect the +-1 ulp of each local truncation: a truncation failed (probability about
+/// |value| / 2^64 in ring units, so it grows with the fractional bits) or a near-zero patch
+/// decided differently.
+pub const FAR_OFF: f64 = 1.0;
+
 /// Bytes on each link (both directions), headers included.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct LinkBytes {
@@ -46,6 +52,10 @@ pub struct ImageReport {
     pub max_logit_error: Option<f64>,
     /// max |secure logit - float logit|.
     pub max_float_error: Option<f64>,
+    /// Logits more than [`FAR_OFF`] from the plaintext fixed-point pass: the trace of a local
+    /// truncation that failed (or of a patch sum within a few ulps of 0 that decided
+    /// differently). Absent in arg-max-only mode.
+    pub far_off: Option<usize>,
     /// The plaintext fixed-point logits (class-major [K, H, W] for a segmentation map).
     pub plaintext_logits: Vec<f64>,
     /// Segmentation maps only: the fraction of pixels whose class (arg-max over the K classes)
@@ -90,6 +100,8 @@ pub struct RunReport {
     pub mean_bytes: LinkBytes,
     /// Images whose secure prediction equals the plaintext fixed-point prediction.
     pub agree_plaintext: usize,
+    /// Images with at least one far-off logit (see [`ImageReport::far_off`]).
+    pub far_off_images: usize,
     /// Images whose secure prediction equals the label (when labels are known).
     pub correct: Option<usize>,
 }
@@ -106,7 +118,11 @@ pub fn run_compare(
 ) -> Result<RunReport> {
     let (plan, weights) = Plan::from_model(model, settings)?;
     let fx = settings.fixed;
-    let encoded: Vec<Vec<u64>> = images.iter().map(|x| fx.encode_all(x)).collect();
+    let encoded: Vec<Vec<u64>> = images
+        .iter()
+        .enumerate()
+        .map(|(i, x)| fx.encode_all(x, &format!("image {i}")))
+        .collect::<Result<_>>()?;
     let input = ClientInput {
         images: encoded.clone(),
         argmax_only,
@@ -141,6 +157,12 @@ pub fn run_compare(
             float_prediction: argmax(&float),
             max_logit_error: run.logits.as_deref().map(|l| max_err(l, &fixed)),
             max_float_error: run.logits.as_deref().map(|l| max_err(l, &float)),
+            far_off: run.logits.as_deref().map(|l| {
+                l.iter()
+                    .zip(&fixed)
+                    .filter(|(a, b)| (*a - *b).abs() > FAR_OFF)
+                    .count()
+            }),
             pixel_agreement: if plan.outputs != plan.classes {
                 let secure = match (&run.pixel_classes, run.logits.as_deref()) {
                     (Some(c), _) => Some(c.clone()),
@@ -187,6 +209,10 @@ pub fn run_compare(
         agree_plaintext: reports
             .iter()
             .filter(|r| r.prediction == r.plaintext_prediction)
+            .count(),
+        far_off_images: reports
+            .iter()
+            .filter(|r| r.far_off.unwrap_or(0) > 0)
             .count(),
         correct: labels.map(|_| {
             reports

@@ -35,8 +35,26 @@ impl Fixed {
         x as i64 as f64 / self.scale()
     }
 
-    pub fn encode_all(&self, v: &[f32]) -> Vec<u64> {
-        v.iter().map(|&v| self.encode(v as f64)).collect()
+    /// Encodes every value of `what` (an image, a layer's weights), refusing NaN, infinities
+    /// and magnitudes of 2^(62 - frac) or more (beyond them the ring wraps and the exact
+    /// DReLU's guarantee ends) instead of silently saturating or zeroing them.
+    pub fn encode_all(&self, v: &[f32], what: &str) -> crate::error::Result<Vec<u64>> {
+        let limit = (1u64 << (62 - self.frac)) as f64;
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if !x.is_finite() || (x as f64).abs() >= limit {
+                    return Err(crate::error::Error::InvalidArgument(format!(
+                        "{what}: element {i} is {x}, which {} fixed point with {} fractional \
+                         bits (|value| < 2^{})",
+                        if x.is_finite() { "exceeds" } else { "has no" },
+                        self.frac,
+                        62 - self.frac
+                    )));
+                }
+                Ok(self.encode(x as f64))
+            })
+            .collect()
     }
 
     pub fn decode_all(&self, x: &[u64]) -> Vec<f64> {
@@ -109,6 +127,15 @@ impl Modulus {
             u64::MAX
         } else {
             (1u64 << self.bits) - 1
+        }
+    }
+
+    /// Whether `x` is a valid element (below 2^k, or 2^k - 1).
+    pub fn contains(&self, x: u64) -> bool {
+        if self.odd {
+            x < self.mask()
+        } else {
+            x <= self.mask()
         }
     }
 

@@ -256,6 +256,59 @@ fn block_relu_matches_plaintext_with_mixed_options_and_ties() {
     assert_eq!(out[0].len(), c * h * w);
 }
 
+/// An approximate (16-bit) DReLU on big patches whose means reach the window's edge: the
+/// window follows the patch size, so the decision is the sign of the patch sum. (With one
+/// window for all patches, a 56x56 patch of mean 1.5 already wrapped: its sum is 4704 > 2^12.)
+#[test]
+fn approximate_block_relu_follows_the_patch_mean() {
+    let _rng = common::torch_rng();
+    let mut rng = ChaCha20Rng::seed_from_u64(16);
+    let s = Settings {
+        drelu_bits: 16,
+        ..Settings::default()
+    };
+    let (c, h, w) = (4, 56, 56);
+    let opts = vec![
+        PatchOption::patch(56, 56),
+        PatchOption::patch(7, 8),
+        PatchOption::patch(16, 16),
+        PatchOption::RELU,
+    ];
+    let act = ActPlan::new(&opts, c, h, w);
+    assert_eq!(act.sum_bits[0], 12); // 3,136 pixels
+    let fixed = s.fixed;
+    let range = (1i64 << s.drelu_range_bits) as f64;
+    for trial in 0..3 {
+        // One mean per patch: |mean| in [1, 0.95 * 2^range), random sign; pixels scatter
+        // around it by +-0.5, so they stay inside the window too.
+        let means: Vec<f64> = (0..act.patches)
+            .map(|i| {
+                let m = match (trial, i % 3) {
+                    (0, _) => 1.5,
+                    (_, 0) => rng.gen_range(0.9..0.95) * range,
+                    _ => rng.gen_range(1.0..0.95 * range),
+                };
+                if rng.gen() {
+                    m
+                } else {
+                    -m
+                }
+            })
+            .collect();
+        let mut x = vec![0u64; c * h * w];
+        for (&i, &q) in act.active.iter().zip(&act.patch_of) {
+            let v = means[q as usize] + rng.gen_range(-0.5..0.5);
+            x[i as usize] = fixed.encode(v);
+        }
+        let sx = share(&mut rng, &x);
+        let out = with_parties(s, |p| proto::block_relu(p, &act, mine(p.role, &sx))).unwrap();
+        let got = open(&out);
+        let want = block_relu_plain(&act, &x);
+        let wrong = (0..got.len()).filter(|&i| got[i] != want[i]).count();
+        assert_eq!(wrong, 0, "trial {trial}: {wrong} pixels decided wrongly");
+    }
+}
+
 #[test]
 fn pools_match_plaintext() {
     let _rng = common::torch_rng();
@@ -565,4 +618,104 @@ fn secure_run_cli_prints_a_json_report() {
         .iter()
         .any(|l| l["kind"] == "act" && l["rounds"] == 7));
     assert_eq!(layers.last().unwrap()["kind"], "reveal");
+}
+
+/// Truncation failures in real runs are counted and reported, not only in a synthetic test:
+/// with 28 fractional bits local truncations fail often enough to corrupt logits; with 12 they
+/// do not.
+#[test]
+fn truncation_failures_are_counted_in_real_runs() {
+    let _rng = common::torch_rng();
+    let model = small_model("resnet18-cifar-light", [1, 16, 16], 3);
+    let images = random_images(4, [1, 16, 16], 8);
+    let run = |frac: u32| {
+        let s = Settings {
+            fixed: Fixed { frac },
+            ..Settings::default()
+        };
+        run_compare(&model, &images, None, s, false, LinkConfig::default()).unwrap()
+    };
+    let bad = run(28);
+    assert!(bad.far_off_images >= 1, "no failure at 28 fractional bits");
+    for im in &bad.images {
+        let far = im.far_off.unwrap();
+        assert_eq!(
+            far > 0,
+            im.max_logit_error.unwrap() > 1.0,
+            "image {}",
+            im.index
+        );
+    }
+    let good = run(12);
+    assert_eq!(good.far_off_images, 0);
+    assert!(good.images.iter().all(|i| i.far_off == Some(0)));
+}
+
+/// Protocol settings that would shift by 64 or more, and values fixed point cannot hold, are
+/// errors naming the setting or the element, not panics or silent zeros.
+#[test]
+fn settings_and_encodings_are_checked() {
+    let s = Settings {
+        drelu_bits: 16,
+        drelu_range_bits: 100,
+        ..Settings::default()
+    };
+    let e = s.validate().unwrap_err().to_string();
+    assert!(e.contains("--drelu-range-bits"), "{e}");
+    assert!(Settings::default().validate().is_ok());
+    let f = Fixed::default();
+    for bad in [f32::NAN, f32::INFINITY, -1e30] {
+        let e = f
+            .encode_all(&[0.5, bad], "image 3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image 3") && e.contains("element 1"), "{e}");
+    }
+    assert_eq!(
+        f.encode_all(&[0.5, -2.0], "x").unwrap(),
+        vec![2048, (-8192i64) as u64]
+    );
+    // Through the CLI: an error message, exit code 1, no panic.
+    let out = std::process::Command::new(common::brelu_exe())
+        .args([
+            "secure",
+            "run",
+            "--model",
+            "resnet18-cifar-light",
+            "--input",
+            "1,8,8",
+            "--classes",
+            "4",
+            "--drelu-bits",
+            "16",
+            "--drelu-range-bits",
+            "100",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--drelu-range-bits") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// A dealer that sends bit shares outside Z_67 is named; the client does not underflow.
+#[test]
+fn out_of_range_dealer_randomness_is_refused() {
+    use brelu::secure::wire::Kind;
+    let n = 4;
+    let out = with_parties(Settings::default(), |p| match p.role {
+        Role::Dealer => {
+            // The client's offline DReLU material: 3 ring vectors, then bit shares.
+            let mut msg = vec![0u8; 3 * n * 8 + 2 * n * 64];
+            msg[2 * n * 8] = 200;
+            p.send_bytes(Role::Client, Kind::Offline, &msg)?;
+            Ok(Vec::new())
+        }
+        _ => proto::drelu(p, &[0u64; 4], n),
+    });
+    let e = out.err().expect("the client must refuse").to_string();
+    assert!(e.contains("dealer") && e.contains("Z_67"), "{e}");
 }

@@ -18,6 +18,10 @@ pub struct ActPlan {
     pub patch_of: Vec<u32>,
     /// Number of patches = DReLUs of the site.
     pub patches: usize,
+    /// Per patch, ceil(log2(pixels)): an approximate DReLU compares the patch sum in a window
+    /// moved up by this many bits, so the window bounds the patch mean, whatever the patch
+    /// size (docs/method.md 8.4).
+    pub sum_bits: Vec<u8>,
 }
 
 impl ActPlan {
@@ -28,6 +32,7 @@ impl ActPlan {
             active: Vec::new(),
             patch_of: Vec::new(),
             patches: 0,
+            sum_bits: Vec::new(),
         };
         for (ch, opt) in options.iter().enumerate().take(c) {
             let base = ch * h * w;
@@ -47,6 +52,14 @@ impl ActPlan {
                 }
             }
         }
+        let mut pixels = vec![0u32; p.patches];
+        for &q in &p.patch_of {
+            pixels[q as usize] += 1;
+        }
+        p.sum_bits = pixels
+            .iter()
+            .map(|&n| n.max(1).next_power_of_two().trailing_zeros() as u8)
+            .collect();
         p
     }
 

@@ -68,9 +68,9 @@ impl Lowering<'_> {
         }
     }
 
-    fn enc(&self, t: &Tensor) -> Result<Vec<u64>> {
+    fn enc(&self, t: &Tensor, what: &str) -> Result<Vec<u64>> {
         let v: Vec<f32> = Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1))?;
-        Ok(self.settings.fixed.encode_all(&v))
+        self.settings.fixed.encode_all(&v, what)
     }
 
     /// Op `i` as a ring layer.
@@ -103,13 +103,13 @@ impl Lowering<'_> {
                     groups: *groups,
                 };
                 let bias = match params.get(1) {
-                    Some(b) => self.enc(b)?,
+                    Some(b) => self.enc(b, &format!("bias of {name}"))?,
                     None => vec![0; *cout],
                 };
                 (
                     Layer::Conv { x: *x, y: *y, geom },
                     name.clone(),
-                    Some((self.enc(&params[0])?, bias)),
+                    Some((self.enc(&params[0], &format!("weight of {name}"))?, bias)),
                 )
             }
             Op::Linear {
@@ -126,7 +126,10 @@ impl Lowering<'_> {
                     cout: *cout,
                 },
                 name.clone(),
-                Some((self.enc(&params[0])?, self.enc(&params[1])?)),
+                Some((
+                    self.enc(&params[0], &format!("weight of {name}"))?,
+                    self.enc(&params[1], &format!("bias of {name}"))?,
+                )),
             ),
             Op::BatchNorm { name, .. } => {
                 return Err(Error::NotImplemented(format!(

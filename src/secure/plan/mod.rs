@@ -172,6 +172,15 @@ impl Settings {
                 self.fixed.frac
             )));
         }
+        // The window's top, frac + range + 2 bits, must stay inside the 64-bit ring with room
+        // for a patch sum's extra bits; a larger value would shift by 64 or more.
+        let most = 60 - self.fixed.frac;
+        if !(1..=most).contains(&self.drelu_range_bits) {
+            return Err(Error::InvalidArgument(format!(
+                "--drelu-range-bits must be in 1..={most} with {} fractional bits, got {}",
+                self.fixed.frac, self.drelu_range_bits
+            )));
+        }
         Ok(())
     }
 }
