@@ -153,9 +153,11 @@ fn print_report(r: &report::Report) {
         r.objective, r.bound, r.gap, r.relative_gap
     );
     println!(
-        "predicted ReLU-layer bytes per image: {} Porthos-style ({} with all ReLUs), {} SecureNN-style",
+        "predicted ReLU-layer bytes per image: {} in brelu's engine ({} with all ReLUs); \
+         published models: {} Porthos-style, {} SecureNN-style",
+        human_bytes(r.bytes_engine),
+        human_bytes(r.original_bytes_engine),
         human_bytes(r.bytes_porthos),
-        human_bytes(r.original_bytes_porthos),
         human_bytes(r.bytes_securenn)
     );
 }

@@ -7,7 +7,7 @@ use crate::models::{find, ArchConfig, Model};
 use crate::secure::engine::{run_party, ClientInput};
 use crate::secure::noise::{fingerprint, Identity, Trust};
 use crate::secure::party::{connect_retry, Join, Role};
-use crate::secure::plan::{argmax, Plan, Settings};
+use crate::secure::plan::{argmax, DreluProtocol, Plan, Settings};
 use crate::secure::ring::Fixed;
 use crate::secure::{run_compare, LinkConfig, RunReport};
 use crate::spec::Spec;
@@ -66,6 +66,10 @@ pub struct SessionArgs {
     /// Bits compared per DReLU: 64 = exact; fewer compare a window of the top bits.
     #[arg(long, default_value_t = 64)]
     pub drelu_bits: u32,
+    /// DReLU protocol: msb (one PrivateCompare on a dealer mask with known bits, 3 message
+    /// trips) or share-convert (SecureNN's, as in the published code: 6 trips, 2x the bytes).
+    #[arg(long, default_value = "msb", value_parser = parse_drelu_protocol)]
+    pub drelu_protocol: DreluProtocol,
     /// With --drelu-bits < 64: values up to 2^this (real units) fit the window.
     #[arg(long, default_value_t = 12)]
     pub drelu_range_bits: u32,
@@ -145,6 +149,10 @@ pub struct GemmArgs {
     pub json: bool,
 }
 
+fn parse_drelu_protocol(s: &str) -> std::result::Result<DreluProtocol, String> {
+    DreluProtocol::parse(s).ok_or_else(|| format!("'{s}': expected msb or share-convert"))
+}
+
 pub fn run(c: SecureCommand) -> Result<()> {
     match c {
         SecureCommand::Run(a) => run_cmd(a),
@@ -203,6 +211,7 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
     }
     let settings = Settings {
         fixed: Fixed { frac: a.frac_bits },
+        drelu: a.drelu_protocol,
         drelu_bits: a.drelu_bits,
         drelu_range_bits: a.drelu_range_bits,
     };
@@ -283,7 +292,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
 
 fn print_report(r: &RunReport) {
     println!(
-        "{} at {:?}: {} ReLUs, {} DReLUs per image ({:.2}%), {} fractional bits, {}-bit DReLU{}",
+        "{} at {:?}: {} ReLUs, {} DReLUs per image ({:.2}%), {} fractional bits, {}-bit {} DReLU{}",
         r.model,
         r.input,
         thousands(r.relus as u64),
@@ -291,6 +300,7 @@ fn print_report(r: &RunReport) {
         100.0 * r.drelus_per_image as f64 / r.relus.max(1) as f64,
         r.frac_bits,
         r.drelu_bits,
+        r.drelu_protocol.name(),
         if r.argmax_only { ", arg-max only" } else { "" }
     );
     println!(

@@ -118,7 +118,10 @@ fn report(spec: &Spec, sites: &[crate::spec::SiteInfo], json: bool) -> Result<()
         100.0 * cost.ratio
     );
     println!(
-        "predicted ReLU-layer bytes per image: {} Porthos-style ({} with all ReLUs), {} SecureNN-style ({})",
+        "predicted ReLU-layer bytes per image: {} in brelu's engine ({} with all ReLUs); \
+         published models: {} Porthos-style ({}), {} SecureNN-style ({})",
+        human_bytes(cost.bytes_engine),
+        human_bytes(cost.original_bytes_engine),
         human_bytes(cost.bytes_porthos),
         human_bytes(cost.original_bytes_porthos),
         human_bytes(cost.bytes_securenn),

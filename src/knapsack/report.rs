@@ -34,8 +34,11 @@ pub struct Report {
     pub sites: Vec<SiteAlloc>,
     /// Channels per chosen option ("2x2", "identity", ...), over all sites.
     pub histogram: BTreeMap<String, usize>,
+    /// Predicted bytes of the ReLU layers in brelu's engine, then in the published models.
+    pub bytes_engine: u64,
     pub bytes_porthos: u64,
     pub bytes_securenn: u64,
+    pub original_bytes_engine: u64,
     pub original_bytes_porthos: u64,
     pub original_bytes_securenn: u64,
     pub warnings: Vec<String>,
@@ -84,8 +87,10 @@ pub fn build(
             })
             .collect(),
         histogram,
+        bytes_engine: cost.bytes_engine,
         bytes_porthos: cost.bytes_porthos,
         bytes_securenn: cost.bytes_securenn,
+        original_bytes_engine: cost.original_bytes_engine,
         original_bytes_porthos: cost.original_bytes_porthos,
         original_bytes_securenn: cost.original_bytes_securenn,
         warnings: p.warnings.clone(),

@@ -15,6 +15,7 @@
 //!   2^k - 1; this is exact for |a| < 2^(k-2).
 use super::gemm::{self, ConvGeom};
 use super::party::{Party, Role};
+use super::plan::DreluProtocol;
 use super::ring::{self, trunc_share, zp_add, zp_sub, Modulus, P};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -480,23 +481,31 @@ pub fn drelu_in_window(p: &mut Party, a: &[u64], n: usize, sum_bits: &[u8]) -> R
     if n == 0 {
         return Ok(Vec::new());
     }
+    let msb = p.settings.drelu == DreluProtocol::Msb;
     if p.role == Role::Dealer {
-        return drelu_dealer(p, n);
+        return if msb {
+            drelu_msb_dealer(p, n)
+        } else {
+            drelu_dealer(p, n)
+        };
     }
     let j = p.j();
-    // b = -2a mod 2^k (after dropping the low bits for a window): MSB(b) = [a > 0].
-    let b: Vec<u64> = a
-        .iter()
-        .enumerate()
-        .map(|(e, &v)| {
-            let v = if bits < 64 {
-                let extra = sum_bits.get(e).copied().unwrap_or(0) as u32;
-                trunc_share(v, (shift + extra).min(63), j as usize)
-            } else {
-                v
-            };
-            me.reduce(v.wrapping_mul(2).wrapping_neg())
-        })
+    // The windowed value (low bits dropped for an approximate DReLU), negated: MSB(-a) =
+    // [a > 0], and for ShareConvert doubled as well (it must never see 2^k - 1).
+    let windowed = a.iter().enumerate().map(|(e, &v)| {
+        if bits < 64 {
+            let extra = sum_bits.get(e).copied().unwrap_or(0) as u32;
+            trunc_share(v, (shift + extra).min(63), j as usize)
+        } else {
+            v
+        }
+    });
+    if msb {
+        let neg: Vec<u64> = windowed.map(|v| me.reduce(v.wrapping_neg())).collect();
+        return drelu_msb(p, &neg);
+    }
+    let b: Vec<u64> = windowed
+        .map(|v| me.reduce(v.wrapping_mul(2).wrapping_neg()))
         .collect();
     let DreluRandomness { z, zo, zb, x, xb } = drelu_randomness(p, n)?;
     // ShareConvert: open c = b + z (mod 2^k); b = c - z + 2^k [z > c], so
@@ -549,6 +558,90 @@ pub fn drelu_in_window(p: &mut Party, a: &[u64], n: usize, sum_bits: &[u8]) -> R
             }
         })
         .collect())
+}
+
+/// MSB of `v` (shares in Z_2^k, k = `drelu_bits`) as shares of a bit in Z_2^64, with one
+/// PrivateCompare (docs/method.md 8.4; the MSB extraction of Falcon, Wagh et al., PETS 2021).
+/// The dealer shares a random r in Z_2^k and the bits of its low k-1 bits; client and server
+/// open c = v + r. Writing x' for x mod 2^(k-1), v' + r' = c' + 2^(k-1) [r' > c'], so
+/// MSB(v) = MSB(c) XOR MSB(r) XOR [r' > c']. PrivateCompare gives the dealer
+/// beta XOR [r' > c'], which it XORs with MSB(r) and shares; client and server XOR in the public
+/// MSB(c) XOR beta. Bytes per element, w = ceil(k/8): dealer -> client w + (k-1) ahead and 8
+/// online; client <-> server 2w; client, server -> dealer 2(k-1). In all 3w + 3(k-1) + 8: 221
+/// bytes for k = 64, 59 for k = 16. Three sequential message trips.
+fn drelu_msb(p: &mut Party, v: &[u64]) -> Result<Vec<u64>> {
+    let n = v.len();
+    let bits = p.settings.drelu_bits;
+    let (k, me, w, j) = (bits as usize - 1, Modulus::even(bits), width(bits), p.j());
+    let (r, rb) = if j == 1 {
+        let sd = p.prf_off(Role::Dealer);
+        (sd.ring_mod(n, me), sd.zp(n * k))
+    } else {
+        let m = p.recv_bytes(Role::Dealer, super::wire::Kind::Offline, n * w + n * k)?;
+        let r = super::wire::unpack_u64(&m[..n * w], w).unwrap_or_default();
+        let rb = m[n * w..].to_vec();
+        if !r.iter().all(|&x| me.contains(x)) || rb.iter().any(|&b| b >= P) {
+            return Err(Error::Malformed {
+                peer: "dealer".into(),
+                msg: "DReLU randomness outside its ring or Z_67".into(),
+            });
+        }
+        (r, rb)
+    };
+    let cs: Vec<u64> = v.iter().zip(&r).map(|(a, b)| me.add(*a, *b)).collect();
+    let c = p.open_with(&cs, w, |a, b| me.add(a, b))?;
+    let beta = p.prf(p.other()).bits(n);
+    let low = Modulus::even(bits - 1);
+    let c_low: Vec<u64> = c.iter().map(|&x| low.reduce(x)).collect();
+    pc_send(p, &rb, &c_low, &beta, k)?;
+    let u = if j == 1 {
+        p.prf(Role::Dealer).ring(n)
+    } else {
+        p.recv_ring(Role::Dealer, n, 8)?
+    };
+    p.round();
+    p.round();
+    Ok((0..n)
+        .map(|e| {
+            if ((c[e] >> k) & 1) as u8 ^ beta[e] == 0 {
+                u[e]
+            } else {
+                j.wrapping_sub(u[e])
+            }
+        })
+        .collect())
+}
+
+/// The dealer's part of [`drelu_msb`].
+fn drelu_msb_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
+    let bits = p.settings.drelu_bits;
+    let (k, me, w) = (bits as usize - 1, Modulus::even(bits), width(bits));
+    if p.does_offline() {
+        let r = p.own.ring_mod(n, me);
+        let sd = p.prf_off(Role::Server);
+        let r1 = sd.ring_mod(n, me);
+        let rb1 = sd.zp(n * k);
+        let r0: Vec<u64> = r.iter().zip(&r1).map(|(a, b)| me.sub(*a, *b)).collect();
+        let mut msg = super::wire::pack_u64(&r0, w);
+        msg.extend(bit_shares(&r, k, &rb1));
+        p.send_bytes(Role::Client, super::wire::Kind::Offline, &msg)?;
+        p.carry.push_back(r);
+    }
+    if !p.does_online() {
+        return Ok(Vec::new());
+    }
+    let r = p.carry.pop_front().ok_or_else(|| {
+        Error::InvalidArgument("dealer: a comparison without its offline values".into())
+    })?;
+    let t = pc_dealer(p, n, k)?;
+    let u1 = p.prf(Role::Server).ring(n);
+    let u0: Vec<u64> = (0..n)
+        .map(|e| ((t[e] as u64) ^ ((r[e] >> k) & 1)).wrapping_sub(u1[e]))
+        .collect();
+    p.send_ring(Role::Client, &u0, 8)?;
+    p.round();
+    p.round();
+    Ok(Vec::new())
 }
 
 /// Block ReLU on shares: one DReLU per patch on the local patch sums, then a multiply with the

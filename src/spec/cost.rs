@@ -1,7 +1,8 @@
 //! DReLU counts and the byte cost model of docs/method.md 8.6, used by reports and the knapsack.
 //!
 //! Bytes for one channel of n pixels with N DReLUs (patches): N DReLUs at a fixed cost each
-//! (Porthos-style 8*(6*8+14) = 496 bytes, SecureNN-style 8*(8*8+19) = 664 bytes) plus the
+//! (brelu's own engine: 221 bytes with its default exact DReLU; the published estimates:
+//! Porthos-style 8*(6*8+14) = 496 bytes, SecureNN-style 8*(8*8+19) = 664 bytes) plus the
 //! block-ReLU multiply, 8*(3n + 2N) bytes. Identity and zero channels cost nothing.
 use super::{PatchOption, SiteInfo, Spec};
 use serde::Serialize;
@@ -11,9 +12,23 @@ pub const PORTHOS_BYTES_PER_DRELU: u64 = 8 * (6 * 8 + 14);
 /// Bytes per DReLU, SecureNN-style.
 pub const SECURENN_BYTES_PER_DRELU: u64 = 8 * (8 * 8 + 19);
 
+/// Payload bytes per DReLU of brelu's secure engine (docs/method.md 8.4) with a `bits`-bit
+/// comparison: the MSB protocol (`msb`, the default) sends 3w + 3(k-1) + 8, ShareConvert +
+/// ComputeMSB 6k + 8w + 8, with w = ceil(k/8). `tests/it/secure.rs` measures both on the wire.
+pub fn engine_bytes_per_drelu(msb: bool, bits: u32) -> u64 {
+    let (k, w) = (bits as u64, bits.div_ceil(8) as u64);
+    if msb {
+        3 * w + 3 * (k - 1) + 8
+    } else {
+        6 * k + 8 * w + 8
+    }
+}
+
 /// Which DReLU protocol the byte estimate assumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum CostModel {
+    /// brelu's engine with its default exact DReLU (64-bit MSB protocol).
+    Engine,
     Porthos,
     SecureNn,
 }
@@ -21,6 +36,7 @@ pub enum CostModel {
 impl CostModel {
     pub fn bytes_per_drelu(self) -> u64 {
         match self {
+            CostModel::Engine => engine_bytes_per_drelu(true, 64),
             CostModel::Porthos => PORTHOS_BYTES_PER_DRELU,
             CostModel::SecureNn => SECURENN_BYTES_PER_DRELU,
         }
@@ -51,6 +67,8 @@ pub struct SiteCost {
     pub drelus: usize,
     pub identity_channels: usize,
     pub zero_channels: usize,
+    /// Bytes in brelu's engine (what `brelu secure` sends for these layers, frames aside).
+    pub bytes_engine: u64,
     pub bytes_porthos: u64,
     pub bytes_securenn: u64,
 }
@@ -64,9 +82,11 @@ pub struct SpecCost {
     pub drelus: usize,
     /// drelus / relus.
     pub ratio: f64,
+    pub bytes_engine: u64,
     pub bytes_porthos: u64,
     pub bytes_securenn: u64,
     /// Bytes of the ReLU layers of the original network (every channel ordinary ReLU).
+    pub original_bytes_engine: u64,
     pub original_bytes_porthos: u64,
     pub original_bytes_securenn: u64,
     pub sites: Vec<SiteCost>,
@@ -87,6 +107,7 @@ pub fn site_cost(site: &SiteInfo, options: &[PatchOption]) -> SiteCost {
             .filter(|o| **o == PatchOption::Identity)
             .count(),
         zero_channels: options.iter().filter(|o| **o == PatchOption::Zero).count(),
+        bytes_engine: sum(CostModel::Engine),
         bytes_porthos: sum(CostModel::Porthos),
         bytes_securenn: sum(CostModel::SecureNn),
     }
@@ -110,8 +131,10 @@ pub fn spec_cost(spec: &Spec, sites: &[SiteInfo]) -> SpecCost {
         relus,
         drelus,
         ratio: drelus as f64 / relus.max(1) as f64,
+        bytes_engine: per_site.iter().map(|s| s.bytes_engine).sum(),
         bytes_porthos: per_site.iter().map(|s| s.bytes_porthos).sum(),
         bytes_securenn: per_site.iter().map(|s| s.bytes_securenn).sum(),
+        original_bytes_engine: original.iter().map(|s| s.bytes_engine).sum(),
         original_bytes_porthos: original.iter().map(|s| s.bytes_porthos).sum(),
         original_bytes_securenn: original.iter().map(|s| s.bytes_securenn).sum(),
         sites: per_site,
@@ -126,6 +149,7 @@ mod tests {
     fn published_per_drelu_costs() {
         assert_eq!(PORTHOS_BYTES_PER_DRELU, 496);
         assert_eq!(SECURENN_BYTES_PER_DRELU, 664);
+        assert_eq!(CostModel::Engine.bytes_per_drelu(), 221);
         // 4x4 channel with 2x2 patches: 4 DReLUs, 16 pixels.
         let b = CostModel::Porthos.channel_bytes(PatchOption::patch(2, 2), 4, 4);
         assert_eq!(b, 4 * 496 + 8 * (3 * 16 + 2 * 4));

@@ -3,7 +3,7 @@
 use crate::common;
 use brelu::secure::engine::with_parties;
 use brelu::secure::gemm::ConvGeom;
-use brelu::secure::plan::{ActPlan, Windows};
+use brelu::secure::plan::{ActPlan, DreluProtocol, Windows};
 use brelu::secure::proto::{self, LinOp};
 use brelu::secure::ring::{self, Fixed};
 use brelu::secure::{Role, Settings};
@@ -75,13 +75,91 @@ fn drelu_exact_on_edges_and_random() {
         sh.0[i] = u64::MAX;
         sh.1[i] = v[i].wrapping_sub(sh.0[i]);
     }
+    for protocol in [DreluProtocol::Msb, DreluProtocol::ShareConvert] {
+        let s = Settings {
+            drelu: protocol,
+            ..Settings::default()
+        };
+        let out = with_parties(s, |p| proto::drelu(p, mine(p.role, &sh), n)).unwrap();
+        let d = open(&out);
+        for i in 0..n {
+            assert_eq!(
+                d[i],
+                (vals[i] > 0) as u64,
+                "{protocol:?} DReLU({})",
+                vals[i]
+            );
+        }
+    }
+}
+
+/// The MSB protocol is exact on the whole signed range but i64::MIN (ShareConvert stops at
+/// 2^62 - 1): values next to +-2^63 and every power of two.
+#[test]
+fn msb_drelu_is_exact_up_to_the_ring_edge() {
+    let _rng = common::torch_rng();
+    let mut rng = ChaCha20Rng::seed_from_u64(13);
+    let mut vals = vec![i64::MAX, i64::MAX - 1, -i64::MAX, i64::MIN + 2, 0, 1, -1];
+    for b in 0..63 {
+        vals.extend([1i64 << b, -(1i64 << b), (1i64 << b) - 1, -(1i64 << b) + 1]);
+    }
+    let v: Vec<u64> = vals.iter().map(|&x| x as u64).collect();
+    let sh = share(&mut rng, &v);
     let out = with_parties(Settings::default(), |p| {
-        proto::drelu(p, mine(p.role, &sh), n)
+        proto::drelu(p, mine(p.role, &sh), v.len())
     })
     .unwrap();
     let d = open(&out);
-    for i in 0..n {
+    for i in 0..v.len() {
         assert_eq!(d[i], (vals[i] > 0) as u64, "DReLU({})", vals[i]);
+    }
+}
+
+/// Bytes and message trips per DReLU of each protocol, measured on the wire against the
+/// formulas of docs/method.md 8.4 and the knapsack's byte model.
+#[test]
+fn drelu_bytes_and_trips_match_the_cost_model() {
+    let _rng = common::torch_rng();
+    let mut rng = ChaCha20Rng::seed_from_u64(14);
+    for (protocol, bits, per) in [
+        (DreluProtocol::Msb, 64, 221u64),
+        (DreluProtocol::Msb, 16, 59),
+        (DreluProtocol::ShareConvert, 64, 456),
+        (DreluProtocol::ShareConvert, 16, 120),
+    ] {
+        let s = Settings {
+            drelu: protocol,
+            drelu_bits: bits,
+            ..Settings::default()
+        };
+        // Bytes sent by all three parties for n values, then for 2n: the difference is n
+        // DReLUs (frame and record overheads cancel but for the records of the larger frames).
+        let mut sent = |n: usize| -> (u64, u64) {
+            let v: Vec<u64> = (0..n)
+                .map(|_| rng.gen_range(-5000i64..5000) as u64)
+                .collect();
+            let sh = share(&mut rng, &v);
+            let out = with_parties(s, |p| {
+                proto::drelu(p, mine(p.role, &sh), n)?;
+                Ok((p.bytes_sent().iter().sum::<u64>(), p.stats[0].rounds))
+            })
+            .unwrap();
+            (out.iter().map(|o| o.0).sum(), out[0].1)
+        };
+        let n = 20_000;
+        let (a, trips) = sent(n);
+        let (b, _) = sent(2 * n);
+        let per_drelu = (b - a) as f64 / n as f64;
+        assert!(
+            (per_drelu - per as f64).abs() < 0.01 * per as f64,
+            "{protocol:?} {bits}-bit: {per_drelu} bytes per DReLU, expected {per}"
+        );
+        assert_eq!(
+            brelu::spec::cost::engine_bytes_per_drelu(protocol == DreluProtocol::Msb, bits),
+            per
+        );
+        let want_trips = if protocol == DreluProtocol::Msb { 3 } else { 6 };
+        assert_eq!(trips, want_trips, "{protocol:?}");
     }
 }
 
@@ -614,9 +692,10 @@ fn secure_run_cli_prints_a_json_report() {
     assert!(r["mean_bytes"]["total"].as_u64().unwrap() > 0);
     assert!(r["setup_bytes"]["client_server"].as_u64().unwrap() > 0);
     let layers = r["layers"].as_array().unwrap();
+    // A ReLU layer: the DReLU's 3 message trips, then the multiply's 1.
     assert!(layers
         .iter()
-        .any(|l| l["kind"] == "act" && l["rounds"] == 7));
+        .any(|l| l["kind"] == "act" && l["rounds"] == 4));
     assert_eq!(layers.last().unwrap()["kind"], "reveal");
 }
 
@@ -706,16 +785,32 @@ fn settings_and_encodings_are_checked() {
 fn out_of_range_dealer_randomness_is_refused() {
     use brelu::secure::wire::Kind;
     let n = 4;
-    let out = with_parties(Settings::default(), |p| match p.role {
-        Role::Dealer => {
-            // The client's offline DReLU material: 3 ring vectors, then bit shares.
-            let mut msg = vec![0u8; 3 * n * 8 + 2 * n * 64];
-            msg[2 * n * 8] = 200;
-            p.send_bytes(Role::Client, Kind::Offline, &msg)?;
-            Ok(Vec::new())
-        }
-        _ => proto::drelu(p, &[0u64; 4], n),
-    });
-    let e = out.err().expect("the client must refuse").to_string();
-    assert!(e.contains("dealer") && e.contains("Z_67"), "{e}");
+    // The client's offline DReLU material: ring vectors, then bit shares in Z_67.
+    for (protocol, len, at) in [
+        (
+            DreluProtocol::ShareConvert,
+            3 * n * 8 + 2 * n * 64,
+            2 * n * 8,
+        ),
+        (DreluProtocol::Msb, n * 8 + n * 63, n * 8),
+    ] {
+        let s = Settings {
+            drelu: protocol,
+            ..Settings::default()
+        };
+        let out = with_parties(s, |p| match p.role {
+            Role::Dealer => {
+                let mut msg = vec![0u8; len];
+                msg[at] = 200;
+                p.send_bytes(Role::Client, Kind::Offline, &msg)?;
+                Ok(Vec::new())
+            }
+            _ => proto::drelu(p, &[0u64; 4], n),
+        });
+        let e = out.err().expect("the client must refuse").to_string();
+        assert!(
+            e.contains("dealer") && e.contains("Z_67"),
+            "{protocol:?}: {e}"
+        );
+    }
 }

@@ -131,6 +131,8 @@ impl Layer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub fixed: Fixed,
+    /// How a DReLU is computed.
+    pub drelu: DreluProtocol,
     /// Bits compared by a DReLU: 64 = exact; fewer = approximate window.
     pub drelu_bits: u32,
     /// For an approximate DReLU: the largest |value| (in real units, as a power of two) the
@@ -138,10 +140,38 @@ pub struct Settings {
     pub drelu_range_bits: u32,
 }
 
+/// The DReLU protocol (docs/method.md 8.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DreluProtocol {
+    /// One PrivateCompare on the low k-1 bits of a dealer mask whose bits are shared
+    /// (MSB extraction as in Falcon): 3 message trips, 221 bytes at k = 64.
+    Msb,
+    /// SecureNN's ShareConvert + ComputeMSB, two PrivateCompares (the published protocol):
+    /// 6 message trips, 456 bytes at k = 64.
+    ShareConvert,
+}
+
+impl DreluProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            DreluProtocol::Msb => "msb",
+            DreluProtocol::ShareConvert => "share-convert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DreluProtocol> {
+        [DreluProtocol::Msb, DreluProtocol::ShareConvert]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             fixed: Fixed::default(),
+            drelu: DreluProtocol::Msb,
             drelu_bits: 64,
             drelu_range_bits: 12,
         }
