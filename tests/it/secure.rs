@@ -807,7 +807,7 @@ fn out_of_range_dealer_randomness_is_refused() {
             }
             _ => proto::drelu(p, &[0u64; 4], n),
         });
-        let e = out.err().expect("the client must refuse").to_string();
+        let e = out.expect_err("the client must refuse").to_string();
         assert!(
             e.contains("dealer") && e.contains("Z_67"),
             "{protocol:?}: {e}"
