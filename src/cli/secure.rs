@@ -76,9 +76,23 @@ pub struct SessionArgs {
     /// Reveal only the arg-max to the client, not the logits.
     #[arg(long)]
     pub argmax_only: bool,
-    /// Seconds to wait for a peer before giving up.
+    /// DReLUs computed together; a larger site runs in batches, which bounds every party's
+    /// memory whatever the model's size (all parties must agree).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub drelu_batch: usize,
+    /// Seconds to wait for each frame from a peer (and for each frame to go out) before
+    /// giving up.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
+    /// Largest frame in MiB; larger messages travel as several frames.
+    #[arg(long, default_value_t = 16)]
+    pub max_frame_mb: usize,
+    /// Most MiB of the dealer's material a party keeps before it is needed.
+    #[arg(long, default_value_t = 4096)]
+    pub max_ahead_mb: usize,
+    /// Dealer: DReLU batches its offline thread may prepare ahead of the comparisons.
+    #[arg(long, default_value_t = 2)]
+    pub dealer_ahead: u64,
     /// Seed of random weights and random images (when no --weights / --data).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -212,6 +226,7 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
     let settings = Settings {
         fixed: Fixed { frac: a.frac_bits },
         drelu: a.drelu_protocol,
+        drelu_batch: a.drelu_batch,
         drelu_bits: a.drelu_bits,
         drelu_range_bits: a.drelu_range_bits,
     };
@@ -219,9 +234,14 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
     if a.timeout <= 0.0 {
         bail!("--timeout must be positive");
     }
+    if !(1..=4095).contains(&a.max_frame_mb) || a.max_ahead_mb == 0 {
+        bail!("--max-frame-mb must be in 1..=4095 and --max-ahead-mb at least 1");
+    }
     let link = LinkConfig {
         timeout: Duration::from_secs_f64(a.timeout),
-        ..LinkConfig::default()
+        max_frame: a.max_frame_mb << 20,
+        max_ahead: a.max_ahead_mb << 20,
+        ahead_batches: a.dealer_ahead,
     };
     let (images, labels) = if !need_images {
         (Vec::new(), None)

@@ -3,7 +3,7 @@
 //! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
 use super::link::LinkConfig;
 use super::noise::ephemeral_session;
-use super::party::{loopback_streams, Join, LayerStats, Party, Phase, Role, TAG_SESSION};
+use super::party::{loopback_streams, Join, LayerStats, Party, Role, TAG_SESSION};
 use super::plan::{Layer, Plan, Weights};
 use super::proto::{self, LinOp, LinearMask};
 use super::ring;
@@ -130,12 +130,33 @@ pub fn run_party(
             }
         }
         let mut run = if p.role == Role::Dealer {
-            // All of the image's correlated randomness first (sent ahead), then the
-            // comparisons as the client and server reach them.
-            p.phase = Phase::Offline;
-            run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?;
-            p.phase = Phase::Online;
-            run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?
+            // The image's correlated randomness on its own thread, a bounded number of DReLU
+            // batches ahead (`secure::ahead`), while this thread serves the comparisons as
+            // the client and server reach them.
+            let mut off = p.split_offline();
+            let (offline, online) = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    run_image(
+                        &mut off,
+                        plan,
+                        weights,
+                        &masks,
+                        &last_use,
+                        image,
+                        argmax_only,
+                    )
+                });
+                let r = run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only);
+                p.stop_ahead();
+                (h.join(), r)
+            });
+            p.rejoin(off);
+            let online = online?;
+            offline.map_err(|_| Error::Link {
+                peer: "dealer".into(),
+                msg: "the offline thread panicked".into(),
+            })??;
+            online
         } else {
             run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?
         };

@@ -10,7 +10,8 @@ use super::wire::{Header, Kind, HEADER_LEN};
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,9 @@ pub struct LinkConfig {
     /// dealer sends an image's whole offline part ahead: 0.34 GB for ResNet50 at 224x224 and
     /// 6%).
     pub max_ahead: usize,
+    /// DReLU batches the dealer's offline thread may produce ahead of its online part (see
+    /// `secure::ahead`); with `max_ahead` it bounds the client's buffer.
+    pub ahead_batches: u64,
 }
 
 impl Default for LinkConfig {
@@ -34,6 +38,7 @@ impl Default for LinkConfig {
             timeout: Duration::from_secs(120),
             max_frame: 16 << 20,
             max_ahead: 4 << 30,
+            ahead_batches: 2,
         }
     }
 }
@@ -49,12 +54,11 @@ pub struct Link {
     peer: String,
     stream: TcpStream,
     reader: RecordReader,
-    tx: Option<mpsc::Sender<Vec<u8>>>,
+    sender: Option<LinkSender>,
     writer: Option<JoinHandle<std::io::Result<()>>>,
     /// Signalled when the writer thread ends.
     writer_done: mpsc::Receiver<()>,
     cfg: LinkConfig,
-    send_seq: u32,
     recv_seq: u32,
     /// Whether the peer may send offline frames ahead (only the dealer does).
     pub accepts_offline: bool,
@@ -62,11 +66,90 @@ pub struct Link {
     /// run ahead of its online ones on the same connection), in arrival order.
     pending: std::collections::VecDeque<(Header, Vec<u8>)>,
     pending_bytes: usize,
-    /// Bytes written to this link (frame headers, record lengths and tags included).
-    pub bytes_sent: u64,
     /// Frame bytes read from this link (headers included).
     pub bytes_recv: u64,
-    pub frames_sent: u64,
+}
+
+/// One message queued for the writer thread, which cuts it into frames and numbers them.
+struct Message {
+    kind: Kind,
+    tag: u32,
+    payload: Vec<u8>,
+}
+
+/// The sending half of a link. Clones send on the same connection (the dealer's offline
+/// thread and its online part); each message's frames go out together, numbered in queue
+/// order by the writer thread.
+#[derive(Clone)]
+pub struct LinkSender {
+    peer: String,
+    tx: mpsc::Sender<Message>,
+    max_frame: usize,
+    bytes: Arc<AtomicU64>,
+    frames: Arc<AtomicU64>,
+}
+
+impl LinkSender {
+    /// Queues one message (as frames of at most `max_frame` bytes); returns at once with the
+    /// bytes it will take on the wire.
+    pub fn send(&self, kind: Kind, tag: u32, payload: &[u8]) -> Result<u64> {
+        let frames = payload.len().div_ceil(self.max_frame).max(1);
+        let wire = (0..frames)
+            .map(|i| {
+                let len = (payload.len() - i * self.max_frame).min(self.max_frame);
+                wire_len(HEADER_LEN + len)
+            })
+            .sum::<u64>();
+        let m = Message {
+            kind,
+            tag,
+            payload: payload.to_vec(),
+        };
+        self.tx.send(m).map_err(|_| Error::Link {
+            peer: self.peer.clone(),
+            msg: "connection closed".into(),
+        })?;
+        self.bytes.fetch_add(wire, Ordering::Relaxed);
+        self.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        Ok(wire)
+    }
+
+    /// Bytes queued so far on this connection (by every clone; frame headers, record
+    /// lengths and tags included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn frames_sent(&self) -> u64 {
+        self.frames.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer thread: frames, numbers, encrypts and writes each queued message.
+fn write_messages(
+    rx: mpsc::Receiver<Message>,
+    w: &mut RecordWriter,
+    max_frame: usize,
+) -> std::io::Result<()> {
+    let mut seq = 0u32;
+    for m in rx {
+        let frames = m.payload.len().div_ceil(max_frame).max(1);
+        for i in 0..frames {
+            let chunk = &m.payload[i * max_frame..((i + 1) * max_frame).min(m.payload.len())];
+            let h = Header {
+                kind: m.kind,
+                more: i + 1 < frames,
+                tag: m.tag,
+                seq,
+                len: chunk.len() as u32,
+            };
+            seq = seq.wrapping_add(1);
+            w.write_all(&h.encode())?;
+            w.write_all(chunk)?;
+            w.flush()?;
+        }
+    }
+    Ok(())
 }
 
 impl Link {
@@ -91,18 +174,13 @@ impl Link {
         stream.set_nodelay(true).map_err(err)?;
         let reader = RecordReader::new(stream.try_clone().map_err(err)?, transport.clone());
         let mut w = RecordWriter::new(stream.try_clone().map_err(err)?, transport, cfg.timeout);
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (tx, rx) = mpsc::channel::<Message>();
         let (done_tx, writer_done) = mpsc::channel::<()>();
+        let max_frame = cfg.max_frame;
         let writer = std::thread::Builder::new()
             .name(format!("link-writer-{peer}"))
             .spawn(move || {
-                let r = (|| {
-                    for frame in rx {
-                        w.write_all(&frame)?;
-                        w.flush()?;
-                    }
-                    Ok(())
-                })();
+                let r = write_messages(rx, &mut w, max_frame);
                 let _ = done_tx.send(());
                 r
             })
@@ -111,18 +189,21 @@ impl Link {
             peer: peer.to_string(),
             stream,
             reader,
-            tx: Some(tx),
+            sender: Some(LinkSender {
+                peer: peer.to_string(),
+                tx,
+                max_frame,
+                bytes: Arc::new(AtomicU64::new(0)),
+                frames: Arc::new(AtomicU64::new(0)),
+            }),
             writer: Some(writer),
             writer_done,
             cfg,
-            send_seq: 0,
             recv_seq: 0,
             accepts_offline: false,
             pending: std::collections::VecDeque::new(),
             pending_bytes: 0,
-            bytes_sent: 0,
             bytes_recv: 0,
-            frames_sent: 0,
         })
     }
 
@@ -149,36 +230,32 @@ impl Link {
         }
     }
 
-    /// Queues one message (as frames of at most `max_frame` bytes); returns at once.
-    pub fn send(&mut self, kind: Kind, tag: u32, payload: &[u8]) -> Result<()> {
-        let max = self.cfg.max_frame;
-        let frames = payload.len().div_ceil(max).max(1);
-        for i in 0..frames {
-            let chunk = &payload[i * max..((i + 1) * max).min(payload.len())];
-            let h = Header {
-                kind,
-                more: i + 1 < frames,
-                tag,
-                seq: self.send_seq,
-                len: chunk.len() as u32,
-            };
-            let mut frame = Vec::with_capacity(HEADER_LEN + chunk.len());
-            frame.extend_from_slice(&h.encode());
-            frame.extend_from_slice(chunk);
-            self.send_seq = self.send_seq.wrapping_add(1);
-            self.bytes_sent += wire_len(frame.len());
-            self.frames_sent += 1;
-            let sent = self.tx.as_ref().map(|tx| tx.send(frame).is_ok());
-            if sent != Some(true) {
-                return Err(self.writer_error());
-            }
+    /// Queues one message (as frames of at most `max_frame` bytes); returns at once with the
+    /// bytes it takes on the wire.
+    pub fn send(&mut self, kind: Kind, tag: u32, payload: &[u8]) -> Result<u64> {
+        match self.sender.as_ref().map(|s| s.send(kind, tag, payload)) {
+            Some(Ok(n)) => Ok(n),
+            _ => Err(self.writer_error()),
         }
-        Ok(())
+    }
+
+    /// A sender on this connection for another thread.
+    pub fn sender(&self) -> Option<LinkSender> {
+        self.sender.clone()
+    }
+
+    /// Bytes queued on this link so far (frame headers, record lengths and tags included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sender.as_ref().map_or(0, |s| s.bytes_sent())
+    }
+
+    pub fn frames_sent(&self) -> u64 {
+        self.sender.as_ref().map_or(0, |s| s.frames_sent())
     }
 
     /// The writer thread's error after it stopped.
     fn writer_error(&mut self) -> Error {
-        self.tx = None;
+        self.sender = None;
         match self.writer.take().map(|h| h.join()) {
             Some(Ok(Err(e))) => self.io_error(e),
             _ => self.link_err("connection closed"),
@@ -310,7 +387,7 @@ impl Link {
 
     /// Flushes every queued frame and closes the connection cleanly.
     pub fn finish(mut self) -> Result<()> {
-        self.tx = None;
+        self.sender = None;
         let r = match self.writer.take().map(|h| h.join()) {
             Some(Ok(Err(e))) => Err(self.io_error(e)),
             Some(Err(_)) => Err(self.link_err("writer thread panicked")),
@@ -331,7 +408,7 @@ impl Drop for Link {
     /// period to go out first.
     fn drop(&mut self) {
         if self.writer.is_some() {
-            self.tx = None;
+            self.sender = None;
             let _ = self.writer_done.recv_timeout(DROP_GRACE);
             let _ = self.stream.shutdown(Shutdown::Both);
             if let Some(h) = self.writer.take() {

@@ -34,6 +34,7 @@
 //! plaintext fixed-point pass by a few ulps, and a block-ReLU patch whose sum lies within
 //! those ulps of zero may decide differently; the approximate DReLU (`drelu_bits` < 64) is
 //! only correct for values inside its window.
+pub mod ahead;
 pub mod engine;
 pub mod gemm;
 pub mod keys;

@@ -2,8 +2,9 @@
 //! counters, and the session handshake: each link authenticates with the parties' static keys
 //! ([`super::noise`]), and the handshake payloads carry the role, an ephemeral X25519 key for
 //! the pair's PRF and the hash of model + spec + settings.
+use super::ahead::{Carry, Gate};
 use super::keys::{KeyPair, Prf};
-use super::link::{Link, LinkConfig};
+use super::link::{Link, LinkConfig, LinkSender};
 use super::noise::{self, Identity, Transport, Trust};
 use super::plan::Settings;
 use super::wire::{pack_u64, unpack_u64, Kind};
@@ -78,6 +79,10 @@ pub enum Phase {
 /// A party in a running session.
 pub struct Party {
     pub role: Role,
+    /// Senders on the connections. Declared (so dropped) before `links`: a link's writer
+    /// thread ends when its last sender is gone.
+    out: [Option<LinkSender>; 3],
+    /// The connections (receiving; absent in the dealer's offline half).
     links: [Option<Link>; 3],
     /// Per peer: the PRF of online draws (and of the session setup) ...
     prfs: [Option<Prf>; 3],
@@ -87,7 +92,13 @@ pub struct Party {
     /// Dealer only: which part of each protocol to run.
     pub phase: Phase,
     /// Dealer only: private values the offline part keeps for the online part, in order.
-    pub carry: std::collections::VecDeque<Vec<u64>>,
+    pub carry: Carry,
+    /// Dealer only, while its offline part runs on its own thread: the bound on its lead.
+    gate: Option<std::sync::Arc<Gate>>,
+    /// Dealer only: DReLU batches of the current image seen by this part so far.
+    pub batches: u64,
+    /// Dealer only: DReLU batches the offline thread may run ahead.
+    ahead: u64,
     /// Private randomness of this party.
     pub own: Prf,
     pub settings: Settings,
@@ -326,13 +337,18 @@ impl Join<'_> {
                 });
             }
         }
+        let out = links.each_ref().map(|l| l.as_ref().and_then(Link::sender));
         Ok(Party {
             role,
             links,
+            out,
             prfs,
             prfs_off,
             phase: Phase::Inline,
-            carry: std::collections::VecDeque::new(),
+            carry: Carry::Local(std::collections::VecDeque::new()),
+            gate: None,
+            batches: 0,
+            ahead: self.cfg.ahead_batches,
             own: Prf::private(),
             settings: self.settings,
             tag: TAG_SESSION,
@@ -411,10 +427,13 @@ impl Party {
 
     pub fn send_bytes(&mut self, to: Role, kind: Kind, data: &[u8]) -> Result<()> {
         let tag = self.tag;
-        let link = self.link(to);
-        let before = link.bytes_sent;
-        link.send(kind, tag, data)?;
-        let sent = link.bytes_sent - before;
+        let sent = match self.links[to as usize].as_mut() {
+            Some(link) => link.send(kind, tag, data)?,
+            None => self.out[to as usize]
+                .as_ref()
+                .expect("a sender to every other party")
+                .send(kind, tag, data)?,
+        };
         self.stat().bytes_sent += sent;
         Ok(())
     }
@@ -472,16 +491,78 @@ impl Party {
     /// Bytes sent so far to each peer (indexed by role).
     pub fn bytes_sent(&self) -> [u64; 3] {
         let mut out = [0u64; 3];
-        for (i, l) in self.links.iter().enumerate() {
+        for (i, l) in self.out.iter().enumerate() {
             if let Some(l) = l {
-                out[i] = l.bytes_sent;
+                out[i] = l.bytes_sent();
             }
         }
         out
     }
 
+    /// Dealer: a second party for the offline part of one image, to run on its own thread
+    /// while this one runs the online part; the offline PRFs move to it until [`Party::rejoin`].
+    pub fn split_offline(&mut self) -> Party {
+        let gate = std::sync::Arc::new(Gate::new(self.ahead));
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.carry = Carry::Recv(rx);
+        self.gate = Some(gate.clone());
+        self.phase = Phase::Online;
+        self.batches = 0;
+        Party {
+            role: self.role,
+            links: [None, None, None],
+            out: self.out.clone(),
+            prfs: [None, None, None],
+            prfs_off: std::mem::take(&mut self.prfs_off),
+            phase: Phase::Offline,
+            carry: Carry::Send(tx),
+            gate: Some(gate),
+            batches: 0,
+            ahead: self.ahead,
+            own: Prf::private(),
+            settings: self.settings,
+            tag: self.tag,
+            stats: vec![LayerStats::default(); self.stats.len()],
+        }
+    }
+
+    /// Dealer: takes back the offline PRFs and adds the offline part's bytes to the counters.
+    pub fn rejoin(&mut self, off: Party) {
+        self.prfs_off = off.prfs_off;
+        for (s, o) in self.stats.iter_mut().zip(&off.stats) {
+            s.bytes_sent += o.bytes_sent;
+        }
+        self.carry = Carry::Local(std::collections::VecDeque::new());
+        self.gate = None;
+    }
+
+    /// Dealer, offline part: waits until the next DReLU batch may be produced.
+    pub fn batch_ahead(&mut self) -> Result<()> {
+        let c = self.batches;
+        self.batches += 1;
+        match &self.gate {
+            Some(g) => g.wait(c),
+            None => Ok(()),
+        }
+    }
+
+    /// Dealer, online part: a DReLU batch is done (the client has used its material).
+    pub fn batch_done(&mut self) {
+        if let Some(g) = &self.gate {
+            g.pass();
+        }
+    }
+
+    /// Dealer, online part: stopped; a waiting offline part gives up.
+    pub fn stop_ahead(&self) {
+        if let Some(g) = &self.gate {
+            g.stop();
+        }
+    }
+
     /// Flushes and closes every link.
     pub fn finish(mut self) -> Result<()> {
+        self.out = [None, None, None];
         let mut first = Ok(());
         for l in self.links.iter_mut() {
             if let Some(l) = l.take() {

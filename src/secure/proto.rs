@@ -343,6 +343,7 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     let mo = Modulus::odd(bits);
     let w = width(bits);
     if p.does_offline() {
+        p.batch_ahead()?;
         // Correlated randomness, sent ahead: z in Z_2^k with shares in Z_2^k and
         // Z_(2^k-1) and bit shares; x in Z_(2^k-1) with shares and bit shares.
         let z = p.own.ring_mod(n, me);
@@ -366,14 +367,12 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
         msg.extend(super::wire::pack_u64(&x0, w));
         msg.extend(bit_shares(&x, k, &xb1));
         p.send_bytes(Role::Client, super::wire::Kind::Offline, &msg)?;
-        p.carry.push_back(x);
+        p.carry.push(x)?;
     }
     if !p.does_online() {
         return Ok(Vec::new());
     }
-    let x = p.carry.pop_front().ok_or_else(|| {
-        Error::InvalidArgument("dealer: a comparison without its offline values".into())
-    })?;
+    let x = p.carry.pop()?;
     // ShareConvert: g' = beta1 XOR [z > c], shared in Z_(2^k-1).
     let g = pc_dealer(p, n, k)?;
     let g1 = p.prf(Role::Server).ring_mod(n, mo);
@@ -385,6 +384,7 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     p.send_ring(Role::Client, &g0, w)?;
     // ComputeMSB: h = beta2 XOR [x > r] XOR lsb(x), shared in Z_2^64.
     let bp = pc_dealer(p, n, k)?;
+    p.batch_done();
     let h1 = p.prf(Role::Server).ring(n);
     let h0: Vec<u64> = (0..n)
         .map(|e| ((bp[e] as u64) ^ (x[e] & 1)).wrapping_sub(h1[e]))
@@ -471,16 +471,37 @@ pub fn drelu(p: &mut Party, a: &[u64], n: usize) -> Result<Vec<u64>> {
 /// published method's mean comparison does, instead of wrapping on a large patch whose sum
 /// leaves the window. Exact DReLU (64 bits) ignores `sum_bits`.
 pub fn drelu_in_window(p: &mut Party, a: &[u64], n: usize, sum_bits: &[u8]) -> Result<Vec<u64>> {
+    p.count_drelus(n);
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let batch = p.settings.drelu_batch.max(1);
+    if n > batch {
+        let mut out = Vec::with_capacity(if p.role == Role::Dealer { 0 } else { n });
+        for start in (0..n).step_by(batch) {
+            let m = batch.min(n - start);
+            let (a, s) = match p.role {
+                Role::Dealer => (&[][..], &[][..]),
+                _ => (
+                    &a[start..start + m],
+                    sum_bits.get(start..start + m).unwrap_or(&[]),
+                ),
+            };
+            out.extend(drelu_batch(p, a, m, s)?);
+        }
+        return Ok(out);
+    }
+    drelu_batch(p, a, n, sum_bits)
+}
+
+/// One batch of [`drelu_in_window`].
+fn drelu_batch(p: &mut Party, a: &[u64], n: usize, sum_bits: &[u8]) -> Result<Vec<u64>> {
     let bits = p.settings.drelu_bits;
     let shift = p.settings.drelu_shift();
     let k = bits as usize;
     let me = Modulus::even(bits);
     let mo = Modulus::odd(bits);
     let w = width(bits);
-    p.count_drelus(n);
-    if n == 0 {
-        return Ok(Vec::new());
-    }
     let msb = p.settings.drelu == DreluProtocol::Msb;
     if p.role == Role::Dealer {
         return if msb {
@@ -617,6 +638,7 @@ fn drelu_msb_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     let bits = p.settings.drelu_bits;
     let (k, me, w) = (bits as usize - 1, Modulus::even(bits), width(bits));
     if p.does_offline() {
+        p.batch_ahead()?;
         let r = p.own.ring_mod(n, me);
         let sd = p.prf_off(Role::Server);
         let r1 = sd.ring_mod(n, me);
@@ -625,15 +647,14 @@ fn drelu_msb_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
         let mut msg = super::wire::pack_u64(&r0, w);
         msg.extend(bit_shares(&r, k, &rb1));
         p.send_bytes(Role::Client, super::wire::Kind::Offline, &msg)?;
-        p.carry.push_back(r);
+        p.carry.push(r)?;
     }
     if !p.does_online() {
         return Ok(Vec::new());
     }
-    let r = p.carry.pop_front().ok_or_else(|| {
-        Error::InvalidArgument("dealer: a comparison without its offline values".into())
-    })?;
+    let r = p.carry.pop()?;
     let t = pc_dealer(p, n, k)?;
+    p.batch_done();
     let u1 = p.prf(Role::Server).ring(n);
     let u0: Vec<u64> = (0..n)
         .map(|e| ((t[e] as u64) ^ ((r[e] >> k) & 1)).wrapping_sub(u1[e]))

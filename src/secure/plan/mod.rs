@@ -133,6 +133,9 @@ pub struct Settings {
     pub fixed: Fixed,
     /// How a DReLU is computed.
     pub drelu: DreluProtocol,
+    /// DReLUs computed together: a larger site runs in batches of this many, which bounds the
+    /// memory of every party (and the dealer's lead) whatever the model's size.
+    pub drelu_batch: usize,
     /// Bits compared by a DReLU: 64 = exact; fewer = approximate window.
     pub drelu_bits: u32,
     /// For an approximate DReLU: the largest |value| (in real units, as a power of two) the
@@ -172,6 +175,7 @@ impl Default for Settings {
         Settings {
             fixed: Fixed::default(),
             drelu: DreluProtocol::Msb,
+            drelu_batch: 1 << 20,
             drelu_bits: 64,
             drelu_range_bits: 12,
         }
@@ -201,6 +205,11 @@ impl Settings {
                 "fractional bits must be in 1..=30, got {}",
                 self.fixed.frac
             )));
+        }
+        if self.drelu_batch == 0 {
+            return Err(Error::InvalidArgument(
+                "--drelu-batch must be at least 1".into(),
+            ));
         }
         // The window's top, frac + range + 2 bits, must stay inside the 64-bit ring with room
         // for a patch sum's extra bits; a larger value would shift by 64 or more.
