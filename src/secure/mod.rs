@@ -36,6 +36,7 @@
 //! only correct for values inside its window.
 pub mod ahead;
 pub mod engine;
+pub mod fuzz;
 pub mod gemm;
 pub mod keys;
 pub mod link;
