@@ -572,7 +572,16 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
             );
         }
     } else {
-        eprintln!("{role}: served {} image(s)", run.images.len());
+        let sent = |r: usize| run.images.iter().map(|i| i.bytes_sent[r]).sum::<u64>();
+        eprintln!(
+            "{role}: served {} image(s); sent {} to the client, {} to the server, {} to the \
+             dealer (session setup {})",
+            run.images.len(),
+            human_bytes(sent(0)),
+            human_bytes(sent(1)),
+            human_bytes(sent(2)),
+            human_bytes(run.setup_bytes.iter().sum())
+        );
     }
     Ok(())
 }

@@ -50,6 +50,8 @@ pub struct PartyRun {
     /// Bytes sent to each role by the once-per-session setup (weight masks).
     pub setup_bytes: [u64; 3],
     pub setup_seconds: f64,
+    /// The most bytes of the dealer's material kept before use (the client's buffer).
+    pub peak_ahead: u64,
 }
 
 /// What the client feeds in: encoded images, and whether to reveal only the arg-max.
@@ -171,6 +173,7 @@ pub fn run_party(
     let layers = p.stats[..nl].to_vec();
     let output = p.stats[nl].clone();
     let role = p.role;
+    let peak_ahead = p.peak_ahead();
     p.finish()?;
     Ok(PartyRun {
         role,
@@ -179,6 +182,7 @@ pub fn run_party(
         output,
         setup_bytes,
         setup_seconds,
+        peak_ahead,
     })
 }
 

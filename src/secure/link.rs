@@ -66,6 +66,8 @@ pub struct Link {
     /// run ahead of its online ones on the same connection), in arrival order.
     pending: std::collections::VecDeque<(Header, Vec<u8>)>,
     pending_bytes: usize,
+    /// The most bytes ever kept ahead in `pending`.
+    pub peak_pending: usize,
     /// Frame bytes read from this link (headers included).
     pub bytes_recv: u64,
 }
@@ -203,6 +205,7 @@ impl Link {
             accepts_offline: false,
             pending: std::collections::VecDeque::new(),
             pending_bytes: 0,
+            peak_pending: 0,
             bytes_recv: 0,
         })
     }
@@ -354,6 +357,7 @@ impl Link {
             }
             let payload = self.read_payload(&h)?;
             self.pending_bytes += payload.len();
+            self.peak_pending = self.peak_pending.max(self.pending_bytes);
             self.pending.push_back((h, payload));
         }
     }

@@ -4,12 +4,17 @@
 //!
 //! Map: [`ring`] (fixed point, truncation, Z_67), [`gemm`] (wrapping integer GEMM and
 //! convolution), [`plan`] (the public layer list, the server's weights and the plaintext
-//! fixed-point oracle), [`keys`] (X25519 + ChaCha20 PRFs), [`wire`] (frame codec), [`link`]
-//! (TCP links with timeouts and counters), [`party`] (handshake and per-layer counters),
-//! [`proto`] (the protocols), [`engine`] (walks the network; all three parties on loopback).
+//! fixed-point oracle), [`keys`] (X25519 + ChaCha20 PRFs), [`noise`] (static keys, the Noise KK
+//! handshake and AEAD records), [`wire`] (frame codec), [`link`] (framed, encrypted links with
+//! deadlines and counters), [`ahead`] (how far the dealer's offline thread runs ahead),
+//! [`party`] (joining a session and per-layer counters), [`proto`] (the protocols),
+//! [`engine`] (walks the network; all three parties on loopback), [`fuzz`] (the receive side
+//! under hostile input).
 //!
-//! Security model: semi-honest parties, the dealer does not collude with client or server.
-//! Not hidden: the architecture, the spec and the input size (all parties know them).
+//! Security model: semi-honest parties, the dealer does not collude with client or server;
+//! each party is authenticated by its pinned static key and the links are encrypted, so a
+//! network attacker or a fourth process learns nothing and cannot take a role. Not hidden: the
+//! architecture, the spec and the input size (all parties know them).
 //!
 //! Design notes:
 //! - Why PRFs: one party's share of every correlated value (Beaver triples, masks, bit
@@ -21,14 +26,16 @@
 //!   probability about |x| / 2^64 (measured in `ring::tests`), which costs no communication.
 //! - Why F is opened once: the server's weights W and their mask B are the same for every
 //!   image, so F = W - B is sent at session start; each image pays only for E = X - A.
-//! - DReLU computes [x > 0] as MSB(-2x) so that ShareConvert never sees 2^k - 1 and the tie
-//!   rule of docs/method.md 2 (a patch summing to 0 gets 0) holds exactly.
+//! - DReLU computes [x > 0] as MSB(-x) (MSB extraction with one PrivateCompare), so the tie
+//!   rule of docs/method.md 2 (a patch summing to 0 gets 0) holds exactly; the published
+//!   ShareConvert protocol (MSB(-2x)) remains as an option.
 //!
-//! - Offline / online: for each image the dealer first walks the whole network and sends all
+//! - Offline / online: for each image the dealer's offline thread walks the network sending
 //!   input-independent correlated randomness (triple corrections, DReLU masks and bit shares;
 //!   drawn from a second PRF stream per pair so the order of draws does not depend on the
-//!   online part), then serves the comparisons as client and server reach them. The receiver
-//!   keeps offline frames that arrive early until they are asked for.
+//!   online part), a bounded number of DReLU batches ahead of its online part, which serves
+//!   the comparisons as client and server reach them. The receiver keeps offline frames that
+//!   arrive early until they are asked for.
 //!
 //! Limitations: truncation errors make secure logits differ from the
 //! plaintext fixed-point pass by a few ulps, and a block-ReLU patch whose sum lies within

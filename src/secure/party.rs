@@ -488,6 +488,16 @@ impl Party {
             .collect())
     }
 
+    /// The most bytes of the dealer's material this party kept ahead of use.
+    pub fn peak_ahead(&self) -> u64 {
+        self.links
+            .iter()
+            .flatten()
+            .map(|l| l.peak_pending as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Bytes sent so far to each peer (indexed by role).
     pub fn bytes_sent(&self) -> [u64; 3] {
         let mut out = [0u64; 3];

@@ -103,6 +103,8 @@ pub struct RunReport {
     pub agree_plaintext: usize,
     /// Images with at least one far-off logit (see [`ImageReport::far_off`]).
     pub far_off_images: usize,
+    /// The most bytes of the dealer's material the client kept before use.
+    pub client_peak_ahead: u64,
     /// Images whose secure prediction equals the label (when labels are known).
     pub correct: Option<usize>,
 }
@@ -212,6 +214,7 @@ pub fn run_compare(
             .iter()
             .filter(|r| r.prediction == r.plaintext_prediction)
             .count(),
+        client_peak_ahead: client.peak_ahead,
         far_off_images: reports
             .iter()
             .filter(|r| r.far_off.unwrap_or(0) > 0)

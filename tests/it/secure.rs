@@ -817,8 +817,8 @@ fn out_of_range_dealer_randomness_is_refused() {
 
 /// The dealer's offline thread runs a bounded number of DReLU batches ahead, so a client that
 /// keeps at most 1 MiB of material ahead of use completes the session, in batches, with the
-/// plaintext predictions; without batches the offline part runs whole sites ahead and the same
-/// limit ends the session by name.
+/// plaintext predictions (before, the dealer sent an image's whole offline part first, and the
+/// client had to keep nearly all of it).
 #[test]
 fn the_dealer_runs_a_bounded_number_of_batches_ahead() {
     let _rng = common::torch_rng();
@@ -837,11 +837,8 @@ fn the_dealer_runs_a_bounded_number_of_batches_ahead() {
     for im in &r.images {
         check_image(im, "batched");
     }
+    assert!(r.client_peak_ahead <= 1 << 20, "{}", r.client_peak_ahead);
     // Batches add message trips: a site of n DReLUs takes ceil(n / 256) x 3 + 1.
     let act = r.layers.iter().find(|l| l.kind == "act").unwrap();
     assert_eq!(act.rounds, act.drelus.div_ceil(256) * 3 + 1, "{act:?}");
-    let e = run_compare(&model, &images, None, Settings::default(), false, tight)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("sent ahead"), "{e}");
 }

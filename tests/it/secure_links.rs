@@ -127,6 +127,14 @@ fn malformed_oversize_and_closed_frames_are_errors() {
     send(&mut w, &flood);
     let e = link.recv(Kind::Data, 0, 1).unwrap_err();
     assert!(e.to_string().contains("sent ahead"), "{e}");
+    // A truncated frame: the header promises 100 bytes, 10 arrive, then the peer closes.
+    let (mut link, mut w, b) = authenticated(short());
+    let mut f = frame(Kind::Data, 0, 0, &[5u8; 100]);
+    f.truncate(16 + 10);
+    send(&mut w, &f);
+    drop((w, b));
+    let e = link.recv(Kind::Data, 0, 100).unwrap_err();
+    assert!(matches!(e, Error::Link { .. }), "{e}");
     // Closed connection.
     let (mut link, w, b) = authenticated(short());
     drop((w, b));

@@ -236,27 +236,29 @@ fn parties_with_different_specs_refuse_the_session() {
 
 #[test]
 fn killing_a_party_mid_inference_stops_the_others() {
-    // Many images: the session is still running when the server is killed.
+    // Each role in turn; many images, so the session is still running at the kill.
     let timeout = 20.0;
-    let mut ps = spawn_parties(100_000, timeout);
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        ps[1].child.try_wait().unwrap().is_none(),
-        "server ended early"
-    );
-    ps[1].child.kill().unwrap();
-    let _ = ps[1].child.wait();
-    // A closed connection is seen at once; the bound is the timeout plus slack.
-    for i in [0, 2] {
-        let ok = ps[i].wait_within(Duration::from_secs_f64(timeout + 10.0));
-        let err = ps[i].stderr();
-        assert!(!ok, "party {i} should fail");
-        // Each sees the server's end, or the end of the other survivor when that one gave up
-        // first.
+    for victim in [1usize, 0, 2] {
+        let mut ps = spawn_parties(100_000, timeout);
+        std::thread::sleep(Duration::from_secs(1));
         assert!(
-            err.contains("closed") || err.contains("reset"),
-            "party {i}: {err}"
+            ps[victim].child.try_wait().unwrap().is_none(),
+            "party {victim} ended early"
         );
+        ps[victim].child.kill().unwrap();
+        let _ = ps[victim].child.wait();
+        // A closed connection is seen at once; the bound is the timeout plus slack.
+        for i in (0..3).filter(|&i| i != victim) {
+            let ok = ps[i].wait_within(Duration::from_secs_f64(timeout + 10.0));
+            let err = ps[i].stderr();
+            assert!(!ok, "party {i} should fail when {victim} is killed");
+            // Each sees the victim's end, or the end of the other survivor when that one gave
+            // up first.
+            assert!(
+                err.contains("closed") || err.contains("reset"),
+                "party {i} (killed {victim}): {err}"
+            );
+        }
     }
 }
 
