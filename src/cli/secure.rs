@@ -518,7 +518,7 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
             .iter()
             .enumerate()
             .map(|(i, x)| plan.settings.fixed.encode_all(x, &format!("image {i}")))
-            .collect::<crate::Result<_>>()?,
+            .collect::<crate::error::Result<_>>()?,
         argmax_only: a.session.argmax_only,
     };
     let timeout = s.link.timeout;
@@ -536,7 +536,7 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
         let addr = peer_addr(&a.peers, peer.name())?;
         dialed.push((peer, connect_retry(addr, peer.name(), timeout)?));
     }
-    let mut on_refused = |e: &crate::Error| eprintln!("{role}: {e}; still waiting");
+    let mut on_refused = |e: &crate::error::Error| eprintln!("{role}: {e}; still waiting");
     let p = if role == Role::Dealer {
         join.connected(dialed)
     } else {
