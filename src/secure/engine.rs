@@ -132,33 +132,7 @@ pub fn run_party(
             }
         }
         let mut run = if p.role == Role::Dealer {
-            // The image's correlated randomness on its own thread, a bounded number of DReLU
-            // batches ahead (`secure::ahead`), while this thread serves the comparisons as
-            // the client and server reach them.
-            let mut off = p.split_offline();
-            let (offline, online) = std::thread::scope(|s| {
-                let h = s.spawn(|| {
-                    run_image(
-                        &mut off,
-                        plan,
-                        weights,
-                        &masks,
-                        &last_use,
-                        image,
-                        argmax_only,
-                    )
-                });
-                let r = run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only);
-                p.stop_ahead();
-                (h.join(), r)
-            });
-            p.rejoin(off);
-            let online = online?;
-            offline.map_err(|_| Error::Link {
-                peer: "dealer".into(),
-                msg: "the offline thread panicked".into(),
-            })??;
-            online
+            dealer_image(&mut p, plan, weights, &masks, &last_use, argmax_only)?
         } else {
             run_image(&mut p, plan, weights, &masks, &last_use, image, argmax_only)?
         };
@@ -184,6 +158,33 @@ pub fn run_party(
         setup_seconds,
         peak_ahead,
     })
+}
+
+/// The dealer's part of one image: the correlated randomness on its own thread, a bounded
+/// number of DReLU batches ahead (`secure::ahead`), while this thread serves the comparisons
+/// as the client and server reach them.
+fn dealer_image(
+    p: &mut Party,
+    plan: &Plan,
+    weights: Option<&Weights>,
+    masks: &[Option<LinearMask>],
+    last_use: &[usize],
+    argmax_only: bool,
+) -> Result<ImageRun> {
+    let mut off = p.split_offline();
+    let (offline, online) = std::thread::scope(|s| {
+        let h = s.spawn(|| run_image(&mut off, plan, weights, masks, last_use, None, argmax_only));
+        let r = run_image(p, plan, weights, masks, last_use, None, argmax_only);
+        p.stop_ahead();
+        (h.join(), r)
+    });
+    p.rejoin(off);
+    let online = online?;
+    offline.map_err(|_| Error::Link {
+        peer: "dealer".into(),
+        msg: "the offline thread panicked".into(),
+    })??;
+    Ok(online)
 }
 
 /// One image through every layer and the output reveal (for the dealer: the part of `phase`).
