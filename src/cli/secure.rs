@@ -252,7 +252,7 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
             .context("loading the test set")?;
         test.truncate(a.images);
         let all: Vec<i64> = (0..test.len() as i64).collect();
-        let x = crate::data::normalization(cfg.dataset.kind).apply(&test.select(&all)?);
+        let x = cfg.dataset.normalization().apply(&test.select(&all)?);
         // Segmentation sets have masks, not one label per image.
         let labels = match test.seg {
             Some(_) => None,

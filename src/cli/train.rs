@@ -248,7 +248,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let result = train::evaluate(
         &model,
         &test,
-        &crate::data::normalization(cfg.dataset.kind),
+        &cfg.dataset.normalization(),
         cfg.eval_batch_size.unwrap_or(cfg.batch_size),
     )?;
     let r = EvalReport {

@@ -35,6 +35,13 @@ pub struct DatasetConfig {
     /// 512).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slide_stride: Option<[usize; 2]>,
+    /// Per-channel mean subtracted from the [0, 1] pixels (default: the kind's published
+    /// training-set statistics); one value per input channel, or one for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<Vec<f64>>,
+    /// Per-channel standard deviation the pixels are divided by (default: the kind's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<Vec<f64>>,
 }
 
 impl DatasetConfig {
@@ -60,6 +67,44 @@ impl DatasetConfig {
                 .slide_stride
                 .unwrap_or([(input[1] * 2 / 3).max(1), (input[2] * 2 / 3).max(1)]),
         }
+    }
+
+    /// The normalisation of this data set: `mean` / `std` when configured, else the kind's
+    /// published statistics. Training, evaluation, distortion and secure inference all use it.
+    pub fn normalization(&self) -> Normalize {
+        let d = normalization(self.kind);
+        Normalize {
+            mean: self.mean.clone().unwrap_or(d.mean),
+            std: self.std.clone().unwrap_or(d.std),
+        }
+    }
+
+    /// Why `mean` / `std` do not fit an input of `channels` channels, with the field's name.
+    pub fn check_normalization(
+        &self,
+        channels: usize,
+    ) -> std::result::Result<(), (String, String)> {
+        for (field, v, positive) in [("mean", &self.mean, false), ("std", &self.std, true)] {
+            let Some(v) = v else { continue };
+            let field = format!("dataset.{field}");
+            if v.len() != channels && v.len() != 1 {
+                return Err((
+                    field,
+                    format!(
+                        "{} values for {channels} input channels (give {channels} or 1)",
+                        v.len()
+                    ),
+                ));
+            }
+            if let Some(x) = v
+                .iter()
+                .find(|x| !x.is_finite() || (positive && **x <= 0.0))
+            {
+                let need = if positive { "positive" } else { "finite" };
+                return Err((field, format!("{x} is not {need}")));
+            }
+        }
+        Ok(())
     }
 
     pub fn augmentation(&self) -> Option<Augment> {
@@ -119,11 +164,11 @@ impl Source<'_> {
 
     /// The normalisation of this data set.
     pub fn normalization(&self) -> Normalize {
-        normalization(self.dataset.kind)
+        self.dataset.normalization()
     }
 }
 
-/// The normalisation used for a data set kind: the published per-channel training-set
+/// The default normalisation of a data set kind: the published per-channel training-set
 /// statistics (so evaluation needs no pass over the training set).
 pub fn normalization(kind: DatasetKind) -> Normalize {
     let (mean, std): (&[f64], &[f64]) = match kind {

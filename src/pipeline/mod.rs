@@ -97,7 +97,7 @@ pub fn run(
     let ft_cfg = &cfg.finetune_config;
     let test = TestSet {
         data: ft_cfg.source().load_split(Split::Test)?,
-        norm: crate::data::normalization(ft_cfg.dataset.kind),
+        norm: ft_cfg.dataset.normalization(),
         batch: ft_cfg.eval_batch_size.unwrap_or(ft_cfg.batch_size),
     };
     let mut rows = Vec::new();

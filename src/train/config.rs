@@ -242,6 +242,9 @@ impl Config {
     /// The segmentation-only `[dataset]` fields.
     fn check_dataset(&self, bad: &dyn Fn(&str, String) -> Result<()>) -> Result<()> {
         let d = &self.dataset;
+        if let Err((field, msg)) = d.check_normalization(self.input[0]) {
+            return bad(&field, msg);
+        }
         let seg = d.kind.task() == Task::Segmentation;
         for (field, given) in [
             ("dataset.test_scale", d.test_scale.is_some()),

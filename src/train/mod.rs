@@ -304,7 +304,7 @@ pub fn train_on(
         opts,
         hash,
         metrics_path,
-        norm: data::normalization(cfg.dataset.kind),
+        norm: cfg.dataset.normalization(),
         out: Vec::new(),
     };
     match cfg.iterations {

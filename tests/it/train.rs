@@ -57,6 +57,42 @@ fn shipped_configs_parse() {
     assert!(n >= 6, "only {n} configurations found in {}", dir.display());
 }
 
+/// `dataset.mean` / `dataset.std` replace the kind's statistics wherever the data set is
+/// normalised (the loaders of evaluation, distortion and secure inference all ask the
+/// configuration), and are checked against the input's channels.
+#[test]
+fn configured_normalization_is_used_and_checked() {
+    let c = cfg(TINY);
+    let default = brelu::data::normalization(c.dataset.kind);
+    assert_eq!(c.dataset.normalization(), default);
+    assert_eq!(c.source().normalization(), default);
+    let c = cfg(&TINY.replace(
+        "path = \"/nonexistent\"",
+        "path = \"/nonexistent\"\nmean = [0.5]\nstd = [0.25]",
+    ));
+    let n = c.dataset.normalization();
+    assert_eq!((n.mean.clone(), n.std.clone()), (vec![0.5], vec![0.25]));
+    assert_eq!(c.source().normalization(), n);
+    // Applied: a pixel of 255 (1.0) becomes (1 - 0.5) / 0.25.
+    let x = tch::Tensor::full([1, 1, 2, 2], 255, (tch::Kind::Uint8, tch::Device::Cpu));
+    assert_eq!(n.apply(&x).double_value(&[0, 0, 1, 1]), 2.0);
+    for (extra, field) in [
+        ("mean = [0.1, 0.2, 0.3]", "dataset.mean"),
+        ("std = [0.0]", "dataset.std"),
+        ("std = [-1.0]", "dataset.std"),
+        ("mean = [nan]", "dataset.mean"),
+    ] {
+        let text = TINY.replace(
+            "path = \"/nonexistent\"",
+            &format!("path = \"/nonexistent\"\n{extra}"),
+        );
+        let e = Config::from_toml_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field) && e.contains("x.toml"), "{extra}: {e}");
+    }
+}
+
 #[test]
 fn config_errors_name_file_and_field() {
     let bad = |text: String, want: &[&str]| {
