@@ -13,6 +13,24 @@ pub enum SpecCommand {
     Stats(StatsArgs),
     /// Write a spec with the same option at every channel (a baseline to compare against).
     Uniform(UniformArgs),
+    /// Convert a spec saved by the published code (a pickle of layer name -> [channels, 2]
+    /// patch sizes, [0,1] = identity, [1,0] = zero) into brelu's spec JSON, checking every
+    /// layer, channel count and option against the model.
+    ImportPublished(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The published spec file (`.pickle`).
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Where to write brelu's spec JSON.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Print the spec's statistics as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -53,7 +71,19 @@ pub fn run(c: SpecCommand) -> Result<()> {
     match c {
         SpecCommand::Stats(a) => stats(a),
         SpecCommand::Uniform(a) => uniform(a),
+        SpecCommand::ImportPublished(a) => import(a),
     }
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let (arch, input) = resolve_model(&a.model)?;
+    let sites = model_sites(arch, input)?;
+    let spec = crate::spec::import_published(&a.file, arch.name(), input, &sites)?;
+    spec.write(&a.output)?;
+    if !a.json {
+        println!("wrote {}", a.output.display());
+    }
+    report(&spec, &sites, a.json)
 }
 
 fn stats(a: StatsArgs) -> Result<()> {

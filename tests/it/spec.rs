@@ -257,3 +257,127 @@ fn cli_uniform_then_stats_json() {
     assert_eq!(v["total_relus"], 9_608_704);
     assert_eq!(v["total_sites"], 49);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Specs in the published code's format (scripts/published_spec_fixture.py made the fixtures)
+// ---------------------------------------------------------------------------------------------
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/published")
+        .join(name)
+}
+
+/// The published pickle (numpy int32 arrays, pickle protocol 4, and the protocol-2 form whose
+/// array bytes go through `_codecs`) imports to the spec the fixture script wrote in brelu's
+/// format; through the CLI too.
+#[test]
+fn published_pickles_import_to_the_same_spec() {
+    let want = Spec::read(&fixture("resnet18-cifar.json")).unwrap();
+    let sites = r18();
+    for f in ["resnet18-cifar.pickle", "resnet18-cifar.p2.pickle"] {
+        let got = brelu::spec::import_published(&fixture(f), "resnet18-cifar", [3, 32, 32], &sites)
+            .unwrap();
+        assert_eq!(got, want, "{f}");
+    }
+    // Identity and zero channels and non-square patches are all in the fixture.
+    let all: Vec<PatchOption> = want.sites.values().flatten().copied().collect();
+    assert!(all.contains(&PatchOption::Identity) && all.contains(&PatchOption::Zero));
+    assert!(all.contains(&PatchOption::patch(1, 3)));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("spec.json");
+    let st = brelu()
+        .args(["spec", "import-published"])
+        .arg(fixture("resnet18-cifar.pickle"))
+        .args(["--model", "resnet18-cifar", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert_eq!(Spec::read(&out).unwrap(), want);
+}
+
+/// A pickle of a dict of layer name -> list of [h, w] lists (protocol 2), written here.
+fn list_pickle(entries: &[(&str, Vec<[u8; 2]>)]) -> Vec<u8> {
+    let mut b = vec![0x80, 2, b'}', b'('];
+    for (name, rows) in entries {
+        b.push(b'X');
+        b.extend((name.len() as u32).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend([b']', b'(']);
+        for r in rows {
+            b.extend([b'K', r[0], b'K', r[1], 0x86]);
+        }
+        b.push(b'e');
+    }
+    b.extend([b'u', b'.']);
+    b
+}
+
+/// Every layer name, channel count and option is checked; the error names the file and the
+/// first mismatch, and nothing is written.
+#[test]
+fn published_pickles_with_mismatches_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = find("resnet18-cifar-light").unwrap();
+    let input = model.default_input();
+    let sites = sites(model, input).unwrap();
+    let good: Vec<(&str, Vec<[u8; 2]>)> = sites
+        .iter()
+        .map(|s| (s.name.as_str(), vec![[2, 2]; s.channels]))
+        .collect();
+    let import = |entries: &[(&str, Vec<[u8; 2]>)]| {
+        let p = dir.path().join("x.pickle");
+        std::fs::write(&p, list_pickle(entries)).unwrap();
+        brelu::spec::import_published(&p, model.name(), input, &sites).map_err(|e| e.to_string())
+    };
+    let spec = import(&good).unwrap();
+    assert!(spec
+        .sites
+        .values()
+        .flatten()
+        .all(|o| *o == PatchOption::patch(2, 2)));
+    let mut bad_option = good.clone();
+    bad_option[1].1[3] = [0, 0];
+    let e = import(&bad_option).unwrap_err();
+    let second = &sites[1].name;
+    assert!(
+        e.contains("x.pickle") && e.contains(&format!("'{second}' channel 3: [0, 0]")),
+        "{e}"
+    );
+    let mut unknown = good.clone();
+    unknown[0].0 = "layer9_0_1";
+    assert!(import(&unknown)
+        .unwrap_err()
+        .contains("'layer9_0_1' is not a ReLU site"));
+    let mut short = good.clone();
+    short[2].1.pop();
+    let e = import(&short).unwrap_err();
+    assert!(e.contains(&sites[2].name) && e.contains("channels"), "{e}");
+    let e = import(&good[1..]).unwrap_err();
+    assert!(
+        e.contains(&format!("no entry for layer '{}'", sites[0].name)),
+        "{e}"
+    );
+    // The published resnet18-cifar file is not a spec of the light model.
+    let e = brelu::spec::import_published(
+        &fixture("resnet18-cifar.pickle"),
+        model.name(),
+        input,
+        &sites,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("'stem'") && e.contains("channels"), "{e}");
+    // Not a pickle at all.
+    let p = dir.path().join("junk.pickle");
+    std::fs::write(&p, b"{\"json\": true}").unwrap();
+    let e = brelu::spec::import_published(&p, model.name(), input, &sites)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("junk.pickle") && e.contains("pickle"), "{e}");
+}
