@@ -2,7 +2,7 @@
 use super::print_json;
 use super::table::{human_bytes, thousands, Table};
 use crate::distortion::DistortionTables;
-use crate::knapsack::{self, report, BuildOptions, Problem, Solver};
+use crate::knapsack::{self, report, BuildOptions, CostUnit, Problem, Solver};
 use crate::models::sites as model_sites;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -23,6 +23,12 @@ pub struct KnapsackArgs {
     /// Budget as an absolute DReLU count.
     #[arg(long, conflicts_with = "sweep")]
     pub budget: Option<u64>,
+    /// Budget in bytes per image instead of DReLUs, e.g. 40M: what the ReLU layers may send
+    /// in brelu's secure engine (the byte model of `brelu spec stats`; linear layers cost the
+    /// same whatever the spec). Each option then costs its bytes, so the knapsack weighs a
+    /// patch's DReLU against its pixel-level multiply.
+    #[arg(long, value_parser = parse_bytes, conflicts_with_all = ["ratio", "budget", "sweep"])]
+    pub bytes: Option<u64>,
     /// Solve several ratios (comma-separated, e.g. 0.03,0.06,0.09); -o is then a directory
     /// that receives spec-<ratio>.json per budget, sweep.json and sweep.png.
     #[arg(long, value_delimiter = ',')]
@@ -78,10 +84,16 @@ pub fn run(a: KnapsackArgs) -> Result<()> {
             tables.input
         )
     })?;
+    // A byte budget counts in units that keep it under 2^20 cells for the exact solver.
+    let cost = match a.bytes {
+        Some(b) => CostUnit::Bytes(b.div_ceil(1 << 20).max(1)),
+        None => CostUnit::Drelus,
+    };
     let problem = Problem::build(
         &tables,
         &sites,
         BuildOptions {
+            cost,
             keep_relu_for_missing: a.keep_relu_for_missing,
             raw: false,
         },
@@ -93,10 +105,14 @@ pub fn run(a: KnapsackArgs) -> Result<()> {
     if let Some(ratios) = &a.sweep {
         return sweep(&a, &problem, ratios);
     }
-    let budget = match (a.ratio, a.budget) {
-        (Some(r), None) => knapsack::budget_from_ratio(problem.relus(), r)?,
-        (None, Some(b)) => b,
-        _ => bail!("give the budget as --ratio R or --budget N (or --sweep R1,R2,...)"),
+    let budget = match (a.ratio, a.budget, a.bytes, cost) {
+        (Some(r), None, None, _) => knapsack::budget_from_ratio(problem.relus(), r)?,
+        (None, Some(b), None, _) => b,
+        (None, None, Some(b), CostUnit::Bytes(unit)) => b / unit,
+        _ => bail!(
+            "give the budget as --ratio R, --budget N (DReLUs) or --bytes SIZE (or --sweep \
+             R1,R2,...)"
+        ),
     };
     let t0 = Instant::now();
     let (used, sol) = knapsack::solve(&problem, budget, a.solver, a.max_memory)?;
@@ -139,12 +155,23 @@ fn print_report(r: &report::Report) {
         .map(|(k, v)| format!("{k}: {v}"))
         .collect();
     println!("chosen options (channels): {}", top.join(", "));
+    let used = match r.budget_unit {
+        "bytes" => format!(
+            "{} of a {} budget in brelu's engine ({} DReLUs, ",
+            human_bytes(r.bytes_engine),
+            human_bytes(r.budget),
+            thousands(r.drelus)
+        ),
+        _ => format!(
+            "{} of {} DReLUs (",
+            thousands(r.drelus),
+            thousands(r.budget)
+        ),
+    };
     println!(
-        "{:?} solver, {:.2} s: {} of {} DReLUs ({:.3}% of {} ReLUs)",
+        "{:?} solver, {:.2} s: {used}{:.3}% of {} ReLUs)",
         r.solver,
         r.seconds,
-        thousands(r.drelus),
-        thousands(r.budget),
         100.0 * r.ratio,
         thousands(r.relus)
     );

@@ -136,6 +136,7 @@ pub fn compare(
     let opts = BuildOptions {
         keep_relu_for_missing: true,
         raw: false,
+        ..Default::default()
     };
     let solve_spec = |t: &DistortionTables| -> Result<Spec> {
         let p = Problem::build(t, sites, opts)?;

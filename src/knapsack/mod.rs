@@ -10,7 +10,7 @@ pub mod lagrange;
 pub mod problem;
 pub mod report;
 
-pub use problem::{budget_from_ratio, BuildOptions, Item, Problem};
+pub use problem::{budget_from_ratio, BuildOptions, CostUnit, Item, Problem};
 
 use crate::error::{Error, Result};
 use std::str::FromStr;

@@ -1,5 +1,7 @@
 //! The multiple-choice knapsack instance (docs/method.md section 6) built from distortion tables:
-//! one group of items per channel, an item being (DReLU cost, distortion, option).
+//! one group of items per channel, an item being (cost, distortion, option). The cost is the
+//! option's DReLUs, or its bytes in brelu's secure engine ([`CostUnit::Bytes`]) for a budget
+//! in bytes.
 //!
 //! Building it drops options with a non-finite distortion (with a warning), keeps per channel
 //! and per distinct cost only the least-distortion option, and removes dominated items (an
@@ -7,7 +9,7 @@
 //! channel's items have strictly increasing cost and strictly decreasing distortion.
 use crate::distortion::DistortionTables;
 use crate::error::{Error, Result};
-use crate::spec::{PatchOption, SiteInfo, Spec};
+use crate::spec::{CostModel, PatchOption, SiteInfo, Spec};
 use indexmap::IndexMap;
 
 /// One choice for a channel.
@@ -38,15 +40,52 @@ pub struct Problem {
     pub channels: Vec<(u32, u32)>,
     /// Items of every free channel, cost strictly increasing, distortion strictly decreasing.
     pub items: Vec<Vec<Item>>,
-    /// DReLUs of sites kept at a fixed option (counted in the budget).
+    /// Cost of sites kept at a fixed option (counted in the budget).
     pub fixed_cost: u64,
+    /// What the costs count.
+    pub unit: CostUnit,
     /// Things the user should know (dropped non-finite entries, ...).
     pub warnings: Vec<String>,
+}
+
+/// What an item's cost counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CostUnit {
+    /// DReLUs (the published method's budget).
+    #[default]
+    Drelus,
+    /// Bytes per image of the ReLU layers in brelu's engine (docs/method.md 8.6), counted in
+    /// units of this many bytes, each channel's rounded up (so a solution never exceeds its
+    /// budget in bytes).
+    Bytes(u64),
+}
+
+impl CostUnit {
+    /// The cost of `option` on a channel of an `h x w` map.
+    pub fn cost(self, option: PatchOption, h: usize, w: usize) -> u64 {
+        match self {
+            CostUnit::Drelus => option.drelus(h, w) as u64,
+            CostUnit::Bytes(unit) => CostModel::Engine
+                .channel_bytes(option, h, w)
+                .div_ceil(unit.max(1)),
+        }
+    }
+
+    /// How a cost of `n` reads in messages.
+    pub fn show(self, n: u64) -> String {
+        match self {
+            CostUnit::Drelus => format!("{n} DReLUs"),
+            CostUnit::Bytes(unit) => format!("{} bytes", n * unit),
+        }
+    }
 }
 
 /// How to build the instance.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BuildOptions {
+    /// What the budget counts.
+    pub cost: CostUnit,
     /// Sites without a table keep the ordinary ReLU (counted in the budget) instead of failing.
     pub keep_relu_for_missing: bool,
     /// Skip equal-cost collapsing and dominance pruning (the published solver's view; for
@@ -68,6 +107,7 @@ impl Problem {
             channels: Vec::new(),
             items: Vec::new(),
             fixed_cost: 0,
+            unit: opts.cost,
             warnings: Vec::new(),
         };
         if let Some(extra) = tables
@@ -90,7 +130,8 @@ impl Problem {
                 }
                 p.warnings
                     .push(format!("site '{}' has no table: kept as ReLU", site.name));
-                p.fixed_cost += site.relus() as u64;
+                p.fixed_cost += site.channels as u64
+                    * opts.cost.cost(PatchOption::RELU, site.height, site.width);
                 p.sites.push(SiteEntry {
                     info: site.clone(),
                     options: vec![PatchOption::RELU],
@@ -119,8 +160,17 @@ impl Problem {
             let costs: Vec<u32> = t
                 .options
                 .iter()
-                .map(|o| o.drelus(site.height, site.width) as u32)
-                .collect();
+                .map(|o| {
+                    let c = opts.cost.cost(*o, site.height, site.width);
+                    u32::try_from(c).map_err(|_| {
+                        Error::InvalidArgument(format!(
+                            "site '{}': option {o} costs {} per channel, too many units",
+                            site.name,
+                            opts.cost.show(c)
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
             let mut dropped = 0usize;
             for c in 0..site.channels {
                 let mut items: Vec<Item> = (0..t.options.len())
@@ -195,7 +245,9 @@ impl Problem {
         let min = self.min_cost();
         if budget < min {
             return Err(Error::InvalidArgument(format!(
-                "budget {budget} DReLUs is below the cheapest possible assignment ({min} DReLUs)"
+                "budget {} is below the cheapest possible assignment ({})",
+                self.unit.show(budget),
+                self.unit.show(min)
             )));
         }
         Ok(budget - self.fixed_cost)

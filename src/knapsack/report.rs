@@ -11,7 +11,8 @@ pub struct SiteAlloc {
     pub shape: [usize; 3],
     pub relus: usize,
     pub drelus: usize,
-    /// drelus / budget.
+    /// The site's share of the budget: DReLUs / budget, or its bytes / budget for a budget
+    /// in bytes.
     pub share_of_budget: f64,
 }
 
@@ -20,7 +21,10 @@ pub struct Report {
     pub model: String,
     pub input: [usize; 3],
     pub solver: Solver,
+    /// The budget, in `budget_unit`.
     pub budget: u64,
+    /// "drelus", or "bytes" (ReLU-layer bytes per image in brelu's engine).
+    pub budget_unit: &'static str,
     pub relus: u64,
     pub drelus: u64,
     /// drelus / relus.
@@ -61,11 +65,16 @@ pub fn build(
             *histogram.entry(o.to_string()).or_insert(0) += 1;
         }
     }
+    let (budget, budget_unit) = match p.unit {
+        super::CostUnit::Drelus => (budget, "drelus"),
+        super::CostUnit::Bytes(unit) => (budget * unit, "bytes"),
+    };
     let report = Report {
         model: p.model.clone(),
         input: p.input,
         solver,
         budget,
+        budget_unit,
         relus: cost.relus as u64,
         drelus: cost.drelus as u64,
         ratio: cost.ratio,
@@ -83,7 +92,10 @@ pub fn build(
                 shape: s.shape,
                 relus: s.relus,
                 drelus: s.drelus,
-                share_of_budget: s.drelus as f64 / budget.max(1) as f64,
+                share_of_budget: match p.unit {
+                    super::CostUnit::Drelus => s.drelus as f64,
+                    super::CostUnit::Bytes(_) => s.bytes_engine as f64,
+                } / budget.max(1) as f64,
             })
             .collect(),
         histogram,

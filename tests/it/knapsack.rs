@@ -205,6 +205,7 @@ fn budget_edges() {
         BuildOptions {
             keep_relu_for_missing: true,
             raw: false,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -383,4 +384,79 @@ fn cli_synthetic_tables_round_trip() {
     std::fs::write(&f, &bytes[..bytes.len() - 8]).unwrap();
     let e = DistortionTables::read(dir.path()).unwrap_err().to_string();
     assert!(e.contains("stem.npy") && e.contains("truncated"), "{e}");
+}
+
+/// A budget in bytes: items cost their bytes in brelu's engine (rounded up per channel to the
+/// unit), the exact solver is optimal on that instance (brute force), the spec never exceeds
+/// the budget in bytes, and through the CLI a larger byte budget never gives more distortion.
+#[test]
+fn byte_budgets_are_solved_exactly_and_kept() {
+    use brelu::knapsack::CostUnit;
+    let mut rng = Rng(23);
+    for case in 0..60 {
+        let n_sites = 1 + rng.below(3) as usize;
+        let (infos, t) = instance(&mut rng, n_sites, 3);
+        let unit = 1 + rng.below(300);
+        let opts = |raw| BuildOptions {
+            cost: CostUnit::Bytes(unit),
+            raw,
+            ..Default::default()
+        };
+        let raw = Problem::build(&t, &infos, opts(true)).unwrap();
+        if raw.items.iter().map(|i| i.len() as f64).product::<f64>() > 3e5 {
+            continue;
+        }
+        let p = Problem::build(&t, &infos, opts(false)).unwrap();
+        let max = p.max_cost();
+        for budget in [0, max / 3, max / 2, max] {
+            let want = brute(&raw, budget).expect("identity costs nothing");
+            let got = dp::solve(&p, budget, 1 << 30).unwrap();
+            assert!(close(got.objective, want), "case {case} budget {budget}");
+            let spec = p.to_spec(&got.choice);
+            let bytes = brelu::spec::spec_cost(&spec, &infos).bytes_engine;
+            assert!(
+                bytes <= budget * unit,
+                "case {case}: {bytes} > {}",
+                budget * unit
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (infos, t) = synthetic_tables("resnet18-cifar-light", [3, 32, 32], 12);
+    let tdir = dir.path().join("dist");
+    t.write(&tdir).unwrap();
+    let mut last = f64::INFINITY;
+    for (mb, budget) in [("2M", 2_000_000u64), ("4M", 4_000_000), ("8M", 8_000_000)] {
+        let spec_path = dir.path().join(format!("spec-{mb}.json"));
+        let out = std::process::Command::new(crate::common::brelu_exe())
+            .args([
+                "knapsack",
+                "--model",
+                "resnet18-cifar-light",
+                "--bytes",
+                mb,
+                "--json",
+                "-d",
+            ])
+            .arg(&tdir)
+            .arg("-o")
+            .arg(&spec_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rep["budget_unit"], "bytes");
+        assert!(rep["budget"].as_u64().unwrap() <= budget);
+        let spec = Spec::load(&spec_path, "resnet18-cifar-light", [3, 32, 32], &infos).unwrap();
+        let bytes = brelu::spec::spec_cost(&spec, &infos).bytes_engine;
+        assert!(bytes <= budget, "{mb}: {bytes} bytes");
+        assert_eq!(rep["bytes_engine"].as_u64().unwrap(), bytes);
+        let obj = rep["objective"].as_f64().unwrap();
+        assert!(obj <= last + 1e-9, "{mb}: distortion {obj} above {last}");
+        last = obj;
+    }
 }
