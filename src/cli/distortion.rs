@@ -28,6 +28,10 @@ pub enum DistortionCommand {
     Compare(CompareArgs),
     /// PNG plots of tables: per-site heatmaps (channel x option) and distortion against cost.
     Plot(PlotArgs),
+    /// Is distortion additive? The true distortion of whole specs (all channels switched at
+    /// once) and of each site's part, against the sum of table entries the knapsack assumed;
+    /// writes additivity.json and a plot.
+    Additivity(Box<super::additivity::AdditivityArgs>),
     /// Write synthetic tables over a model's real sites and catalog (distortion growing with
     /// patch area, identity the largest), to try the knapsack without a trained network.
     Synthetic(SyntheticArgs),
@@ -167,6 +171,7 @@ pub fn run(c: DistortionCommand) -> Result<()> {
         }
         DistortionCommand::Compare(a) => compare_cmd(a),
         DistortionCommand::Plot(a) => plot_cmd(a),
+        DistortionCommand::Additivity(a) => super::additivity::run(*a),
         DistortionCommand::Synthetic(a) => {
             let (arch, input) = super::resolve_model(&a.model)?;
             let sites = model_sites(arch, input)?;

@@ -1,5 +1,6 @@
 //! The `brelu` command line: argument definitions and one function per subcommand. Library
 //! errors get context here; `main` prints the chain and sets the exit code.
+mod additivity;
 mod distortion;
 mod knapsack;
 mod models;

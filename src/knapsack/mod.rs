@@ -3,6 +3,7 @@
 //! near-instant with a certified gap; [`report`] summarises a solution; [`compare`] measures
 //! what a cheap distortion estimator costs in knapsack terms; [`baselines`] are the uniform
 //! specs it is compared with.
+pub mod additivity;
 pub mod baselines;
 pub mod compare;
 pub mod dp;

@@ -586,3 +586,146 @@ fn cli_extract_killed_and_resumed_equals_uninterrupted_and_feeds_the_knapsack() 
     let cmp = run_ok(&["distortion", "compare", a_s, b_s]);
     assert!(cmp.contains("ratio 1.0000"), "{cmp}");
 }
+
+/// Additivity (`knapsack::additivity`): a spec that switches one channel measures exactly its
+/// exact-table entry; a knapsack spec's sites add up to the objective it assumed; the model's
+/// options are restored afterwards. Through the CLI: extract, knapsack, then additivity writes
+/// its JSON and plot.
+#[test]
+fn additivity_measures_whole_specs_against_the_tables() {
+    use brelu::knapsack::additivity::measure;
+    use brelu::knapsack::{solve, BuildOptions, Problem, Solver};
+    let _rng = common::torch_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tiny_model(tmp.path());
+    let s = samples(7);
+    let sites = ["stem", "layer2_0_2", "layer4_1_2"];
+    let t = extract_all(
+        &w,
+        None,
+        &s,
+        &opts(Estimator::Exact, &sites),
+        tmp.path(),
+        &[Shard::ALL],
+    );
+    let mut m = load(&w, None);
+    let infos = m.sites().to_vec();
+    let tab = &t.sites["layer2_0_2"];
+    let k = (0..tab.options.len())
+        .max_by(|&a, &b| tab.get(5, a).total_cmp(&tab.get(5, b)))
+        .unwrap();
+    let mut one = Spec::uniform(m.name(), INPUT, &infos, PatchOption::RELU);
+    one.sites["layer2_0_2"][5] = tab.options[k];
+    let p = Problem::build(
+        &t,
+        &infos,
+        BuildOptions {
+            keep_relu_for_missing: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let budget = p.relus() - (p.relus() - p.min_cost()) / 2;
+    let (_, sol) = solve(&p, budget, Solver::Exact, 1 << 30).unwrap();
+    let knap = p.to_spec(&sol.choice);
+    let x = Tensor::from_slice(&s.data).view([7, 1, 8, 8]);
+    let before = m.forward_t(&x, false);
+    let specs = [("one".to_string(), one), ("knapsack".to_string(), knap)];
+    let rows = measure(&mut m, &s, 3, &t, &specs, true).unwrap();
+    let d = tab.get(5, k);
+    assert!(d > 0.0);
+    assert_eq!(rows[0].assumed, d);
+    assert!(
+        rel_close(rows[0].measured, d, 1e-4),
+        "{} vs {d}",
+        rows[0].measured
+    );
+    assert_eq!(rows[0].sites.len(), 1);
+    assert!(rel_close(
+        rows[0].sites[0].measured,
+        rows[0].measured,
+        1e-12
+    ));
+    let r = &rows[1];
+    assert!(
+        rel_close(r.assumed, sol.objective, 1e-9),
+        "{} vs {}",
+        r.assumed,
+        sol.objective
+    );
+    let parts: f64 = r.sites.iter().map(|s| s.assumed).sum();
+    assert!(rel_close(parts, r.assumed, 1e-9));
+    assert!(r.measured.is_finite() && r.measured > 0.0);
+    assert!(r
+        .sites
+        .iter()
+        .all(|s| s.measured.is_finite() && s.measured >= 0.0));
+    let after = m.forward_t(&x, false);
+    assert!(
+        before.equal(&after),
+        "the model's options were not restored"
+    );
+
+    // The CLI on a configuration's data set, with saved weights.
+    let cfg_path = tiny_dataset(tmp.path());
+    let cfg = brelu::train::Config::load(&cfg_path).unwrap();
+    let wpath = tmp.path().join("cfg-w.safetensors");
+    brelu::train::build_model(&cfg, Device::Cpu)
+        .unwrap()
+        .save_weights(&wpath)
+        .unwrap();
+    let (c, wp) = (cfg_path.to_str().unwrap(), wpath.to_str().unwrap());
+    let tdir = tmp.path().join("tables");
+    let tdir_s = tdir.to_str().unwrap();
+    run_ok(&[
+        "distortion",
+        "extract",
+        "--data",
+        c,
+        "-w",
+        wp,
+        "--samples",
+        "6",
+        "--batch",
+        "3",
+        "--sites",
+        "stem,layer1_0_1",
+        "-o",
+        tdir_s,
+    ]);
+    let spec = tmp.path().join("spec.json");
+    run_ok(&[
+        "knapsack",
+        "--model",
+        &cfg.model,
+        "-d",
+        tdir_s,
+        "--ratio",
+        "0.9",
+        "--keep-relu-for-missing",
+        "-o",
+        spec.to_str().unwrap(),
+    ]);
+    let out = tmp.path().join("add");
+    let log = run_ok(&[
+        "distortion",
+        "additivity",
+        "--data",
+        c,
+        "-w",
+        wp,
+        "-d",
+        tdir_s,
+        "--spec",
+        spec.to_str().unwrap(),
+        "--samples",
+        "6",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(log.contains("measured/assumed"), "{log}");
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("additivity.json")).unwrap()).unwrap();
+    assert!(j[0]["measured"].as_f64().unwrap().is_finite());
+    assert!(std::fs::metadata(out.join("additivity.png")).unwrap().len() > 1000);
+}

@@ -41,7 +41,7 @@ impl Samples {
     }
 
     /// Samples `lo..hi` as a tensor on `device`.
-    pub(super) fn batch(&self, lo: usize, hi: usize, device: Device) -> Tensor {
+    pub fn batch(&self, lo: usize, hi: usize, device: Device) -> Tensor {
         let per = self.shape[1] * self.shape[2] * self.shape[3];
         Tensor::from_slice(&self.data[lo * per..hi * per])
             .view([
