@@ -84,6 +84,9 @@ pub struct SessionArgs {
     /// giving up.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
+    /// Seconds to wait for the other parties to connect and authenticate at session start.
+    #[arg(long, default_value_t = 120.0)]
+    pub connect_timeout: f64,
     /// Largest frame in MiB; larger messages travel as several frames.
     #[arg(long, default_value_t = 16)]
     pub max_frame_mb: usize,
@@ -231,14 +234,15 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         drelu_range_bits: a.drelu_range_bits,
     };
     settings.validate()?;
-    if a.timeout <= 0.0 {
-        bail!("--timeout must be positive");
+    if a.timeout <= 0.0 || a.connect_timeout <= 0.0 {
+        bail!("--timeout and --connect-timeout must be positive");
     }
     if !(1..=4095).contains(&a.max_frame_mb) || a.max_ahead_mb == 0 {
         bail!("--max-frame-mb must be in 1..=4095 and --max-ahead-mb at least 1");
     }
     let link = LinkConfig {
         timeout: Duration::from_secs_f64(a.timeout),
+        connect_timeout: Duration::from_secs_f64(a.connect_timeout),
         max_frame: a.max_frame_mb << 20,
         max_ahead: a.max_ahead_mb << 20,
         ahead_batches: a.dealer_ahead,
@@ -521,7 +525,7 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
             .collect::<crate::error::Result<_>>()?,
         argmax_only: a.session.argmax_only,
     };
-    let timeout = s.link.timeout;
+    let timeout = s.link.connect_timeout;
     let hash = plan.hash();
     let join = Join {
         identity: &identity,

@@ -26,6 +26,7 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 /// Limits small enough that fuzz inputs reach them.
 const CFG: LinkConfig = LinkConfig {
     timeout: Duration::from_secs(2),
+    connect_timeout: Duration::from_secs(2),
     max_frame: 1024,
     max_ahead: 4096,
     ahead_batches: 1,

@@ -21,6 +21,9 @@ pub struct LinkConfig {
     /// Longest wait for each frame from a peer (from the request to its last byte) and for
     /// each frame to be written.
     pub timeout: Duration,
+    /// Longest wait for the peers to connect and authenticate at session start (they may
+    /// still be loading their model).
+    pub connect_timeout: Duration,
     /// Largest frame payload in bytes; larger messages travel as several frames.
     pub max_frame: usize,
     /// Most bytes of the dealer's offline frames kept while an online frame is awaited (the
@@ -36,6 +39,7 @@ impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
             timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(120),
             max_frame: 16 << 20,
             max_ahead: 4 << 30,
             ahead_batches: 2,

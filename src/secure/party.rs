@@ -195,7 +195,7 @@ impl Join<'_> {
             msg: format!("no pinned key for the {peer}"),
         })?;
         let keys = KeyPair::generate();
-        let deadline = Instant::now() + self.cfg.timeout;
+        let deadline = Instant::now() + self.cfg.connect_timeout;
         let ours = hello(self.role(), &keys.public, self.session_hash);
         let (t, theirs) = noise::initiate(&mut stream, self.identity, peer, key, &ours, deadline)?;
         self.finish_link(peer, stream, t, keys, &theirs)
@@ -229,7 +229,7 @@ impl Join<'_> {
             joined.push(if peer < self.role() {
                 self.initiate(peer, s)?
             } else {
-                self.respond(s, &[peer], Instant::now() + self.cfg.timeout)?
+                self.respond(s, &[peer], Instant::now() + self.cfg.connect_timeout)?
             });
         }
         self.assemble(joined)
@@ -254,7 +254,7 @@ impl Join<'_> {
             msg: e.to_string(),
         };
         listener.set_nonblocking(true).map_err(io)?;
-        let deadline = Instant::now() + self.cfg.timeout;
+        let deadline = Instant::now() + self.cfg.connect_timeout;
         let mut last_refusal: Option<String> = None;
         let mut refusals = 0usize;
         while !needed.is_empty() {
@@ -282,7 +282,7 @@ impl Join<'_> {
                             .map(|r| r.name())
                             .collect::<Vec<_>>()
                             .join(" and the ");
-                        let secs = self.cfg.timeout.as_secs_f64();
+                        let secs = self.cfg.connect_timeout.as_secs_f64();
                         return Err(match last_refusal {
                             Some(last) => Error::Refused {
                                 peer: format!("every connection claiming to be the {who}"),

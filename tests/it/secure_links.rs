@@ -373,6 +373,7 @@ fn a_wrong_pinned_key_is_refused_by_name() {
     k[0].1.pin(Role::Dealer, other.public);
     let cfg = LinkConfig {
         timeout: Duration::from_secs(3),
+        connect_timeout: Duration::from_secs(3),
         ..short()
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -360,8 +360,10 @@ fn a_wrong_pinned_key_ends_the_session_by_name() {
     let with_keys = |i: usize| {
         let mut a = args[i].clone();
         a.extend(keys_arg(real.path()));
+        a.extend(["--connect-timeout".to_string(), "5".to_string()]);
         a
     };
+    client_args.extend(["--connect-timeout".to_string(), "5".to_string()]);
     let mut ps = [
         PartyProc::spawn("client", 1, 5.0, &client_args),
         PartyProc::spawn("server", 1, 5.0, &with_keys(1)),
