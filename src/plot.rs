@@ -39,12 +39,25 @@ pub fn line_plot(
     ylabel: &str,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<()> {
+    let joined: Vec<(&str, Vec<(f64, f64)>, bool)> =
+        series.iter().map(|(n, p)| (*n, p.clone(), true)).collect();
+    xy_plot(path, title, xlabel, ylabel, &joined)
+}
+
+/// Markers per series, joined by a line where the series' flag says so (a scatter otherwise).
+pub fn xy_plot(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(&str, Vec<(f64, f64)>, bool)],
+) -> Result<()> {
     let perr = |m: String| Error::Plot {
         path: path.to_path_buf(),
         msg: m,
     };
     ensure_font().map_err(perr)?;
-    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let pts = series.iter().flat_map(|(_, p, _)| p.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (
         f64::INFINITY,
         f64::NEG_INFINITY,
@@ -95,10 +108,11 @@ pub fn line_plot(
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|x| e(&x))?;
-        for (i, (name, p)) in series.iter().enumerate() {
+        for (i, (name, p, joined)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
+            let line = if *joined { p.clone() } else { Vec::new() };
             chart
-                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(line, color.stroke_width(2)))
                 .map_err(|x| e(&x))?
                 .label(*name)
                 .legend(move |(x, y)| {

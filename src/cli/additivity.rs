@@ -113,15 +113,15 @@ fn plot(path: &std::path::Path, rows: &[SpecAdditivity]) -> Result<()> {
     } else {
         Vec::new()
     };
-    crate::plot::line_plot(
+    crate::plot::xy_plot(
         path,
         "additivity: measured against assumed distortion",
         "log10 assumed (sum of the channels' table entries)",
         "log10 measured (all channels switched at once)",
         &[
-            ("whole specs", specs),
-            ("one site alone", sites),
-            ("measured = assumed", diag),
+            ("whole specs (one per budget)", specs, true),
+            ("one site alone", sites, false),
+            ("measured = assumed", diag, true),
         ],
     )?;
     Ok(())
