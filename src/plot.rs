@@ -31,6 +31,9 @@ fn ensure_font() -> std::result::Result<(), String> {
     .clone()
 }
 
+/// A series of [`xy_plot`]: its legend name, its points, and whether a line joins them.
+pub type Series<'a> = (&'a str, Vec<(f64, f64)>, bool);
+
 /// A line plot with one line (with markers) per series.
 pub fn line_plot(
     path: &Path,
@@ -39,8 +42,7 @@ pub fn line_plot(
     ylabel: &str,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<()> {
-    let joined: Vec<(&str, Vec<(f64, f64)>, bool)> =
-        series.iter().map(|(n, p)| (*n, p.clone(), true)).collect();
+    let joined: Vec<Series> = series.iter().map(|(n, p)| (*n, p.clone(), true)).collect();
     xy_plot(path, title, xlabel, ylabel, &joined)
 }
 
@@ -50,7 +52,7 @@ pub fn xy_plot(
     title: &str,
     xlabel: &str,
     ylabel: &str,
-    series: &[(&str, Vec<(f64, f64)>, bool)],
+    series: &[Series],
 ) -> Result<()> {
     let perr = |m: String| Error::Plot {
         path: path.to_path_buf(),
