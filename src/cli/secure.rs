@@ -549,7 +549,7 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
         join.listening(dialed, &l, &mut on_refused)
     }
     .with_context(|| format!("{role}: session handshake"))?;
-    eprintln!("{role}: session started (hash {})", &plan.hash()[..16]);
+    eprintln!("{role}: session started (hash {})", &hash[..16]);
     let w = (role == Role::Server).then_some(&weights);
     let run = run_party(p, &plan, w, (role == Role::Client).then_some(&input))
         .with_context(|| format!("{role}: secure inference"))?;

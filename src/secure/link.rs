@@ -214,15 +214,6 @@ impl Link {
         })
     }
 
-    /// Renames the peer (once its role is known from the handshake).
-    pub fn set_peer(&mut self, name: &str) {
-        self.peer = name.to_string();
-    }
-
-    pub fn peer(&self) -> &str {
-        &self.peer
-    }
-
     fn link_err(&self, msg: impl Into<String>) -> Error {
         Error::Link {
             peer: self.peer.clone(),

@@ -464,8 +464,6 @@ pub struct RecordReader {
     end: usize,
     cipher: Vec<u8>,
     pub deadline: Instant,
-    /// Wire bytes read (record headers and tags included).
-    pub wire_bytes: u64,
 }
 
 impl RecordReader {
@@ -479,7 +477,6 @@ impl RecordReader {
             end: 0,
             cipher: Vec::new(),
             deadline: Instant::now() + Duration::from_secs(3600),
-            wire_bytes: 0,
         }
     }
 
@@ -495,7 +492,6 @@ impl RecordReader {
         }
         self.cipher.resize(len, 0);
         read_exact_by(&mut self.stream, &mut self.cipher, self.deadline)?;
-        self.wire_bytes += 2 + len as u64;
         let n = self
             .transport
             .state
@@ -532,8 +528,6 @@ pub struct RecordWriter {
     plain: Vec<u8>,
     out: Vec<u8>,
     timeout: Duration,
-    /// Wire bytes written (record headers and tags included).
-    pub wire_bytes: u64,
 }
 
 impl RecordWriter {
@@ -545,7 +539,6 @@ impl RecordWriter {
             plain: Vec::with_capacity(MAX_PLAIN),
             out: vec![0u8; 2 + MAX_RECORD],
             timeout,
-            wire_bytes: 0,
         }
     }
 
@@ -563,7 +556,6 @@ impl RecordWriter {
         self.plain.clear();
         let deadline = Instant::now() + self.timeout;
         write_all_by(&mut self.stream, &self.out[..2 + n], deadline)?;
-        self.wire_bytes += 2 + n as u64;
         Ok(())
     }
 

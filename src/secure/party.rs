@@ -96,7 +96,7 @@ pub struct Party {
     /// Dealer only, while its offline part runs on its own thread: the bound on its lead.
     gate: Option<std::sync::Arc<Gate>>,
     /// Dealer only: DReLU batches of the current image seen by this part so far.
-    pub batches: u64,
+    batches: u64,
     /// Dealer only: DReLU batches the offline thread may run ahead.
     ahead: u64,
     /// Private randomness of this party.

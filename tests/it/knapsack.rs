@@ -428,27 +428,20 @@ fn byte_budgets_are_solved_exactly_and_kept() {
     let mut last = f64::INFINITY;
     for (mb, budget) in [("2M", 2_000_000u64), ("4M", 4_000_000), ("8M", 8_000_000)] {
         let spec_path = dir.path().join(format!("spec-{mb}.json"));
-        let out = std::process::Command::new(crate::common::brelu_exe())
-            .args([
-                "knapsack",
-                "--model",
-                "resnet18-cifar-light",
-                "--bytes",
-                mb,
-                "--json",
-                "-d",
-            ])
-            .arg(&tdir)
-            .arg("-o")
-            .arg(&spec_path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (ok, out, err) = crate::common::brelu(&[
+            "knapsack",
+            "--model",
+            "resnet18-cifar-light",
+            "--bytes",
+            mb,
+            "--json",
+            "-d",
+            tdir.to_str().unwrap(),
+            "-o",
+            spec_path.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(rep["budget_unit"], "bytes");
         assert!(rep["budget"].as_u64().unwrap() <= budget);
         let spec = Spec::load(&spec_path, "resnet18-cifar-light", [3, 32, 32], &infos).unwrap();

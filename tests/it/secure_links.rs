@@ -189,23 +189,20 @@ fn tampered_and_replayed_records_are_refused() {
 fn a_trickling_peer_times_out() {
     let (mut link, _w, b) = authenticated(short());
     let mut raw = b.try_clone().unwrap();
-    let t = Instant::now();
     let trickle = std::thread::spawn(move || {
-        // A record of 65,535 bytes announced, then a byte every 100 ms for 3 s.
+        // A record of 65,535 bytes announced, then a byte every 100 ms for 3 s, then the
+        // connection closed: with a timeout per read the link would see that close (a Link
+        // error); with the 0.4 s deadline per frame it times out long before.
         for _ in 0..30 {
             if raw.write_all(&[0xff]).is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let _ = raw.shutdown(std::net::Shutdown::Both);
     });
     let e = link.recv(Kind::Data, 0, 4).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t.elapsed()
-    );
     drop(link);
     let _ = trickle.join();
 }

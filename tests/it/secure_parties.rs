@@ -102,16 +102,15 @@ impl PartyProc {
 
 /// `brelu secure keygen --role all -o DIR`.
 fn keygen(dir: &Path) {
-    let out = std::process::Command::new(common::brelu_exe())
-        .args(["secure", "keygen", "--role", "all", "-o"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = common::brelu(&[
+        "secure",
+        "keygen",
+        "--role",
+        "all",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
 }
 
 fn keys_arg(dir: &Path) -> Vec<String> {
@@ -295,28 +294,21 @@ fn pinned_key_session_matches_secure_run() {
         assert!(p.wait_within(Duration::from_secs(90)), "{}", p.stderr());
     }
     let party: serde_json::Value = serde_json::from_str(&ps[0].stdout()).unwrap();
-    let out = std::process::Command::new(common::brelu_exe())
-        .args([
-            "secure",
-            "run",
-            "--model",
-            "resnet18-cifar-light",
-            "--input",
-            "1,16,16",
-            "--classes",
-            "10",
-            "--images",
-            "2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ok, out, err) = common::brelu(&[
+        "secure",
+        "run",
+        "--model",
+        "resnet18-cifar-light",
+        "--input",
+        "1,16,16",
+        "--classes",
+        "10",
+        "--images",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
     for i in 0..2 {
         let logits: Vec<f64> = party["images"][i]["logits"]
             .as_array()
@@ -493,13 +485,9 @@ fn keygen_and_key_flags_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     keygen(dir.path());
     // Keys are identities: never replaced silently.
-    let out = std::process::Command::new(common::brelu_exe())
-        .args(["secure", "keygen", "--role", "client", "-o"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = common::brelu(&["secure", "keygen", "--role", "client", "-o", d]);
+    assert!(!ok && err.contains("--force"), "{err}");
     let key = dir.path().join("client.key");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
@@ -508,22 +496,19 @@ fn keygen_and_key_flags_are_checked() {
         "the private key must be readable by its owner only"
     );
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(common::brelu_exe())
-            .args([
-                "secure",
-                "party",
-                "--model",
-                "resnet18-cifar-light",
-                "--input",
-                "1,16,16",
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).to_string()
+        let mut all = vec![
+            "secure",
+            "party",
+            "--model",
+            "resnet18-cifar-light",
+            "--input",
+            "1,16,16",
+        ];
+        all.extend(args);
+        let (ok, _, err) = common::brelu(&all);
+        assert!(!ok);
+        err
     };
-    let d = dir.path().to_str().unwrap();
     let pubkey = format!("{d}/server.pub");
     // No key at all; a public key given as the own key; a key of the wrong role; a missing pin.
     assert!(run(&["--role", "client"]).contains("--key"));

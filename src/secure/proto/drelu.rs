@@ -163,6 +163,15 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     Ok(Vec::new())
 }
 
+/// The dealer sent values outside their ring or Z_67: they would break the field arithmetic
+/// (a share of 68 or more underflows in PrivateCompare), so they are refused by name.
+fn bad_randomness() -> Error {
+    Error::Malformed {
+        peer: "dealer".into(),
+        msg: "DReLU randomness outside its ring or Z_67".into(),
+    }
+}
+
 /// A computing party's shares of the dealer's correlated randomness of [`drelu`].
 struct DreluRandomness {
     /// z in Z_2^k.
@@ -207,16 +216,11 @@ fn drelu_randomness(p: &mut Party, n: usize) -> Result<DreluRandomness> {
         let zb = take(n * k).to_vec();
         let x = ring(take(n * w));
         let xb = take(n * k).to_vec();
-        // Out-of-range values would break the field arithmetic (a share of 68 or more
-        // underflows in PrivateCompare): refuse them by name.
         let bad = !z.iter().all(|&v| me.contains(v))
             || !zo.iter().chain(&x).all(|&v| mo.contains(v))
             || zb.iter().chain(&xb).any(|&v| v >= P);
         if bad {
-            return Err(Error::Malformed {
-                peer: "dealer".into(),
-                msg: "DReLU randomness outside its ring or Z_67".into(),
-            });
+            return Err(bad_randomness());
         }
         DreluRandomness { z, zo, zb, x, xb }
     })
@@ -370,10 +374,7 @@ fn drelu_msb(p: &mut Party, v: &[u64]) -> Result<Vec<u64>> {
         let r = wire::unpack_u64(&m[..n * w], w).unwrap_or_default();
         let rb = m[n * w..].to_vec();
         if !r.iter().all(|&x| me.contains(x)) || rb.iter().any(|&b| b >= P) {
-            return Err(Error::Malformed {
-                peer: "dealer".into(),
-                msg: "DReLU randomness outside its ring or Z_67".into(),
-            });
+            return Err(bad_randomness());
         }
         (r, rb)
     };
