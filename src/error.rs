@@ -32,6 +32,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// An ONNX file brelu cannot import: unreadable, or a node with an operator, attribute or
+    /// input it does not support.
+    #[error("{path}: node '{node}': {msg}")]
+    Onnx {
+        path: PathBuf,
+        node: String,
+        msg: String,
+    },
+
     // ---- specs ----
     /// A spec does not match the model (unknown site, channel count, patch too large, ...).
     #[error("{path}: {msg}")]

@@ -49,14 +49,16 @@ pub enum Op {
         stride: usize,
         pad: usize,
     },
-    /// Average pool that divides by the number of in-bounds pixels (count_include_pad=False),
-    /// which is what secure inference computes.
+    /// Average pool. It divides by the number of in-bounds pixels (`count_include_pad=False`,
+    /// brelu's own stems), or by the whole window with `count_pad` (PyTorch's default, which
+    /// published and imported checkpoints were trained with).
     AvgPool {
         x: Slot,
         y: Slot,
         kernel: usize,
         stride: usize,
         pad: usize,
+        count_pad: bool,
     },
     /// [N, C, H, W] -> [N, C], or [N, C, 1, 1] with `keepdim` (DeepLabV3's image pooling).
     GlobalAvgPool {
@@ -69,12 +71,18 @@ pub enum Op {
         xs: Vec<Slot>,
         y: Slot,
     },
-    /// Bilinear resize of `x` to the height and width of `like` (PyTorch's
-    /// `interpolate(mode="bilinear", align_corners=False)`, as mmseg's `resize`). `like` is
-    /// read for its shape only. From a 1x1 map this is a broadcast.
+    /// Bilinear resize of `x` to a size (PyTorch's `interpolate(mode="bilinear")`, as mmseg's
+    /// `resize`): the height and width of another value, or fixed. From a 1x1 map this is a
+    /// broadcast.
     Resize {
         x: Slot,
-        like: Slot,
+        to: ResizeTo,
+        align_corners: bool,
+        y: Slot,
+    },
+    /// [C, H, W] -> [C*H*W] (`torch.flatten(x, 1)`).
+    Flatten {
+        x: Slot,
         y: Slot,
     },
     /// Channel dropout (`nn.Dropout2d`) with drop probability `p`: identity in evaluation, so
@@ -93,12 +101,25 @@ pub enum Op {
     },
 }
 
+/// The output size of a [`Op::Resize`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResizeTo {
+    /// The height and width of this value (read for its shape only).
+    Like(Slot),
+    /// A fixed [height, width].
+    Size([usize; 2]),
+}
+
 impl Op {
     /// Slots this op reads.
     pub fn inputs(&self) -> Vec<Slot> {
         match self {
             Op::Add { a, b, .. } => vec![*a, *b],
-            Op::Resize { x, like, .. } => vec![*x, *like],
+            Op::Resize {
+                x,
+                to: ResizeTo::Like(like),
+                ..
+            } => vec![*x, *like],
             Op::Concat { xs, .. } => xs.clone(),
             Op::Conv { x, .. }
             | Op::BatchNorm { x, .. }
@@ -107,6 +128,8 @@ impl Op {
             | Op::AvgPool { x, .. }
             | Op::GlobalAvgPool { x, .. }
             | Op::Dropout { x, .. }
+            | Op::Flatten { x, .. }
+            | Op::Resize { x, .. }
             | Op::Linear { x, .. } => vec![*x],
         }
     }
@@ -118,9 +141,11 @@ impl Op {
                 *a = f(*a);
                 *b = f(*b);
             }
-            Op::Resize { x, like, .. } => {
+            Op::Resize { x, to, .. } => {
                 *x = f(*x);
-                *like = f(*like);
+                if let ResizeTo::Like(like) = to {
+                    *like = f(*like);
+                }
             }
             Op::Concat { xs, .. } => xs.iter_mut().for_each(|s| *s = f(*s)),
             Op::Conv { x, .. }
@@ -130,6 +155,7 @@ impl Op {
             | Op::AvgPool { x, .. }
             | Op::GlobalAvgPool { x, .. }
             | Op::Dropout { x, .. }
+            | Op::Flatten { x, .. }
             | Op::Linear { x, .. } => *x = f(*x),
         }
     }
@@ -147,6 +173,7 @@ impl Op {
             | Op::Concat { y, .. }
             | Op::Resize { y, .. }
             | Op::Dropout { y, .. }
+            | Op::Flatten { y, .. }
             | Op::Linear { y, .. } => *y,
         }
     }
@@ -278,6 +305,7 @@ impl GraphBuilder {
         })
     }
 
+    /// Average pool dividing by the in-bounds pixels (`count_include_pad=False`).
     pub fn avg_pool(&mut self, x: Slot, kernel: usize, stride: usize, pad: usize) -> Slot {
         self.push(|y| Op::AvgPool {
             x,
@@ -285,6 +313,7 @@ impl GraphBuilder {
             kernel,
             stride,
             pad,
+            count_pad: false,
         })
     }
 
@@ -314,7 +343,17 @@ impl GraphBuilder {
 
     /// Bilinear resize (align_corners=False) of `x` to the spatial size of `like`.
     pub fn resize_like(&mut self, x: Slot, like: Slot) -> Slot {
-        self.push(|y| Op::Resize { x, like, y })
+        self.push(|y| Op::Resize {
+            x,
+            to: ResizeTo::Like(like),
+            align_corners: false,
+            y,
+        })
+    }
+
+    /// Appends an op that writes a fresh slot (`make` receives it): what importers use.
+    pub fn op(&mut self, make: impl FnOnce(Slot) -> Op) -> Slot {
+        self.push(make)
     }
 
     /// Channel dropout with drop probability `p` (active only in training).
@@ -330,6 +369,11 @@ impl GraphBuilder {
             cin,
             cout,
         })
+    }
+
+    /// The graph built so far.
+    pub fn graph(&self) -> &Graph {
+        &self.g
     }
 
     /// Finishes the graph with `output` as the network output.
@@ -446,16 +490,26 @@ impl Graph {
                     }
                     vec![parts.iter().map(|p| p[0]).sum(), first[1], first[2]]
                 }
-                Op::Resize { x, like, .. } => {
-                    let (s, l) = (get(*x), get(*like));
-                    if s.len() != 3 || l.len() != 3 {
-                        return Err(bad(format!(
-                            "resizes a [C, H, W] map to a [C', H, W] map's size, got {s:?} \
-                             and {l:?}"
-                        )));
+                Op::Resize { x, to, .. } => {
+                    let s = get(*x);
+                    let size = match to {
+                        ResizeTo::Like(like) => match get(*like).as_slice() {
+                            [_, h, w] => Some([*h, *w]),
+                            _ => None,
+                        },
+                        ResizeTo::Size(hw) => Some(*hw),
+                    };
+                    match size {
+                        Some([h, w]) if s.len() == 3 && h > 0 && w > 0 => vec![s[0], h, w],
+                        _ => {
+                            return Err(bad(format!(
+                                "resizes a [C, H, W] map to a positive [H, W], got {s:?} to \
+                                 {to:?}"
+                            )))
+                        }
                     }
-                    vec![s[0], l[1], l[2]]
                 }
+                Op::Flatten { x, .. } => vec![get(*x).iter().product()],
                 Op::Dropout { x, .. } => get(*x),
                 Op::Linear { x, cin, cout, .. } => {
                     let s = get(*x);
@@ -507,5 +561,6 @@ pub fn op_name(op: &Op) -> String {
         Op::Concat { y, .. } => format!("concat -> %{y}"),
         Op::Resize { y, .. } => format!("resize -> %{y}"),
         Op::Dropout { y, .. } => format!("dropout -> %{y}"),
+        Op::Flatten { y, .. } => format!("flatten -> %{y}"),
     }
 }

@@ -7,11 +7,12 @@
 pub mod deeplabv3;
 pub mod graph;
 pub mod mobilenet_v2;
+pub mod onnx;
 pub mod resnet;
 mod runtime;
 pub mod weights;
 
-pub use graph::{Graph, GraphBuilder, Op, Slot};
+pub use graph::{Graph, GraphBuilder, Op, ResizeTo, Slot};
 pub use runtime::{Model, SiteState};
 
 use crate::error::{Error, Result};
@@ -45,6 +46,18 @@ pub trait Architecture: Sync {
         false
     }
 
+    /// Refuses a configuration the architecture cannot be built for (an imported network has
+    /// the input size it was exported at); any is fine by default.
+    fn check_config(&self, _cfg: &ArchConfig) -> Result<()> {
+        Ok(())
+    }
+
+    /// Parameters a new model starts from instead of a random initialisation (an imported
+    /// network's weights); none by default.
+    fn pretrained(&self) -> &[Param] {
+        &[]
+    }
+
     /// The default configuration (`default_input`, `default_classes`).
     fn default_config(&self) -> ArchConfig {
         ArchConfig {
@@ -52,6 +65,14 @@ pub trait Architecture: Sync {
             num_classes: self.default_classes(),
         }
     }
+}
+
+/// A named parameter tensor (torchvision naming, row-major values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub data: Vec<f32>,
 }
 
 /// Every architecture brelu knows.
@@ -67,8 +88,11 @@ pub fn architectures() -> &'static [&'static dyn Architecture] {
     ]
 }
 
-/// Looks an architecture up by name.
+/// Looks an architecture up by name; `onnx:PATH` imports that file (once per process).
 pub fn find(name: &str) -> Result<&'static dyn Architecture> {
+    if name.starts_with(onnx::PREFIX) {
+        return Ok(onnx::load(name)?);
+    }
     architectures()
         .iter()
         .copied()
@@ -93,6 +117,7 @@ pub fn build_graph(arch: &dyn Architecture, cfg: &ArchConfig) -> Result<Graph> {
             cfg.num_classes
         )));
     }
+    arch.check_config(cfg)?;
     let mut g = GraphBuilder::new();
     let out = arch.build(&mut g, cfg);
     Ok(g.finish(out))

@@ -1,6 +1,6 @@
 //! `Model`: a graph with its parameters (a tch `VarStore` with torchvision names) and the
 //! per-site activation options, run with tch.
-use super::graph::{Graph, Op, Slot};
+use super::graph::{Graph, Op, ResizeTo, Slot};
 use super::{build_graph, graph_sites, ArchConfig, Architecture, SiteInfo};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -41,7 +41,39 @@ impl Model {
         device: Device,
     ) -> Result<Model> {
         let graph = build_graph(arch, &config)?;
-        Self::from_graph(arch, config, graph, device)
+        let model = Self::from_graph(arch, config, graph, device)?;
+        model.set_pretrained()?;
+        Ok(model)
+    }
+
+    /// Copies the architecture's own starting parameters (an imported network's weights).
+    fn set_pretrained(&self) -> Result<()> {
+        let pretrained = self.arch.pretrained();
+        if pretrained.is_empty() {
+            return Ok(());
+        }
+        let vars = self.var_store().variables();
+        let _guard = tch::no_grad_guard();
+        for p in pretrained {
+            let mut var = vars
+                .get(&p.name)
+                .map(|v| v.shallow_clone())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("{}: no parameter {}", self.name(), p.name))
+                })?;
+            let dims: Vec<i64> = p.dims.iter().map(|&d| d as i64).collect();
+            if var.size() != dims {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: parameter {} has shape {:?}, the network expects {:?}",
+                    self.name(),
+                    p.name,
+                    dims,
+                    var.size()
+                )));
+            }
+            var.copy_(&Tensor::from_slice(&p.data).view(dims.as_slice()));
+        }
+        Ok(())
     }
 
     /// A model by registry name with the architecture's default input and class count.
@@ -485,10 +517,11 @@ impl Model {
                 kernel,
                 stride,
                 pad,
+                count_pad,
                 ..
             } => {
                 let (k, s, p) = (*kernel as i64, *stride as i64, *pad as i64);
-                get(*x).avg_pool2d([k, k], [s, s], [p, p], false, false, None)
+                get(*x).avg_pool2d([k, k], [s, s], [p, p], false, *count_pad, None)
             }
             Op::GlobalAvgPool { x, keepdim, .. } => {
                 get(*x).mean_dim([2i64, 3].as_slice(), *keepdim, Kind::Float)
@@ -497,10 +530,22 @@ impl Model {
                 let parts: Vec<&Tensor> = xs.iter().map(|&s| get(s)).collect();
                 Tensor::cat(&parts, 1)
             }
-            Op::Resize { x, like, .. } => {
-                let size = get(*like).size();
-                get(*x).upsample_bilinear2d([size[2], size[3]], false, None::<f64>, None::<f64>)
+            Op::Resize {
+                x,
+                to,
+                align_corners,
+                ..
+            } => {
+                let size = match to {
+                    ResizeTo::Like(like) => {
+                        let s = get(*like).size();
+                        [s[2], s[3]]
+                    }
+                    ResizeTo::Size([h, w]) => [*h as i64, *w as i64],
+                };
+                get(*x).upsample_bilinear2d(size, *align_corners, None::<f64>, None::<f64>)
             }
+            Op::Flatten { x, .. } => get(*x).flatten(1, -1),
             Op::Dropout { x, p, .. } => get(*x).feature_dropout(*p, train),
             Op::Linear { x, .. } => get(*x).linear(&p[0], Some(&p[1])),
         }

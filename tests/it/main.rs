@@ -8,6 +8,7 @@ mod distortion;
 mod knapsack;
 mod layers;
 mod models;
+mod onnx;
 mod pipeline;
 mod secure;
 mod secure_links;

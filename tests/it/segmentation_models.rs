@@ -374,7 +374,7 @@ fn ring_resize_matches_bilinear_within_rounding() {
         let c = 2;
         let x: Vec<f64> = (0..c * h * w).map(|_| rng.gen_range(-4.0..4.0)).collect();
         let enc: Vec<u64> = x.iter().map(|&v| fx.encode(v)).collect();
-        let it = Interp::new(c, [h, w], [ho, wo]);
+        let it = Interp::new(c, [h, w], [ho, wo], false);
         let got = fx.decode_all(&it.apply(&enc, None));
         for ch in 0..c {
             let xr: Vec<f64> = enc[ch * h * w..(ch + 1) * h * w]

@@ -77,6 +77,9 @@ impl ActPlan {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Windows {
     pub idx: Vec<Vec<u32>>,
+    /// The divisor of every window when padding counts (`count_include_pad=True`: k*k), else
+    /// `None` (each window's in-bounds count).
+    pub full: Option<usize>,
 }
 
 impl Windows {
@@ -101,7 +104,13 @@ impl Windows {
                 }
             }
         }
-        Windows { idx }
+        Windows { idx, full: None }
+    }
+
+    /// The same windows averaged over the whole k x k window, padding included.
+    pub fn counting_padding(mut self, k: usize) -> Windows {
+        self.full = Some(k * k);
+        self
     }
 
     /// Window sums of (a share of) the input.
@@ -114,11 +123,14 @@ impl Windows {
 
     /// round(2^AVG_SHIFT / count) per output.
     pub fn reciprocals(&self) -> Vec<u64> {
-        self.idx.iter().map(|v| reciprocal(v.len())).collect()
+        self.idx
+            .iter()
+            .map(|v| reciprocal(self.full.unwrap_or(v.len())))
+            .collect()
     }
 }
 
-/// A bilinear resize (align_corners=False, PyTorch's source-index rule) as a public linear map
+/// A bilinear resize (PyTorch's source-index rule, align_corners either way) as a public linear map
 /// on each channel plane: for every output pixel, its source pixels and their weights in fixed
 /// point with [`AVG_SHIFT`] fractional bits. An output with one source of weight 1 (every pixel
 /// of a broadcast from 1x1) is copied exactly, without a truncation.
@@ -132,11 +144,19 @@ pub struct Interp {
 }
 
 impl Interp {
-    pub fn new(c: usize, in_hw: [usize; 2], out_hw: [usize; 2]) -> Interp {
+    pub fn new(c: usize, in_hw: [usize; 2], out_hw: [usize; 2], align_corners: bool) -> Interp {
         // (i0, i1, weight of i1) along one axis.
         let axis = |inl: usize, outl: usize, o: usize| -> (usize, usize, f64) {
-            let scale = inl as f64 / outl as f64;
-            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let src = if align_corners {
+                if outl > 1 {
+                    o as f64 * (inl - 1) as f64 / (outl - 1) as f64
+                } else {
+                    0.0
+                }
+            } else {
+                let scale = inl as f64 / outl as f64;
+                ((o as f64 + 0.5) * scale - 0.5).max(0.0)
+            };
             let i0 = (src.floor() as usize).min(inl - 1);
             let i1 = (i0 + 1).min(inl - 1);
             (i0, i1, src - i0 as f64)

@@ -201,13 +201,19 @@ impl Lowering<'_> {
                 kernel,
                 stride,
                 pad,
+                count_pad,
             } => {
                 let (c, h, w) = self.chw(*x)?;
+                let win = Windows::new(c, h, w, *kernel, *stride, *pad);
                 (
                     Layer::AvgPool {
                         x: *x,
                         y: *y,
-                        win: Windows::new(c, h, w, *kernel, *stride, *pad),
+                        win: if *count_pad {
+                            win.counting_padding(*kernel)
+                        } else {
+                            win
+                        },
                     },
                     format!("avgpool%{y}"),
                     None,
@@ -234,19 +240,33 @@ impl Lowering<'_> {
                 format!("concat%{y}"),
                 None,
             ),
-            Op::Resize { x, y, .. } => {
+            Op::Resize {
+                x,
+                y,
+                align_corners,
+                ..
+            } => {
                 let (c, h, w) = self.chw(*x)?;
                 let (_, ho, wo) = self.chw(*y)?;
                 (
                     Layer::Resize {
                         x: *x,
                         y: *y,
-                        interp: Interp::new(c, [h, w], [ho, wo]),
+                        interp: Interp::new(c, [h, w], [ho, wo], *align_corners),
                     },
                     format!("resize%{y}"),
                     None,
                 )
             }
+            // Values travel flat: flattening is a copy, a concatenation of one.
+            Op::Flatten { x, y } => (
+                Layer::Concat {
+                    xs: vec![*x],
+                    y: *y,
+                },
+                format!("flatten%{y}"),
+                None,
+            ),
             Op::Conv { .. }
             | Op::Linear { .. }
             | Op::BatchNorm { .. }
