@@ -91,3 +91,75 @@ fn module_paths_follow_pytorch_scopes() {
         assert_eq!(models::onnx::module_path(node), path, "{node}");
     }
 }
+
+/// Runs an ONNX file with tract (a pure-Rust runtime) on `x` [N, C, H, W].
+fn run_tract(path: &std::path::Path, x: &Tensor) -> Tensor {
+    let dims: Vec<usize> = x.size().iter().map(|&d| d as usize).collect();
+    let data = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+    let (shape, values) = {
+        use tract_onnx::prelude::*;
+        let mut m = tract_onnx::onnx().model_for_path(path).unwrap();
+        m.set_input_fact(0, f32::fact(&dims).into()).unwrap();
+        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+        let input = tract_ndarray::ArrayD::from_shape_vec(dims, data).unwrap();
+        let out = plan.run(tvec!(Tensor::from(input).into())).unwrap();
+        let view = out[0].to_plain_array_view::<f32>().unwrap();
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        (shape, view.iter().copied().collect::<Vec<f32>>())
+    };
+    Tensor::from_slice(&values).view(shape.as_slice())
+}
+
+/// brelu -> ONNX -> tract equals brelu's own forward, with the model's active options.
+fn export_round_trip(model: &Model, x: &Tensor, what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    models::onnx::export::write(model, &Default::default(), &path).unwrap();
+    let want = tch::no_grad(|| model.forward_t(x, false));
+    let got = run_tract(&path, x);
+    assert_eq!(got.size(), want.size(), "{what}: output shape");
+    let (err, scale) = max_err(&got, &want);
+    assert!(
+        err <= 1e-4 * scale.max(1.0),
+        "{what}: max abs error {err} (outputs up to {scale})"
+    );
+}
+
+/// Random weights and batch-norm statistics, so every parameter shows in the output.
+fn randomise(model: &mut Model) {
+    let _g = tch::no_grad_guard();
+    for (name, mut t) in model.named_tensors() {
+        let r = if name.ends_with("running_var") || name.ends_with(".weight") && t.dim() == 1 {
+            Tensor::rand_like(&t) + 0.5
+        } else {
+            Tensor::randn_like(&t) * 0.1
+        };
+        t.copy_(&r);
+    }
+}
+
+#[test]
+fn export_round_trip_with_and_without_spec() {
+    let _rng = crate::common::torch_rng();
+    tch::manual_seed(7);
+    let mut model = Model::by_name("resnet18-cifar-light", Device::Cpu).unwrap();
+    randomise(&mut model);
+    let [c, h, w] = model.config().input;
+    let x = Tensor::randn(
+        [2, c as i64, h as i64, w as i64],
+        (tch::Kind::Float, Device::Cpu),
+    );
+    export_round_trip(&model, &x, "resnet18-cifar-light");
+    let plain = tch::no_grad(|| model.forward_t(&x, false));
+    crate::common::mixed_spec(&mut model);
+    let blocked = tch::no_grad(|| model.forward_t(&x, false));
+    // The spec changes the output, so the round trip below checks the block ReLUs too.
+    assert!(max_err(&blocked, &plain).0 > 1e-2);
+    export_round_trip(&model, &x, "resnet18-cifar-light with a mixed spec");
+    // An imported segmenter: resizes both ways, padding-counting average pool, concat.
+    let mut seg = Model::by_name(&model_name("deeplabv3-tiny"), Device::Cpu).unwrap();
+    let x = Tensor::read_npy(fixture("deeplabv3-tiny.input.npy")).unwrap();
+    export_round_trip(&seg, &x, "deeplabv3-tiny");
+    crate::common::mixed_spec(&mut seg);
+    export_round_trip(&seg, &x, "deeplabv3-tiny with a mixed spec");
+}
