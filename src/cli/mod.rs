@@ -2,6 +2,7 @@
 //! errors get context here; `main` prints the chain and sets the exit code.
 mod additivity;
 mod distortion;
+mod interop;
 mod knapsack;
 mod models;
 mod pipeline;
@@ -49,6 +50,12 @@ pub enum Command {
     /// Three-party secure inference (client, server, dealer) on secret shares.
     #[command(subcommand)]
     Secure(secure::SecureCommand),
+    /// Bring your own network: import an ONNX file (then `--model onnx:PATH` everywhere).
+    #[command(subcommand)]
+    Import(interop::ImportCommand),
+    /// Write a network, block ReLUs included, as ONNX for other runtimes.
+    #[command(subcommand)]
+    Export(interop::ExportCommand),
     /// The whole method in one resumable run: baseline, distortion, knapsack and uniform
     /// baselines per budget, fine-tune, evaluate, secure inference, report.md with plots.
     Pipeline(pipeline::PipelineArgs),
@@ -90,6 +97,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => train::finetune_cmd(a),
         Command::Eval(a) => train::eval_cmd(a),
         Command::Secure(c) => secure::run(c),
+        Command::Import(c) => interop::import(c),
+        Command::Export(c) => interop::export(c),
         Command::Pipeline(a) => pipeline::run(a),
     }
 }

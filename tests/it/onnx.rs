@@ -163,3 +163,111 @@ fn export_round_trip_with_and_without_spec() {
     crate::common::mixed_spec(&mut seg);
     export_round_trip(&seg, &x, "deeplabv3-tiny with a mixed spec");
 }
+
+/// A tiny CIFAR-10 in the binary layout (5 train batches of 8 images, 16 test images).
+fn tiny_cifar10(dir: &std::path::Path) {
+    let batch = |n: usize, seed: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let label = ((i + seed) % 10) as u8;
+                std::iter::once(label)
+                    .chain((0..3072).map(move |k| ((k * 31 + i * 17 + seed * 7) % 251) as u8))
+            })
+            .collect()
+    };
+    for b in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(8, b)).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), batch(16, 0)).unwrap();
+}
+
+/// The imported ResNet18 through the whole method: its weights from `brelu import onnx`,
+/// distortion, knapsack at 10%, a one-epoch fine-tune, evaluation and a secure run that
+/// agrees with plaintext.
+#[test]
+fn imported_model_runs_the_pipeline() {
+    let _rng = crate::common::torch_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    tiny_cifar10(dir);
+    let weights = dir.join("imported.safetensors");
+    let onnx = fixture("resnet18-w16.onnx");
+    let (ok, out, err) = crate::common::brelu(&[
+        "import",
+        "onnx",
+        onnx.to_str().unwrap(),
+        "-o",
+        weights.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("17 ReLU sites"), "{out}");
+    let train = format!(
+        "model = \"{}\"\nnum_classes = 10\ninput = [3, 32, 32]\nepochs = 1\nbatch_size = 8\n\
+         seed = 3\n[dataset]\nkind = \"cifar10\"\npath = \"{}\"\n[optimizer]\nlr = 0.01\n\
+         momentum = 0.9\nweight_decay = 1e-4\n[schedule]\nkind = \"cosine\"\n",
+        model_name("resnet18-w16"),
+        dir.display()
+    );
+    std::fs::write(dir.join("train.toml"), &train).unwrap();
+    std::fs::write(dir.join("ft.toml"), &train).unwrap();
+    let p = dir.join("pipeline.toml");
+    std::fs::write(
+        &p,
+        "train = \"train.toml\"\nfinetune = \"ft.toml\"\nweights = \"imported.safetensors\"\n\
+         ratios = [0.1]\nbaselines = false\n[distortion]\nsamples = 4\nbatch = 4\n\
+         [secure]\nimages = 1\n",
+    )
+    .unwrap();
+    let cfg = brelu::pipeline::PipelineConfig::load(&p).unwrap();
+    let out = brelu::pipeline::run(&cfg, &dir.join("run"), None, &|_: &str| {}).unwrap();
+    assert!(
+        out.ran.contains(&"finetune-knapsack-10.00pct".to_string()),
+        "{:?}",
+        out.ran
+    );
+    assert_eq!(out.rows.len(), 2, "baseline and the knapsack spec");
+    let relus = out.rows[0].drelus;
+    let row = &out.rows[1];
+    let spec = row.spec.as_ref().unwrap();
+    assert!(row.drelus <= spec.budget && spec.budget == (relus as f64 * 0.1).floor() as u64);
+    let s = row.secure.as_ref().unwrap();
+    assert_eq!((s.images, s.agree_plaintext), (1, 1));
+    assert_eq!(row.eval.images, 16);
+}
+
+/// The imported segmenter under secure inference with a mixed spec: its resizes (both
+/// align-corners modes), padding-counting average pool and concatenations in the ring agree
+/// with the float network and with the plaintext fixed-point pass.
+#[test]
+fn imported_segmenter_runs_securely() {
+    use brelu::secure::plan::Settings;
+    use brelu::secure::ring::Fixed;
+    use brelu::secure::{run_compare, LinkConfig};
+    let mut m = Model::by_name(&model_name("deeplabv3-tiny"), Device::Cpu).unwrap();
+    crate::common::mixed_spec(&mut m);
+    // Logits of order 10 (the fixture's are below 1), so the tolerances below are strict.
+    for (name, mut t) in m.named_tensors() {
+        if name.starts_with("head.3.") {
+            let _ = tch::no_grad(|| t.g_mul_scalar_(40.0));
+        }
+    }
+    let x = Tensor::read_npy(fixture("deeplabv3-tiny.input.npy")).unwrap();
+    let img = Vec::<f32>::try_from(x.get(0).flatten(0, -1)).unwrap();
+    let settings = Settings {
+        fixed: Fixed { frac: 16 },
+        ..Settings::default()
+    };
+    let r = run_compare(&m, &[img], None, settings, false, LinkConfig::default()).unwrap();
+    let im = &r.images[0];
+    let big = im
+        .plaintext_logits
+        .iter()
+        .fold(0.0f64, |a, v| a.max(v.abs()));
+    let (fixed_err, float_err) = (im.max_logit_error.unwrap(), im.max_float_error.unwrap());
+    assert!(big > 0.5, "degenerate logits (max {big})");
+    assert!(
+        fixed_err < 0.01 && float_err < 0.05,
+        "{fixed_err} {float_err} (logits to {big})"
+    );
+    assert!(im.pixel_agreement.unwrap() > 0.99);
+}

@@ -528,20 +528,19 @@ impl Importer {
             }
             "Relu" => Val::Net(self.site(node)?),
             "Clip" => {
-                // Opset 11+: bounds are inputs 1 and 2; before, attributes.
+                // Opset 11+ (the oldest brelu reads) gives the bounds as inputs 1 and 2.
                 let lo = self.opt_konst(node, 1)?.map(|c| c.as_f32());
                 let hi = self.opt_konst(node, 2)?.map(|c| c.as_f32());
                 let lo = lo.and_then(|v| v.first().copied());
                 let hi = hi.and_then(|v| v.first().copied());
-                match (lo, hi) {
-                    (Some(l), None) if l == 0.0 => {}
-                    (Some(l), Some(h)) if l == 0.0 && h == 6.0 => self.relu6 += 1,
-                    _ => {
-                        return Err(err(format!(
-                            "Clip({lo:?}, {hi:?}): brelu imports Clip(0) and Clip(0, 6) (ReLU6, \
-                             which becomes a ReLU site)"
-                        )))
-                    }
+                if lo != Some(0.0) || !hi.is_none_or(|h| h == 6.0) {
+                    return Err(err(format!(
+                        "Clip({lo:?}, {hi:?}): brelu imports Clip(0) and Clip(0, 6) (ReLU6, \
+                         which becomes a ReLU site)"
+                    )));
+                }
+                if hi.is_some() {
+                    self.relu6 += 1;
                 }
                 Val::Net(self.site(node)?)
             }
