@@ -271,3 +271,152 @@ fn imported_segmenter_runs_securely() {
     );
     assert!(im.pixel_agreement.unwrap() > 0.99);
 }
+
+/// `brelu export onnx` with and without a spec; the export without one imports back as the
+/// same network (same site and parameter names, same outputs).
+#[test]
+fn export_cli_writes_onnx_and_spec_and_imports_back() {
+    let _rng = crate::common::torch_rng();
+    tch::manual_seed(11);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = crate::common::tiny_dataset(dir);
+    // The tiny data set's configuration: resnet18-cifar-light at 1x8x8.
+    let arch = models::find("resnet18-cifar-light").unwrap();
+    let input = models::ArchConfig {
+        input: [1, 8, 8],
+        num_classes: 10,
+    };
+    let mut model = Model::new(arch, input, Device::Cpu).unwrap();
+    randomise(&mut model);
+    let weights = dir.join("w.safetensors");
+    model.save_weights(&weights).unwrap();
+    let spec = dir.join("spec.json");
+    let (ok, out, err) = crate::common::brelu(&[
+        "spec",
+        "uniform",
+        "--model",
+        "resnet18-cifar-light",
+        "--input",
+        "1,8,8",
+        "--patch",
+        "2x2",
+        "-o",
+        spec.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (s, c, w) = (
+        spec.to_str().unwrap(),
+        cfg.to_str().unwrap(),
+        weights.to_str().unwrap(),
+    );
+    let plain = dir.join("plain.onnx");
+    let blocked = dir.join("blocked.onnx");
+    let (ok, out, err) = crate::common::brelu(&[
+        "export",
+        "onnx",
+        "-c",
+        c,
+        "-w",
+        w,
+        "-o",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = crate::common::brelu(&[
+        "export",
+        "onnx",
+        "-c",
+        c,
+        "-w",
+        w,
+        "-s",
+        s,
+        "-o",
+        blocked.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let beside = std::fs::read_to_string(dir.join("blocked.spec.json")).unwrap();
+    assert_eq!(
+        brelu::spec::Spec::from_json_str(&beside, None).unwrap(),
+        brelu::spec::Spec::read(&spec).unwrap()
+    );
+    let x = Tensor::randn([3, 1, 8, 8], (tch::Kind::Float, Device::Cpu));
+    // With the spec, tract runs the block ReLUs as brelu does.
+    let spec_v = brelu::spec::Spec::read(&spec).unwrap();
+    model.apply_spec(&spec_v).unwrap();
+    let want = tch::no_grad(|| model.forward_t(&x, false));
+    let (e, scale) = max_err(&run_tract(&blocked, &x), &want);
+    assert!(e <= 1e-4 * scale.max(1.0), "{e}");
+    model.clear_spec();
+    // Without: brelu imports its own export back.
+    let back = Model::by_name(&format!("onnx:{}", plain.display()), Device::Cpu).unwrap();
+    let names = |m: &Model| m.sites().iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&back), names(&model));
+    let params = |m: &Model| m.named_tensors().into_keys().collect::<Vec<_>>();
+    assert_eq!(params(&back), params(&model));
+    let want = tch::no_grad(|| model.forward_t(&x, false));
+    let got = tch::no_grad(|| back.forward_t(&x, false));
+    let (e, scale) = max_err(&got, &want);
+    assert!(e <= 1e-5 * scale.max(1.0), "{e}");
+}
+
+/// Files brelu cannot import fail with the file, the node and the operator named; nothing
+/// panics.
+#[test]
+fn unsupported_onnx_is_refused_naming_the_node() {
+    use brelu::models::onnx::proto::ModelProto;
+    use prost::Message;
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("resnet18-w16.onnx")).unwrap();
+    let load = |name: &str, bytes: &[u8]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        models::find(&format!("onnx:{}", p.display()))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = load("truncated.onnx", &bytes[..bytes.len() / 2]);
+    assert!(
+        e.contains("truncated.onnx") && e.contains("not an ONNX model"),
+        "{e}"
+    );
+    let mut m = ModelProto::decode(bytes.as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.node[1].op_type = "Softsign".into();
+    let e = load("softsign.onnx", &m.encode_to_vec());
+    assert!(
+        e.contains("/relu/Relu") && e.contains("Softsign is not supported"),
+        "{e}"
+    );
+    let mut m = ModelProto::decode(bytes.as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0]
+        .attribute
+        .iter_mut()
+        .find(|a| a.name == "pads")
+        .unwrap()
+        .ints = vec![1, 1, 0, 0];
+    let e = load("asym.onnx", &m.encode_to_vec());
+    assert!(
+        e.contains("/conv1/Conv") && e.contains("asymmetric padding"),
+        "{e}"
+    );
+    let e = models::find("onnx:/nonexistent/model.onnx")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/model.onnx"), "{e}");
+    // The exported input size is part of the model.
+    let arch = models::find(&model_name("resnet18-w16")).unwrap();
+    let cfg = models::ArchConfig {
+        input: [3, 64, 64],
+        num_classes: 10,
+    };
+    let e = Model::new(arch, cfg, Device::Cpu)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exported for input [3, 32, 32]"), "{e}");
+}
