@@ -391,6 +391,16 @@ fn out_len(len: usize, k: usize, stride: usize, pad: usize, dilation: usize) -> 
     (len + 2 * pad).checked_sub(eff).map(|v| v / stride + 1)
 }
 
+/// The shape of `x` resized to `to` (`like`: the shape of the value it names), if valid.
+fn resize_shape(x: &[usize], to: ResizeTo, like: Option<&[usize]>) -> Option<Shape> {
+    let [h, w] = match (to, like) {
+        (ResizeTo::Size(hw), _) => hw,
+        (ResizeTo::Like(_), Some([_, h, w])) => [*h, *w],
+        _ => return None,
+    };
+    (x.len() == 3 && h > 0 && w > 0).then(|| vec![x[0], h, w])
+}
+
 impl Graph {
     /// Shapes of every slot (per sample) for an input of shape [C, H, W]: the dry run that
     /// finds each site's [C, H, W]. Fails on an input the network cannot take, naming the op.
@@ -472,11 +482,8 @@ impl Graph {
                     if s.len() != 3 {
                         return Err(bad(format!("expected a [C, H, W] map, got {s:?}")));
                     }
-                    if *keepdim {
-                        vec![s[0], 1, 1]
-                    } else {
-                        vec![s[0]]
-                    }
+                    let kept: &[usize] = if *keepdim { &[1, 1] } else { &[] };
+                    [&[s[0]], kept].concat()
                 }
                 Op::Concat { xs, .. } => {
                     let parts: Vec<Shape> = xs.iter().map(|&s| get(s)).collect();
@@ -491,23 +498,15 @@ impl Graph {
                     vec![parts.iter().map(|p| p[0]).sum(), first[1], first[2]]
                 }
                 Op::Resize { x, to, .. } => {
-                    let s = get(*x);
-                    let size = match to {
-                        ResizeTo::Like(like) => match get(*like).as_slice() {
-                            [_, h, w] => Some([*h, *w]),
-                            _ => None,
-                        },
-                        ResizeTo::Size(hw) => Some(*hw),
+                    let like = match to {
+                        ResizeTo::Like(l) => Some(get(*l)),
+                        ResizeTo::Size(_) => None,
                     };
-                    match size {
-                        Some([h, w]) if s.len() == 3 && h > 0 && w > 0 => vec![s[0], h, w],
-                        _ => {
-                            return Err(bad(format!(
-                                "resizes a [C, H, W] map to a positive [H, W], got {s:?} to \
-                                 {to:?}"
-                            )))
-                        }
-                    }
+                    resize_shape(&get(*x), *to, like.as_deref()).ok_or_else(|| {
+                        bad(format!(
+                            "resizes a [C, H, W] map to a positive [H, W], got {to:?}"
+                        ))
+                    })?
                 }
                 Op::Flatten { x, .. } => vec![get(*x).iter().product()],
                 Op::Dropout { x, .. } => get(*x),

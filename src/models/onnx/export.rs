@@ -335,36 +335,7 @@ impl Writer {
                 let (a, b) = (self.slot(*a), self.slot(*b));
                 self.node(&format!("add{}", op.output()), "Add", &[&a, &b], &y, vec![]);
             }
-            Op::MaxPool {
-                x,
-                kernel,
-                stride,
-                pad,
-                ..
-            }
-            | Op::AvgPool {
-                x,
-                kernel,
-                stride,
-                pad,
-                ..
-            } => {
-                let (k, s, p) = (*kernel as i64, *stride as i64, *pad as i64);
-                let mut attrs = vec![
-                    ints("kernel_shape", &[k, k]),
-                    ints("strides", &[s, s]),
-                    ints("pads", &[p, p, p, p]),
-                ];
-                let kind = match op {
-                    Op::AvgPool { count_pad, .. } => {
-                        attrs.push(int("count_include_pad", *count_pad as i64));
-                        "AveragePool"
-                    }
-                    _ => "MaxPool",
-                };
-                let x = self.slot(*x);
-                self.node(&format!("pool{}", op.output()), kind, &[&x], &y, attrs);
-            }
+            Op::MaxPool { .. } | Op::AvgPool { .. } => self.pool(op, &y),
             Op::GlobalAvgPool { x, keepdim, .. } => {
                 let x = self.slot(*x);
                 let scope = format!("pool{}", op.output());
@@ -384,42 +355,7 @@ impl Writer {
             }
             Op::Resize {
                 x, align_corners, ..
-            } => {
-                let [_, ho, wo] = shapes[op.output()][..] else {
-                    return Err(Error::Shape {
-                        op: format!("resize %{}", op.output()),
-                        msg: "resizes a [C, H, W] map".into(),
-                    });
-                };
-                let scope = format!("resize{}", op.output());
-                let x = self.slot(*x);
-                // sizes = [N, C] of x (the batch stays free) followed by the target size.
-                let (shape, nc, sizes) = (self.tmp(), self.tmp(), self.tmp());
-                self.node(&scope, "Shape", &[&x], &shape, vec![]);
-                let (s0, s2, ax) = (
-                    self.init_i64(&format!("{scope}.start"), &[0]),
-                    self.init_i64(&format!("{scope}.end"), &[2]),
-                    self.init_i64(&format!("{scope}.axes"), &[0]),
-                );
-                self.node(&scope, "Slice", &[&shape, &s0, &s2, &ax], &nc, vec![]);
-                let hw = self.init_i64(&format!("{scope}.size"), &[ho as i64, wo as i64]);
-                self.node(&scope, "Concat", &[&nc, &hw], &sizes, vec![int("axis", 0)]);
-                let mode = if *align_corners {
-                    "align_corners"
-                } else {
-                    "half_pixel"
-                };
-                self.node(
-                    &scope,
-                    "Resize",
-                    &[&x, "", "", &sizes],
-                    &y,
-                    vec![
-                        string("mode", "linear"),
-                        string("coordinate_transformation_mode", mode),
-                    ],
-                );
-            }
+            } => self.resize(*x, *align_corners, &y, &shapes[op.output()], op.output())?,
             Op::Dropout { x, .. } => {
                 let x = self.slot(*x);
                 self.node(
@@ -448,6 +384,82 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// A resize to the map size of `out_shape`; the batch stays free.
+    fn resize(
+        &mut self,
+        x: Slot,
+        align_corners: bool,
+        y: &str,
+        out_shape: &[usize],
+        out: Slot,
+    ) -> Result<()> {
+        let [_, ho, wo] = out_shape[..] else {
+            return Err(Error::Shape {
+                op: format!("resize %{out}"),
+                msg: "resizes a [C, H, W] map".into(),
+            });
+        };
+        let scope = format!("resize{out}");
+        let x = self.slot(x);
+        // sizes = [N, C] of x followed by the target size.
+        let (shape, nc, sizes) = (self.tmp(), self.tmp(), self.tmp());
+        self.node(&scope, "Shape", &[&x], &shape, vec![]);
+        let (s0, s2, ax) = (
+            self.init_i64(&format!("{scope}.start"), &[0]),
+            self.init_i64(&format!("{scope}.end"), &[2]),
+            self.init_i64(&format!("{scope}.axes"), &[0]),
+        );
+        self.node(&scope, "Slice", &[&shape, &s0, &s2, &ax], &nc, vec![]);
+        let hw = self.init_i64(&format!("{scope}.size"), &[ho as i64, wo as i64]);
+        self.node(&scope, "Concat", &[&nc, &hw], &sizes, vec![int("axis", 0)]);
+        let mode = if align_corners {
+            "align_corners"
+        } else {
+            "half_pixel"
+        };
+        let attrs = vec![
+            string("mode", "linear"),
+            string("coordinate_transformation_mode", mode),
+        ];
+        self.node(&scope, "Resize", &[&x, "", "", &sizes], y, attrs);
+        Ok(())
+    }
+
+    fn pool(&mut self, op: &Op, y: &str) {
+        let (Op::MaxPool {
+            x,
+            kernel,
+            stride,
+            pad,
+            ..
+        }
+        | Op::AvgPool {
+            x,
+            kernel,
+            stride,
+            pad,
+            ..
+        }) = op
+        else {
+            unreachable!("called for pools")
+        };
+        let (k, s, p) = (*kernel as i64, *stride as i64, *pad as i64);
+        let mut attrs = vec![
+            ints("kernel_shape", &[k, k]),
+            ints("strides", &[s, s]),
+            ints("pads", &[p, p, p, p]),
+        ];
+        let kind = match op {
+            Op::AvgPool { count_pad, .. } => {
+                attrs.push(int("count_include_pad", *count_pad as i64));
+                "AveragePool"
+            }
+            _ => "MaxPool",
+        };
+        let x = self.slot(*x);
+        self.node(&format!("pool{}", op.output()), kind, &[&x], y, attrs);
     }
 
     /// The block ReLU of one site on `x` [N, C, H, W] into `y`.

@@ -4,8 +4,10 @@
 //! its weights as the starting parameters. Nothing downstream (distortion, knapsack, training,
 //! secure inference) knows the difference. [`export`] writes a brelu network, block ReLUs
 //! included, back to ONNX.
+mod consts;
 pub mod export;
 mod import;
+mod layers;
 pub mod proto;
 
 pub use import::module_path;
