@@ -20,6 +20,9 @@ The networks (random weights, random batch-norm statistics so that folding is vi
   with torchvision's ASPP (rates 2, 4, 6; 24 channels) and a DeepLabV3-style head, upsampled
   bilinearly to the input (align_corners False) after an align_corners True resize; 5 classes,
   input 3x32x32.
+
+It also rewrites the published-format spec fixtures (scripts/published_spec_fixture.py) into
+tests/fixtures/published, so one run makes every interop fixture.
 """
 import json
 import os
@@ -138,6 +141,9 @@ def main(out):
     }
     with open(os.path.join(out, "fixtures.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import published_spec_fixture
+    published_spec_fixture.main(os.path.join(os.path.dirname(os.path.abspath(out)), "published"))
 
 
 if __name__ == "__main__":
