@@ -6,6 +6,7 @@ mod interop;
 mod knapsack;
 mod models;
 mod pipeline;
+mod refine;
 mod secure;
 mod spec;
 mod table;
@@ -41,6 +42,9 @@ pub enum Command {
     Distortion(distortion::DistortionCommand),
     /// Pick a patch size per channel from distortion tables under a DReLU budget.
     Knapsack(knapsack::KnapsackArgs),
+    /// Improve a spec by local search: moves between channels proposed by the distortion
+    /// tables, kept only when the measured distortion of the whole spec goes down.
+    Refine(refine::RefineArgs),
     /// Train a model from a configuration file (checkpoint every epoch, `--resume`).
     Train(train::TrainCmdArgs),
     /// Fine-tune trained weights with a block-ReLU spec at every site.
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sites(a) => models::sites(a),
         Command::Spec(c) => spec::run(c),
         Command::Knapsack(a) => knapsack::run(a),
+        Command::Refine(a) => refine::run(a),
         Command::Distortion(c) => distortion::run(c),
         Command::Train(a) => train::train_cmd(a),
         Command::Finetune(a) => train::finetune_cmd(a),

@@ -34,7 +34,7 @@ pub struct SpecAdditivity {
 }
 
 /// The model's outputs on `samples` in batches of `batch`, as float64 rows.
-fn outputs(model: &Model, samples: &Samples, batch: usize) -> Vec<Tensor> {
+pub(super) fn outputs(model: &Model, samples: &Samples, batch: usize) -> Vec<Tensor> {
     let _g = tch::no_grad_guard();
     (0..samples.len())
         .step_by(batch.max(1))
@@ -50,7 +50,12 @@ fn outputs(model: &Model, samples: &Samples, batch: usize) -> Vec<Tensor> {
 }
 
 /// Mean over samples and output elements of (f_spec(x) - f(x))^2, `reference` being f.
-fn distortion(model: &Model, samples: &Samples, batch: usize, reference: &[Tensor]) -> Result<f64> {
+pub(super) fn distortion(
+    model: &Model,
+    samples: &Samples,
+    batch: usize,
+    reference: &[Tensor],
+) -> Result<f64> {
     let mut sum = 0.0;
     let mut count = 0i64;
     for (y, y0) in outputs(model, samples, batch).iter().zip(reference) {

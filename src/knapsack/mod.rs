@@ -8,6 +8,7 @@ pub mod baselines;
 pub mod compare;
 pub mod dp;
 pub mod lagrange;
+pub mod local;
 pub mod problem;
 pub mod report;
 

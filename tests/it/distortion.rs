@@ -729,3 +729,65 @@ fn additivity_measures_whole_specs_against_the_tables() {
     assert!(j[0]["measured"].as_f64().unwrap().is_finite());
     assert!(std::fs::metadata(out.join("additivity.png")).unwrap().len() > 1000);
 }
+
+/// Local search (`knapsack::local`, `brelu refine`): from a knapsack spec, the result stays
+/// within the budget and measures no more distortion than the start on the samples it was
+/// judged on, re-measured independently (`additivity::measure`); the model's own options are
+/// restored.
+#[test]
+fn local_search_stays_in_budget_and_never_measures_worse() {
+    use brelu::knapsack::additivity::measure;
+    use brelu::knapsack::local::{search, SearchOptions};
+    use brelu::knapsack::{solve, BuildOptions, Problem, Solver};
+    let _rng = common::torch_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tiny_model(tmp.path());
+    let s = samples(6);
+    let mut m = load(&w, None);
+    let infos = m.sites().to_vec();
+    let t = DistortionTables::synthetic(m.name(), INPUT, &infos, &Catalog::builtin(), 5);
+    let p = Problem::build(&t, &infos, BuildOptions::default()).unwrap();
+    let budget = p.relus() / 4;
+    let (_, sol) = solve(&p, budget, Solver::Exact, 1 << 30).unwrap();
+    let start = p.to_spec(&sol.choice);
+    let x = Tensor::from_slice(&s.data).view([6, 1, 8, 8]);
+    let before = m.forward_t(&x, false);
+    let o = SearchOptions {
+        steps: 80,
+        candidates: 16,
+        seed: 3,
+        batch: 4,
+    };
+    let (best, r) = search(&mut m, &s, &t, &start, budget, &o).unwrap();
+    assert!(r.drelus <= budget && r.drelus_start <= budget);
+    let cost = brelu::spec::spec_cost(&best, &infos).drelus as u64;
+    assert_eq!(cost, r.drelus);
+    assert!(r.result <= r.start);
+    assert!(
+        r.accepted > 0,
+        "no move improved a random network's knapsack spec"
+    );
+    assert!(r.trace.windows(2).all(|w| w[1].1 < w[0].1));
+    let specs = [("start".to_string(), start), ("best".to_string(), best)];
+    let rows = measure(&mut m, &s, 4, &t, &specs, false).unwrap();
+    assert!(
+        rel_close(rows[0].measured, r.start, 1e-9),
+        "{} {}",
+        rows[0].measured,
+        r.start
+    );
+    assert!(
+        rel_close(rows[1].measured, r.result, 1e-9),
+        "{} {}",
+        rows[1].measured,
+        r.result
+    );
+    assert!(rows[1].measured <= rows[0].measured);
+    assert!(
+        before.equal(&m.forward_t(&x, false)),
+        "options not restored"
+    );
+    // A start over the budget is refused.
+    let e = search(&mut m, &s, &t, &specs[0].1, budget / 2, &o).unwrap_err();
+    assert!(e.to_string().contains("over the budget"), "{e}");
+}

@@ -1,0 +1,117 @@
+//! `brelu refine`: local search on measured distortion from a knapsack spec.
+use super::print_json;
+use crate::distortion::{extract, DistortionTables};
+use crate::knapsack::local::{search, SearchOptions};
+use crate::spec::Spec;
+use crate::train::{self, Config};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use tch::Device;
+
+#[derive(Args, Debug)]
+pub struct RefineArgs {
+    /// Training configuration (TOML) naming the model and data set (samples are chosen from
+    /// its training split as `distortion extract` chooses them).
+    #[arg(long = "data", visible_alias = "config", short = 'c')]
+    pub data: PathBuf,
+    /// Trained weights (safetensors): those the tables were extracted with.
+    #[arg(long, short)]
+    pub weights: PathBuf,
+    /// Distortion tables: they propose the moves; measurements decide them.
+    #[arg(long, short)]
+    pub distortion: PathBuf,
+    /// The starting spec (e.g. the knapsack's).
+    #[arg(long, short)]
+    pub spec: PathBuf,
+    /// DReLU budget as a fraction of the ReLU count (default: the starting spec's own cost).
+    #[arg(long, conflicts_with = "budget")]
+    pub ratio: Option<f64>,
+    /// DReLU budget as a count.
+    #[arg(long)]
+    pub budget: Option<u64>,
+    /// Moves to try (one forward pass over the samples each).
+    #[arg(long, default_value_t = 400)]
+    pub steps: usize,
+    /// Random channels considered to pay for each upgrade.
+    #[arg(long, default_value_t = 64)]
+    pub candidates: usize,
+    /// Samples the moves are judged on.
+    #[arg(long, default_value_t = 64)]
+    pub samples: usize,
+    /// Seed of the sample choice and of the moves.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Where to write the improved spec; `<stem>.search.json` (the search's trace) goes beside.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Print the search report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: RefineArgs) -> Result<()> {
+    let cfg = Config::load(&a.data).context("reading the data configuration")?;
+    let tables = DistortionTables::read(&a.distortion)?;
+    if tables.model != cfg.model {
+        bail!(
+            "{}: the tables are for {}, the configuration's model is {}",
+            a.distortion.display(),
+            tables.model,
+            cfg.model
+        );
+    }
+    if a.steps == 0 || a.samples == 0 || a.batch == 0 || a.candidates == 0 {
+        bail!("--steps, --samples, --batch and --candidates must be at least 1");
+    }
+    let mut model = train::build_model(&cfg, Device::Cpu)?;
+    model
+        .load_weights(&a.weights)
+        .with_context(|| format!("loading {}", a.weights.display()))?;
+    let start = Spec::load(&a.spec, model.name(), model.config().input, model.sites())
+        .with_context(|| format!("loading spec {}", a.spec.display()))?;
+    let cost = crate::spec::spec_cost(&start, model.sites());
+    let budget = match (a.ratio, a.budget) {
+        (Some(r), _) => crate::knapsack::budget_from_ratio(cost.relus as u64, r)?,
+        (None, Some(b)) => b,
+        (None, None) => cost.drelus as u64,
+    };
+    let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
+        .context("choosing the samples")?;
+    let opts = SearchOptions {
+        steps: a.steps,
+        candidates: a.candidates,
+        seed: a.seed,
+        batch: a.batch,
+    };
+    let (spec, report) = search(&mut model, &samples, &tables, &start, budget, &opts)?;
+    spec.write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    let stem = a
+        .output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "spec".into());
+    let trace = a.output.with_file_name(format!("{stem}.search.json"));
+    crate::fs::write_atomic(&trace, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    if a.json {
+        return print_json(&report);
+    }
+    println!(
+        "measured distortion {:.4e} -> {:.4e} ({:.1}% lower) after {} of {} moves; DReLUs {} -> {} \
+         (budget {})",
+        report.start,
+        report.result,
+        100.0 * (1.0 - report.result / report.start.max(f64::MIN_POSITIVE)),
+        report.accepted,
+        report.steps,
+        report.drelus_start,
+        report.drelus,
+        report.budget
+    );
+    println!("wrote {} and {}", a.output.display(), trace.display());
+    Ok(())
+}
