@@ -52,9 +52,10 @@ fn imported_matches_pytorch(name: &str) {
     let got = tch::no_grad(|| model.forward_t(&x, false));
     assert_eq!(got.size(), want.size(), "{name}: logits shape");
     let (err, scale) = max_err(&got, &want);
-    // Float32 with different kernels and summation orders: relative 1e-4 of the logits' scale.
+    // Float32 with other kernels and summation orders (PyTorch ran on one CPU, this test may
+    // run on another): 1e-4 of the largest logit. Measured on AVX-512: at most 4.5e-8.
     assert!(
-        err <= 1e-4 * scale.max(1.0),
+        err <= 1e-4 * scale,
         "{name}: max abs error {err} (logits up to {scale})"
     );
 }
