@@ -49,6 +49,20 @@ impl Default for DistortionSettings {
     }
 }
 
+/// Local search from each knapsack spec (`brelu refine`), as the extra method `refine`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RefineSettings {
+    /// Moves tried per budget; 0 (the default) leaves the method out.
+    #[serde(default)]
+    pub steps: usize,
+    /// Training samples the moves are judged on (default 256).
+    #[serde(default)]
+    pub samples: Option<usize>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SecureSettings {
@@ -90,6 +104,8 @@ struct File {
     #[serde(default)]
     distortion: DistortionSettings,
     #[serde(default)]
+    refine: RefineSettings,
+    #[serde(default)]
     secure: SecureSettings,
 }
 
@@ -110,6 +126,7 @@ pub struct PipelineConfig {
     pub budgets: Vec<u64>,
     pub baselines: bool,
     pub distortion: DistortionSettings,
+    pub refine: RefineSettings,
     pub secure: SecureSettings,
     /// Draw progress bars (set by the CLI on a terminal).
     pub progress: bool,
@@ -200,6 +217,7 @@ impl PipelineConfig {
             budgets: f.budgets,
             baselines: f.baselines,
             distortion: f.distortion,
+            refine: f.refine,
             secure: f.secure,
             progress: false,
         })

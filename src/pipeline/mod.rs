@@ -89,7 +89,7 @@ pub fn run(
         return Ok(r.stopped("distortion"));
     }
     let net = Network::load(cfg, &base)?;
-    let specs_path = stages::specs(&mut r, cfg, &net, &dist_hash)?;
+    let specs_path = stages::specs(&mut r, cfg, &base, &net, &dist_hash)?;
     if stop("specs") {
         return Ok(r.stopped("specs"));
     }

@@ -3,9 +3,10 @@ use super::runner::{file_hash, read_json, write_json, Runner};
 use super::{PipelineConfig, Row, SecureSummary, SpecEntry};
 use crate::data::{Dataset, Normalize};
 use crate::distortion::extract::{self, Extraction};
-use crate::distortion::{DistortionTables, PlanOptions, Shard};
+use crate::distortion::{DistortionTables, PlanOptions, Samples, Shard};
 use crate::error::{Error, Result};
 use crate::hash::of_json;
+use crate::knapsack::local::{search, SearchOptions};
 use crate::knapsack::{self, baselines, budget_from_ratio, BuildOptions, Problem, Solver};
 use crate::models::Model;
 use crate::secure;
@@ -126,10 +127,12 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
     })
 }
 
-/// 3. Specs: the knapsack and the two uniform baselines at every budget.
+/// 3. Specs: the knapsack, the two uniform baselines and, if asked, the knapsack refined by
+/// local search, at every budget.
 pub(super) fn specs(
     r: &mut Runner,
     cfg: &PipelineConfig,
+    base: &Baseline,
     net: &Network,
     dist_hash: &str,
 ) -> Result<PathBuf> {
@@ -142,14 +145,34 @@ pub(super) fn specs(
     budgets.extend(cfg.budgets.iter().map(|&b| (b as f64 / relus as f64, b)));
     let ddir = r.dir.join("distortion");
     let specs_path = r.dir.join("specs").join("specs.json");
-    let specs_in = of_json(&(dist_hash, &budgets, cfg.baselines));
+    // Settings of a method that is off do not invalidate the stage.
+    let refine = (cfg.refine.steps > 0).then_some(&cfg.refine);
+    let specs_in = of_json(&(dist_hash, &budgets, cfg.baselines, refine));
     r.stage("specs", specs_in, |d| {
         let tables = DistortionTables::read(&ddir)?;
+        let mut refiner = match refine {
+            Some(rs) => Some(Refiner {
+                model: load_model(cfg, &base.weights, None)?,
+                samples: extract::training_samples(
+                    cfg.train_config.source(),
+                    rs.samples.unwrap_or(256),
+                    rs.seed,
+                )?,
+                opts: SearchOptions {
+                    steps: rs.steps,
+                    candidates: 64,
+                    seed: rs.seed,
+                    batch: 64,
+                },
+            }),
+            None => None,
+        };
         let entries = make_specs(
             &tables,
             &net.sites,
             &budgets,
             cfg.baselines,
+            refiner.as_mut(),
             &d.join("specs"),
         )?;
         write_json(&specs_path, &entries)?;
@@ -324,12 +347,22 @@ fn secure_inference(
     read_json(&spath)
 }
 
-/// The knapsack spec and the two uniform baselines at every budget, written under `dir`.
+/// What the `refine` method needs: the baseline network, the samples moves are judged on and
+/// the search's settings.
+pub(super) struct Refiner {
+    model: Model,
+    samples: Samples,
+    opts: SearchOptions,
+}
+
+/// The knapsack spec, the two uniform baselines and the refined knapsack spec (with a
+/// `refiner`) at every budget, written under `dir`.
 pub(super) fn make_specs(
     tables: &DistortionTables,
     sites: &[SiteInfo],
     budgets: &[(f64, u64)],
     baselines: bool,
+    mut refiner: Option<&mut Refiner>,
     dir: &Path,
 ) -> Result<Vec<SpecEntry>> {
     let problem = Problem::build(tables, sites, BuildOptions::default())?;
@@ -339,7 +372,15 @@ pub(super) fn make_specs(
         let label = format!("{:.2}pct", ratio * 100.0);
         let mut specs: Vec<(String, Spec)> = Vec::new();
         let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, 2 << 30)?;
-        specs.push(("knapsack".into(), problem.to_spec(&sol.choice)));
+        let knap = problem.to_spec(&sol.choice);
+        let refined = match refiner.as_deref_mut() {
+            Some(rf) => {
+                Some(search(&mut rf.model, &rf.samples, tables, &knap, budget, &rf.opts)?.0)
+            }
+            None => None,
+        };
+        specs.push(("knapsack".into(), knap));
+        specs.extend(refined.map(|s| ("refine".to_string(), s)));
         if baselines {
             // No uniform patch may fit a small budget (one DReLU per channel is the floor).
             if let Some(u) = baselines::uniform_spec(tables, sites, budget) {

@@ -122,3 +122,47 @@ fn pipeline_config_errors_name_the_field() {
     let e = PipelineConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("ratio"), "{e}");
 }
+
+/// `[refine]` adds the knapsack refined by local search as a method: its spec stays within the
+/// budget, measures no worse than the knapsack's on the search's samples, and has its own
+/// column in the report.
+#[test]
+fn pipeline_refine_method() {
+    let _rng = common::torch_rng();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write_pipeline(tmp.path(), "0.4");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("ratios = [0.4]", "ratios = [0.4]\nbaselines = false")
+        .replace("[secure]", "[refine]\nsteps = 30\nsamples = 8\n[secure]");
+    std::fs::write(&p, text).unwrap();
+    let cfg = PipelineConfig::load(&p).unwrap();
+    let run_dir = tmp.path().join("run");
+    let out = pipeline::run(&cfg, &run_dir, None, &|_: &str| {}).unwrap();
+    let methods: Vec<&str> = out
+        .rows
+        .iter()
+        .filter_map(|r| r.spec.as_ref().map(|e| e.method.as_str()))
+        .collect();
+    assert_eq!(methods, ["knapsack", "refine"]);
+    let e = out.rows[2].spec.as_ref().unwrap();
+    assert!(out.rows[2].drelus <= e.budget);
+    let report = std::fs::read_to_string(out.report.unwrap()).unwrap();
+    assert!(report.contains("| knapsack + local search |"), "{report}");
+    // The refined spec measures no worse than the knapsack's on the search's own samples.
+    use brelu::distortion::{extract, DistortionTables};
+    use brelu::knapsack::additivity::measure;
+    let mut model = brelu::train::build_model(&cfg.train_config, tch::Device::Cpu).unwrap();
+    model
+        .load_weights(&run_dir.join("baseline/checkpoint.safetensors"))
+        .unwrap();
+    let tables = DistortionTables::read(&run_dir.join("distortion")).unwrap();
+    let samples = extract::training_samples(cfg.train_config.source(), 8, 0).unwrap();
+    let spec = |name: &str| {
+        let f = run_dir.join("specs").join(format!("{name}-40.00pct.json"));
+        (name.to_string(), brelu::spec::Spec::read(&f).unwrap())
+    };
+    let specs = [spec("knapsack"), spec("refine")];
+    let rows = measure(&mut model, &samples, 64, &tables, &specs, false).unwrap();
+    assert!(rows[1].measured <= rows[0].measured, "{rows:?}");
+}

@@ -134,17 +134,33 @@ fn closing(md: &mut String, cfg: &PipelineConfig, dir: &Path, rows: &[Row]) {
     );
 }
 
-/// The budget x method table of the task's metric (markdown), baseline first.
+/// The budget x method table of the task's metric (markdown), baseline first; one column per
+/// method the run has.
 pub fn headline(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "| DReLU budget | knapsack | uniform | per-site uniform |\n|---|---|---|---|\n",
+    let methods: Vec<(&str, &str)> = super::METHODS
+        .iter()
+        .copied()
+        .filter(|(m, _)| {
+            // The three original methods always have a column (a '-' says a budget is too small).
+            *m != "refine"
+                || rows
+                    .iter()
+                    .any(|r| r.spec.as_ref().is_some_and(|e| e.method == *m))
+        })
+        .collect();
+    let titles: Vec<&str> = methods.iter().map(|m| m.1).collect();
+    let mut s = format!(
+        "| DReLU budget | {} |\n|---|{}\n",
+        titles.join(" | "),
+        "---|".repeat(methods.len())
     );
     if let Some(b) = rows.iter().find(|r| r.spec.is_none()) {
         let _ = writeln!(
             s,
-            "| all ReLUs ({}) | {:.2} (baseline) | | |",
+            "| all ReLUs ({}) | {:.2} (baseline) |{}",
             b.drelus,
-            100.0 * b.eval.metric()
+            100.0 * b.eval.metric(),
+            " |".repeat(methods.len() - 1)
         );
     }
     let mut budgets: Vec<(f64, u64)> = rows
@@ -164,13 +180,12 @@ pub fn headline(rows: &[Row]) -> String {
                 .map(|r| format!("{:.2}", 100.0 * r.eval.metric()))
                 .unwrap_or_else(|| "-".into())
         };
+        let cells: Vec<String> = methods.iter().map(|(m, _)| acc(m)).collect();
         let _ = writeln!(
             s,
-            "| {:.1}% ({budget}) | {} | {} | {} |",
+            "| {:.1}% ({budget}) | {} |",
             100.0 * ratio,
-            acc("knapsack"),
-            acc("uniform"),
-            acc("per-site")
+            cells.join(" | ")
         );
     }
     s

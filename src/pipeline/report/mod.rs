@@ -10,6 +10,14 @@ use crate::fs::write_atomic;
 use crate::spec::SiteInfo;
 use std::path::{Path, PathBuf};
 
+/// The spec methods in report order, with their column titles.
+const METHODS: [(&str, &str); 4] = [
+    ("knapsack", "knapsack"),
+    ("refine", "knapsack + local search"),
+    ("uniform", "uniform"),
+    ("per-site", "per-site uniform"),
+];
+
 /// Plots, then the markdown report; returns the report's path.
 pub fn write(
     cfg: &PipelineConfig,

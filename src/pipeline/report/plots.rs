@@ -6,8 +6,6 @@ use crate::plot::line_plot;
 use crate::spec::{spec_cost, SiteInfo, Spec};
 use std::path::Path;
 
-const METHODS: [&str; 3] = ["knapsack", "uniform", "per-site"];
-
 fn series(rows: &[Row], method: &str, y: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
     let mut v: Vec<(f64, f64)> = rows
         .iter()
@@ -44,9 +42,9 @@ fn metric_plots(dir: &Path, rows: &[Row], metric: &str) -> Result<()> {
                 y: &dyn Fn(&Row) -> Option<f64>,
                 with_base: bool|
      -> Result<()> {
-        let mut s: Vec<(&str, Vec<(f64, f64)>)> = METHODS
+        let mut s: Vec<(&str, Vec<(f64, f64)>)> = super::METHODS
             .iter()
-            .map(|m| (*m, series(rows, m, y)))
+            .map(|(m, _)| (*m, series(rows, m, y)))
             .filter(|(_, p)| !p.is_empty())
             .collect();
         if with_base {
