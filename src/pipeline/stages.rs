@@ -127,7 +127,7 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
     })
 }
 
-/// 3. Specs: the knapsack, the two uniform baselines and, if asked, the knapsack refined by
+/// Stage 3, specs: the knapsack, the two uniform baselines and, if asked, the knapsack refined by
 /// local search, at every budget.
 pub(super) fn specs(
     r: &mut Runner,
