@@ -391,6 +391,15 @@ fn out_len(len: usize, k: usize, stride: usize, pad: usize, dilation: usize) -> 
     (len + 2 * pad).checked_sub(eff).map(|v| v / stride + 1)
 }
 
+/// The output shape of a k x k pooling window over a [C, H, W] map, if it fits.
+fn pool_shape(s: &[usize], k: usize, stride: usize, pad: usize) -> Option<Shape> {
+    let [c, h, w] = s[..] else { return None };
+    match (out_len(h, k, stride, pad, 1), out_len(w, k, stride, pad, 1)) {
+        (Some(ho), Some(wo)) if ho > 0 && wo > 0 => Some(vec![c, ho, wo]),
+        _ => None,
+    }
+}
+
 /// The shape of `x` resized to `to` (`like`: the shape of the value it names), if valid.
 fn resize_shape(x: &[usize], to: ResizeTo, like: Option<&[usize]>) -> Option<Shape> {
     let [h, w] = match (to, like) {
@@ -469,13 +478,11 @@ impl Graph {
                     ..
                 } => {
                     let s = get(*x);
-                    match (
-                        out_len(s[1], *kernel, *stride, *pad, 1),
-                        out_len(s[2], *kernel, *stride, *pad, 1),
-                    ) {
-                        (Some(h), Some(w)) if h > 0 && w > 0 => vec![s[0], h, w],
-                        _ => return Err(bad(format!("input {s:?} is smaller than the window"))),
-                    }
+                    pool_shape(&s, *kernel, *stride, *pad).ok_or_else(|| {
+                        bad(format!(
+                            "input {s:?} is not a [C, H, W] map the window fits"
+                        ))
+                    })?
                 }
                 Op::GlobalAvgPool { x, keepdim, .. } => {
                     let s = get(*x);

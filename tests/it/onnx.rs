@@ -404,6 +404,20 @@ fn unsupported_onnx_is_refused_naming_the_node() {
         e.contains("/conv1/Conv") && e.contains("asymmetric padding"),
         "{e}"
     );
+    // A pool on a flattened vector is a shape error, not a panic.
+    let mut m = ModelProto::decode(bytes.as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let fc = g.node.iter_mut().find(|n| n.op_type == "Gemm").unwrap();
+    fc.op_type = "MaxPool".into();
+    fc.input.truncate(1);
+    fc.attribute = vec![brelu::models::onnx::proto::AttributeProto {
+        name: "kernel_shape".into(),
+        r#type: brelu::models::onnx::proto::attr_type::INTS,
+        ints: vec![1, 1],
+        ..Default::default()
+    }];
+    let e = load("pool.onnx", &m.encode_to_vec());
+    assert!(e.contains("not a [C, H, W] map"), "{e}");
     let e = models::find("onnx:/nonexistent/model.onnx")
         .map(|_| ())
         .unwrap_err()

@@ -101,7 +101,7 @@ pub fn tensor_const(t: &TensorProto) -> std::result::Result<Const, String> {
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| format!("tensor '{}': dim {d}", t.name)))
         .collect::<std::result::Result<_, _>>()?;
-    let n: usize = dims.iter().product();
+    let n = numel(&dims, usize::MAX)?;
     let raw = &t.raw_data;
     let chunks = |k: usize| -> std::result::Result<std::slice::ChunksExact<'_, u8>, String> {
         if raw.len() != n * k {
@@ -165,6 +165,17 @@ pub fn tensor_const(t: &TensorProto) -> std::result::Result<Const, String> {
     }
     Ok(c)
 }
+
+/// The element count of `dims`, refused when it overflows or exceeds `limit`.
+fn numel(dims: &[usize], limit: usize) -> Res<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= limit)
+        .ok_or_else(|| format!("shape {dims:?} has too many elements"))
+}
+
+/// Computed constants are shape arithmetic: small.
+const COMPUTED_LIMIT: usize = 1 << 24;
 
 /// Strides of a row-major shape.
 pub fn strides(dims: &[usize]) -> Vec<usize> {
@@ -338,7 +349,7 @@ fn reshape(_node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
                 d => d as usize,
             })
             .collect();
-        if dims.iter().product::<usize>() != n {
+        if numel(&dims, usize::MAX).ok() != Some(n) {
             return Err(format!("Reshape of {:?} to {t:?}", x.dims));
         }
         Const { dims, data: x.data }
@@ -351,7 +362,9 @@ fn transpose(node: &NodeProto, x: Const, _ins: &[Option<Const>]) -> Res<Const> {
         let perm: Vec<usize> = attr_ints(node, "perm")
             .map(|p| p.iter().map(|&a| a as usize).collect())
             .unwrap_or_else(|| (0..rank).rev().collect());
-        if perm.len() != rank || perm.iter().any(|&a| a >= rank) {
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        if sorted != (0..rank).collect::<Vec<_>>() {
             return Err(format!("perm {perm:?} for rank {rank}"));
         }
         let dims: Vec<usize> = perm.iter().map(|&a| x.dims[a]).collect();
@@ -418,7 +431,7 @@ fn slice(_node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
 fn constant_of_shape(node: &NodeProto, x: Const, _ins: &[Option<Const>]) -> Res<Const> {
     Ok({
         let dims: Vec<usize> = x.as_i64().iter().map(|&d| d.max(0) as usize).collect();
-        let n: usize = dims.iter().product();
+        let n = numel(&dims, COMPUTED_LIMIT)?;
         let fill = attr(node, "value")
             .and_then(|a| a.t.as_ref())
             .map(tensor_const)
