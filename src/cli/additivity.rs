@@ -4,11 +4,12 @@ use super::print_json;
 use super::table::{thousands, Table};
 use crate::distortion::{extract, DistortionTables};
 use crate::knapsack::additivity::{measure, SpecAdditivity};
+use crate::models::Model;
 use crate::spec::Spec;
 use crate::train::{self, Config};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::Device;
 
 #[derive(Args, Debug)]
@@ -46,21 +47,32 @@ pub struct AdditivityArgs {
     pub json: bool,
 }
 
-pub fn run(a: AdditivityArgs) -> Result<()> {
-    let cfg = Config::load(&a.data).context("reading the data configuration")?;
-    let tables = DistortionTables::read(&a.distortion)?;
+/// The configuration, the distortion tables (checked to be of its model) and the model with
+/// the weights the tables were extracted with: what measuring specs needs.
+pub(super) fn load_measured(
+    data: &Path,
+    weights: &Path,
+    distortion: &Path,
+) -> Result<(Config, DistortionTables, Model)> {
+    let cfg = Config::load(data).context("reading the data configuration")?;
+    let tables = DistortionTables::read(distortion)?;
     if tables.model != cfg.model {
         bail!(
             "{}: the tables are for {}, the configuration's model is {}",
-            a.distortion.display(),
+            distortion.display(),
             tables.model,
             cfg.model
         );
     }
     let mut model = train::build_model(&cfg, Device::Cpu)?;
     model
-        .load_weights(&a.weights)
-        .with_context(|| format!("loading {}", a.weights.display()))?;
+        .load_weights(weights)
+        .with_context(|| format!("loading {}", weights.display()))?;
+    Ok((cfg, tables, model))
+}
+
+pub fn run(a: AdditivityArgs) -> Result<()> {
+    let (cfg, tables, mut model) = load_measured(&a.data, &a.weights, &a.distortion)?;
     let specs = a
         .specs
         .iter()

@@ -137,12 +137,7 @@ pub fn export(c: ExportCommand) -> Result<()> {
             .with_context(|| format!("loading spec {}", s.display()))?;
         model.apply_spec(&spec)?;
         info.spec_json = Some(spec.to_json_string());
-        let stem = a
-            .output
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
-        spec_out = Some((a.output.with_file_name(format!("{stem}.spec.json")), spec));
+        spec_out = Some((super::beside(&a.output, "spec.json"), spec));
     }
     if a.fold_bn {
         model = model.fold_bn()?;

@@ -108,6 +108,15 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `dir/stem.<ext>` for an output `dir/stem.json` (`dir/stem.onnx`, ...): a companion file.
+fn beside(output: &std::path::Path, ext: &str) -> std::path::PathBuf {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    output.with_file_name(format!("{stem}.{ext}"))
+}
+
 /// Prints a value as pretty JSON on stdout.
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

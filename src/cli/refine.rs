@@ -1,13 +1,11 @@
 //! `brelu refine`: local search on measured distortion from a knapsack spec.
 use super::print_json;
-use crate::distortion::{extract, DistortionTables};
+use crate::distortion::extract;
 use crate::knapsack::local::{search, SearchOptions};
 use crate::spec::Spec;
-use crate::train::{self, Config};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use tch::Device;
 
 #[derive(Args, Debug)]
 pub struct RefineArgs {
@@ -54,23 +52,11 @@ pub struct RefineArgs {
 }
 
 pub fn run(a: RefineArgs) -> Result<()> {
-    let cfg = Config::load(&a.data).context("reading the data configuration")?;
-    let tables = DistortionTables::read(&a.distortion)?;
-    if tables.model != cfg.model {
-        bail!(
-            "{}: the tables are for {}, the configuration's model is {}",
-            a.distortion.display(),
-            tables.model,
-            cfg.model
-        );
-    }
     if a.steps == 0 || a.samples == 0 || a.batch == 0 || a.candidates == 0 {
         bail!("--steps, --samples, --batch and --candidates must be at least 1");
     }
-    let mut model = train::build_model(&cfg, Device::Cpu)?;
-    model
-        .load_weights(&a.weights)
-        .with_context(|| format!("loading {}", a.weights.display()))?;
+    let (cfg, tables, mut model) =
+        super::additivity::load_measured(&a.data, &a.weights, &a.distortion)?;
     let start = Spec::load(&a.spec, model.name(), model.config().input, model.sites())
         .with_context(|| format!("loading spec {}", a.spec.display()))?;
     let cost = crate::spec::spec_cost(&start, model.sites());
@@ -90,12 +76,7 @@ pub fn run(a: RefineArgs) -> Result<()> {
     let (spec, report) = search(&mut model, &samples, &tables, &start, budget, &opts)?;
     spec.write(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
-    let stem = a
-        .output
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "spec".into());
-    let trace = a.output.with_file_name(format!("{stem}.search.json"));
+    let trace = super::beside(&a.output, "search.json");
     crate::fs::write_atomic(&trace, serde_json::to_string_pretty(&report)?.as_bytes())?;
     if a.json {
         return print_json(&report);

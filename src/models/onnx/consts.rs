@@ -87,6 +87,16 @@ pub fn attr_s(node: &NodeProto, name: &str, default: &str) -> String {
         })
 }
 
+/// Little-endian values of `N` bytes each, converted by `f`.
+fn le<const N: usize, T>(
+    chunks: std::slice::ChunksExact<'_, u8>,
+    f: impl Fn([u8; N]) -> T,
+) -> Vec<T> {
+    chunks
+        .map(|c| f(c.try_into().expect("chunks of N bytes")))
+        .collect()
+}
+
 /// A tensor's values (ONNX stores them in a typed field or as little-endian raw bytes).
 pub fn tensor_const(t: &TensorProto) -> std::result::Result<Const, String> {
     if t.data_location == 1 || !t.external_data.is_empty() {
@@ -115,33 +125,17 @@ pub fn tensor_const(t: &TensorProto) -> std::result::Result<Const, String> {
     };
     let data = match t.data_type {
         data_type::FLOAT if raw.is_empty() => Data::F(t.float_data.clone()),
-        data_type::FLOAT => Data::F(
-            chunks(4)?
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect(),
-        ),
+        data_type::FLOAT => Data::F(le(chunks(4)?, f32::from_le_bytes)),
         data_type::DOUBLE if raw.is_empty() => {
             Data::F(t.double_data.iter().map(|&v| v as f32).collect())
         }
-        data_type::DOUBLE => Data::F(
-            chunks(8)?
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                .collect(),
-        ),
+        data_type::DOUBLE => Data::F(le(chunks(8)?, |b| f64::from_le_bytes(b) as f32)),
         data_type::INT64 if raw.is_empty() => Data::I(t.int64_data.clone()),
-        data_type::INT64 => Data::I(
-            chunks(8)?
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect(),
-        ),
+        data_type::INT64 => Data::I(le(chunks(8)?, i64::from_le_bytes)),
         data_type::INT32 if raw.is_empty() => {
             Data::I(t.int32_data.iter().map(|&v| v as i64).collect())
         }
-        data_type::INT32 => Data::I(
-            chunks(4)?
-                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
-                .collect(),
-        ),
+        data_type::INT32 => Data::I(le(chunks(4)?, |b| i32::from_le_bytes(b) as i64)),
         data_type::BOOL if raw.is_empty() => {
             Data::I(t.int32_data.iter().map(|&v| v as i64).collect())
         }
@@ -220,255 +214,254 @@ fn input(ins: &[Option<Const>], i: usize) -> Option<Vec<i64>> {
 }
 
 fn cast(node: &NodeProto, x: Const, _ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let to = attr_i(node, "to", 0) as i32;
-        match to {
-            data_type::FLOAT | data_type::DOUBLE => Const {
-                dims: x.dims.clone(),
-                data: Data::F(x.as_f32()),
-            },
-            _ => Const {
-                dims: x.dims.clone(),
-                data: Data::I(x.as_i64()),
-            },
-        }
+    let to = attr_i(node, "to", 0) as i32;
+    Ok(match to {
+        data_type::FLOAT | data_type::DOUBLE => Const {
+            dims: x.dims.clone(),
+            data: Data::F(x.as_f32()),
+        },
+        _ => Const {
+            dims: x.dims.clone(),
+            data: Data::I(x.as_i64()),
+        },
     })
 }
 
 fn gather(node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let idx = ins
-            .get(1)
-            .cloned()
-            .flatten()
-            .ok_or_else(|| "Gather without indices".to_string())?;
-        let rank = x.dims.len();
-        let ax = axis(attr_i(node, "axis", 0), rank)
-            .ok_or_else(|| "Gather axis out of range".to_string())?;
-        let (outer, n) = (x.dims[..ax].iter().product::<usize>(), x.dims[ax]);
-        let inner: usize = x.dims[ax + 1..].iter().product();
-        let mut picks = Vec::new();
-        for &i in &idx.as_i64() {
-            let i = if i < 0 { i + n as i64 } else { i };
-            if !(0..n as i64).contains(&i) {
-                return Err(format!("Gather index {i} out of 0..{n}"));
-            }
-            picks.push(i as usize);
+    let idx = ins
+        .get(1)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| "Gather without indices".to_string())?;
+    let rank = x.dims.len();
+    let ax = axis(attr_i(node, "axis", 0), rank)
+        .ok_or_else(|| "Gather axis out of range".to_string())?;
+    let (outer, n) = (x.dims[..ax].iter().product::<usize>(), x.dims[ax]);
+    let inner: usize = x.dims[ax + 1..].iter().product();
+    let mut picks = Vec::new();
+    for &i in &idx.as_i64() {
+        let i = if i < 0 { i + n as i64 } else { i };
+        if !(0..n as i64).contains(&i) {
+            return Err(format!("Gather index {i} out of 0..{n}"));
         }
-        let mut order = Vec::new();
-        for o in 0..outer {
-            for &i in &picks {
-                order.extend((0..inner).map(|k| (o * n + i) * inner + k));
-            }
+        picks.push(i as usize);
+    }
+    let mut order = Vec::new();
+    for o in 0..outer {
+        for &i in &picks {
+            order.extend((0..inner).map(|k| (o * n + i) * inner + k));
         }
-        let mut dims = x.dims[..ax].to_vec();
-        dims.extend(&idx.dims);
-        dims.extend(&x.dims[ax + 1..]);
-        x.pick(dims, order.into_iter())
-    })
+    }
+    let mut dims = x.dims[..ax].to_vec();
+    dims.extend(&idx.dims);
+    dims.extend(&x.dims[ax + 1..]);
+    Ok(x.pick(dims, order.into_iter()))
 }
 
 fn unsqueeze(node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
     let op = node.op_type.as_str();
-    Ok({
-        let axes = input(ins, 1)
-            .or_else(|| attr_ints(node, "axes"))
-            .unwrap_or_default();
-        let mut dims = x.dims.clone();
-        if op == "Unsqueeze" {
-            let rank = dims.len() + axes.len();
-            let mut ax: Vec<usize> = axes
-                .iter()
-                .map(|&a| axis(a, rank).ok_or_else(|| "bad axis".to_string()))
-                .collect::<Res<_>>()?;
-            ax.sort_unstable();
-            for a in ax {
-                dims.insert(a, 1);
-            }
-        } else if axes.is_empty() {
-            dims.retain(|&d| d != 1);
-        } else {
-            let rank = dims.len();
-            let ax: Vec<usize> = axes
-                .iter()
-                .map(|&a| axis(a, rank).ok_or_else(|| "bad axis".to_string()))
-                .collect::<Res<_>>()?;
-            dims = dims
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !ax.contains(i))
-                .map(|(_, &d)| d)
-                .collect();
+    let axes = input(ins, 1)
+        .or_else(|| attr_ints(node, "axes"))
+        .unwrap_or_default();
+    let mut dims = x.dims.clone();
+    if op == "Unsqueeze" {
+        let rank = dims.len() + axes.len();
+        let mut ax: Vec<usize> = axes
+            .iter()
+            .map(|&a| axis(a, rank).ok_or_else(|| "bad axis".to_string()))
+            .collect::<Res<_>>()?;
+        ax.sort_unstable();
+        for a in ax {
+            dims.insert(a, 1);
         }
-        Const { dims, data: x.data }
-    })
+    } else if axes.is_empty() {
+        dims.retain(|&d| d != 1);
+    } else {
+        let rank = dims.len();
+        let ax: Vec<usize> = axes
+            .iter()
+            .map(|&a| axis(a, rank).ok_or_else(|| "bad axis".to_string()))
+            .collect::<Res<_>>()?;
+        dims = dims
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !ax.contains(i))
+            .map(|(_, &d)| d)
+            .collect();
+    }
+    Ok(Const { dims, data: x.data })
 }
 
 fn concat(node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let parts: Vec<Const> = ins.iter().flatten().cloned().collect();
-        let rank = x.dims.len().max(1);
-        if axis(attr_i(node, "axis", 0), rank) != Some(0) || rank != 1 {
-            return Err("Concat of constants other than 1-D".into());
-        }
-        let float = parts.iter().any(|p| matches!(p.data, Data::F(_)));
-        let n: usize = parts.iter().map(|p| p.len()).sum();
-        Const {
-            dims: vec![n],
-            data: if float {
-                Data::F(parts.iter().flat_map(|p| p.as_f32()).collect())
-            } else {
-                Data::I(parts.iter().flat_map(|p| p.as_i64()).collect())
-            },
-        }
+    let parts: Vec<Const> = ins.iter().flatten().cloned().collect();
+    let rank = x.dims.len().max(1);
+    if axis(attr_i(node, "axis", 0), rank) != Some(0) || rank != 1 {
+        return Err("Concat of constants other than 1-D".into());
+    }
+    let float = parts.iter().any(|p| matches!(p.data, Data::F(_)));
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    Ok(Const {
+        dims: vec![n],
+        data: if float {
+            Data::F(parts.iter().flat_map(|p| p.as_f32()).collect())
+        } else {
+            Data::I(parts.iter().flat_map(|p| p.as_i64()).collect())
+        },
     })
 }
 
 fn reshape(_node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let t = input(ins, 1).ok_or_else(|| "Reshape without a shape".to_string())?;
-        let n = x.len();
-        let known: i64 = t
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                if d == 0 {
-                    x.dims.get(i).copied().unwrap_or(1) as i64
-                } else {
-                    d
-                }
-            })
-            .filter(|&d| d != -1)
-            .product();
-        let dims: Vec<usize> = t
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| match d {
-                -1 => n / (known.max(1) as usize),
-                0 => x.dims.get(i).copied().unwrap_or(1),
-                d => d as usize,
-            })
-            .collect();
-        if numel(&dims, usize::MAX).ok() != Some(n) {
-            return Err(format!("Reshape of {:?} to {t:?}", x.dims));
-        }
-        Const { dims, data: x.data }
-    })
+    let t = input(ins, 1).ok_or_else(|| "Reshape without a shape".to_string())?;
+    let n = x.len();
+    let known: i64 = t
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d == 0 {
+                x.dims.get(i).copied().unwrap_or(1) as i64
+            } else {
+                d
+            }
+        })
+        .filter(|&d| d != -1)
+        .product();
+    let dims: Vec<usize> = t
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match d {
+            -1 => n / (known.max(1) as usize),
+            0 => x.dims.get(i).copied().unwrap_or(1),
+            d => d as usize,
+        })
+        .collect();
+    if numel(&dims, usize::MAX).ok() != Some(n) {
+        return Err(format!("Reshape of {:?} to {t:?}", x.dims));
+    }
+    Ok(Const { dims, data: x.data })
 }
 
 fn transpose(node: &NodeProto, x: Const, _ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let rank = x.dims.len();
-        let perm: Vec<usize> = attr_ints(node, "perm")
-            .map(|p| p.iter().map(|&a| a as usize).collect())
-            .unwrap_or_else(|| (0..rank).rev().collect());
-        let mut sorted = perm.clone();
-        sorted.sort_unstable();
-        if sorted != (0..rank).collect::<Vec<_>>() {
-            return Err(format!("perm {perm:?} for rank {rank}"));
-        }
-        let dims: Vec<usize> = perm.iter().map(|&a| x.dims[a]).collect();
-        let (src, dst) = (strides(&x.dims), strides(&dims));
-        let order = (0..x.len()).map(|flat| {
-            perm.iter()
-                .enumerate()
-                .map(|(j, &a)| (flat / dst[j]) % dims[j] * src[a])
-                .sum()
-        });
-        x.pick(dims.clone(), order.collect::<Vec<_>>().into_iter())
-    })
+    let rank = x.dims.len();
+    let perm: Vec<usize> = attr_ints(node, "perm")
+        .map(|p| p.iter().map(|&a| a as usize).collect())
+        .unwrap_or_else(|| (0..rank).rev().collect());
+    let mut sorted = perm.clone();
+    sorted.sort_unstable();
+    if sorted != (0..rank).collect::<Vec<_>>() {
+        return Err(format!("perm {perm:?} for rank {rank}"));
+    }
+    let dims: Vec<usize> = perm.iter().map(|&a| x.dims[a]).collect();
+    let (src, dst) = (strides(&x.dims), strides(&dims));
+    let order = (0..x.len()).map(|flat| {
+        perm.iter()
+            .enumerate()
+            .map(|(j, &a)| (flat / dst[j]) % dims[j] * src[a])
+            .sum()
+    });
+    Ok(x.pick(dims.clone(), order.collect::<Vec<_>>().into_iter()))
 }
 
 fn slice(_node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let starts = input(ins, 1).ok_or_else(|| "Slice without starts".to_string())?;
-        let ends = input(ins, 2).ok_or_else(|| "Slice without ends".to_string())?;
-        let rank = x.dims.len();
-        let axes = input(ins, 3).unwrap_or_else(|| (0..starts.len() as i64).collect());
-        let steps = input(ins, 4).unwrap_or_else(|| vec![1; starts.len()]);
-        if ends.len() != starts.len() || axes.len() != starts.len() {
-            return Err("Slice with inputs of different lengths".into());
-        }
-        // Per axis, the indices kept (ONNX's clamping, negative steps included).
-        let mut keep: Vec<Vec<usize>> = x.dims.iter().map(|&d| (0..d).collect()).collect();
-        for k in 0..starts.len() {
-            let a = axis(axes[k], rank).ok_or_else(|| "Slice axis".to_string())?;
-            let (d, step) = (x.dims[a] as i64, steps.get(k).copied().unwrap_or(1));
-            let wrap = |v: i64| if v < 0 { v + d } else { v };
-            keep[a] = match step {
-                0 => return Err("Slice with step 0".into()),
-                s if s > 0 => {
-                    let (b, e) = (wrap(starts[k]).clamp(0, d), wrap(ends[k]).clamp(0, d));
-                    (b..e).step_by(s as usize).map(|i| i as usize).collect()
+    let starts = input(ins, 1).ok_or_else(|| "Slice without starts".to_string())?;
+    let ends = input(ins, 2).ok_or_else(|| "Slice without ends".to_string())?;
+    let rank = x.dims.len();
+    let axes = input(ins, 3).unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = input(ins, 4).unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() {
+        return Err("Slice with inputs of different lengths".into());
+    }
+    // Per axis, the indices kept (ONNX's clamping, negative steps included).
+    let mut keep: Vec<Vec<usize>> = x.dims.iter().map(|&d| (0..d).collect()).collect();
+    for k in 0..starts.len() {
+        let a = axis(axes[k], rank).ok_or_else(|| "Slice axis".to_string())?;
+        let (d, step) = (x.dims[a] as i64, steps.get(k).copied().unwrap_or(1));
+        let wrap = |v: i64| if v < 0 { v + d } else { v };
+        keep[a] = match step {
+            0 => return Err("Slice with step 0".into()),
+            s if s > 0 => {
+                let (b, e) = (wrap(starts[k]).clamp(0, d), wrap(ends[k]).clamp(0, d));
+                (b..e).step_by(s as usize).map(|i| i as usize).collect()
+            }
+            s => {
+                let b = wrap(starts[k]).clamp(0, d - 1);
+                let e = wrap(ends[k]).clamp(-1, d - 1);
+                let mut v = Vec::new();
+                let mut i = b;
+                while i > e {
+                    v.push(i as usize);
+                    i += s;
                 }
-                s => {
-                    let b = wrap(starts[k]).clamp(0, d - 1);
-                    let e = wrap(ends[k]).clamp(-1, d - 1);
-                    let mut v = Vec::new();
-                    let mut i = b;
-                    while i > e {
-                        v.push(i as usize);
-                        i += s;
-                    }
-                    v
-                }
-            };
-        }
-        let dims: Vec<usize> = keep.iter().map(|k| k.len()).collect();
-        let (src, dst) = (strides(&x.dims), strides(&dims));
-        let n: usize = dims.iter().product();
-        let order: Vec<usize> = (0..n)
-            .map(|flat| {
-                (0..rank)
-                    .map(|j| keep[j][(flat / dst[j]) % dims[j]] * src[j])
-                    .sum()
-            })
-            .collect();
-        x.pick(dims, order.into_iter())
-    })
+                v
+            }
+        };
+    }
+    let dims: Vec<usize> = keep.iter().map(|k| k.len()).collect();
+    let (src, dst) = (strides(&x.dims), strides(&dims));
+    let n: usize = dims.iter().product();
+    let order: Vec<usize> = (0..n)
+        .map(|flat| {
+            (0..rank)
+                .map(|j| keep[j][(flat / dst[j]) % dims[j]] * src[j])
+                .sum()
+        })
+        .collect();
+    Ok(x.pick(dims, order.into_iter()))
 }
 
 fn constant_of_shape(node: &NodeProto, x: Const, _ins: &[Option<Const>]) -> Res<Const> {
-    Ok({
-        let dims: Vec<usize> = x.as_i64().iter().map(|&d| d.max(0) as usize).collect();
-        let n = numel(&dims, COMPUTED_LIMIT)?;
-        let fill = attr(node, "value")
-            .and_then(|a| a.t.as_ref())
-            .map(tensor_const)
-            .transpose()?
-            .unwrap_or(Const {
-                dims: vec![1],
-                data: Data::F(vec![0.0]),
-            });
-        Const {
-            dims,
-            data: match fill.data {
-                Data::F(v) => Data::F(vec![v.first().copied().unwrap_or(0.0); n]),
-                Data::I(v) => Data::I(vec![v.first().copied().unwrap_or(0); n]),
-            },
-        }
+    let dims: Vec<usize> = x.as_i64().iter().map(|&d| d.max(0) as usize).collect();
+    let n = numel(&dims, COMPUTED_LIMIT)?;
+    let fill = attr(node, "value")
+        .and_then(|a| a.t.as_ref())
+        .map(tensor_const)
+        .transpose()?
+        .unwrap_or(Const {
+            dims: vec![1],
+            data: Data::F(vec![0.0]),
+        });
+    Ok(Const {
+        dims,
+        data: match fill.data {
+            Data::F(v) => Data::F(vec![v.first().copied().unwrap_or(0.0); n]),
+            Data::I(v) => Data::I(vec![v.first().copied().unwrap_or(0); n]),
+        },
     })
 }
 
 fn arith(node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
     let op = node.op_type.as_str();
-    Ok({
-        let y = ins
-            .get(1)
-            .cloned()
-            .flatten()
-            .ok_or_else(|| format!("{op} without a second input"))?;
-        let (big, n) = if x.len() >= y.len() {
-            (&x, x.len())
-        } else {
-            (&y, y.len())
-        };
-        if x.len() != n && x.len() != 1 || y.len() != n && y.len() != 1 {
-            return Err(format!("{op} of constants {:?} and {:?}", x.dims, y.dims));
-        }
-        let at = |c: &Const, i: usize| if c.len() == 1 { 0 } else { i };
-        let data = match (&x.data, &y.data) {
-            (Data::I(a), Data::I(b)) => Data::I(
+    let y = ins
+        .get(1)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| format!("{op} without a second input"))?;
+    let (big, n) = if x.len() >= y.len() {
+        (&x, x.len())
+    } else {
+        (&y, y.len())
+    };
+    if x.len() != n && x.len() != 1 || y.len() != n && y.len() != 1 {
+        return Err(format!("{op} of constants {:?} and {:?}", x.dims, y.dims));
+    }
+    let at = |c: &Const, i: usize| if c.len() == 1 { 0 } else { i };
+    let data = match (&x.data, &y.data) {
+        (Data::I(a), Data::I(b)) => Data::I(
+            (0..n)
+                .map(|i| {
+                    let (p, q) = (a[at(&x, i)], b[at(&y, i)]);
+                    match op {
+                        "Add" => p + q,
+                        "Sub" => p - q,
+                        "Mul" => p * q,
+                        _ if q == 0 => 0,
+                        _ => p.div_euclid(q),
+                    }
+                })
+                .collect(),
+        ),
+        _ => {
+            let (a, b) = (x.as_f32(), y.as_f32());
+            Data::F(
                 (0..n)
                     .map(|i| {
                         let (p, q) = (a[at(&x, i)], b[at(&y, i)]);
@@ -476,47 +469,28 @@ fn arith(node: &NodeProto, x: Const, ins: &[Option<Const>]) -> Res<Const> {
                             "Add" => p + q,
                             "Sub" => p - q,
                             "Mul" => p * q,
-                            _ if q == 0 => 0,
-                            _ => p.div_euclid(q),
+                            _ => p / q,
                         }
                     })
                     .collect(),
-            ),
-            _ => {
-                let (a, b) = (x.as_f32(), y.as_f32());
-                Data::F(
-                    (0..n)
-                        .map(|i| {
-                            let (p, q) = (a[at(&x, i)], b[at(&y, i)]);
-                            match op {
-                                "Add" => p + q,
-                                "Sub" => p - q,
-                                "Mul" => p * q,
-                                _ => p / q,
-                            }
-                        })
-                        .collect(),
-                )
-            }
-        };
-        Const {
-            dims: big.dims.clone(),
-            data,
+            )
         }
+    };
+    Ok(Const {
+        dims: big.dims.clone(),
+        data,
     })
 }
 
 fn round(node: &NodeProto, x: Const, _ins: &[Option<Const>]) -> Res<Const> {
     let op = node.op_type.as_str();
-    Ok({
-        let f = x.as_f32();
-        Const {
-            dims: x.dims.clone(),
-            data: Data::F(
-                f.iter()
-                    .map(|v| if op == "Floor" { v.floor() } else { v.ceil() })
-                    .collect(),
-            ),
-        }
+    let f = x.as_f32();
+    Ok(Const {
+        dims: x.dims.clone(),
+        data: Data::F(
+            f.iter()
+                .map(|v| if op == "Floor" { v.floor() } else { v.ceil() })
+                .collect(),
+        ),
     })
 }

@@ -16,6 +16,7 @@ use crate::models::graph::{Op, Slot};
 use crate::models::Model;
 use crate::ops::reference::group_channels;
 use crate::spec::PatchOption;
+use std::collections::HashSet;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -37,6 +38,7 @@ pub fn to_onnx(model: &Model, info: &ExportInfo) -> Result<ModelProto> {
     let shapes = graph.infer_shapes(model.config().input)?;
     let mut w = Writer {
         nodes: Vec::new(),
+        names: HashSet::new(),
         inits: Vec::new(),
         output: graph.output,
         fresh: 0,
@@ -186,6 +188,8 @@ fn string(name: &str, v: &str) -> AttributeProto {
 
 struct Writer {
     nodes: Vec<NodeProto>,
+    /// Node names taken so far (block-ReLU subgraphs make tens of thousands of nodes).
+    names: HashSet<String>,
     inits: Vec<TensorProto>,
     output: Slot,
     fresh: usize,
@@ -208,27 +212,36 @@ impl Writer {
         format!("t{}", self.fresh)
     }
 
-    fn node(
+    fn node<S: AsRef<str>>(
         &mut self,
         scope: &str,
         op: &str,
-        inputs: &[&str],
+        inputs: &[S],
         output: &str,
         attrs: Vec<AttributeProto>,
     ) {
+        // The first node of a scope keeps the plain PyTorch-style name.
+        let plain = format!("/{scope}/{op}");
+        let name = if self.names.contains(&plain) {
+            format!("{plain}_{}", self.nodes.len())
+        } else {
+            plain
+        };
+        self.names.insert(name.clone());
         self.nodes.push(NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
+            input: inputs.iter().map(|s| s.as_ref().to_string()).collect(),
             output: vec![output.into()],
-            name: format!("/{scope}/{op}_{}", self.nodes.len()),
+            name,
             op_type: op.into(),
             domain: String::new(),
             attribute: attrs,
         });
-        // The first node of a scope keeps the plain PyTorch-style name.
-        let plain = format!("/{scope}/{op}");
-        if !self.nodes.iter().any(|n| n.name == plain) {
-            self.nodes.last_mut().expect("just pushed").name = plain;
-        }
+    }
+
+    /// A node of one network value.
+    fn unary(&mut self, scope: &str, op: &str, x: Slot, y: &str, attrs: Vec<AttributeProto>) {
+        let x = self.slot(x);
+        self.node(scope, op, &[x], y, attrs);
     }
 
     fn init_f32(&mut self, name: &str, v: &Values) -> String {
@@ -286,7 +299,6 @@ impl Writer {
                 let p = self.params(model, i, name, &["weight", "bias"])?;
                 let mut ins = vec![self.slot(*x)];
                 ins.extend(p);
-                let ins: Vec<&str> = ins.iter().map(|s| s.as_str()).collect();
                 let attrs = vec![
                     ints("kernel_shape", &pair(*kernel)),
                     ints("strides", &pair(*stride)),
@@ -303,10 +315,7 @@ impl Writer {
                     name,
                     &["weight", "bias", "running_mean", "running_var"],
                 )?;
-                let x = self.slot(*x);
-                let ins: Vec<&str> = std::iter::once(x.as_str())
-                    .chain(p.iter().map(|s| s.as_str()))
-                    .collect();
+                let ins: Vec<String> = std::iter::once(self.slot(*x)).chain(p).collect();
                 self.node(
                     name,
                     "BatchNormalization",
@@ -316,18 +325,13 @@ impl Writer {
                 );
             }
             Op::Act { x, site, .. } => {
-                let scope = model.sites()[*site].name.clone();
+                let info = &model.sites()[*site];
                 let x = self.slot(*x);
                 match model.site_options(*site) {
-                    None => self.node(&scope, "Relu", &[&x], &y, vec![]),
+                    None => self.node(&info.name, "Relu", &[&x], &y, vec![]),
                     Some(opts) => {
-                        let [c, h, w] = shapes[op.inputs()[0]][..] else {
-                            return Err(Error::Shape {
-                                op: scope,
-                                msg: "a site acts on a [C, H, W] map".into(),
-                            });
-                        };
-                        self.block_relu(&scope, &x, &y, opts, [c, h, w]);
+                        let chw = [info.channels, info.height, info.width];
+                        self.block_relu(&info.name, &x, &y, opts, chw);
                     }
                 }
             }
@@ -335,7 +339,27 @@ impl Writer {
                 let (a, b) = (self.slot(*a), self.slot(*b));
                 self.node(&format!("add{}", op.output()), "Add", &[&a, &b], &y, vec![]);
             }
-            Op::MaxPool { .. } | Op::AvgPool { .. } => self.pool(op, &y),
+            Op::MaxPool {
+                x,
+                kernel,
+                stride,
+                pad,
+                ..
+            } => self.pool(*x, [*kernel, *stride, *pad], None, &y, op.output()),
+            Op::AvgPool {
+                x,
+                kernel,
+                stride,
+                pad,
+                count_pad,
+                ..
+            } => self.pool(
+                *x,
+                [*kernel, *stride, *pad],
+                Some(*count_pad),
+                &y,
+                op.output(),
+            ),
             Op::GlobalAvgPool { x, keepdim, .. } => {
                 let x = self.slot(*x);
                 let scope = format!("pool{}", op.output());
@@ -349,7 +373,6 @@ impl Writer {
             }
             Op::Concat { xs, .. } => {
                 let xs: Vec<String> = xs.iter().map(|&s| self.slot(s)).collect();
-                let xs: Vec<&str> = xs.iter().map(|s| s.as_str()).collect();
                 let scope = format!("concat{}", op.output());
                 self.node(&scope, "Concat", &xs, &y, vec![int("axis", 1)]);
             }
@@ -357,19 +380,12 @@ impl Writer {
                 x, align_corners, ..
             } => self.resize(*x, *align_corners, &y, &shapes[op.output()], op.output())?,
             Op::Dropout { x, .. } => {
-                let x = self.slot(*x);
-                self.node(
-                    &format!("dropout{}", op.output()),
-                    "Identity",
-                    &[&x],
-                    &y,
-                    vec![],
-                );
+                let scope = format!("dropout{}", op.output());
+                self.unary(&scope, "Identity", *x, &y, vec![]);
             }
             Op::Flatten { x, .. } => {
-                let x = self.slot(*x);
                 let scope = format!("flatten{}", op.output());
-                self.node(&scope, "Flatten", &[&x], &y, vec![int("axis", 1)]);
+                self.unary(&scope, "Flatten", *x, &y, vec![int("axis", 1)]);
             }
             Op::Linear { x, name, .. } => {
                 let p = self.params(model, i, name, &["weight", "bias"])?;
@@ -427,39 +443,30 @@ impl Writer {
         Ok(())
     }
 
-    fn pool(&mut self, op: &Op, y: &str) {
-        let (Op::MaxPool {
-            x,
-            kernel,
-            stride,
-            pad,
-            ..
-        }
-        | Op::AvgPool {
-            x,
-            kernel,
-            stride,
-            pad,
-            ..
-        }) = op
-        else {
-            unreachable!("called for pools")
-        };
-        let (k, s, p) = (*kernel as i64, *stride as i64, *pad as i64);
+    /// A k x k pool with stride and padding; `count_pad` for an average pool.
+    fn pool(
+        &mut self,
+        x: Slot,
+        [k, s, p]: [usize; 3],
+        count_pad: Option<bool>,
+        y: &str,
+        out: Slot,
+    ) {
+        let (k, s, p) = (k as i64, s as i64, p as i64);
         let mut attrs = vec![
             ints("kernel_shape", &[k, k]),
             ints("strides", &[s, s]),
             ints("pads", &[p, p, p, p]),
         ];
-        let kind = match op {
-            Op::AvgPool { count_pad, .. } => {
-                attrs.push(int("count_include_pad", *count_pad as i64));
+        let kind = match count_pad {
+            Some(c) => {
+                attrs.push(int("count_include_pad", c as i64));
                 "AveragePool"
             }
-            _ => "MaxPool",
+            None => "MaxPool",
         };
-        let x = self.slot(*x);
-        self.node(&format!("pool{}", op.output()), kind, &[&x], y, attrs);
+        let x = self.slot(x);
+        self.node(&format!("pool{out}"), kind, &[&x], y, attrs);
     }
 
     /// The block ReLU of one site on `x` [N, C, H, W] into `y`.
@@ -572,8 +579,7 @@ impl Writer {
             inverse[c as usize] = pos as i64;
         }
         let cat = self.tmp();
-        let refs: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
-        self.node(scope, "Concat", &refs, &cat, vec![int("axis", 1)]);
+        self.node(scope, "Concat", &outs, &cat, vec![int("axis", 1)]);
         let inv = self.init_i64(&format!("{scope}.order"), &inverse);
         self.node(scope, "Gather", &[&cat, &inv], y, vec![int("axis", 1)]);
     }
