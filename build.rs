@@ -1,5 +1,6 @@
-//! Build script: makes the binaries find libtorch without LD_LIBRARY_PATH (rpath), and with
-//! the `cuda` feature compiles kernels/*.cu to PTX with nvcc.
+//! Build script: makes the binaries find libtorch without LD_LIBRARY_PATH (rpath), compiles the
+//! c10d shim (src/dist/shim.cpp) against libtorch's headers, and with the `cuda` feature
+//! compiles kernels/*.cu to PTX with nvcc and the shim with NCCL.
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +29,71 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
         compile_kernels(&manifest);
     }
+    compile_shim(&manifest, &libtorch);
+}
+
+/// The C++ shim over PyTorch's c10d (TCPStore, ProcessGroupGloo, with `cuda` also
+/// ProcessGroupNCCL), built with the `cc` crate like tch's own C++ layer. Its headers: libtorch's
+/// include/, the gloo headers `scripts/setup.sh` pins (or GLOO_INCLUDE), and with `cuda` the
+/// CUDA headers beside nvcc and NCCL's from PyPI (or NCCL_INCLUDE).
+fn compile_shim(manifest: &Path, libtorch: &Path) {
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=NCCL_INCLUDE");
+    let src = manifest.join("src/dist/shim.cpp");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let gloo = env::var("GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| manifest.join(".gloo/include"));
+    if !gloo.join("gloo/config.h").is_file() {
+        panic!(
+            "the gloo headers are missing from {}: run `scripts/setup.sh` (or `make setup`), \
+             or set GLOO_INCLUDE to a directory containing gloo/config.h",
+            gloo.display()
+        );
+    }
+    let inc = libtorch.join("include");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++17")
+        .file(&src)
+        .include(&inc)
+        .include(inc.join("torch/csrc/api/include"))
+        .include(&gloo)
+        .define("USE_C10D_GLOO", None)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        // libtorch's headers warn a lot under -Wall; the shim itself is small.
+        .warnings(false)
+        .flag_if_supported("-w");
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
+        let cuda_inc = Path::new(&nvcc)
+            .parent()
+            .map(|bin| bin.join("../include"))
+            .filter(|d| d.join("cuda_runtime.h").is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr/local/cuda/include"));
+        let nccl = env::var("NCCL_INCLUDE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| manifest.join(".nccl/nvidia/nccl/include"));
+        if !nccl.join("nccl.h").is_file() {
+            panic!(
+                "the `cuda` feature builds the NCCL process group, but {} has no nccl.h: run \
+                 `scripts/setup.sh nvcc` (or `make cuda-setup`), or set NCCL_INCLUDE",
+                nccl.display()
+            );
+        }
+        b.include(cuda_inc)
+            .include(nccl)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("BRELU_NCCL", None);
+    }
+    b.compile("brelu_c10d");
+    println!(
+        "cargo:rustc-link-search=native={}",
+        libtorch.join("lib").display()
+    );
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }
 
 fn compile_kernels(manifest: &Path) {

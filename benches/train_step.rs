@@ -87,7 +87,7 @@ fn main() {
             let mut opt = Sgd::new(model.var_store(), 0.01, 0.9, 1e-4);
             let train = median_secs(steps, || {
                 let loss = model.forward_t(&x, true).cross_entropy_for_logits(&y);
-                opt.backward_step(&loss);
+                opt.backward_step(&loss).unwrap();
             });
             report(name, variant, "train", batch, train);
             let eval = median_secs(steps, || {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs libtorch (from the PyPI torch wheel) into .libtorch/ once; a second run does nothing.
-# Usage: scripts/setup.sh            (libtorch for CPU builds)
-#        scripts/setup.sh nvcc       (also nvcc 13.0 into .nvcc/, for `--features cuda`)
+# Usage: scripts/setup.sh            (libtorch and the gloo headers for CPU builds)
+#        scripts/setup.sh nvcc       (also nvcc 13.0 and NCCL into .nvcc/, for `--features cuda`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,34 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+# The c10d shim (src/dist/shim.cpp) compiles against libtorch's ProcessGroupGloo.hpp, which
+# includes gloo headers the wheel does not ship. They come from Debian's libgloo-dev, pinned by
+# version and checksum; libtorch 2.11 links gloo 0.5.x and the shim's static_assert checks the
+# headers' version. Only headers are used: gloo itself is inside libtorch_cpu.
+GLOO_DEB="libgloo-dev_0.0~git20220518.5b14351-3_amd64.deb"
+GLOO_SHA256=80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
+GSTAMP=".gloo/.stamp-0.0~git20220518.5b14351-3"
+if [ ! -f "$GSTAMP" ] && [ -z "${GLOO_INCLUDE:-}" ]; then
+  echo "setup: fetching the gloo headers ($GLOO_DEB) into .gloo" >&2
+  rm -rf .gloo.tmp && mkdir -p .gloo.tmp
+  "${PYTHON:-python3}" - ".gloo.tmp/$GLOO_DEB" "$GLOO_DEB" <<'PY'
+import sys, urllib.request
+out, name = sys.argv[1], sys.argv[2]
+url = "http://deb.debian.org/debian/pool/main/g/gloo/" + name.replace("~", "%7E")
+with urllib.request.urlopen(url, timeout=120) as r, open(out, "wb") as f:
+    f.write(r.read())
+PY
+  echo "$GLOO_SHA256  .gloo.tmp/$GLOO_DEB" | sha256sum -c --quiet - || {
+    echo "error: .gloo.tmp/$GLOO_DEB does not have the pinned SHA-256 $GLOO_SHA256" >&2; exit 1; }
+  command -v dpkg-deb >/dev/null || {
+    echo "error: dpkg-deb is needed to unpack $GLOO_DEB (or set GLOO_INCLUDE=/dir/with/gloo/)" >&2; exit 1; }
+  dpkg-deb -x ".gloo.tmp/$GLOO_DEB" .gloo.tmp/root
+  rm -rf .gloo && mkdir -p .gloo
+  mv .gloo.tmp/root/usr/include .gloo/include
+  rm -rf .gloo.tmp
+  touch "$GSTAMP"
+fi
+
 if [ "${1:-}" = "nvcc" ]; then
   NSTAMP=".nvcc/.stamp-13.0.88"
   if [ ! -f "$NSTAMP" ]; then
@@ -40,5 +68,14 @@ if [ "${1:-}" = "nvcc" ]; then
       "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" \
       "nvidia-cuda-runtime==13.0.96"
     touch "$NSTAMP"
+  fi
+  # NCCL's headers for the shim's ProcessGroupNCCL: the version torch 2.11 requires.
+  CSTAMP=".nccl/.stamp-2.28.9"
+  if [ ! -f "$CSTAMP" ] && [ -z "${NCCL_INCLUDE:-}" ]; then
+    echo "setup: installing NCCL 2.28.9 headers (nvidia-nccl-cu13) into .nccl" >&2
+    rm -rf .nccl
+    "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check --no-deps --target .nccl \
+      "nvidia-nccl-cu13==2.28.9"
+    touch "$CSTAMP"
   fi
 fi

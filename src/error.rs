@@ -64,6 +64,12 @@ pub enum Error {
     #[error("not implemented yet: {0}")]
     NotImplemented(String),
 
+    // ---- distributed runs ----
+    /// Joining the process group or a collective failed: a bad launcher variable, an
+    /// unreachable rank 0, a rank that died or timed out, ranks that diverged.
+    #[error("distributed: {0}")]
+    Dist(String),
+
     // ---- usage ----
     /// An argument or configuration value is out of range.
     #[error("{0}")]

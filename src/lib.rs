@@ -15,7 +15,8 @@
 //! 1. Utilities: [`error`] (the typed error), [`fs`] (atomic writes), [`hash`] (fingerprints),
 //!    [`npy`] (the table file format), [`plot`].
 //! 2. [`spec`]: options, catalogs, spec files, cost model.
-//! 3. [`ops`]: block-ReLU operators, device selection.
+//! 3. [`ops`]: block-ReLU operators, device selection; [`dist`]: data-parallel process groups
+//!    (PyTorch's c10d through a C++ shim), launcher variables, sharding, gradient buckets.
 //! 4. [`models`]: architectures as op graphs with named ReLU sites, weights.
 //! 5. [`data`]: data sets, their configuration, normalisation, augmentation, batches.
 //! 6. [`train`]: training configuration, training, evaluation, checkpoints.
@@ -27,6 +28,7 @@
 //! 11. [`cli`]: the `brelu` command.
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod distortion;
 pub mod error;
 pub mod fs;

@@ -2,6 +2,7 @@
 //! (checkpoints, metrics) and accuracy figures out.
 use super::print_json;
 use crate::data::Split;
+use crate::dist::{Group, Launch};
 use crate::models::Model;
 use crate::spec::{spec_cost, Spec};
 use crate::train::{self, Config, TrainOptions};
@@ -10,6 +11,7 @@ use clap::Args;
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -147,9 +149,35 @@ fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
         .with_context(|| format!("loading spec {}", path.display()))
 }
 
+/// The device and, under a launcher (torchrun or Slurm variables), the process group: Gloo on
+/// the CPU, NCCL on CUDA, where `--device cuda` means `cuda:LOCAL_RANK`.
+fn device_and_group(device: Option<&str>) -> Result<(tch::Device, Option<Rc<Group>>)> {
+    let Some(l) = Launch::from_env()? else {
+        return Ok((crate::ops::parse_device(device)?, None));
+    };
+    let d = match device {
+        Some("cuda") => Some(format!("cuda:{}", l.local_rank)),
+        d => d.map(str::to_string),
+    };
+    let device = crate::ops::parse_device(d.as_deref())?;
+    let g = Group::join(&l, device.is_cuda(), crate::dist::timeout_from_env()?)?;
+    if g.is_leader() {
+        eprintln!(
+            "data-parallel: {} ranks ({}, {} variables, rendezvous {}:{})",
+            l.world,
+            if g.nccl { "nccl" } else { "gloo" },
+            l.source,
+            l.master_addr,
+            l.master_port
+        );
+    }
+    Ok((device, Some(Rc::new(g))))
+}
+
 fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
     let cfg = load_config(&a.config, Some(a))?;
-    let device = crate::ops::parse_device(a.device.as_deref())?;
+    let (device, group) = device_and_group(a.device.as_deref())?;
+    let leader = group.as_ref().is_none_or(|g| g.is_leader());
     let run_dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
             .config
@@ -174,9 +202,13 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         progress: std::io::stderr().is_terminal(),
         spec: spec.map(Path::to_path_buf),
         teacher: a.teacher.clone().or_else(|| weights.map(Path::to_path_buf)),
+        group,
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;
+    if !leader {
+        return Ok(());
+    }
     let (unit, total) = match cfg.iterations {
         Some(n) => ("iteration", n),
         None => ("epoch", cfg.epochs),

@@ -118,8 +118,23 @@ pub struct BatchIter<'a> {
     augment: Option<(Augment, Rng)>,
     /// Segmentation training: the generator of the per-image transform seeds.
     seg_rng: Option<Rng>,
+    /// (rank, world) of a sharded iterator: per-image seeds are drawn `world` at a time and
+    /// the `rank`-th kept, which is the seed of the image's position in the whole epoch.
+    draw: (usize, usize),
     normalize: Normalize,
     device: Device,
+}
+
+/// The seed of the next image of this rank: the one of its position in the unsharded order.
+fn draw_seed(rng: &mut Rng, (rank, world): (usize, usize)) -> u64 {
+    let mut kept = 0;
+    for i in 0..world.max(1) {
+        let v = rng.next_u64();
+        if i == rank {
+            kept = v;
+        }
+    }
+    kept
 }
 
 /// Stream ids for [`Rng::for_epoch`].
@@ -150,9 +165,30 @@ impl<'a> BatchIter<'a> {
                 .seg
                 .as_ref()
                 .map(|_| Rng::for_epoch(seed, epoch, AUGMENT_STREAM)),
+            draw: (0, 1),
             normalize,
             device,
         }
+    }
+
+    /// Rank `rank`'s part of the epoch in a data-parallel run of `world` ranks
+    /// ([`crate::dist::shard`]: DistributedSampler's split). Batches keep the size given at
+    /// construction (the per-rank size). Class-folder and segmentation sets draw each image's
+    /// transform from its position in the whole epoch, so the ranks' batches together are the
+    /// single-process batches of `world` times the size; the in-memory augmentation, which
+    /// draws a varying count per image, takes a stream of its own per rank instead.
+    pub fn shard(mut self, seed: u64, epoch: usize, rank: usize, world: usize) -> BatchIter<'a> {
+        if world <= 1 {
+            return self;
+        }
+        self.order = crate::dist::shard(&self.order, rank, world);
+        self.draw = (rank, world);
+        if self.data.folder.is_none() {
+            if let Some((_, rng)) = &mut self.augment {
+                *rng = Rng::for_epoch(seed, epoch, AUGMENT_STREAM + ((rank as u64 + 1) << 32));
+            }
+        }
+        self
     }
 
     /// Evaluation order: in order, no augmentation.
@@ -169,6 +205,7 @@ impl<'a> BatchIter<'a> {
             pos: 0,
             augment: None,
             seg_rng: None,
+            draw: (0, 1),
             normalize,
             device,
         }
@@ -197,12 +234,12 @@ impl<'a> BatchIter<'a> {
             let count = end - self.pos;
             if let Some(rng) = &mut self.seg_rng {
                 for _ in 0..count {
-                    rng.next_u64();
+                    draw_seed(rng, self.draw);
                 }
             } else if let Some((a, rng)) = &mut self.augment {
                 if self.data.folder.is_some() {
                     for _ in 0..count {
-                        rng.next_u64();
+                        draw_seed(rng, self.draw);
                     }
                 } else {
                     let _ = a.apply(
@@ -235,7 +272,7 @@ impl Iterator for BatchIter<'_> {
             let t: Vec<_> = match &mut self.seg_rng {
                 Some(rng) => ids
                     .iter()
-                    .map(|_| super::seg::Transform::Train(rng.next_u64()))
+                    .map(|_| super::seg::Transform::Train(draw_seed(rng, self.draw)))
                     .collect(),
                 None => vec![super::seg::Transform::Fixed; ids.len()],
             };
@@ -252,7 +289,7 @@ impl Iterator for BatchIter<'_> {
             (Some(f), Some((_, rng))) => {
                 let t: Vec<_> = ids
                     .iter()
-                    .map(|_| super::folder::Transform::Train(rng.next_u64()))
+                    .map(|_| super::folder::Transform::Train(draw_seed(rng, self.draw)))
                     .collect();
                 f.decode_batch(ids, &t).map(|b| {
                     let s = f.side as i64;

@@ -76,6 +76,7 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
                 progress: cfg.progress,
                 spec: None,
                 teacher: None,
+                group: None,
             };
             train::train(base_cfg, &mut model, &opts)?;
         }
@@ -264,6 +265,7 @@ fn finetune(
             spec: Some(dir.join(&e.file)),
             // With `[distill]` in the fine-tune recipe: the original network.
             teacher: Some(base.weights.clone()),
+            group: None,
         };
         train::train(ft_cfg, &mut m, &opts)?;
         file_hash(&w)

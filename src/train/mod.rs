@@ -22,12 +22,14 @@ pub use config::{Config, OptimizerConfig, ScheduleConfig, ScheduleKind};
 pub use schedule::{lr_at, lr_at_iteration, lr_at_progress, lr_for_batch};
 
 use crate::data::{self, BatchIter, Dataset, Normalize, Split, Task};
+use crate::dist::Group;
 use crate::error::{Error, Result};
 use crate::fs::write_atomic;
 use crate::models::{find, ArchConfig, Model};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -179,6 +181,11 @@ pub struct TrainOptions {
     /// Teacher weights for knowledge distillation (used when the configuration has a
     /// `[distill]` section; the teacher runs with ordinary ReLUs in evaluation mode).
     pub teacher: Option<PathBuf>,
+    /// A data-parallel run's process group (see [`crate::dist`]): every rank trains on its
+    /// shard of each epoch with `batch_size / world` images per step and the gradients
+    /// averaged, so a step sees `batch_size` images in all, as in one process; rank 0 alone
+    /// evaluates and writes the run directory.
+    pub group: Option<Rc<Group>>,
 }
 
 /// The distillation term alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
@@ -246,7 +253,19 @@ pub fn train_on(
     test_set: &Dataset,
 ) -> Result<Vec<EpochMetrics>> {
     let dir = &opts.run_dir;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let leader = opts.group.as_ref().is_none_or(|g| g.is_leader());
+    if let Some(g) = &opts.group {
+        if !cfg.batch_size.is_multiple_of(g.world) {
+            return Err(Error::InvalidArgument(format!(
+                "batch_size {} is the images per step over all ranks and must be a multiple of \
+                 the world size {}",
+                cfg.batch_size, g.world
+            )));
+        }
+    }
+    if leader {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let hash = cfg.hash();
     let metrics_path = dir.join(METRICS);
     let (mut start, mut start_it) = (0, 0);
@@ -268,18 +287,28 @@ pub fn train_on(
             start_it = ck.iteration.unwrap_or(0);
         }
     }
-    trim_metrics(
-        &metrics_path,
-        if cfg.iterations.is_some() {
-            start_it
-        } else {
-            start
-        },
-    )?;
+    if leader {
+        trim_metrics(
+            &metrics_path,
+            if cfg.iterations.is_some() {
+                start_it
+            } else {
+                start
+            },
+        )?;
+    }
     let o = &cfg.optimizer;
     let mut opt = sgd::Sgd::new(model.var_store(), o.lr, o.momentum, o.weight_decay);
     if (start > 0 || start_it > 0) && dir.join(CHECKPOINT_OPTIMIZER).exists() {
         opt.load(&dir.join(CHECKPOINT_OPTIMIZER))?;
+    }
+    if let Some(g) = &opts.group {
+        // Rank 0's weights are everyone's (as DDP's constructor does), whether fresh, loaded
+        // or resumed.
+        let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        g.broadcast_vars(&vars.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
+        opt.set_group(g.clone());
     }
     let teacher = match (&cfg.distill, &opts.teacher) {
         (Some(_), Some(w)) => {
@@ -306,6 +335,7 @@ pub fn train_on(
         metrics_path,
         norm: cfg.dataset.normalization(),
         out: Vec::new(),
+        leader,
     };
     match cfg.iterations {
         None => run.by_epochs(start)?,
@@ -315,7 +345,7 @@ pub fn train_on(
 }
 
 /// Running sums of the training loss and accuracy since the last metrics line.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Window {
     loss: f64,
     correct: i64,
@@ -340,21 +370,55 @@ struct Run<'a> {
     metrics_path: PathBuf,
     norm: Normalize,
     out: Vec<EpochMetrics>,
+    /// Single process, or rank 0: evaluates, writes and shows progress.
+    leader: bool,
 }
 
 impl<'a> Run<'a> {
     /// The training batches of `epoch` (borrowing the data set, not the run, so they stream
     /// while the run steps).
     fn batches(&self, epoch: usize) -> BatchIter<'a> {
+        let (rank, world) = self
+            .opts
+            .group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank, g.world));
         BatchIter::train(
             self.train_set,
-            self.cfg.batch_size,
+            self.cfg.batch_size / world,
             self.cfg.seed,
             epoch,
             self.cfg.dataset.augmentation(),
             self.norm.clone(),
             self.model.device(),
         )
+        .shard(self.cfg.seed, epoch, rank, world)
+    }
+
+    /// Data-parallel runs: `w` summed over the ranks, and a check that the ranks' weights
+    /// are still identical.
+    fn gather_window(&self, w: &Window) -> Result<Window> {
+        let Some(g) = &self.opts.group else {
+            return Ok(*w);
+        };
+        g.check_same(&self.opt.params(), "weights")?;
+        let t = Tensor::from_slice(&[
+            w.loss,
+            w.correct as f64,
+            w.counted as f64,
+            w.images as f64,
+            w.batches as f64,
+        ])
+        .to_device(self.model.device());
+        g.all_reduce_sum(&t)?;
+        let v = Vec::<f64>::try_from(t.to_device(Device::Cpu)).expect("f64 vector");
+        Ok(Window {
+            loss: v[0],
+            correct: v[1] as i64,
+            counted: v[2] as i64,
+            images: v[3] as usize,
+            batches: v[4] as usize,
+        })
     }
 
     /// One optimizer step on a batch at rate `lr`.
@@ -380,7 +444,7 @@ impl<'a> Run<'a> {
             }
             _ => ce,
         };
-        self.opt.backward_step(&loss);
+        self.opt.backward_step(&loss)?;
         let l = loss.double_value(&[]);
         if !l.is_finite() {
             return Err(Error::InvalidArgument(format!(
@@ -407,6 +471,11 @@ impl<'a> Run<'a> {
         t0: Instant,
         train_secs: f64,
     ) -> Result<()> {
+        let w = &self.gather_window(w)?;
+        if !self.leader {
+            // Rank 0 evaluates and writes; the others wait for it at the barrier.
+            return self.opts.group.as_ref().map_or(Ok(()), |g| g.barrier());
+        }
         let eval_bs = self.cfg.eval_batch_size.unwrap_or(self.cfg.batch_size);
         let test = evaluate(self.model, self.test_set, &self.norm, eval_bs)?;
         let m = EpochMetrics {
@@ -443,7 +512,10 @@ impl<'a> Run<'a> {
         let text = serde_json::to_string_pretty(&ck).expect("checkpoint");
         write_atomic(&dir.join(CHECKPOINT_JSON), text.as_bytes())?;
         self.out.push(m);
-        Ok(())
+        match &self.opts.group {
+            Some(g) => g.barrier(),
+            None => Ok(()),
+        }
     }
 
     fn by_epochs(&mut self, start: usize) -> Result<()> {
@@ -453,7 +525,7 @@ impl<'a> Run<'a> {
             let t0 = Instant::now();
             let it = self.batches(epoch);
             let bar = progress_bar(
-                self.opts.progress,
+                self.opts.progress && self.leader,
                 it.batches() as u64,
                 format!("epoch {}/{}", epoch + 1, cfg.epochs),
             );
@@ -484,7 +556,11 @@ impl<'a> Run<'a> {
         let cfg = self.cfg;
         let every = cfg.checkpoint_every.unwrap_or(1000).clamp(1, total);
         let per_epoch = self.batches(0).batches().max(1);
-        let bar = progress_bar(self.opts.progress, total as u64, "iterations".to_string());
+        let bar = progress_bar(
+            self.opts.progress && self.leader,
+            total as u64,
+            "iterations".to_string(),
+        );
         bar.set_position(start as u64);
         let mut it = start;
         let (mut w, mut t0) = (Window::default(), Instant::now());

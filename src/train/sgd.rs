@@ -1,8 +1,10 @@
 //! SGD with momentum and weight decay, PyTorch's update rule (d = g + wd p; b = m b + d, b = d
 //! on the first step; p -= lr b), written out so that its momentum buffers can be saved with a
 //! checkpoint: a resumed run then continues exactly where the killed one was.
+use crate::dist::{GradReducer, Group};
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::rc::Rc;
 use tch::{nn::VarStore, Tensor};
 
 pub struct Sgd {
@@ -12,6 +14,8 @@ pub struct Sgd {
     pub lr: f64,
     momentum: f64,
     weight_decay: f64,
+    /// Data-parallel runs: gradients are averaged over the ranks before the update.
+    reducer: Option<(Rc<Group>, GradReducer, Vec<Tensor>)>,
 }
 
 impl Sgd {
@@ -29,11 +33,25 @@ impl Sgd {
             lr,
             momentum,
             weight_decay,
+            reducer: None,
         }
     }
 
-    /// Clears the gradients, back-propagates `loss` and updates every variable.
-    pub fn backward_step(&mut self, loss: &Tensor) {
+    /// Averages the gradients over `group`'s ranks at every step (every rank must hold the
+    /// same variables, as built from the same configuration).
+    pub fn set_group(&mut self, group: Rc<Group>) {
+        let params = self.params();
+        self.reducer = Some((group, GradReducer::new(&params), params));
+    }
+
+    /// The trainable variables in update order (sorted by name).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
+    }
+
+    /// Clears the gradients, back-propagates `loss`, averages the gradients over the ranks of
+    /// a data-parallel run and updates every variable.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         for (_, p) in &self.params {
             let mut g = p.grad();
             if g.defined() {
@@ -41,6 +59,9 @@ impl Sgd {
             }
         }
         loss.backward();
+        if let Some((group, reducer, params)) = &self.reducer {
+            reducer.reduce(group, params)?;
+        }
         let _guard = tch::no_grad_guard();
         for ((_, p), buf) in self.params.iter().zip(self.bufs.iter_mut()) {
             let g = p.grad();
@@ -63,6 +84,7 @@ impl Sgd {
             let mut p = p.shallow_clone();
             p -= d * self.lr;
         }
+        Ok(())
     }
 
     /// Writes the momentum buffers (safetensors, by variable name) atomically.

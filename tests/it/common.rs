@@ -78,3 +78,20 @@ pub fn mixed_spec(model: &mut brelu::models::Model) {
         model.set_site_options(i, Some(opts)).unwrap();
     }
 }
+
+/// A tiny CIFAR-10 in the binary layout (5 train batches of 8 images, 16 test images).
+pub fn tiny_cifar10(dir: &Path) {
+    let batch = |n: usize, seed: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let label = ((i + seed) % 10) as u8;
+                std::iter::once(label)
+                    .chain((0..3072).map(move |k| ((k * 31 + i * 17 + seed * 7) % 251) as u8))
+            })
+            .collect()
+    };
+    for b in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(8, b)).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), batch(16, 0)).unwrap();
+}

@@ -13,6 +13,7 @@ const STAGES: &[&[&str]] = &[
     &["hash", "npy", "plot"],
     &["spec"],
     &["ops"],
+    &["dist"],
     &["models"],
     &["data"],
     &["train"],

@@ -4,6 +4,7 @@ mod common;
 
 mod block_relu;
 mod data;
+mod dist;
 mod distortion;
 mod knapsack;
 mod layers;

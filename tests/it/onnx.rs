@@ -165,23 +165,6 @@ fn export_round_trip_with_and_without_spec() {
     export_round_trip(&seg, &x, "deeplabv3-tiny with a mixed spec");
 }
 
-/// A tiny CIFAR-10 in the binary layout (5 train batches of 8 images, 16 test images).
-fn tiny_cifar10(dir: &std::path::Path) {
-    let batch = |n: usize, seed: usize| -> Vec<u8> {
-        (0..n)
-            .flat_map(|i| {
-                let label = ((i + seed) % 10) as u8;
-                std::iter::once(label)
-                    .chain((0..3072).map(move |k| ((k * 31 + i * 17 + seed * 7) % 251) as u8))
-            })
-            .collect()
-    };
-    for b in 1..=5 {
-        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(8, b)).unwrap();
-    }
-    std::fs::write(dir.join("test_batch.bin"), batch(16, 0)).unwrap();
-}
-
 /// The imported ResNet18 through the whole method: its weights from `brelu import onnx`,
 /// distortion, knapsack at 10%, a one-epoch fine-tune, evaluation and a secure run that
 /// agrees with plaintext.
@@ -190,7 +173,7 @@ fn imported_model_runs_the_pipeline() {
     let _rng = crate::common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    tiny_cifar10(dir);
+    crate::common::tiny_cifar10(dir);
     let weights = dir.join("imported.safetensors");
     let onnx = fixture("resnet18-w16.onnx");
     let (ok, out, err) = crate::common::brelu(&[

@@ -249,6 +249,7 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
         progress: false,
         spec: None,
         teacher: None,
+        group: None,
     };
 
     // Uninterrupted: 2 epochs.
@@ -368,6 +369,7 @@ fn distillation_runs_with_a_teacher_and_is_validated() {
         progress: false,
         spec: None,
         teacher,
+        group: None,
     };
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
     let e = train::train_on(&c, &mut m, &opts(None), &tr, &te).unwrap_err();
@@ -403,6 +405,7 @@ fn iteration_run_resumes_mid_epoch_bit_exact() {
         progress: false,
         spec: None,
         teacher: None,
+        group: None,
     };
     let a = tempfile::tempdir().unwrap();
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();

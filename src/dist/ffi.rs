@@ -1,0 +1,122 @@
+//! The one place where brelu calls its c10d shim (src/dist/shim.cpp, built by build.rs): a
+//! process-group handle and three collectives on tch tensors. Every call passes a buffer for
+//! the C++ exception text, which a non-zero return hands back as the error.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_long, c_void, CString};
+use std::time::Duration;
+use tch::Tensor;
+
+extern "C" {
+    fn brelu_pg_new(
+        addr: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: c_long,
+        nccl: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut c_void;
+    fn brelu_pg_free(g: *mut c_void);
+    fn brelu_pg_allreduce_sum(
+        g: *mut c_void,
+        t: *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn brelu_pg_broadcast(
+        g: *mut c_void,
+        t: *mut c_void,
+        root: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn brelu_pg_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+}
+
+const ERR_LEN: usize = 2048;
+
+fn message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).trim().to_string()
+}
+
+/// An owned c10d process group (store + backend), freed on drop.
+pub(super) struct Handle(*mut c_void);
+
+impl Handle {
+    pub(super) fn new(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        nccl: bool,
+    ) -> Result<Handle, String> {
+        let host =
+            CString::new(addr).map_err(|_| format!("MASTER_ADDR '{addr}' contains a NUL byte"))?;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: `host` is a NUL-terminated string alive for the call; `err` is a writable
+        // buffer of ERR_LEN bytes that the shim NUL-terminates; the shim returns null on error.
+        let g = unsafe {
+            brelu_pg_new(
+                host.as_ptr(),
+                port as c_int,
+                rank as c_int,
+                world as c_int,
+                timeout.as_millis().min(c_long::MAX as u128) as c_long,
+                nccl as c_int,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            )
+        };
+        if g.is_null() {
+            return Err(message(&err));
+        }
+        Ok(Handle(g))
+    }
+
+    fn call(&self, what: &str, f: impl FnOnce(*mut c_char) -> c_int) -> Result<(), String> {
+        let mut err = vec![0u8; ERR_LEN];
+        if f(err.as_mut_ptr().cast()) != 0 {
+            return Err(format!("{what}: {}", message(&err)));
+        }
+        Ok(())
+    }
+
+    /// In place: `t` becomes its elementwise sum over the ranks. It must be contiguous and
+    /// alike (shape, dtype, device) on every rank.
+    pub(super) fn all_reduce_sum(&self, t: &Tensor) -> Result<(), String> {
+        let p = t.as_ptr() as *mut c_void;
+        self.call("all-reduce", |err| {
+            // SAFETY: `self.0` is a live group; `p` is a valid `at::Tensor*` borrowed for the
+            // call (the shim copies the handle, sharing storage, and waits for the collective
+            // before returning); `err` holds ERR_LEN bytes.
+            unsafe { brelu_pg_allreduce_sum(self.0, p, err, ERR_LEN) }
+        })
+    }
+
+    /// In place: every rank's `t` becomes `root`'s.
+    pub(super) fn broadcast(&self, t: &Tensor, root: usize) -> Result<(), String> {
+        let p = t.as_ptr() as *mut c_void;
+        self.call("broadcast", |err| {
+            // SAFETY: as in `all_reduce_sum`.
+            unsafe { brelu_pg_broadcast(self.0, p, root as c_int, err, ERR_LEN) }
+        })
+    }
+
+    pub(super) fn barrier(&self) -> Result<(), String> {
+        self.call("barrier", |err| {
+            // SAFETY: `self.0` is a live group; `err` holds ERR_LEN bytes.
+            unsafe { brelu_pg_barrier(self.0, err, ERR_LEN) }
+        })
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `brelu_pg_new` and is freed exactly once, here.
+        unsafe { brelu_pg_free(self.0) }
+    }
+}

@@ -1,0 +1,312 @@
+//! Data-parallel runs on c10d (Gloo over 127.0.0.1): the collectives between two processes, two
+//! ranks training exactly like one process, a killed rank stopping the other, and a 2-rank run
+//! resumed in one process.
+//!
+//! The model is the imported torchvision ResNet18 fixture (width 16), whose batch norms the
+//! exporter folded into the convolutions: without batch-norm statistics, and with the
+//! augmentation off and 40 images (a multiple of the batch, so no padding), the mean of the two
+//! ranks' gradients is in theory the gradient of the mean loss over both ranks' images, which is
+//! what one process computes on the whole batch. Only the order of float sums differs, hence the
+//! tolerance of 1e-4 relative.
+use crate::common;
+use brelu::dist::{GradReducer, Group, Launch};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+/// Set in the test binary's own children that play one rank.
+const CHILD: &str = "BRELU_TEST_DIST_CHILD";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rank_env(cmd: &mut Command, rank: usize, world: usize, port: u16) {
+    cmd.env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("BRELU_DIST_TIMEOUT", "60")
+        // Two ranks on a small machine: one thread each, as torchrun's default.
+        .env("OMP_NUM_THREADS", "1");
+}
+
+/// Waits for `c` up to `limit`; kills it and fails after.
+fn wait(c: &mut Child, limit: Duration, what: &str) -> (bool, String) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = c.stderr.take() {
+                use std::io::Read;
+                e.read_to_string(&mut err).unwrap();
+            }
+            return (s.success(), err);
+        }
+        if t0.elapsed() > limit {
+            let _ = c.kill();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn collectives_between_two_processes() {
+    if std::env::var_os(CHILD).is_some() {
+        return collectives_rank();
+    }
+    let port = free_port();
+    let mut kids: Vec<Child> = (0..2)
+        .map(|r| {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "--exact",
+                "dist::collectives_between_two_processes",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+            rank_env(&mut c, r, 2, port);
+            c.spawn().unwrap()
+        })
+        .collect();
+    for (r, k) in kids.iter_mut().enumerate() {
+        let (ok, err) = wait(k, Duration::from_secs(120), &format!("rank {r}"));
+        assert!(ok, "rank {r} failed:\n{err}");
+    }
+}
+
+/// One rank of [`collectives_between_two_processes`]; a failed assertion fails the process.
+fn collectives_rank() {
+    let l = Launch::from_env().unwrap().expect("launcher variables");
+    let g = Group::join(&l, false, Duration::from_secs(60)).unwrap();
+    let r = g.rank as f32;
+    assert_eq!((g.world, g.is_leader()), (2, g.rank == 0));
+
+    let t = Tensor::from_slice(&[r + 1.0, 10.0 * (r + 1.0)]);
+    g.all_reduce_sum(&t).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [3.0, 30.0]);
+
+    let t = Tensor::from_slice(&[r, r, r]);
+    g.broadcast(&t, 1).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0; 3]);
+
+    // Gradients: rank r's loss is (r + 1) * sum(p), so the mean gradient is 1.5 everywhere; a
+    // parameter outside the loss keeps no gradient.
+    let p = Tensor::ones([3, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let unused = Tensor::ones([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    (&p * (r as f64 + 1.0)).sum(Kind::Float).backward();
+    let params = [p.shallow_clone(), unused.shallow_clone()];
+    GradReducer::new(&params).reduce(&g, &params).unwrap();
+    assert!(p
+        .grad()
+        .allclose(&p.ones_like().g_mul_scalar(1.5), 0.0, 0.0, false));
+    assert!(!unused.grad().defined());
+
+    // Variables of two dtypes become rank 0's; then they agree, and a difference is caught
+    // on the rank that differs.
+    let vars = [
+        Tensor::full([2, 2], (r + 5.0) as f64, (Kind::Float, tch::Device::Cpu)),
+        Tensor::full([3], g.rank as i64 * 7, (Kind::Int64, tch::Device::Cpu)),
+    ];
+    g.broadcast_vars(&vars).unwrap();
+    assert_eq!(Vec::<f32>::try_from(vars[0].view([-1])).unwrap(), [5.0; 4]);
+    assert_eq!(Vec::<i64>::try_from(&vars[1]).unwrap(), [0; 3]);
+    g.check_same(&vars, "variables").unwrap();
+    if g.rank == 1 {
+        let _ = vars[0].shallow_clone().get(0).get(1).fill_(5.5);
+    }
+    let e = g.check_same(&vars, "variables");
+    assert_eq!(e.is_err(), g.rank == 1, "{e:?}");
+    if let Err(e) = e {
+        assert!(e.to_string().contains("differ from rank 0's"), "{e}");
+    }
+    g.barrier().unwrap();
+}
+
+/// The BN-free ResNet18 on a tiny CIFAR-10 without augmentation; `run` is "iterations = 4\n
+/// checkpoint_every = 1" or "epochs = N".
+fn setup(dir: &Path, run: &str) -> PathBuf {
+    common::tiny_cifar10(dir);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/resnet18-w16.onnx");
+    let cfg = dir.join("ddp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"onnx:{}\"\nnum_classes = 10\ninput = [3, 32, 32]\n{run}\nbatch_size = 8\n\
+             seed = 5\n[dataset]\nkind = \"cifar10\"\npath = \"{}\"\naugment = {{ pad = 0, flip = false }}\n\
+             [optimizer]\nlr = 0.02\nmomentum = 0.9\nweight_decay = 1e-4\n[schedule]\nkind = \"cosine\"\n",
+            model.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn train_cmd(cfg: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(common::brelu_exe());
+    c.args(["train", "-c"])
+        .arg(cfg)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `train` in `world` ranks (1: a plain process) and waits for all.
+fn train(world: usize, cfg: &Path, out: &Path, extra: &[&str]) {
+    let port = free_port();
+    let mut kids: Vec<Child> = (0..world)
+        .map(|r| {
+            let mut c = train_cmd(cfg, out, extra);
+            if world > 1 {
+                rank_env(&mut c, r, world, port);
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    for (r, k) in kids.iter_mut().enumerate() {
+        let (ok, err) = wait(k, Duration::from_secs(300), &format!("rank {r}"));
+        assert!(ok, "rank {r} of {world} failed:\n{err}");
+    }
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(brelu::train::METRICS))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Largest |a - b| over all tensors, relative to the largest |a|.
+fn weights_gap(a: &Path, b: &Path) -> f64 {
+    let load = |p: &Path| {
+        let mut v = Tensor::read_safetensors(p.join(brelu::train::CHECKPOINT_WEIGHTS)).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (wa, wb) = (load(a), load(b));
+    assert_eq!(wa.len(), wb.len());
+    let (mut gap, mut scale) = (0f64, 0f64);
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let ta = ta.to_kind(Kind::Double);
+        gap = gap.max(
+            (&ta - tb.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]),
+        );
+        scale = scale.max(ta.abs().max().double_value(&[]));
+    }
+    gap / scale
+}
+
+fn assert_close(a: f64, b: f64, what: &str) {
+    assert!(
+        (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1e-3),
+        "{what}: {a} vs {b}"
+    );
+}
+
+/// Two ranks with batch 4 each step like one process with batch 8: the same loss at every
+/// step, and the same weights at the end. The ranks' weights are compared after every step
+/// by the run itself (a checkpoint every iteration checks them bit for bit, and a difference
+/// fails the run, as `collectives_between_two_processes` shows).
+#[test]
+fn two_ranks_train_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), "iterations = 4\ncheckpoint_every = 1");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    train(1, &cfg, &one, &[]);
+    train(2, &cfg, &two, &[]);
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!((m1.len(), m2.len()), (4, 4));
+    for (a, b) in m1.iter().zip(&m2) {
+        assert_eq!(a["iteration"], b["iteration"]);
+        let it = a["iteration"].as_u64().unwrap();
+        assert_close(
+            a["train_loss"].as_f64().unwrap(),
+            b["train_loss"].as_f64().unwrap(),
+            &format!("training loss at iteration {it}"),
+        );
+        assert_close(
+            a["test"]["loss"].as_f64().unwrap(),
+            b["test"]["loss"].as_f64().unwrap(),
+            &format!("test loss after iteration {it}"),
+        );
+    }
+    let gap = weights_gap(&one, &two);
+    assert!(gap <= 1e-4, "weights differ by {gap} of their scale");
+}
+
+#[test]
+fn a_killed_rank_stops_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), "iterations = 100000\ncheckpoint_every = 2");
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let mut kids: Vec<Child> = (0..2)
+        .map(|r| {
+            let mut c = train_cmd(&cfg, &out, &[]);
+            rank_env(&mut c, r, 2, port);
+            c.spawn().unwrap()
+        })
+        .collect();
+    // Mid-run: once rank 0 has written its first checkpoint.
+    let t0 = Instant::now();
+    while !out.join(brelu::train::METRICS).exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kids[1].kill().unwrap();
+    let _ = kids[1].wait();
+    let killed = Instant::now();
+    let (ok, err) = wait(&mut kids[0], Duration::from_secs(60), "rank 0");
+    assert!(!ok, "rank 0 succeeded although rank 1 was killed");
+    assert!(err.contains("distributed"), "{err}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(60),
+        "rank 0 took {:?}",
+        killed.elapsed()
+    );
+}
+
+/// A 2-rank run stopped after epoch 1 and resumed in one process continues at epoch 2 from the
+/// 2-rank weights, and ends where a 1-process run of 2 epochs ends.
+#[test]
+fn two_rank_run_resumes_in_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), "epochs = 2");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    train(2, &cfg, &a, &["--epochs", "1"]);
+    let first = metrics(&a);
+    assert_eq!(first.len(), 1);
+    train(1, &cfg, &a, &["--epochs", "2", "--resume"]);
+    let resumed = metrics(&a);
+    assert_eq!(resumed.len(), 2);
+    assert_eq!(resumed[0], first[0], "the 2-rank epoch's line is kept");
+    assert_eq!(resumed[1]["epoch"], 2);
+    train(1, &cfg, &b, &["--epochs", "2"]);
+    let direct = metrics(&b);
+    assert_close(
+        resumed[1]["train_loss"].as_f64().unwrap(),
+        direct[1]["train_loss"].as_f64().unwrap(),
+        "epoch 2 training loss",
+    );
+    let gap = weights_gap(&a, &b);
+    assert!(gap <= 1e-4, "weights differ by {gap} of their scale");
+}
