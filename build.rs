@@ -71,9 +71,11 @@ fn compile_shim(manifest: &Path, libtorch: &Path) {
             .map(|bin| bin.join("../include"))
             .filter(|d| d.join("cuda_runtime.h").is_file())
             .unwrap_or_else(|| PathBuf::from("/usr/local/cuda/include"));
+        // NCCL and the CUDA library headers (cuBLAS, cuSPARSE, cuSOLVER, CCCL) that libtorch's
+        // ATen/cuda headers include.
         let nccl = env::var("NCCL_INCLUDE")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| manifest.join(".nccl/nvidia/nccl/include"));
+            .unwrap_or_else(|_| manifest.join(".cuda-headers/include"));
         if !nccl.join("nccl.h").is_file() {
             panic!(
                 "the `cuda` feature builds the NCCL process group, but {} has no nccl.h: run \

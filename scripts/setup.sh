@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs libtorch (from the PyPI torch wheel) into .libtorch/ once; a second run does nothing.
 # Usage: scripts/setup.sh            (libtorch and the gloo headers for CPU builds)
-#        scripts/setup.sh nvcc       (also nvcc 13.0 and NCCL into .nvcc/, for `--features cuda`)
+#        scripts/setup.sh nvcc       (also nvcc 13.0 into .nvcc/ and the NCCL headers into
+#                                     .cuda-headers/, for `--features cuda`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,13 +70,37 @@ if [ "${1:-}" = "nvcc" ]; then
       "nvidia-cuda-runtime==13.0.96"
     touch "$NSTAMP"
   fi
-  # NCCL's headers for the shim's ProcessGroupNCCL: the version torch 2.11 requires.
-  CSTAMP=".nccl/.stamp-2.28.9"
+  # Headers for the shim's ProcessGroupNCCL (compiled, never linked against: libtorch_cuda
+  # brings the libraries): NCCL at the version torch 2.11 requires, and the CUDA library
+  # headers libtorch's ATen/cuda headers include, at the versions of torch's cuda-toolkit 13.0.2
+  # pin. Only include/ is kept from each wheel.
+  HEADERS="nvidia-nccl-cu13==2.28.9 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.1.0.3 \
+nvidia-cusparse==12.6.3.3 nvidia-cusolver==12.0.4.66"
+  CSTAMP=".cuda-headers/.stamp-$(echo "$HEADERS" | sha256sum | cut -c1-16)"
   if [ ! -f "$CSTAMP" ] && [ -z "${NCCL_INCLUDE:-}" ]; then
-    echo "setup: installing NCCL 2.28.9 headers (nvidia-nccl-cu13) into .nccl" >&2
-    rm -rf .nccl
-    "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check --no-deps --target .nccl \
-      "nvidia-nccl-cu13==2.28.9"
+    need_pip "$HEADERS"
+    echo "setup: fetching NCCL and CUDA library headers into .cuda-headers" >&2
+    rm -rf .cuda-headers.tmp && mkdir -p .cuda-headers.tmp/wheels
+    # shellcheck disable=SC2086
+    "${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --no-deps \
+      -d .cuda-headers.tmp/wheels $HEADERS
+    "${PYTHON:-python3}" - .cuda-headers.tmp <<'PY'
+import glob, os, sys, zipfile
+root = sys.argv[1]
+for whl in glob.glob(os.path.join(root, "wheels", "*.whl")):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            # nvidia/<lib>/include/<header> -> include/<header>
+            parts = name.split("/")
+            if "include" in parts[:-1] and not name.endswith("/"):
+                rel = parts[parts.index("include") + 1:]
+                out = os.path.join(root, "include", *rel)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with z.open(name) as src, open(out, "wb") as dst:
+                    dst.write(src.read())
+PY
+    rm -rf .cuda-headers.tmp/wheels .cuda-headers
+    mv .cuda-headers.tmp .cuda-headers
     touch "$CSTAMP"
   fi
 fi

@@ -93,12 +93,14 @@ pub struct ExtractArgs {
     /// Patch-size catalog (JSON; default: the built-in one).
     #[arg(long)]
     pub catalog: Option<PathBuf>,
-    /// Run only shard i of n (0-based), e.g. 2/8. Without it the shard index comes from
-    /// SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX when set.
+    /// Run only shard i of n (0-based), e.g. 2/8. Without it the shard comes from the
+    /// environment, first found of: SLURM_ARRAY_TASK_ID (array jobs), JOB_COMPLETION_INDEX
+    /// (Kubernetes indexed jobs), RANK / WORLD_SIZE (torchrun), SLURM_PROCID / SLURM_NTASKS
+    /// (srun with several tasks).
     #[arg(long)]
     pub shard: Option<Shard>,
-    /// Shard count when the index comes from the environment (default for SLURM:
-    /// SLURM_ARRAY_TASK_COUNT).
+    /// Shard count when the index comes from the environment (default: SLURM_ARRAY_TASK_COUNT,
+    /// WORLD_SIZE or SLURM_NTASKS).
     #[arg(long)]
     pub shard_count: Option<usize>,
     /// Devices, one worker each: cpu (default), cuda:0,cuda:1, ...
@@ -215,6 +217,11 @@ fn resolve_shard(a: &ExtractArgs) -> Result<(Shard, Option<&'static str>)> {
         (id.saturating_sub(min), count, "SLURM_ARRAY_TASK_ID")
     } else if let Some(id) = env_u("JOB_COMPLETION_INDEX")? {
         (id, a.shard_count, "JOB_COMPLETION_INDEX")
+    } else if let (Some(r), Some(w)) = (env_u("RANK")?, env_u("WORLD_SIZE")?) {
+        // torchrun: the launcher script of a data-parallel fine-tune serves this stage too.
+        (r, Some(a.shard_count.unwrap_or(w)), "RANK")
+    } else if let (Some(r), Some(w @ 2..)) = (env_u("SLURM_PROCID")?, env_u("SLURM_NTASKS")?) {
+        (r, Some(a.shard_count.unwrap_or(w)), "SLURM_PROCID")
     } else {
         return Ok((Shard::ALL, None));
     };

@@ -1,6 +1,7 @@
 //! The `brelu` command line: argument definitions and one function per subcommand. Library
 //! errors get context here; `main` prints the chain and sets the exit code.
 mod additivity;
+mod bench;
 mod distortion;
 mod interop;
 mod knapsack;
@@ -63,6 +64,10 @@ pub enum Command {
     /// The whole method in one resumable run: baseline, distortion, knapsack and uniform
     /// baselines per budget, fine-tune, evaluate, secure inference, report.md with plots.
     Pipeline(pipeline::PipelineArgs),
+    /// Measure the scale-out machinery here: all-reduce over launched ranks, loader
+    /// throughput, loader/compute overlap (JSON, see docs/cluster.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// A model and the input size it runs at.
@@ -105,6 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import(c) => interop::import(c),
         Command::Export(c) => interop::export(c),
         Command::Pipeline(a) => pipeline::run(a),
+        Command::Bench(c) => bench::run(c),
     }
 }
 

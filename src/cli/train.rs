@@ -46,6 +46,13 @@ pub struct TrainArgs {
     /// starting weights, i.e. the original network).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
+    /// Threads decoding and augmenting images of class-folder and segmentation sets (0: one
+    /// per core). The batches do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Batches decoded ahead of the training step.
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub prefetch: usize,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +156,13 @@ fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
         .with_context(|| format!("loading spec {}", path.display()))
 }
 
+fn loader_options(a: &TrainArgs) -> crate::data::LoaderOptions {
+    crate::data::LoaderOptions {
+        workers: a.workers,
+        prefetch: a.prefetch,
+    }
+}
+
 /// The device and, under a launcher (torchrun or Slurm variables), the process group: Gloo on
 /// the CPU, NCCL on CUDA, where `--device cuda` means `cuda:LOCAL_RANK`.
 fn device_and_group(device: Option<&str>) -> Result<(tch::Device, Option<Rc<Group>>)> {
@@ -203,6 +217,7 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         spec: spec.map(Path::to_path_buf),
         teacher: a.teacher.clone().or_else(|| weights.map(Path::to_path_buf)),
         group,
+        loader: loader_options(a),
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;

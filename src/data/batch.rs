@@ -253,6 +253,100 @@ impl<'a> BatchIter<'a> {
     }
 }
 
+impl<'a> BatchIter<'a> {
+    /// The next batch's images and how to transform them, drawing its random numbers now (so
+    /// decoding may happen later, elsewhere, in any order). In-memory sets are augmented here.
+    pub(super) fn next_job(&mut self) -> Option<crate::error::Result<Job>> {
+        if self.pos >= self.order.len() {
+            return None;
+        }
+        let end = (self.pos + self.batch_size).min(self.order.len());
+        let ids = self.order[self.pos..end].to_vec();
+        self.pos = end;
+        if self.data.seg.is_some() {
+            let t = match &mut self.seg_rng {
+                Some(rng) => ids
+                    .iter()
+                    .map(|_| super::seg::Transform::Train(draw_seed(rng, self.draw)))
+                    .collect(),
+                None => vec![super::seg::Transform::Fixed; ids.len()],
+            };
+            return Some(Ok(Job::Seg { ids, t }));
+        }
+        if self.data.folder.is_some() {
+            // Class folders are augmented while decoding (random-resized-crop + flip), one seed
+            // per image drawn in order so the batch is reproducible.
+            let t = match &mut self.augment {
+                Some((_, rng)) => ids
+                    .iter()
+                    .map(|_| super::folder::Transform::Train(draw_seed(rng, self.draw)))
+                    .collect(),
+                None => vec![super::folder::Transform::Eval; ids.len()],
+            };
+            return Some(Ok(Job::Folder { ids, t }));
+        }
+        let x = self.data.select(&ids).map(|x| match &mut self.augment {
+            Some((a, rng)) => a.apply(&x, rng),
+            None => x,
+        });
+        let y = self.data.labels.index_select(0, &Tensor::from_slice(&ids));
+        Some(x.map(|x| Job::Ready { x, y }))
+    }
+
+    pub(super) fn device(&self) -> Device {
+        self.device
+    }
+
+    pub(super) fn normalize(&self) -> &Normalize {
+        &self.normalize
+    }
+
+    pub(super) fn data(&self) -> &'a Dataset {
+        self.data
+    }
+}
+
+/// One batch to produce: file-backed sets name their images and transforms (decoded by
+/// [`Job::decode`], on any thread); in-memory sets are ready.
+pub(super) enum Job {
+    Seg {
+        ids: Vec<i64>,
+        t: Vec<super::seg::Transform>,
+    },
+    Folder {
+        ids: Vec<i64>,
+        t: Vec<super::folder::Transform>,
+    },
+    Ready {
+        x: Tensor,
+        y: Tensor,
+    },
+}
+
+impl Job {
+    /// (u8 images [B, C, H, W], i64 labels [B] or masks [B, H, W]) on the CPU.
+    pub(super) fn decode(
+        self,
+        folder: Option<&super::folder::FolderSet>,
+        seg: Option<&super::seg::SegSet>,
+    ) -> crate::error::Result<(Tensor, Tensor)> {
+        match self {
+            Job::Seg { ids, t } => seg.expect("a segmentation set").decode_batch(&ids, &t),
+            Job::Folder { ids, t } => {
+                let f = folder.expect("a class-folder set");
+                let b = f.decode_batch(&ids, &t)?;
+                let s = f.side as i64;
+                let y: Vec<i64> = ids.iter().map(|&i| f.labels[i as usize]).collect();
+                Ok((
+                    Tensor::from_slice(&b).view([ids.len() as i64, 3, s, s]),
+                    Tensor::from_slice(&y),
+                ))
+            }
+            Job::Ready { x, y } => Ok((x, y.to_kind(Kind::Int64))),
+        }
+    }
+}
+
 impl Iterator for BatchIter<'_> {
     /// (images float32 [B, C, H, W] normalised, labels i64 [B] or masks i64 [B, H, W] for
     /// segmentation), on the device; an error when an image of a class-folder or segmentation
@@ -260,56 +354,19 @@ impl Iterator for BatchIter<'_> {
     type Item = crate::error::Result<(Tensor, Tensor)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.pos >= self.order.len() {
-            return None;
-        }
-        let end = (self.pos + self.batch_size).min(self.order.len());
-        let ids = &self.order[self.pos..end];
-        let idx = Tensor::from_slice(ids);
-        self.pos = end;
-        if let Some(s) = &self.data.seg {
-            // Segmentation: the label of a batch is its masks, i64 [B, H, W].
-            let t: Vec<_> = match &mut self.seg_rng {
-                Some(rng) => ids
-                    .iter()
-                    .map(|_| super::seg::Transform::Train(draw_seed(rng, self.draw)))
-                    .collect(),
-                None => vec![super::seg::Transform::Fixed; ids.len()],
-            };
-            return Some(s.decode_batch(ids, &t).map(|(x, y)| {
-                (
-                    self.normalize.apply(&x.to_device(self.device)),
-                    y.to_device(self.device),
-                )
-            }));
-        }
-        let x = match (&self.data.folder, &mut self.augment) {
-            // Class folders are augmented while decoding (random-resized-crop + flip), one
-            // seed per image drawn in order so the batch is reproducible.
-            (Some(f), Some((_, rng))) => {
-                let t: Vec<_> = ids
-                    .iter()
-                    .map(|_| super::folder::Transform::Train(draw_seed(rng, self.draw)))
-                    .collect();
-                f.decode_batch(ids, &t).map(|b| {
-                    let s = f.side as i64;
-                    Tensor::from_slice(&b).view([ids.len() as i64, 3, s, s])
-                })
-            }
-            (_, Some((a, rng))) => self.data.select(ids).map(|x| a.apply(&x, rng)),
-            (_, None) => self.data.select(ids),
-        };
-        let x = match x {
-            Ok(x) => x,
+        let job = match self.next_job()? {
+            Ok(j) => j,
             Err(e) => return Some(Err(e)),
         };
-        let x = self.normalize.apply(&x.to_device(self.device));
-        let y = self
-            .data
-            .labels
-            .index_select(0, &idx)
-            .to_kind(Kind::Int64)
-            .to_device(self.device);
-        Some(Ok((x, y)))
+        let data = self.data;
+        Some(
+            job.decode(data.folder.as_deref(), data.seg.as_deref())
+                .map(|(x, y)| {
+                    (
+                        self.normalize.apply(&x.to_device(self.device)),
+                        y.to_device(self.device),
+                    )
+                }),
+        )
     }
 }

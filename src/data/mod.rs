@@ -2,17 +2,19 @@
 //! and the CIFAR binary layout ([`cifar`]), held in memory (at most ~180 MB, one u8 tensor
 //! [N, C, H, W]); ImageNet-style class folders ([`folder`]), of which only the file list is held
 //! and images are decoded per batch; per-channel normalisation, seeded augmentation and batch
-//! iteration ([`batch`]); semantic segmentation sets (ADE20K, Pascal VOC) streamed per batch
+//! iteration ([`batch`]), decoded ahead on worker threads ([`loader`]); semantic segmentation sets (ADE20K, Pascal VOC) streamed per batch
 //! ([`seg`]); the `[dataset]` configuration, split loading and normalisation ([`config`]).
 pub mod batch;
 pub mod cifar;
 pub mod config;
 pub mod folder;
 pub mod idx;
+pub mod loader;
 pub mod seg;
 
 pub use batch::{Augment, BatchIter, Rng};
 pub use config::{normalization, DatasetConfig, Source};
+pub use loader::{LoaderOptions, Prefetched};
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};

@@ -77,6 +77,7 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
                 spec: None,
                 teacher: None,
                 group: None,
+                loader: Default::default(),
             };
             train::train(base_cfg, &mut model, &opts)?;
         }
@@ -266,6 +267,7 @@ fn finetune(
             // With `[distill]` in the fine-tune recipe: the original network.
             teacher: Some(base.weights.clone()),
             group: None,
+            loader: Default::default(),
         };
         train::train(ft_cfg, &mut m, &opts)?;
         file_hash(&w)

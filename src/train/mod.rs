@@ -112,7 +112,8 @@ pub fn evaluate(
     let _g = tch::no_grad_guard();
     let k = 5.min(data.num_classes) as i64;
     let (mut loss, mut c1, mut c5, mut n) = (0f64, 0i64, 0i64, 0usize);
-    for b in BatchIter::eval(data, batch_size, normalize.clone(), model.device()) {
+    let batches = BatchIter::eval(data, batch_size, normalize.clone(), model.device());
+    for b in batches.prefetch(data::LoaderOptions::default())? {
         let (x, y) = b?;
         let b = y.size()[0];
         let logits = model.forward_t(&x, false);
@@ -186,6 +187,8 @@ pub struct TrainOptions {
     /// averaged, so a step sees `batch_size` images in all, as in one process; rank 0 alone
     /// evaluates and writes the run directory.
     pub group: Option<Rc<Group>>,
+    /// Decoding threads and batches decoded ahead (class-folder and segmentation sets).
+    pub loader: data::LoaderOptions,
 }
 
 /// The distillation term alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
@@ -531,7 +534,7 @@ impl<'a> Run<'a> {
             );
             let mut w = Window::default();
             let batches = it.batches();
-            for (i, b) in it.enumerate() {
+            for (i, b) in it.prefetch(self.opts.loader)?.enumerate() {
                 let (x, y) = b?;
                 let lr_b = lr_for_batch(
                     &cfg.schedule,
@@ -568,7 +571,7 @@ impl<'a> Run<'a> {
             let epoch = it / per_epoch;
             let mut batches = self.batches(epoch);
             batches.skip_batches(it % per_epoch);
-            for b in batches.take(total - it) {
+            for b in batches.prefetch(self.opts.loader)?.take(total - it) {
                 let (x, y) = b?;
                 let lr = lr_at_iteration(&cfg.schedule, cfg.optimizer.lr, it, total);
                 self.step(&x, &y, lr, &mut w, &format!("iteration {}", it + 1))?;

@@ -328,3 +328,73 @@ fn real_fashion_mnist_when_installed() {
         "{s:?}"
     );
 }
+
+/// The loader (`BatchIter::prefetch`) gives the batches of the plain iterator for 1, 2 and 4
+/// decoding threads and any queue depth, on a class-folder set of JPEGs of varied sizes; and
+/// two ranks' shards of an epoch, batch by batch, are the single-process batches of twice the
+/// size (same images, same random-resized crops and flips).
+#[test]
+fn loader_batches_do_not_depend_on_workers_and_shards_partition_the_epoch() {
+    use brelu::data::LoaderOptions;
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for i in 0..24u32 {
+        let class = ["a", "b", "c"][i as usize % 3];
+        write_image(
+            &r.join(format!("train/{class}/{i}.jpg")),
+            40 + 7 * i,
+            30 + 5 * (i % 6),
+            (i % 3) as u8,
+        );
+    }
+    let train = data::load_sized(DatasetKind::Imagenet, r, Split::Train, [3, 16, 16], 3).unwrap();
+    let norm = normalization(DatasetKind::Imagenet);
+    let aug = Some(Augment { pad: 0, flip: true });
+    let dev = tch::Device::Cpu;
+    let it = |bs: usize| BatchIter::train(&train, bs, 11, 2, aug, norm.clone(), dev);
+    let plain: Vec<_> = it(4).map(|b| b.unwrap()).collect();
+    assert_eq!(plain.len(), 6);
+    for (workers, prefetch) in [(1, 1), (2, 2), (4, 3)] {
+        let got: Vec<_> = it(4)
+            .prefetch(LoaderOptions { workers, prefetch })
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        assert_eq!(got.len(), plain.len());
+        for (k, ((x, y), (px, py))) in got.iter().zip(&plain).enumerate() {
+            assert!(
+                x.equal(px) && y.equal(py),
+                "batch {k} differs with {workers} workers"
+            );
+        }
+    }
+    // Stopping early ends the background thread (the test would hang otherwise).
+    let mut early = it(4)
+        .prefetch(LoaderOptions {
+            workers: 2,
+            prefetch: 1,
+        })
+        .unwrap();
+    assert!(early.next().is_some());
+    drop(early);
+
+    // Two ranks with batch 2 each: together, batch k is the single process's batch k of 4.
+    let ranks: Vec<Vec<_>> = (0..2)
+        .map(|rank| {
+            it(2)
+                .shard(11, 2, rank, 2)
+                .prefetch(LoaderOptions::default())
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect()
+        })
+        .collect();
+    for (k, (px, py)) in plain.iter().enumerate() {
+        let (x0, y0) = &ranks[0][k];
+        let (x1, y1) = &ranks[1][k];
+        // DistributedSampler's interleaving: rank r holds positions r, r + 2, ...
+        let x = tch::Tensor::stack(&[x0.get(0), x1.get(0), x0.get(1), x1.get(1)], 0);
+        let y = tch::Tensor::stack(&[y0.get(0), y1.get(0), y0.get(1), y1.get(1)], 0);
+        assert!(x.equal(px) && y.equal(py), "sharded batch {k} differs");
+    }
+}

@@ -555,6 +555,30 @@ fn cli_extract_killed_and_resumed_equals_uninterrupted_and_feeds_the_knapsack() 
         );
     }
 
+    // Shards from torchrun's RANK / WORLD_SIZE (two processes, one after the other): the
+    // second collects, and the tables are the uninterrupted run's.
+    let c = tmp.path().join("c");
+    let args_c = with_out(c.to_str().unwrap());
+    let args_c: Vec<&str> = args_c.iter().map(String::as_str).collect();
+    for rank in ["0", "1"] {
+        let out = brelu_cmd(&args_c)
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "rank {rank}: {err}");
+        assert!(err.contains("RANK"), "the shard's source is named: {err}");
+    }
+    assert!(c.join("shards/0-of-2.json").exists() && c.join("shards/1-of-2.json").exists());
+    for f in ["stem.npy", "layer2_1_2.npy", "manifest.json"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(c.join(f)).unwrap(),
+            "{f} differs between the RANK shards and one process"
+        );
+    }
+
     // A shard refused for a different seed, with the field named.
     let mut other = args_b.clone();
     other.extend(["--seed", "9"]);

@@ -250,6 +250,7 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
         spec: None,
         teacher: None,
         group: None,
+        loader: Default::default(),
     };
 
     // Uninterrupted: 2 epochs.
@@ -370,6 +371,7 @@ fn distillation_runs_with_a_teacher_and_is_validated() {
         spec: None,
         teacher,
         group: None,
+        loader: Default::default(),
     };
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
     let e = train::train_on(&c, &mut m, &opts(None), &tr, &te).unwrap_err();
@@ -406,6 +408,7 @@ fn iteration_run_resumes_mid_epoch_bit_exact() {
         spec: None,
         teacher: None,
         group: None,
+        loader: Default::default(),
     };
     let a = tempfile::tempdir().unwrap();
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
