@@ -19,7 +19,7 @@ cargo build --release --quiet
 [ -d "$ROOT/train" ] || "$PY" scripts/make_jpeg_folder.py "$ROOT"
 cat > "$ROOT/bench.toml" <<TOML
 model = "resnet18-cifar-light"
-num_classes = 10
+num_classes = 1000
 input = [3, 224, 224]
 epochs = 1
 batch_size = 64

@@ -5,7 +5,6 @@
 //! the output and a center crop for evaluation.
 use super::{Rng, Split};
 use crate::error::{Error, Result};
-use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -110,62 +109,97 @@ pub enum Transform {
     Train(u64),
 }
 
-/// Decodes one file to RGB u8, channel-major [3, side, side].
+/// Decodes one file to RGB u8, channel-major [3, side, side]. Resizing is a bilinear
+/// convolution over the crop box (antialiased when shrinking, like PIL's, which torchvision
+/// uses), by `fast_image_resize` with the processor's SIMD.
 pub fn decode(path: &Path, side: usize, t: Transform) -> Result<Vec<u8>> {
     let img = image::open(path)
         .map_err(|e| Error::data(path, format!("cannot decode the image: {e}")))?
-        .to_rgb8();
+        .into_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let s = side as u32;
-    let out = match t {
+    let (rect, flip) = match t {
         Transform::Eval => {
+            // The short side resized to side * 256 / 224, then a centered side x side crop,
+            // as a box in source pixels.
             let short = (side * 256).div_ceil(224);
             let (nw, nh) = if w <= h {
                 (short, (h * short).div_ceil(w))
             } else {
                 ((w * short).div_ceil(h), short)
             };
-            let r = image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle);
+            let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
             let (x0, y0) = ((nw - side) / 2, (nh - side) / 2);
-            image::imageops::crop_imm(&r, x0 as u32, y0 as u32, s, s).to_image()
+            let r = [
+                x0 as f64 * sx,
+                y0 as f64 * sy,
+                side as f64 * sx,
+                side as f64 * sy,
+            ];
+            (r, false)
         }
         Transform::Train(seed) => {
             let mut rng = Rng::new(seed);
-            let area = (w * h) as f64;
-            let mut rect = None;
-            for _ in 0..10 {
-                let target = area * (0.08 + 0.92 * rng.uniform());
-                let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
-                let ratio = (lo + (hi - lo) * rng.uniform()).exp();
-                let cw = (target * ratio).sqrt().round() as usize;
-                let ch = (target / ratio).sqrt().round() as usize;
-                if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
-                    let x0 = rng.below((w - cw + 1) as u64) as usize;
-                    let y0 = rng.below((h - ch + 1) as u64) as usize;
-                    rect = Some((x0, y0, cw, ch));
-                    break;
-                }
-            }
-            let (x0, y0, cw, ch) = rect.unwrap_or_else(|| {
-                let m = w.min(h);
-                ((w - m) / 2, (h - m) / 2, m, m)
-            });
-            let c = image::imageops::crop_imm(&img, x0 as u32, y0 as u32, cw as u32, ch as u32)
-                .to_image();
-            let mut r = image::imageops::resize(&c, s, s, FilterType::Triangle);
-            if rng.next_u64() & 1 == 1 {
-                image::imageops::flip_horizontal_in_place(&mut r);
-            }
-            r
+            let (x0, y0, cw, ch) = random_resized_crop(w, h, &mut rng);
+            let r = [x0 as f64, y0 as f64, cw as f64, ch as f64];
+            (r, rng.next_u64() & 1 == 1)
         }
     };
+    let hwc = resize_box(&img, rect, side).map_err(|e| Error::data(path, e))?;
     let mut chw = vec![0u8; 3 * side * side];
-    for (i, p) in out.pixels().enumerate() {
-        for k in 0..3 {
-            chw[k * side * side + i] = p.0[k];
+    for y in 0..side {
+        for x in 0..side {
+            let sx = if flip { side - 1 - x } else { x };
+            let p = &hwc[(y * side + sx) * 3..][..3];
+            for k in 0..3 {
+                chw[k * side * side + y * side + x] = p[k];
+            }
         }
     }
     Ok(chw)
+}
+
+/// torchvision's RandomResizedCrop box (scale 0.08-1, aspect 3/4-4/3, 10 tries, then the
+/// centered square): (x0, y0, width, height).
+fn random_resized_crop(w: usize, h: usize, rng: &mut Rng) -> (usize, usize, usize, usize) {
+    let area = (w * h) as f64;
+    for _ in 0..10 {
+        let target = area * (0.08 + 0.92 * rng.uniform());
+        let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+        let ratio = (lo + (hi - lo) * rng.uniform()).exp();
+        let cw = (target * ratio).sqrt().round() as usize;
+        let ch = (target / ratio).sqrt().round() as usize;
+        if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
+            let x0 = rng.below((w - cw + 1) as u64) as usize;
+            let y0 = rng.below((h - ch + 1) as u64) as usize;
+            return (x0, y0, cw, ch);
+        }
+    }
+    let m = w.min(h);
+    ((w - m) / 2, (h - m) / 2, m, m)
+}
+
+/// The box [left, top, width, height] (source pixels) of `img` resized to side x side, RGB
+/// row-major.
+fn resize_box(
+    img: &image::RgbImage,
+    rect: [f64; 4],
+    side: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    use fast_image_resize as fr;
+    thread_local! {
+        static RESIZER: std::cell::RefCell<fr::Resizer> = std::cell::RefCell::new(fr::Resizer::new());
+    }
+    let src =
+        fr::images::ImageRef::new(img.width(), img.height(), img.as_raw(), fr::PixelType::U8x3)
+            .map_err(|e| format!("cannot resize: {e}"))?;
+    let mut dst = fr::images::Image::new(side as u32, side as u32, fr::PixelType::U8x3);
+    let o = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+        .crop(rect[0], rect[1], rect[2], rect[3]);
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&src, &mut dst, &o))
+        .map_err(|e| format!("cannot resize: {e}"))?;
+    Ok(dst.into_vec())
 }
 
 impl FolderSet {

@@ -68,10 +68,13 @@ impl<'a> BatchIter<'a> {
             .name("brelu-loader".into())
             .spawn(move || {
                 for job in jobs {
-                    let b = pool.install(|| job.decode(folder.as_deref(), seg.as_deref()));
-                    let b = b.map(|(x, y)| match &cpu_norm {
-                        Some(n) => (n.apply(&x), y),
-                        None => (x.pin_memory(device), y.pin_memory(device)),
+                    // Decoding and the CPU's normalisation both run on the pool's threads.
+                    let b = pool.install(|| {
+                        let b = job.decode(folder.as_deref(), seg.as_deref());
+                        b.map(|(x, y)| match &cpu_norm {
+                            Some(n) => (n.apply(&x), y),
+                            None => (x.pin_memory(device), y.pin_memory(device)),
+                        })
                     });
                     // The receiver is gone when the consumer stopped early: stop too.
                     if tx.send(b).is_err() {

@@ -335,8 +335,18 @@ pub struct Normalize {
 }
 
 impl Normalize {
-    /// Converts a u8 batch [N, C, H, W] to normalised float32.
+    /// Converts a u8 batch [N, C, H, W] to normalised float32. On the CPU this is a lookup
+    /// table per channel (made by the same tensor arithmetic, so the values are the same bits),
+    /// applied in parallel over the image planes: a loader's worker pool then normalises while
+    /// it decodes.
     pub fn apply(&self, x: &Tensor) -> Tensor {
+        if x.device() == tch::Device::Cpu && x.kind() == Kind::Uint8 && x.dim() == 4 {
+            return self.apply_table(x);
+        }
+        self.arithmetic(x)
+    }
+
+    fn arithmetic(&self, x: &Tensor) -> Tensor {
         let c = self.mean.len() as i64;
         let dev = x.device();
         let mean = Tensor::from_slice(&self.mean)
@@ -348,6 +358,34 @@ impl Normalize {
             .view([1, c, 1, 1])
             .to_device(dev);
         (x.to_kind(Kind::Float) / 255.0 - mean) / std
+    }
+
+    fn apply_table(&self, x: &Tensor) -> Tensor {
+        use rayon::prelude::*;
+        let c = self.mean.len();
+        let size = x.size();
+        if size[1] as usize != c {
+            // Let the arithmetic report the broadcast error.
+            return self.arithmetic(x);
+        }
+        let ramp = Tensor::arange(256, (Kind::Uint8, tch::Device::Cpu))
+            .view([1, 1, 1, 256])
+            .expand([1, c as i64, 1, 256], false)
+            .contiguous();
+        let table = Vec::<f32>::try_from(self.arithmetic(&ramp).view([-1])).expect("f32 table");
+        let src = Vec::<u8>::try_from(x.contiguous().view([-1])).expect("u8 batch");
+        let plane = (size[2] * size[3]).max(1) as usize;
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(plane)
+            .zip(src.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, (o, s))| {
+                let t = &table[(i % c) * 256..][..256];
+                for (o, &v) in o.iter_mut().zip(s) {
+                    *o = t[v as usize];
+                }
+            });
+        Tensor::from_slice(&out).view(size.as_slice())
     }
 }
 

@@ -398,3 +398,27 @@ fn loader_batches_do_not_depend_on_workers_and_shards_partition_the_epoch() {
         assert!(x.equal(px) && y.equal(py), "sharded batch {k} differs");
     }
 }
+
+/// The CPU's table normalisation gives the bits of the tensor arithmetic it replaces (the GPU
+/// path), for every byte value and channel.
+#[test]
+fn table_normalisation_equals_the_arithmetic() {
+    let n = brelu::data::Normalize {
+        mean: vec![0.485, 0.456, 0.406],
+        std: vec![0.229, 0.224, 0.225],
+    };
+    let x = tch::Tensor::arange(256 * 3 * 5, (tch::Kind::Int64, tch::Device::Cpu))
+        .remainder(256)
+        .to_kind(tch::Kind::Uint8)
+        .view([5, 3, 16, 16]);
+    let mean = tch::Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([1, 3, 1, 1]);
+    let std = tch::Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([1, 3, 1, 1]);
+    let direct = (x.to_kind(tch::Kind::Float) / 255.0 - mean) / std;
+    let table = n.apply(&x);
+    assert_eq!(table.size(), [5, 3, 16, 16]);
+    assert!(
+        table.equal(&direct),
+        "max diff {}",
+        (&table - &direct).abs().max().double_value(&[])
+    );
+}
