@@ -40,7 +40,10 @@ fn compile_shim(manifest: &Path, libtorch: &Path) {
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=NCCL_INCLUDE");
     let src = manifest.join("src/dist/shim.cpp");
-    println!("cargo:rerun-if-changed={}", src.display());
+    let precision = manifest.join("src/train/precision.cpp");
+    for f in [&src, &precision] {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
     let gloo = env::var("GLOO_INCLUDE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| manifest.join(".gloo/include"));
@@ -56,6 +59,7 @@ fn compile_shim(manifest: &Path, libtorch: &Path) {
     b.cpp(true)
         .std("c++17")
         .file(&src)
+        .file(&precision)
         .include(&inc)
         .include(inc.join("torch/csrc/api/include"))
         .include(&gloo)

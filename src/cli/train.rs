@@ -50,6 +50,12 @@ pub struct TrainArgs {
     /// per core). The batches do not depend on it.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Forward-pass arithmetic: fp32, or bf16 autocast (CPU or CUDA; weights stay f32).
+    #[arg(long, value_enum, default_value_t = train::precision::Precision::Fp32)]
+    pub precision: train::precision::Precision,
+    /// Channels-last weights and inputs (faster convolutions on recent GPUs).
+    #[arg(long)]
+    pub channels_last: bool,
     /// Batches decoded ahead of the training step.
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub prefetch: usize,
@@ -218,6 +224,8 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         teacher: a.teacher.clone().or_else(|| weights.map(Path::to_path_buf)),
         group,
         loader: loader_options(a),
+        precision: a.precision,
+        channels_last: a.channels_last,
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;

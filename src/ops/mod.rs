@@ -45,7 +45,9 @@ impl Backend {
     /// The backend `block_relu` and `simulate` use for `x`.
     pub fn for_tensor(x: &Tensor) -> Backend {
         match x.device() {
-            Device::Cuda(_) => Backend::Cuda,
+            // Mixed precision (bf16 activations) takes the framework ops.
+            Device::Cuda(_) if x.kind() == tch::Kind::Float => Backend::Cuda,
+            Device::Cuda(_) => Backend::Reference,
             _ if tensor_bridge::cpu_f32_problem(x).is_none() => Backend::Cpu,
             _ => Backend::Reference,
         }

@@ -78,6 +78,8 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
                 teacher: None,
                 group: None,
                 loader: Default::default(),
+                precision: Default::default(),
+                channels_last: false,
             };
             train::train(base_cfg, &mut model, &opts)?;
         }
@@ -268,6 +270,8 @@ fn finetune(
             teacher: Some(base.weights.clone()),
             group: None,
             loader: Default::default(),
+            precision: Default::default(),
+            channels_last: false,
         };
         train::train(ft_cfg, &mut m, &opts)?;
         file_hash(&w)

@@ -14,6 +14,7 @@
 //! instead of epochs, with a checkpoint (and evaluation) every `checkpoint_every` iterations
 //! from which a resumed run continues mid-epoch with the same batches.
 pub mod config;
+pub mod precision;
 pub mod schedule;
 pub mod segment;
 pub mod sgd;
@@ -189,6 +190,10 @@ pub struct TrainOptions {
     pub group: Option<Rc<Group>>,
     /// Decoding threads and batches decoded ahead (class-folder and segmentation sets).
     pub loader: data::LoaderOptions,
+    /// Forward pass in bf16 autocast ([`precision`]).
+    pub precision: precision::Precision,
+    /// Weights and inputs channels-last.
+    pub channels_last: bool,
 }
 
 /// The distillation term alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
@@ -299,6 +304,11 @@ pub fn train_on(
                 start
             },
         )?;
+    }
+    if opts.channels_last {
+        for (_, t) in model.var_store().variables() {
+            precision::channels_last(&t)?;
+        }
     }
     let o = &cfg.optimizer;
     let mut opt = sgd::Sgd::new(model.var_store(), o.lr, o.momentum, o.weight_decay);
@@ -427,6 +437,10 @@ impl<'a> Run<'a> {
     /// One optimizer step on a batch at rate `lr`.
     fn step(&mut self, x: &Tensor, y: &Tensor, lr: f64, w: &mut Window, when: &str) -> Result<()> {
         self.opt.lr = lr;
+        if self.opts.channels_last {
+            precision::channels_last(x)?;
+        }
+        let autocast = precision::Autocast::begin(x.device(), self.opts.precision);
         let logits = self.model.forward_t(x, true);
         let seg = self.train_set.seg.is_some();
         let (ce, pred, counted) = if seg {
@@ -447,6 +461,7 @@ impl<'a> Run<'a> {
             }
             _ => ce,
         };
+        drop(autocast);
         self.opt.backward_step(&loss)?;
         let l = loss.double_value(&[]);
         if !l.is_finite() {

@@ -89,11 +89,11 @@ impl Sgd {
 
     /// Writes the momentum buffers (safetensors, by variable name) atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let named: Vec<(&str, &Tensor)> = self
+        let named: Vec<(&str, Tensor)> = self
             .params
             .iter()
             .zip(&self.bufs)
-            .filter_map(|((n, _), b)| b.as_ref().map(|b| (n.as_str(), b)))
+            .filter_map(|((n, _), b)| b.as_ref().map(|b| (n.as_str(), b.contiguous())))
             .collect();
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         Tensor::write_safetensors(&named, &tmp)
