@@ -43,9 +43,9 @@ for r in $(seq "$ROUNDS"); do
   "$PY" scripts/bench_loader.py "$ROOT" --workers "$WORKERS"
 done
 
-echo "== overlap (resnet18-cifar-light at 64x64, 1 decoding thread)"
+echo "== overlap (resnet18-cifar-light at 64x64: 1 decoding thread, 1 compute thread)"
 for r in $(seq "$ROUNDS"); do
-  "$B" bench overlap -c "$ROOT/bench-64.toml" --workers 1
+  OMP_NUM_THREADS=1 "$B" bench overlap -c "$ROOT/bench-64.toml" --workers 1
 done
 
 echo "== all-reduce (25.6 M floats, 2 Gloo ranks on 127.0.0.1)"
