@@ -20,6 +20,16 @@ pub struct PipelineArgs {
 }
 
 pub fn run(a: PipelineArgs) -> Result<()> {
+    if let Some(l) = crate::dist::Launch::from_env()? {
+        anyhow::bail!(
+            "brelu pipeline runs in one process, but this is rank {} of {} ({} variables): \
+             every rank would run the whole pipeline into the same directory. Launch \
+             `brelu train` / `brelu finetune` data-parallel instead (docs/cluster.md)",
+            l.rank,
+            l.world,
+            l.source
+        );
+    }
     let mut cfg = PipelineConfig::load(&a.config).context("reading the pipeline configuration")?;
     cfg.progress = std::io::stderr().is_terminal();
     let dir = a.output.clone().unwrap_or_else(|| {

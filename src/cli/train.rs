@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// Channels-last weights and inputs (faster convolutions on recent GPUs).
     #[arg(long)]
     pub channels_last: bool,
+    /// Data-parallel runs: synchronised batch norm (statistics over all ranks' batches, as
+    /// torch.nn.SyncBatchNorm; the published segmentation recipes use it).
+    #[arg(long)]
+    pub sync_bn: bool,
     /// Batches decoded ahead of the training step.
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub prefetch: usize,
@@ -226,6 +230,7 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         loader: loader_options(a),
         precision: a.precision,
         channels_last: a.channels_last,
+        sync_bn: a.sync_bn,
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;

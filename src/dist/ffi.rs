@@ -33,6 +33,18 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn brelu_pg_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn brelu_sync_batch_norm(
+        g: *mut c_void,
+        x: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        running_mean: *mut c_void,
+        running_var: *mut c_void,
+        momentum: f64,
+        eps: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut c_void;
 }
 
 const ERR_LEN: usize = 2048;
@@ -104,6 +116,41 @@ impl Handle {
             // SAFETY: as in `all_reduce_sum`.
             unsafe { brelu_pg_broadcast(self.0, p, root as c_int, err, ERR_LEN) }
         })
+    }
+
+    /// Training-mode batch norm of `x` over all ranks' batches (the shim's SyncBatchNorm
+    /// autograd function), updating the running statistics in place.
+    pub(super) fn sync_batch_norm(
+        &self,
+        x: &Tensor,
+        params: [&Tensor; 4],
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor, String> {
+        let p = |t: &Tensor| t.as_ptr() as *mut c_void;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: `self.0` is a live group; the five tensor pointers are valid `at::Tensor*`
+        // borrowed for the call; `err` holds ERR_LEN bytes; on success the shim returns a new
+        // `at::Tensor*` allocated with `new`, which `Tensor::from_ptr` takes over (and frees
+        // with `delete`, as for every tch tensor).
+        unsafe {
+            let y = brelu_sync_batch_norm(
+                self.0,
+                p(x),
+                p(params[0]),
+                p(params[1]),
+                p(params[2]),
+                p(params[3]),
+                momentum,
+                eps,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            );
+            if y.is_null() {
+                return Err(format!("synchronised batch norm: {}", message(&err)));
+            }
+            Ok(Tensor::from_ptr(y.cast()))
+        }
     }
 
     pub(super) fn barrier(&self) -> Result<(), String> {

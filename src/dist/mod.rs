@@ -219,6 +219,22 @@ impl Group {
         self.handle.barrier().map_err(|e| self.context(e))
     }
 
+    /// Training-mode batch norm of `x` [N, C, H, W] with the statistics of all ranks' batches
+    /// together; `params` are weight, bias, running mean and running variance (updated in
+    /// place with `momentum`, the variance unbiased, as `torch.nn.SyncBatchNorm`). Its
+    /// backward pass all-reduces too, so every rank must run it in the same order.
+    pub fn sync_batch_norm(
+        &self,
+        x: &Tensor,
+        params: [&Tensor; 4],
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        self.handle
+            .sync_batch_norm(x, params, momentum, eps)
+            .map_err(|e| self.context(e))
+    }
+
     /// Copies rank 0's values of `vars` (parameters and buffers, in the same order on every
     /// rank) to all ranks.
     pub fn broadcast_vars(&self, vars: &[Tensor]) -> Result<()> {
@@ -284,6 +300,33 @@ impl Group {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    static SYNC_BN: std::cell::RefCell<Option<std::rc::Rc<Group>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, batch norms in training mode on this thread synchronise over `group`
+/// ([`Group::sync_batch_norm`]); the previous setting comes back on drop.
+pub struct SyncBatchNormScope(Option<std::rc::Rc<Group>>);
+
+impl SyncBatchNormScope {
+    pub fn enter(group: std::rc::Rc<Group>) -> SyncBatchNormScope {
+        SyncBatchNormScope(SYNC_BN.with(|s| s.replace(Some(group))))
+    }
+}
+
+impl Drop for SyncBatchNormScope {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        SYNC_BN.with(|s| *s.borrow_mut() = prev);
+    }
+}
+
+/// The group training-mode batch norms synchronise over on this thread, if any.
+pub fn sync_batch_norm_group() -> Option<std::rc::Rc<Group>> {
+    SYNC_BN.with(|s| s.borrow().clone())
 }
 
 /// Bucket capacity in bytes (DDP's default `bucket_cap_mb` is 25).

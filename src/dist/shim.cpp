@@ -4,6 +4,7 @@
 // reports them as text, so no exception crosses into Rust.
 //
 // Tensors arrive as `at::Tensor*`, which is what tch's `C_tensor` handles are.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef BRELU_NCCL
@@ -70,6 +71,73 @@ std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices() {
   return devices;
 }
 
+void allreduce_sum(Group* g, at::Tensor& t) {
+  std::vector<at::Tensor> v{t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::SUM;
+  g->backend->allreduce(v, o)->wait();
+}
+
+// Batch norm over the union of all ranks' batches, in training mode: the forward pass
+// all-reduces the per-channel sums (and count), the backward pass the sums of dy and dy * xhat,
+// so that with the gradients then averaged over the ranks, training equals one process running
+// ordinary batch norm on the whole batch (as torch.nn.SyncBatchNorm does).
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& bias, int64_t group,
+                            at::Tensor running_mean, at::Tensor running_var, double momentum,
+                            double eps) {
+    auto* g = reinterpret_cast<Group*>(group);
+    const int64_t c = x.size(1);
+    const std::vector<int64_t> dims{0, 2, 3};
+    auto xd = x.to(at::kDouble);
+    auto stats = at::cat({xd.sum(dims), (xd * xd).sum(dims),
+                          at::full({1}, static_cast<double>(x.numel() / c), xd.options())});
+    allreduce_sum(g, stats);
+    auto count = stats[2 * c];
+    auto mean = stats.narrow(0, 0, c) / count;
+    auto var = (stats.narrow(0, c, c) / count - mean * mean).clamp_min(0.0);
+    {
+      at::NoGradGuard no_grad;
+      double n = count.item<double>();
+      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1.0 - momentum)
+          .add_((var * (n / std::max(n - 1.0, 1.0))).to(running_var.scalar_type()), momentum);
+    }
+    auto invstd = (var + eps).rsqrt();
+    auto shape = std::vector<int64_t>{1, c, 1, 1};
+    auto m = mean.to(x.scalar_type()).view(shape);
+    auto is = invstd.to(x.scalar_type()).view(shape);
+    auto xhat = (x - m) * is;
+    ctx->save_for_backward({xhat, is, weight});
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["count"] = count.item<double>();
+    return xhat * weight.view(shape) + bias.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto xhat = saved[0], is = saved[1], weight = saved[2];
+    auto* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    double count = ctx->saved_data["count"].toDouble();
+    auto dy = grads[0];
+    const int64_t c = xhat.size(1);
+    const std::vector<int64_t> dims{0, 2, 3};
+    auto sum_dy = dy.sum(dims);
+    auto sum_dy_xhat = (dy * xhat).sum(dims);
+    auto both = at::cat({sum_dy, sum_dy_xhat}).to(at::kDouble);
+    allreduce_sum(g, both);
+    auto shape = std::vector<int64_t>{1, c, 1, 1};
+    auto mean_dy = (both.narrow(0, 0, c) / count).to(dy.scalar_type()).view(shape);
+    auto mean_dy_xhat = (both.narrow(0, c, c) / count).to(dy.scalar_type()).view(shape);
+    auto dx = weight.view(shape) * is * (dy - mean_dy - xhat * mean_dy_xhat);
+    // The parameters' gradients are this rank's own; the ranks' gradients are averaged later.
+    return {dx, sum_dy_xhat, sum_dy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -129,6 +197,20 @@ int brelu_pg_broadcast(void* g, at::Tensor* t, int root, char* err, size_t len) 
     o.rootRank = root;
     static_cast<Group*>(g)->backend->broadcast(v, o)->wait();
   });
+}
+
+// Training-mode batch norm synchronised over the group (see SyncBatchNorm); returns a new
+// tensor handle (owned by the caller, as tch's are) or null with the error in err.
+at::Tensor* brelu_sync_batch_norm(void* g, at::Tensor* x, at::Tensor* weight, at::Tensor* bias,
+                                  at::Tensor* running_mean, at::Tensor* running_var,
+                                  double momentum, double eps, char* err, size_t len) {
+  at::Tensor* out = nullptr;
+  guarded(err, len, [&] {
+    auto y = SyncBatchNorm::apply(*x, *weight, *bias, reinterpret_cast<int64_t>(g),
+                                  *running_mean, *running_var, momentum, eps);
+    out = new at::Tensor(std::move(y));
+  });
+  return out;
 }
 
 int brelu_pg_barrier(void* g, char* err, size_t len) {

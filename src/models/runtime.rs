@@ -486,17 +486,23 @@ impl Model {
                 pair(*dilation),
                 *groups as i64,
             ),
-            Op::BatchNorm { x, eps, .. } => Tensor::batch_norm(
-                get(*x),
-                Some(&p[0]),
-                Some(&p[1]),
-                Some(&p[2]),
-                Some(&p[3]),
-                train,
-                0.1,
-                *eps,
-                false,
-            ),
+            Op::BatchNorm { x, eps, .. } => match crate::dist::sync_batch_norm_group() {
+                // Data-parallel training with synchronised batch norm (`--sync-bn`).
+                Some(g) if train => g
+                    .sync_batch_norm(get(*x), [&p[0], &p[1], &p[2], &p[3]], 0.1, *eps)
+                    .unwrap_or_else(|e| panic!("{e}")),
+                _ => Tensor::batch_norm(
+                    get(*x),
+                    Some(&p[0]),
+                    Some(&p[1]),
+                    Some(&p[2]),
+                    Some(&p[3]),
+                    train,
+                    0.1,
+                    *eps,
+                    false,
+                ),
+            },
             Op::Act { x, site, .. } => match &self.options[*site] {
                 None => get(*x).relu(),
                 Some(o) => ops::block_relu(get(*x), o),

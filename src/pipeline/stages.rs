@@ -80,6 +80,7 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
                 loader: Default::default(),
                 precision: Default::default(),
                 channels_last: false,
+                sync_bn: false,
             };
             train::train(base_cfg, &mut model, &opts)?;
         }
@@ -272,6 +273,7 @@ fn finetune(
             loader: Default::default(),
             precision: Default::default(),
             channels_last: false,
+            sync_bn: false,
         };
         train::train(ft_cfg, &mut m, &opts)?;
         file_hash(&w)

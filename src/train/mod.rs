@@ -13,6 +13,12 @@
 //! to the crop (ignore label 255) and evaluate to mIoU; their recipes count `iterations`
 //! instead of epochs, with a checkpoint (and evaluation) every `checkpoint_every` iterations
 //! from which a resumed run continues mid-epoch with the same batches.
+//!
+//! Data-parallel runs ([`TrainOptions::group`], docs/cluster.md): each rank takes its shard of
+//! every epoch and `batch_size / world` images per step, the gradients are averaged over the
+//! ranks before each update, and rank 0 alone evaluates and writes; the ranks check at every
+//! checkpoint that their weights are still identical. [`precision`] adds bf16 autocast and
+//! channels-last.
 pub mod config;
 pub mod precision;
 pub mod schedule;
@@ -194,6 +200,9 @@ pub struct TrainOptions {
     pub precision: precision::Precision,
     /// Weights and inputs channels-last.
     pub channels_last: bool,
+    /// Data-parallel runs: batch norms use the statistics of all ranks' batches together
+    /// (`torch.nn.SyncBatchNorm`), so training equals one process on the whole batch.
+    pub sync_bn: bool,
 }
 
 /// The distillation term alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
@@ -335,6 +344,10 @@ pub fn train_on(
             ))
         }
         (None, _) => None,
+    };
+    let _sync_bn = match (&opts.group, opts.sync_bn) {
+        (Some(g), true) => Some(crate::dist::SyncBatchNormScope::enter(g.clone())),
+        _ => None,
     };
     let mut run = Run {
         cfg,

@@ -58,7 +58,12 @@ impl Sgd {
                 let _ = g.zero_();
             }
         }
-        loss.backward();
+        // A collective inside the backward pass (synchronised batch norm) can fail: an error,
+        // not a panic.
+        loss.f_backward().map_err(|e| match self.reducer {
+            Some(_) => Error::Dist(format!("backward pass: {e}")),
+            None => Error::InvalidArgument(format!("backward pass failed: {e}")),
+        })?;
         if let Some((group, reducer, params)) = &self.reducer {
             reducer.reduce(group, params)?;
         }

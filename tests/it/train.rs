@@ -253,6 +253,7 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
         loader: Default::default(),
         precision: Default::default(),
         channels_last: false,
+        sync_bn: false,
     };
 
     // Uninterrupted: 2 epochs.
@@ -376,6 +377,7 @@ fn distillation_runs_with_a_teacher_and_is_validated() {
         loader: Default::default(),
         precision: Default::default(),
         channels_last: false,
+        sync_bn: false,
     };
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
     let e = train::train_on(&c, &mut m, &opts(None), &tr, &te).unwrap_err();
@@ -415,6 +417,7 @@ fn iteration_run_resumes_mid_epoch_bit_exact() {
         loader: Default::default(),
         precision: Default::default(),
         channels_last: false,
+        sync_bn: false,
     };
     let a = tempfile::tempdir().unwrap();
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
@@ -519,6 +522,7 @@ fn bf16_autocast_and_channels_last_train_on_the_cpu() {
         loader: Default::default(),
         precision: Precision::Bf16,
         channels_last: true,
+        sync_bn: false,
     };
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
     let out = train::train_on(&c, &mut m, &opts, &tr, &te).unwrap();
