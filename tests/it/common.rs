@@ -95,3 +95,12 @@ pub fn tiny_cifar10(dir: &Path) {
     }
     std::fs::write(dir.join("test_batch.bin"), batch(16, 0)).unwrap();
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a test's own processes.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -10,7 +10,6 @@
 //! tolerance of 1e-4 relative.
 use crate::common;
 use brelu::dist::{GradReducer, Group, Launch};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,14 +17,6 @@ use tch::{Kind, Tensor};
 
 /// Set in the test binary's own children that play one rank.
 const CHILD: &str = "BRELU_TEST_DIST_CHILD";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn rank_env(cmd: &mut Command, rank: usize, world: usize, port: u16) {
     cmd.env("RANK", rank.to_string())
@@ -63,7 +54,7 @@ fn collectives_between_two_processes() {
     if std::env::var_os(CHILD).is_some() {
         return collectives_rank();
     }
-    let port = free_port();
+    let port = common::free_port();
     let mut kids: Vec<Child> = (0..2)
         .map(|r| {
             let mut c = Command::new(std::env::current_exe().unwrap());
@@ -220,7 +211,7 @@ fn train_cmd(cfg: &Path, out: &Path, extra: &[&str]) -> Command {
 
 /// Runs `train` in `world` ranks (1: a plain process) and waits for all.
 fn train(world: usize, cfg: &Path, out: &Path, extra: &[&str]) {
-    let port = free_port();
+    let port = common::free_port();
     let mut kids: Vec<Child> = (0..world)
         .map(|r| {
             let mut c = train_cmd(cfg, out, extra);
@@ -311,7 +302,7 @@ fn a_killed_rank_stops_the_other() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = setup(tmp.path(), "iterations = 100000\ncheckpoint_every = 2");
     let out = tmp.path().join("run");
-    let port = free_port();
+    let port = common::free_port();
     let mut kids: Vec<Child> = (0..2)
         .map(|r| {
             let mut c = train_cmd(&cfg, &out, &[]);

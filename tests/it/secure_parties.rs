@@ -6,14 +6,6 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One `brelu secure party` process with its stdout and stderr collected by threads.
 struct PartyProc {
     child: std::process::Child,
@@ -161,7 +153,7 @@ fn spawn_parties_with(
 ) -> Vec<PartyProc> {
     let keys = std::sync::Arc::new(tempfile::tempdir().unwrap());
     keygen(keys.path());
-    let args = role_args(free_port(), free_port());
+    let args = role_args(common::free_port(), common::free_port());
     let mut ps: Vec<PartyProc> = ["client", "server", "dealer"]
         .iter()
         .enumerate()
@@ -348,7 +340,7 @@ fn a_wrong_pinned_key_ends_the_session_by_name() {
     let (real, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     keygen(real.path());
     keygen(other.path());
-    let args = role_args(free_port(), free_port());
+    let args = role_args(common::free_port(), common::free_port());
     let f = |d: &tempfile::TempDir, name: &str| d.path().join(name).to_str().unwrap().to_string();
     let mut client_args = args[0].clone();
     client_args.extend([
@@ -437,7 +429,7 @@ fn an_impostor_racing_for_a_role_gets_nothing() {
     let (real, own) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     keygen(real.path());
     keygen(own.path());
-    let (pc, ps_port) = (free_port(), free_port());
+    let (pc, ps_port) = (common::free_port(), common::free_port());
     let args = role_args(pc, ps_port);
     let with_keys = |i: usize| {
         let mut a = args[i].clone();
