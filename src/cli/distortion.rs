@@ -80,6 +80,12 @@ pub struct ExtractArgs {
     /// Measure on top of this spec (default: ordinary ReLU everywhere).
     #[arg(long)]
     pub baseline_spec: Option<PathBuf>,
+    /// With --baseline-spec: measure each change against the all-ReLU network, i.e. how much
+    /// switching one channel changes the whole baseline spec's distortion (negative entries
+    /// are improvements). The iterative knapsack (`brelu iterate`) solves
+    /// on such tables.
+    #[arg(long, requires = "baseline_spec")]
+    pub against_relu: bool,
     /// Only these sites (comma-separated names; see `brelu sites`).
     #[arg(long, value_delimiter = ',')]
     pub sites: Option<Vec<String>>,
@@ -299,6 +305,7 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         zero: a.zero,
         skip_unchanged: !a.no_skip,
         baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
+        against_relu: a.against_relu,
     };
     let pb = progress_bar();
     let x = Extraction {

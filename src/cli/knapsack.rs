@@ -108,7 +108,10 @@ pub fn run(a: KnapsackArgs) -> Result<()> {
     let budget = match (a.ratio, a.budget, a.bytes, cost) {
         (Some(r), None, None, _) => knapsack::budget_from_ratio(problem.relus(), r)?,
         (None, Some(b), None, _) => b,
-        (None, None, Some(b), CostUnit::Bytes(unit)) => b / unit,
+        // Payload within the budget once the engine's framing is set aside.
+        (None, None, Some(b), CostUnit::Bytes(unit)) => {
+            b.saturating_sub(crate::spec::engine_framing_bound(sites.len(), b)) / unit
+        }
         _ => bail!(
             "give the budget as --ratio R, --budget N (DReLUs) or --bytes SIZE (or --sweep \
              R1,R2,...)"

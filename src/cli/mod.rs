@@ -4,6 +4,7 @@ mod additivity;
 mod bench;
 mod distortion;
 mod interop;
+mod iterate;
 mod knapsack;
 mod models;
 mod pipeline;
@@ -46,6 +47,10 @@ pub enum Command {
     /// Improve a spec by local search: moves between channels proposed by the distortion
     /// tables, kept only when the measured distortion of the whole spec goes down.
     Refine(refine::RefineArgs),
+    /// The iterative knapsack: re-measure every channel's options on top of the chosen spec
+    /// (against the all-ReLU network) and solve again, for a few rounds; a spec is kept only
+    /// when its measured distortion goes down.
+    Iterate(iterate::IterateArgs),
     /// Train a model from a configuration file (checkpoint every epoch, `--resume`).
     Train(train::TrainCmdArgs),
     /// Fine-tune trained weights with a block-ReLU spec at every site.
@@ -102,6 +107,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Spec(c) => spec::run(c),
         Command::Knapsack(a) => knapsack::run(a),
         Command::Refine(a) => refine::run(a),
+        Command::Iterate(a) => iterate::run(a),
         Command::Distortion(c) => distortion::run(c),
         Command::Train(a) => train::train_cmd(a),
         Command::Finetune(a) => train::finetune_cmd(a),

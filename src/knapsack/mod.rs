@@ -7,6 +7,7 @@ pub mod additivity;
 pub mod baselines;
 pub mod compare;
 pub mod dp;
+pub mod iterative;
 pub mod lagrange;
 pub mod local;
 pub mod problem;

@@ -63,6 +63,34 @@ pub struct RefineSettings {
     pub seed: u64,
 }
 
+/// The iterative knapsack (`brelu iterate`) at every budget, as the extra method `iterative`.
+/// Its rounds re-measure with the `[distortion]` settings.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IterativeSettings {
+    /// Re-extractions per budget; 0 (the default) leaves the method out.
+    #[serde(default)]
+    pub rounds: usize,
+    /// Shrinking schedule: start from the knapsack at this multiple of each budget and lower
+    /// it geometrically to the budget over the rounds; 1 (the default) keeps every round at
+    /// the budget.
+    #[serde(default = "one")]
+    pub start: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for IterativeSettings {
+    fn default() -> Self {
+        IterativeSettings {
+            rounds: 0,
+            start: one(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SecureSettings {
@@ -106,6 +134,13 @@ struct File {
     #[serde(default)]
     refine: RefineSettings,
     #[serde(default)]
+    iterative: IterativeSettings,
+    /// Add the method `bytes`: at every budget, the knapsack on bytes (each option costs what
+    /// brelu's engine sends for it) within the bytes of the DReLU knapsack's spec, so the two
+    /// compare at equal ReLU-layer bytes.
+    #[serde(default)]
+    bytes: bool,
+    #[serde(default)]
     secure: SecureSettings,
 }
 
@@ -127,6 +162,9 @@ pub struct PipelineConfig {
     pub baselines: bool,
     pub distortion: DistortionSettings,
     pub refine: RefineSettings,
+    pub iterative: IterativeSettings,
+    /// See `File::bytes`.
+    pub bytes: bool,
     pub secure: SecureSettings,
     /// Draw progress bars (set by the CLI on a terminal).
     pub progress: bool,
@@ -200,6 +238,23 @@ impl PipelineConfig {
                 return Err(bad(k, "must be at least 1".into()));
             }
         }
+        if !(f.iterative.start.is_finite() && f.iterative.start >= 1.0) {
+            return Err(bad(
+                "iterative.start",
+                format!(
+                    "{} must be a multiple of the budget, at least 1",
+                    f.iterative.start
+                ),
+            ));
+        }
+        if f.iterative.rounds > 0 && f.distortion.estimator == "snr" {
+            return Err(bad(
+                "iterative.rounds",
+                "the iterative knapsack re-measures against the network's output: set \
+                 distortion.estimator to exact or first-order"
+                    .into(),
+            ));
+        }
         let weights = f.weights.as_deref().map(rel);
         if let Some(w) = &weights {
             if !w.exists() {
@@ -218,6 +273,8 @@ impl PipelineConfig {
             baselines: f.baselines,
             distortion: f.distortion,
             refine: f.refine,
+            iterative: f.iterative,
+            bytes: f.bytes,
             secure: f.secure,
             progress: false,
         })

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use stages::{Network, TestSet};
 use std::path::{Path, PathBuf};
 
-/// A spec of the sweep: method ("knapsack", "uniform", "per-site") at a budget.
+/// A spec of the sweep: method ("knapsack", "uniform", "per-site", and the extra methods
+/// "refine", "iterative", "bytes") at a budget.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SpecEntry {
     pub name: String,
@@ -34,6 +35,13 @@ pub struct SpecEntry {
     /// Predicted total distortion (from the tables; `None` when the spec uses an option the
     /// tables lack, e.g. a uniform 3x3 patch on a map whose catalog has no 3x3).
     pub distortion: Option<f64>,
+    /// Bytes per image of the ReLU layers in brelu's engine (docs/method.md 8.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relu_bytes: Option<u64>,
+    /// The method `bytes`: its budget in ReLU-layer bytes per image (that of the knapsack's
+    /// spec at the same DReLU budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_budget: Option<u64>,
     pub file: PathBuf,
 }
 

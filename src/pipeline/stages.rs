@@ -6,8 +6,11 @@ use crate::distortion::extract::{self, Extraction};
 use crate::distortion::{DistortionTables, PlanOptions, Samples, Shard};
 use crate::error::{Error, Result};
 use crate::hash::of_json;
+use crate::knapsack::iterative::{iterate, IterOptions};
 use crate::knapsack::local::{search, SearchOptions};
-use crate::knapsack::{self, baselines, budget_from_ratio, BuildOptions, Problem, Solver};
+use crate::knapsack::{
+    self, baselines, budget_from_ratio, BuildOptions, CostUnit, Problem, Solver,
+};
 use crate::models::Model;
 use crate::secure;
 use crate::spec::{spec_cost, Catalog, SiteInfo, Spec};
@@ -92,6 +95,24 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
     })
 }
 
+/// How the pipeline measures distortion (`[distortion]`), around the all-ReLU network.
+fn plan_options(cfg: &PipelineConfig) -> Result<PlanOptions> {
+    let d = &cfg.distortion;
+    Ok(PlanOptions {
+        estimator: d.estimator.parse().map_err(Error::InvalidArgument)?,
+        seed: d.seed,
+        batch: d.batch,
+        stack: d.stack,
+        chunk: d.chunk,
+        probes: cfg.train_config.num_classes.min(64),
+        sites: None,
+        zero: false,
+        skip_unchanged: true,
+        baseline: None,
+        against_relu: false,
+    })
+}
+
 /// 2. Distortion tables of the baseline network; returns the stage's output hash.
 pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) -> Result<String> {
     let base_cfg = &cfg.train_config;
@@ -101,18 +122,7 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
         let model = load_model(cfg, &base.weights, None)?;
         let d = &cfg.distortion;
         let samples = extract::training_samples(base_cfg.source(), d.samples, d.seed)?;
-        let opts = PlanOptions {
-            estimator: d.estimator.parse().map_err(Error::InvalidArgument)?,
-            seed: d.seed,
-            batch: d.batch,
-            stack: d.stack,
-            chunk: d.chunk,
-            probes: base_cfg.num_classes.min(64),
-            sites: None,
-            zero: false,
-            skip_unchanged: true,
-            baseline: None,
-        };
+        let opts = plan_options(cfg)?;
         let make = |_: Device| load_model(cfg, &base.weights, None);
         let x = Extraction {
             dir: &ddir,
@@ -132,8 +142,8 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
     })
 }
 
-/// Stage 3, specs: the knapsack, the two uniform baselines and, if asked, the knapsack refined by
-/// local search, at every budget.
+/// Stage 3, specs: the knapsack, the two uniform baselines and the extra methods asked for
+/// (local search, iterative knapsack, knapsack on bytes), at every budget.
 pub(super) fn specs(
     r: &mut Runner,
     cfg: &PipelineConfig,
@@ -152,10 +162,15 @@ pub(super) fn specs(
     let specs_path = r.dir.join("specs").join("specs.json");
     // Settings of a method that is off do not invalidate the stage.
     let refine = (cfg.refine.steps > 0).then_some(&cfg.refine);
-    let specs_in = of_json(&(dist_hash, &budgets, cfg.baselines, refine));
+    let iterative = (cfg.iterative.rounds > 0).then_some((&cfg.iterative, &cfg.distortion));
+    let specs_in = match (iterative, cfg.bytes) {
+        (None, false) => of_json(&(dist_hash, &budgets, cfg.baselines, refine)),
+        extra => of_json(&(dist_hash, &budgets, cfg.baselines, refine, extra)),
+    };
+    let run_dir = r.dir.clone();
     r.stage("specs", specs_in, |d| {
         let tables = DistortionTables::read(&ddir)?;
-        let mut refiner = match refine {
+        let refiner = match refine {
             Some(rs) => Some(Refiner {
                 model: load_model(cfg, &base.weights, None)?,
                 samples: extract::training_samples(
@@ -172,12 +187,38 @@ pub(super) fn specs(
             }),
             None => None,
         };
+        let make = |_: Device| load_model(cfg, &base.weights, None);
+        let iterative = match iterative {
+            Some((it, dist)) => Some(Iterative {
+                model: load_model(cfg, &base.weights, None)?,
+                make: &make,
+                samples: extract::training_samples(
+                    cfg.train_config.source(),
+                    dist.samples,
+                    dist.seed,
+                )?,
+                opts: IterOptions {
+                    rounds: it.rounds,
+                    start_budget: None,
+                    plan: plan_options(cfg)?,
+                    batch: dist.batch,
+                },
+                start: it.start,
+                dir: run_dir.join("distortion").join("iterative"),
+            }),
+            None => None,
+        };
+        let mut extra = Extra {
+            refiner,
+            iterative,
+            bytes: cfg.bytes,
+        };
         let entries = make_specs(
             &tables,
             &net.sites,
             &budgets,
             cfg.baselines,
-            refiner.as_mut(),
+            &mut extra,
             &d.join("specs"),
         )?;
         write_json(&specs_path, &entries)?;
@@ -365,14 +406,49 @@ pub(super) struct Refiner {
     opts: SearchOptions,
 }
 
-/// The knapsack spec, the two uniform baselines and the refined knapsack spec (with a
-/// `refiner`) at every budget, written under `dir`.
+/// What the `iterative` method needs: the baseline network (and how to build it for the
+/// extractions), the samples each round measures on, the rounds' settings and where they
+/// work (one directory per budget, so a rerun resumes their extractions).
+pub(super) struct Iterative<'a> {
+    model: Model,
+    make: &'a (dyn Fn(Device) -> Result<Model> + Sync),
+    samples: Samples,
+    opts: IterOptions,
+    /// The shrinking schedule's start as a multiple of the budget.
+    start: f64,
+    dir: PathBuf,
+}
+
+/// The methods beyond the knapsack and the uniform baselines; each is off when `None`/false.
+pub(super) struct Extra<'a> {
+    refiner: Option<Refiner>,
+    iterative: Option<Iterative<'a>>,
+    bytes: bool,
+}
+
+/// The knapsack on bytes: the ReLU layers send at most `bytes` per image on the wire.
+fn bytes_spec(tables: &DistortionTables, sites: &[SiteInfo], bytes: u64) -> Result<Spec> {
+    // Units that keep the exact solver's table near 2^20 cells per channel row, as the CLI.
+    let unit = bytes.div_ceil(1 << 20).max(1);
+    let opts = BuildOptions {
+        cost: CostUnit::Bytes(unit),
+        ..Default::default()
+    };
+    let p = Problem::build(tables, sites, opts)?;
+    // The payload within `bytes` once the engine's framing is set aside.
+    let payload = bytes.saturating_sub(crate::spec::engine_framing_bound(sites.len(), bytes));
+    let (_, sol) = knapsack::solve(&p, payload / unit, Solver::Auto, 2 << 30)?;
+    Ok(p.to_spec(&sol.choice))
+}
+
+/// The knapsack spec, the two uniform baselines and the extra methods' specs at every budget,
+/// written under `dir`.
 pub(super) fn make_specs(
     tables: &DistortionTables,
     sites: &[SiteInfo],
     budgets: &[(f64, u64)],
     baselines: bool,
-    mut refiner: Option<&mut Refiner>,
+    extra: &mut Extra,
     dir: &Path,
 ) -> Result<Vec<SpecEntry>> {
     let problem = Problem::build(tables, sites, BuildOptions::default())?;
@@ -380,33 +456,57 @@ pub(super) fn make_specs(
     let mut out = Vec::new();
     for &(ratio, budget) in budgets {
         let label = format!("{:.2}pct", ratio * 100.0);
-        let mut specs: Vec<(String, Spec)> = Vec::new();
+        let mut specs: Vec<(String, Spec, Option<u64>)> = Vec::new();
         let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, 2 << 30)?;
         let knap = problem.to_spec(&sol.choice);
-        let refined = match refiner.as_deref_mut() {
-            Some(rf) => {
-                Some(search(&mut rf.model, &rf.samples, tables, &knap, budget, &rf.opts)?.0)
-            }
-            None => None,
-        };
-        specs.push(("knapsack".into(), knap));
-        specs.extend(refined.map(|s| ("refine".to_string(), s)));
+        if let Some(rf) = extra.refiner.as_mut() {
+            let s = search(&mut rf.model, &rf.samples, tables, &knap, budget, &rf.opts)?.0;
+            specs.push(("refine".into(), s, None));
+        }
+        if let Some(it) = extra.iterative.as_mut() {
+            let start = (it.start > 1.0).then(|| (budget as f64 * it.start).round() as u64);
+            let o = IterOptions {
+                start_budget: start,
+                ..it.opts.clone()
+            };
+            let wdir = it.dir.join(&label);
+            let (s, rep) = iterate(
+                &mut it.model,
+                it.make,
+                &it.samples,
+                tables,
+                budget,
+                &o,
+                &wdir,
+            )?;
+            write_json(&wdir.join("iterate.json"), &rep)?;
+            specs.push(("iterative".into(), s, None));
+        }
+        if extra.bytes {
+            let b = spec_cost(&knap, sites).bytes_engine;
+            specs.push(("bytes".into(), bytes_spec(tables, sites, b)?, Some(b)));
+        }
+        specs.insert(0, ("knapsack".into(), knap, None));
         if baselines {
             // No uniform patch may fit a small budget (one DReLU per channel is the floor).
             if let Some(u) = baselines::uniform_spec(tables, sites, budget) {
-                specs.push(("uniform".into(), u));
+                specs.push(("uniform".into(), u, None));
             }
             specs.push((
                 "per-site".into(),
                 baselines::per_site_spec(tables, sites, &catalog, budget)?,
+                None,
             ));
         }
-        for (method, spec) in specs {
+        for (method, spec, bytes_budget) in specs {
             let name = format!("{method}-{label}");
             let file = PathBuf::from("specs").join(format!("{name}.json"));
             spec.write(&dir.join(format!("{name}.json")))?;
+            let cost = spec_cost(&spec, sites);
             out.push(SpecEntry {
-                drelus: spec_cost(&spec, sites).drelus as u64,
+                drelus: cost.drelus as u64,
+                relu_bytes: Some(cost.bytes_engine),
+                bytes_budget,
                 distortion: crate::knapsack::compare::spec_distortion(tables, &spec).ok(),
                 name,
                 method,

@@ -24,6 +24,25 @@ pub fn engine_bytes_per_drelu(msb: bool, bits: u32) -> u64 {
     }
 }
 
+/// Messages of an activation layer with DReLUs in brelu's engine (default DReLU protocol): the
+/// DReLU's six (the dealer's offline share, the opening both ways, the two compare vectors,
+/// the dealer's result share) and the patch multiply's three.
+pub const ENGINE_ACT_MESSAGES: u64 = 9;
+/// Framing of one message on an engine link (src/secure/link.rs): a 16-byte frame header,
+/// and per encrypted record of at most 65,519 plaintext bytes a 2-byte length and a 16-byte tag.
+const FRAME_HEADER: u64 = 16;
+const RECORD_OVERHEAD: u64 = 18;
+const RECORD_PLAIN: u64 = 65_519;
+
+/// An upper bound on the bytes the engine's framing adds to `payload` bytes of ReLU layers
+/// spread over `sites` activation layers: what a budget in bytes sets aside so that the bytes
+/// counted on the wire stay within it (the cost model counts payload only).
+pub fn engine_framing_bound(sites: usize, payload: u64) -> u64 {
+    let m = sites as u64 * ENGINE_ACT_MESSAGES;
+    m * (FRAME_HEADER + RECORD_OVERHEAD)
+        + (RECORD_OVERHEAD * (m * FRAME_HEADER + payload)).div_ceil(RECORD_PLAIN)
+}
+
 /// Which DReLU protocol the byte estimate assumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum CostModel {

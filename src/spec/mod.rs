@@ -8,7 +8,7 @@ pub mod published;
 pub mod site;
 
 pub use catalog::Catalog;
-pub use cost::{spec_cost, CostModel, SiteCost, SpecCost};
+pub use cost::{engine_framing_bound, spec_cost, CostModel, SiteCost, SpecCost};
 pub use file::Spec;
 pub use option::PatchOption;
 pub use published::import_published;

@@ -12,11 +12,11 @@ use common::tiny_dataset;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-const INPUT: [usize; 3] = [1, 8, 8];
+pub(crate) const INPUT: [usize; 3] = [1, 8, 8];
 
 /// A random light ResNet18 at 1x8x8, saved so every worker loads the same weights, with its
 /// batch-norm statistics made non-trivial.
-fn tiny_model(dir: &Path) -> PathBuf {
+pub(crate) fn tiny_model(dir: &Path) -> PathBuf {
     let arch = find("resnet18-cifar-light").unwrap();
     let m = Model::new(
         arch,
@@ -42,7 +42,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
     p
 }
 
-fn load(weights: &Path, spec: Option<&Spec>) -> Model {
+pub(crate) fn load(weights: &Path, spec: Option<&Spec>) -> Model {
     let arch = find("resnet18-cifar-light").unwrap();
     let mut m = Model::new(
         arch,
@@ -60,13 +60,13 @@ fn load(weights: &Path, spec: Option<&Spec>) -> Model {
     m
 }
 
-fn samples(n: usize) -> Samples {
+pub(crate) fn samples(n: usize) -> Samples {
     tch::manual_seed(11);
     let x = Tensor::randn([n as i64, 1, 8, 8], (Kind::Float, Device::Cpu));
     Samples::from_tensor(&x).unwrap()
 }
 
-fn opts(estimator: Estimator, sites: &[&str]) -> PlanOptions {
+pub(crate) fn opts(estimator: Estimator, sites: &[&str]) -> PlanOptions {
     PlanOptions {
         estimator,
         seed: 0,
@@ -78,11 +78,12 @@ fn opts(estimator: Estimator, sites: &[&str]) -> PlanOptions {
         zero: true,
         skip_unchanged: true,
         baseline: None,
+        against_relu: false,
     }
 }
 
 /// Runs a whole job (all shards listed) into `dir` and collects it.
-fn extract_all(
+pub(crate) fn extract_all(
     weights: &Path,
     spec: Option<&Spec>,
     s: &Samples,
@@ -118,7 +119,7 @@ fn brute(m: &mut Model, s: &Samples, site: &str, c: usize, o: PatchOption) -> f6
     (pert - clean).square().mean(Kind::Double).double_value(&[])
 }
 
-fn rel_close(a: f64, b: f64, tol: f64) -> bool {
+pub(crate) fn rel_close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * a.abs().max(b.abs()) + 1e-14
 }
 

@@ -8,6 +8,7 @@ mod dist;
 mod distortion;
 mod knapsack;
 mod layers;
+mod methods;
 mod models;
 mod onnx;
 mod pipeline;

@@ -123,33 +123,59 @@ fn pipeline_config_errors_name_the_field() {
     assert!(e.contains("ratio"), "{e}");
 }
 
-/// `[refine]` adds the knapsack refined by local search as a method: its spec stays within the
-/// budget, measures no worse than the knapsack's on the search's samples, and has its own
-/// column in the report.
+/// The extra methods: `[refine]` (local search), `[iterative]` and `bytes = true` each add a
+/// spec per budget with its own column in the report. The refined and iterative specs stay
+/// within the budget and measure no worse than the knapsack's on the samples they were
+/// judged on; the bytes spec stays within the knapsack spec's ReLU-layer bytes; the report
+/// shows accuracy against bytes.
 #[test]
-fn pipeline_refine_method() {
+fn pipeline_extra_methods() {
     let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
     let p = write_pipeline(tmp.path(), "0.4");
     let text = std::fs::read_to_string(&p)
         .unwrap()
-        .replace("ratios = [0.4]", "ratios = [0.4]\nbaselines = false")
-        .replace("[secure]", "[refine]\nsteps = 30\nsamples = 8\n[secure]");
+        .replace(
+            "ratios = [0.4]",
+            "ratios = [0.4]\nbaselines = false\nbytes = true",
+        )
+        .replace(
+            "[secure]",
+            "[refine]\nsteps = 30\nsamples = 8\n[iterative]\nrounds = 2\n[secure]",
+        );
     std::fs::write(&p, text).unwrap();
     let cfg = PipelineConfig::load(&p).unwrap();
     let run_dir = tmp.path().join("run");
     let out = pipeline::run(&cfg, &run_dir, None, &|_: &str| {}).unwrap();
-    let methods: Vec<&str> = out
-        .rows
-        .iter()
-        .filter_map(|r| r.spec.as_ref().map(|e| e.method.as_str()))
-        .collect();
-    assert_eq!(methods, ["knapsack", "refine"]);
-    let e = out.rows[2].spec.as_ref().unwrap();
-    assert!(out.rows[2].drelus <= e.budget);
+    let entries: Vec<&brelu::pipeline::SpecEntry> =
+        out.rows.iter().filter_map(|r| r.spec.as_ref()).collect();
+    let methods: Vec<&str> = entries.iter().map(|e| e.method.as_str()).collect();
+    assert_eq!(methods, ["knapsack", "refine", "iterative", "bytes"]);
+    for r in &out.rows[1..4] {
+        let e = r.spec.as_ref().unwrap();
+        assert!(
+            r.drelus <= e.budget,
+            "{}: {} > {}",
+            e.name,
+            r.drelus,
+            e.budget
+        );
+    }
+    let (knap, bytes) = (entries[0], entries[3]);
+    assert_eq!(bytes.bytes_budget, knap.relu_bytes);
+    assert!(bytes.relu_bytes.unwrap() <= bytes.bytes_budget.unwrap());
     let report = std::fs::read_to_string(out.report.unwrap()).unwrap();
-    assert!(report.contains("| knapsack + local search |"), "{report}");
-    // The refined spec measures no worse than the knapsack's on the search's own samples.
+    for col in [
+        "| knapsack + local search |",
+        "| iterative knapsack |",
+        "| knapsack on bytes |",
+    ] {
+        assert!(report.contains(col), "{col} missing: {report}");
+    }
+    assert!(report.contains("## Accuracy against bytes"), "{report}");
+    assert!(run_dir.join("accuracy_bytes.png").exists());
+    // The refined and iterative specs measure no worse than the knapsack's on their samples
+    // (both 8 here: the search's and the distortion stage's).
     use brelu::distortion::{extract, DistortionTables};
     use brelu::knapsack::additivity::measure;
     let mut model = brelu::train::build_model(&cfg.train_config, tch::Device::Cpu).unwrap();
@@ -162,7 +188,8 @@ fn pipeline_refine_method() {
         let f = run_dir.join("specs").join(format!("{name}-40.00pct.json"));
         (name.to_string(), brelu::spec::Spec::read(&f).unwrap())
     };
-    let specs = [spec("knapsack"), spec("refine")];
+    let specs = [spec("knapsack"), spec("refine"), spec("iterative")];
     let rows = measure(&mut model, &samples, 64, &tables, &specs, false).unwrap();
     assert!(rows[1].measured <= rows[0].measured, "{rows:?}");
+    assert!(rows[2].measured <= rows[0].measured, "{rows:?}");
 }

@@ -610,6 +610,7 @@ fn popts(estimator: Estimator, sites: &[&str], probes: usize) -> PlanOptions {
         zero: false,
         skip_unchanged: true,
         baseline: None,
+        against_relu: false,
     }
 }
 

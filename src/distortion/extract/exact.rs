@@ -61,12 +61,14 @@ impl Worker<'_> {
             } else {
                 vec![1.0; n]
             };
+            let err = self.relu_error(&x, &clean);
             self.cache = Some(SiteCache {
                 key: (index, batch),
                 state,
                 base,
                 clean,
                 power,
+                err,
             });
         }
         Ok(())
@@ -126,10 +128,10 @@ impl Worker<'_> {
         if rows.is_empty() {
             return Ok(());
         }
-        let (out, clean) = if rows.len() == group.len() * n {
+        let (out, clean, err) = if rows.len() == group.len() * n {
             let out = self.model.forward_rows(&cache.state, &act, None, stop);
             let clean = cache.clean.repeat([j, 1]);
-            (out, clean)
+            (out, clean, cache.err.as_ref().map(|e| e.repeat([j, 1])))
         } else {
             let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
             let idx = Tensor::from_slice(&idx).to_device(self.device);
@@ -141,11 +143,16 @@ impl Worker<'_> {
                 Some(&sample),
                 stop,
             );
-            (out, cache.clean.index_select(0, &sample))
+            let err = cache.err.as_ref().map(|e| e.index_select(0, &sample));
+            (out, cache.clean.index_select(0, &sample), err)
         };
-        let d = (out.to_kind(Kind::Double).reshape([rows.len() as i64, -1]) - clean)
-            .square()
-            .mean_dim(1, false, Kind::Double);
+        let d = out.to_kind(Kind::Double).reshape([rows.len() as i64, -1]) - clean;
+        // Against the all-ReLU network f: |d + e|^2 - |e|^2 = d (d + 2e), e = f_S - f.
+        let d = match err {
+            None => d.square(),
+            Some(e) => &d * (&d + e * 2.0),
+        }
+        .mean_dim(1, false, Kind::Double);
         let d = Vec::<f64>::try_from(d)?;
         // Per pair, samples are added in sample order whatever was skipped.
         for (&r, x) in rows.iter().zip(&d) {

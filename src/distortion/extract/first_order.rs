@@ -23,6 +23,9 @@ impl Worker<'_> {
         let (out, sites) = self.model.forward_with_sites(&x);
         let out = out.reshape([n as i64, -1]);
         let k_out = out.size()[1] as usize;
+        // Against the all-ReLU network: |J d + e|^2 - |e|^2 = |J d|^2 + 2 (J d).e, and
+        // E_r[(r.Jd)(r.e)] = (Jd).e as E_r[(r.Jd)^2] = |Jd|^2.
+        let err = self.relu_error(&x.detach(), &out.detach().to_kind(Kind::Double));
         let basis = self.job.probes >= k_out;
         let probes = if basis { k_out } else { self.job.probes };
         // E[(r.v)^2] = |v|^2 for Rademacher r; the basis sums instead. Then the mean over
@@ -55,6 +58,9 @@ impl Worker<'_> {
                     .view([n as i64, k_out as i64])
                     .to_device(self.device)
             };
+            let r_err = err.as_ref().map(|e| {
+                (e * r.to_kind(Kind::Double)).sum_dim_intlist([1i64].as_slice(), true, Kind::Double)
+            });
             let target = (&out * r).sum(Kind::Float);
             let grads = Tensor::run_backward(&[target], &acts, true, false);
             let _guard = tch::no_grad_guard();
@@ -67,10 +73,12 @@ impl Worker<'_> {
                 let pre = pre.detach();
                 for (k, o) in site.options.iter().enumerate() {
                     let delta = ops::f_block_relu(&pre, &vec![*o; c])? - &base;
-                    let s = (g * delta)
-                        .sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Double)
-                        .square()
-                        .sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+                    let a = (g * delta).sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Double);
+                    let s = match &r_err {
+                        None => a.square(),
+                        Some(b) => &a * (&a + b * 2.0),
+                    }
+                    .sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
                     let s = Vec::<f64>::try_from(s)?;
                     for ch in 0..c {
                         sum[ch * nopt + k] += weight * s[ch];

@@ -45,6 +45,11 @@ pub struct Job {
     /// Skip (sample, perturbation) rows whose site activation equals the baseline's (their D is
     /// exactly 0) instead of running them (exact and SNR).
     pub skip_unchanged: bool,
+    /// Measure against the all-ReLU network instead of the baseline (see
+    /// [`PlanOptions::against_relu`]). Left out of `job.json` when false, so jobs written
+    /// before the field existed keep their hash.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub against_relu: bool,
     pub sites: IndexMap<String, JobSite>,
 }
 
@@ -65,6 +70,13 @@ pub struct PlanOptions {
     pub skip_unchanged: bool,
     /// Hash of the baseline spec applied to the model, if any.
     pub baseline: Option<String>,
+    /// D(c, o) becomes the change of the whole baseline spec's distortion against the
+    /// *all-ReLU* network when channel c alone switches to o:
+    /// E[mean (f_{S,c->o} - f)^2 - mean (f_S - f)^2], computed as E[mean d (d + 2 e)] with
+    /// d = f_{S,c->o} - f_S and e = f_S - f, so a small change is not lost next to a large
+    /// e. Negative entries are improvements. The iterative knapsack solves on these
+    /// (`knapsack::iterative`); exact and first-order estimators only.
+    pub against_relu: bool,
 }
 
 /// The job for `model` (with its baseline spec applied) on `samples`.
@@ -83,6 +95,13 @@ pub fn plan(model: &Model, catalog: &Catalog, samples: &Samples, o: &PlanOptions
         if v == 0 {
             return Err(Error::InvalidArgument(format!("{what} must be at least 1")));
         }
+    }
+    if o.against_relu && o.estimator == Estimator::Snr {
+        return Err(Error::InvalidArgument(
+            "measuring against the all-ReLU network needs the exact or first-order estimator \
+             (SNR compares block outputs, not the network's)"
+                .into(),
+        ));
     }
     if o.estimator == Estimator::FirstOrder && o.probes == 0 {
         return Err(Error::InvalidArgument("probes must be at least 1".into()));
@@ -136,6 +155,7 @@ pub fn plan(model: &Model, catalog: &Catalog, samples: &Samples, o: &PlanOptions
             0
         },
         skip_unchanged: o.skip_unchanged && o.estimator != Estimator::FirstOrder,
+        against_relu: o.against_relu,
         sites,
     })
 }

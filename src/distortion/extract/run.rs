@@ -70,7 +70,16 @@ pub fn run(
                             "the model on {device:?} differs from the job's (weights changed?)"
                         )));
                     }
-                    let mut worker = Worker::new(job, &model, samples, device)?;
+                    // The all-ReLU network the distortions are measured against, if asked.
+                    let relu = match job.against_relu {
+                        true => {
+                            let mut m = make_model(device)?;
+                            m.clear_spec();
+                            Some(m)
+                        }
+                        false => None,
+                    };
+                    let mut worker = Worker::new(job, &model, relu.as_ref(), samples, device)?;
                     let (mut done, mut evals) = (0, 0);
                     for u in todo.iter().skip(w).step_by(workers) {
                         evals += worker.unit(dir, *u)?;

@@ -18,11 +18,15 @@ pub(super) struct SiteCache {
     pub(super) clean: Tensor,
     /// SNR: per-sample mean squared clean block output.
     pub(super) power: Vec<f64>,
+    /// Against the all-ReLU network: clean output minus its output, [n, K] float64.
+    pub(super) err: Option<Tensor>,
 }
 
 pub(super) struct Worker<'a> {
     pub(super) job: &'a Job,
     pub(super) model: &'a Model,
+    /// The all-ReLU network, when the job measures against it.
+    pub(super) relu: Option<&'a Model>,
     pub(super) samples: &'a Samples,
     pub(super) device: Device,
     pub(super) estimator: Estimator,
@@ -33,12 +37,14 @@ impl<'a> Worker<'a> {
     pub(super) fn new(
         job: &'a Job,
         model: &'a Model,
+        relu: Option<&'a Model>,
         samples: &'a Samples,
         device: Device,
     ) -> Result<Self> {
         Ok(Worker {
             job,
             model,
+            relu,
             samples,
             device,
             estimator: job.estimator()?,
@@ -68,6 +74,15 @@ impl<'a> Worker<'a> {
             .site_options(index)
             .map(<[_]>::to_vec)
             .unwrap_or_else(|| vec![PatchOption::RELU; channels])
+    }
+
+    /// `clean` ([n, K] float64 outputs of the baseline network on `x`) minus the all-ReLU
+    /// network's outputs, when the job measures against it.
+    pub(super) fn relu_error(&self, x: &Tensor, clean: &Tensor) -> Option<Tensor> {
+        let relu = self.relu?;
+        let _guard = tch::no_grad_guard();
+        let f = relu.forward_t(x, false).to_kind(tch::Kind::Double);
+        Some(clean - f.reshape(clean.size().as_slice()))
     }
 
     pub(super) fn activate(&self, index: usize, z: &Tensor) -> Tensor {

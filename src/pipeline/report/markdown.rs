@@ -8,6 +8,7 @@ pub(super) fn render(cfg: &PipelineConfig, dir: &Path, rows: &[Row], relus: u64)
     let mut md = String::new();
     intro(&mut md, cfg, dir, relus);
     accuracy(&mut md, cfg, rows);
+    against_bytes(&mut md, cfg, rows);
     numbers(&mut md, cfg, rows, relus);
     closing(&mut md, cfg, dir, rows);
     md
@@ -64,6 +65,45 @@ fn accuracy(md: &mut String, cfg: &PipelineConfig, rows: &[Row]) {
             cfg.distortion.estimator, cfg.distortion.samples
         );
     }
+}
+
+/// Accuracy against the ReLU layers' bytes, next to accuracy against DReLUs: at a few percent
+/// of the DReLUs, the pixel-level multiplications of patches cost more bytes than the DReLUs.
+fn against_bytes(md: &mut String, cfg: &PipelineConfig, rows: &[Row]) {
+    if !rows
+        .iter()
+        .any(|r| r.spec.as_ref().is_some_and(|e| e.relu_bytes.is_some()))
+    {
+        return;
+    }
+    let metric = cfg.train_config.task().metric_name();
+    let _ = writeln!(
+        md,
+        "## Accuracy against bytes (test {metric}, %)\n\n![accuracy against bytes](accuracy_bytes.png)\n"
+    );
+    let _ = writeln!(
+        md,
+        "ReLU-layer bytes per image in brelu's engine (docs/method.md 8.6; the linear layers \
+         cost the same whatever the spec). The method `bytes` solves the knapsack on these \
+         bytes within those of the knapsack's spec at the same DReLU budget.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| spec | DReLUs | ReLU-layer MB/image | {metric} % |\n|---|---|---|---|"
+    );
+    for r in rows {
+        let Some(e) = &r.spec else { continue };
+        let Some(b) = e.relu_bytes else { continue };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.2} |",
+            e.name,
+            r.drelus,
+            b as f64 / 1e6,
+            100.0 * r.eval.metric()
+        );
+    }
+    let _ = writeln!(md);
 }
 
 /// Every number of every row.
@@ -142,7 +182,7 @@ pub fn headline(rows: &[Row]) -> String {
         .copied()
         .filter(|(m, _)| {
             // The three original methods always have a column (a '-' says a budget is too small).
-            *m != "refine"
+            !super::optional(m)
                 || rows
                     .iter()
                     .any(|r| r.spec.as_ref().is_some_and(|e| e.method == *m))

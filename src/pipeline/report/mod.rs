@@ -11,12 +11,19 @@ use crate::spec::SiteInfo;
 use std::path::{Path, PathBuf};
 
 /// The spec methods in report order, with their column titles.
-const METHODS: [(&str, &str); 4] = [
+const METHODS: [(&str, &str); 6] = [
     ("knapsack", "knapsack"),
     ("refine", "knapsack + local search"),
+    ("iterative", "iterative knapsack"),
+    ("bytes", "knapsack on bytes"),
     ("uniform", "uniform"),
     ("per-site", "per-site uniform"),
 ];
+
+/// Methods that have a column only when the run has them.
+fn optional(method: &str) -> bool {
+    matches!(method, "refine" | "iterative" | "bytes")
+}
 
 /// Plots, then the markdown report; returns the report's path.
 pub fn write(

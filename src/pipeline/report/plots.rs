@@ -6,11 +6,16 @@ use crate::plot::line_plot;
 use crate::spec::{spec_cost, SiteInfo, Spec};
 use std::path::Path;
 
-fn series(rows: &[Row], method: &str, y: impl Fn(&Row) -> Option<f64>) -> Vec<(f64, f64)> {
+fn series(
+    rows: &[Row],
+    method: &str,
+    x: &dyn Fn(&Row) -> Option<f64>,
+    y: &dyn Fn(&Row) -> Option<f64>,
+) -> Vec<(f64, f64)> {
     let mut v: Vec<(f64, f64)> = rows
         .iter()
         .filter(|r| r.spec.as_ref().is_some_and(|s| s.method == method))
-        .filter_map(|r| y(r).map(|y| (r.drelus as f64, y)))
+        .filter_map(|r| Some((x(r)?, y(r)?)))
         .collect();
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     v
@@ -36,6 +41,7 @@ fn metric_plots(dir: &Path, rows: &[Row], metric: &str) -> Result<()> {
             (a.min(x), b.max(x))
         });
 
+    let drelus = |r: &Row| Some(r.drelus as f64);
     let plot = |file: &str,
                 title: &str,
                 ylabel: &str,
@@ -44,7 +50,7 @@ fn metric_plots(dir: &Path, rows: &[Row], metric: &str) -> Result<()> {
      -> Result<()> {
         let mut s: Vec<(&str, Vec<(f64, f64)>)> = super::METHODS
             .iter()
-            .map(|(m, _)| (*m, series(rows, m, y)))
+            .map(|(m, _)| (*m, series(rows, m, &drelus, y)))
             .filter(|(_, p)| !p.is_empty())
             .collect();
         if with_base {
@@ -80,6 +86,23 @@ fn metric_plots(dir: &Path, rows: &[Row], metric: &str) -> Result<()> {
         &|r| r.secure.as_ref().map(|s| s.mean_seconds),
         false,
     )?;
+    // The metric against the ReLU layers' bytes (the `bytes` method's budget).
+    let mb = |r: &Row| r.spec.as_ref()?.relu_bytes.map(|b| b as f64 / 1e6);
+    let pct = |r: &Row| Some(100.0 * r.eval.metric());
+    let s: Vec<(&str, Vec<(f64, f64)>)> = super::METHODS
+        .iter()
+        .map(|(m, _)| (*m, series(rows, m, &mb, &pct)))
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    if !s.is_empty() {
+        line_plot(
+            &dir.join("accuracy_bytes.png"),
+            &format!("test {metric} against ReLU-layer bytes"),
+            "ReLU-layer MB per image (brelu's engine)",
+            &format!("{metric} (%)"),
+            &s,
+        )?;
+    }
     Ok(())
 }
 
