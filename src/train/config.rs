@@ -77,6 +77,8 @@ pub enum ScheduleKind {
     Cosine,
     /// `min_lr + (lr - min_lr) * (1 - t / T)^power` (mmseg's poly).
     Poly,
+    /// `lr` after the warm-up (`min_lr` is not used).
+    Constant,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

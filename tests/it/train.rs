@@ -249,6 +249,37 @@ fn brelu_configs_warm_up_per_iteration_and_decay_at_published_epochs() {
     close(lr(24, nb - 1), 1e-4);
 }
 
+/// `kind = "constant"`: the rate after the warm-up; the shipped ImageNet avg-pool swap is the
+/// published constant 1e-4 after one epoch of per-iteration warm-up from 1%.
+#[test]
+fn constant_schedule_and_the_avgpool_swap_recipe() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+    let c = cfg(&TINY.replace(
+        "kind = \"step\"\nmilestones = [1]\ngamma = 0.5",
+        "kind = \"constant\"\nwarmup_epochs = 1\nwarmup_start = 0.1",
+    ));
+    close(lr_at(&c.schedule, 0.05, 0, 2), 0.005);
+    close(lr_at(&c.schedule, 0.05, 1, 2), 0.05);
+    close(lr_at(&c.schedule, 0.05, 5, 2), 0.05);
+    // Milestones belong to step schedules.
+    let bad = TINY.replace("kind = \"step\"", "kind = \"constant\"");
+    let e = Config::from_toml_str(&bad, Path::new("tiny.toml")).unwrap_err();
+    assert!(e.to_string().contains("schedule.milestones"), "{e}");
+
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/imagenet-resnet50-avgpool.toml");
+    let a = Config::load(&p).unwrap();
+    assert_eq!(a.schedule.kind, train::ScheduleKind::Constant);
+    assert_eq!(a.epochs, 15);
+    let nb = 100;
+    let lr = |e, b| train::lr_for_batch(&a.schedule, a.optimizer.lr, e, b, nb, a.epochs);
+    close(lr(0, 0), 1e-6);
+    close(lr(0, 50), 1e-4 * (0.01 + 0.99 * 0.5));
+    for e in [1, 7, 14] {
+        close(lr(e, 0), 1e-4);
+        close(lr(e, nb - 1), 1e-4);
+    }
+}
+
 /// 48 8x8 images in 3 classes (bright left, bright right, bright top), lightly noisy.
 fn toy(n: usize, salt: u8) -> Dataset {
     let mut px = Vec::new();
