@@ -2,6 +2,7 @@
 //! tch and brelu fourteen times dominated `make test` on small machines.
 mod common;
 
+mod accumulate;
 mod block_relu;
 mod data;
 mod dist;
