@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Override the configuration's training batch size.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Override the configuration's gradient accumulation (micro-batches per optimizer step;
+    /// e.g. 1 on as many data-parallel ranks as the published GPUs).
+    #[arg(long)]
+    pub accumulate: Option<usize>,
     /// Override the configuration's seed (initialisation, data order, augmentation).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -140,6 +144,10 @@ fn load_config(path: &Path, a: Option<&TrainArgs>) -> Result<Config> {
     if let Some(b) = a.batch_size {
         anyhow::ensure!(b > 0, "--batch-size must be at least 1");
         cfg.batch_size = b;
+    }
+    if let Some(n) = a.accumulate {
+        anyhow::ensure!(n > 0, "--accumulate must be at least 1");
+        cfg.accumulate = n;
     }
     if let Some(s) = a.seed {
         cfg.seed = s;

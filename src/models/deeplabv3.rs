@@ -32,14 +32,17 @@
 //! part of the network and is skipped when loading ([`Architecture::ignores_tensor`]).
 use super::graph::{GraphBuilder, Slot};
 use super::mobilenet_v2;
-use super::resnet::RESNET50_D8;
+use super::resnet::{RESNET50_D8, RESNET50_D8_COUNTPAD};
 use super::{ArchConfig, Architecture};
 
 /// The backbone under the ASPP head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backbone {
     MobileNetV2D8,
-    ResNet50D8,
+    /// `count_pad`: the stem average pool counts the padding (PyTorch's default).
+    ResNet50D8 {
+        count_pad: bool,
+    },
 }
 
 pub struct DeepLabV3 {
@@ -70,9 +73,18 @@ pub const DEEPLABV3_MOBILENETV2: DeepLabV3 = DeepLabV3 {
 pub const DEEPLABV3_RESNET50_D8: DeepLabV3 = DeepLabV3 {
     name: "deeplabv3-resnet50-d8",
     summary: "DeepLabV3 (ASPP) on ResNetV1c-50-D8, avg-pool stem (mmseg, VOC)",
-    backbone: Backbone::ResNet50D8,
+    backbone: Backbone::ResNet50D8 { count_pad: false },
     classes: 21,
     ..DEEPLABV3_MOBILENETV2
+};
+
+/// `deeplabv3-resnet50-d8` whose stem pool counts the padding, as the published
+/// `AvgPoolResNetSeg` (`nn.AvgPool2d(3, 2, 1)`); same parameters and sites.
+pub const DEEPLABV3_RESNET50_D8_COUNTPAD: DeepLabV3 = DeepLabV3 {
+    name: "deeplabv3-resnet50-d8-countpad",
+    summary: "deeplabv3-resnet50-d8 whose stem pool counts the padding (PyTorch's default)",
+    backbone: Backbone::ResNet50D8 { count_pad: true },
+    ..DEEPLABV3_RESNET50_D8
 };
 
 impl Architecture for DeepLabV3 {
@@ -100,7 +112,8 @@ impl Architecture for DeepLabV3 {
                 [1, 2, 2, 1, 1, 1, 1],
                 [1, 1, 1, 2, 2, 4, 4],
             ),
-            Backbone::ResNet50D8 => RESNET50_D8.trunk(g, cfg.input[0]),
+            Backbone::ResNet50D8 { count_pad: false } => RESNET50_D8.trunk(g, cfg.input[0]),
+            Backbone::ResNet50D8 { count_pad: true } => RESNET50_D8_COUNTPAD.trunk(g, cfg.input[0]),
         };
         self.aspp_head(g, x, cin, cfg.num_classes)
     }
@@ -112,7 +125,7 @@ impl Architecture for DeepLabV3 {
         let rest = name.strip_prefix("backbone.")?;
         match self.backbone {
             Backbone::MobileNetV2D8 => mobilenet_v2::mmcls_to_torchvision(name),
-            Backbone::ResNet50D8 => Some(rest.to_string()),
+            Backbone::ResNet50D8 { .. } => Some(rest.to_string()),
         }
     }
 

@@ -307,13 +307,26 @@ impl GraphBuilder {
 
     /// Average pool dividing by the in-bounds pixels (`count_include_pad=False`).
     pub fn avg_pool(&mut self, x: Slot, kernel: usize, stride: usize, pad: usize) -> Slot {
+        self.avg_pool_divisor(x, kernel, stride, pad, false)
+    }
+
+    /// Average pool dividing by the whole window, padding included, with `count_pad`
+    /// (`count_include_pad=True`, PyTorch's default), else by the in-bounds pixels.
+    pub fn avg_pool_divisor(
+        &mut self,
+        x: Slot,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        count_pad: bool,
+    ) -> Slot {
         self.push(|y| Op::AvgPool {
             x,
             y,
             kernel,
             stride,
             pad,
-            count_pad: false,
+            count_pad,
         })
     }
 

@@ -82,9 +82,11 @@ pub fn architectures() -> &'static [&'static dyn Architecture] {
         &resnet::RESNET18_CIFAR_LIGHT,
         &resnet::RESNET50,
         &resnet::RESNET50_AVGPOOL,
+        &resnet::RESNET50_AVGPOOL_COUNTPAD,
         &mobilenet_v2::MobileNetV2,
         &deeplabv3::DEEPLABV3_MOBILENETV2,
         &deeplabv3::DEEPLABV3_RESNET50_D8,
+        &deeplabv3::DEEPLABV3_RESNET50_D8_COUNTPAD,
     ]
 }
 

@@ -17,12 +17,15 @@ pub enum Stem {
     /// ImageNet stem: 7x7/2 conv, then a 3x3/2 max pool.
     MaxPool,
     /// ImageNet stem with the max pool swapped for a 3x3/2 average pool (cheap to evaluate on
-    /// secret shares).
-    AvgPool,
+    /// secret shares). `count_pad`: the pool divides by 9 everywhere, padding counted
+    /// (`nn.AvgPool2d`'s default `count_include_pad=True`, as the published avg-pool networks
+    /// were trained and run), else by the in-bounds pixels (4 or 6 on the border).
+    AvgPool { count_pad: bool },
     /// mmseg's ResNetV1c deep stem: three 3x3 convs (32/2, 32, 64 channels, parameters
     /// `stem.{0,1}`, `stem.{3,4}`, `stem.{6,7}` as in mmseg's `nn.Sequential`, sites `stem_0`,
-    /// `stem_1`, `stem_2`), then a 3x3/2 average pool in place of mmseg's max pool.
-    DeepAvgPool,
+    /// `stem_1`, `stem_2`), then a 3x3/2 average pool in place of mmseg's max pool (divisor as
+    /// for `AvgPool`).
+    DeepAvgPool { count_pad: bool },
 }
 
 /// A ResNet of BasicBlocks (expansion 1) or Bottlenecks (expansion 4).
@@ -82,7 +85,17 @@ pub const RESNET50: ResNet = ResNet {
 pub const RESNET50_AVGPOOL: ResNet = ResNet {
     name: "resnet50-avgpool",
     summary: "ResNet50 with the stem max-pool replaced by a 3x3/2 average pool",
-    stem: Stem::AvgPool,
+    stem: Stem::AvgPool { count_pad: false },
+    ..RESNET50
+};
+
+/// `resnet50-avgpool` with the published divisor: padding counted, as PyTorch's
+/// `nn.AvgPool2d(3, 2, 1)` in the published `AvgPoolResNet`, so its checkpoints give the same
+/// outputs. Same parameters and sites.
+pub const RESNET50_AVGPOOL_COUNTPAD: ResNet = ResNet {
+    name: "resnet50-avgpool-countpad",
+    summary: "resnet50-avgpool whose stem pool counts the padding (PyTorch's default divisor)",
+    stem: Stem::AvgPool { count_pad: true },
     ..RESNET50
 };
 
@@ -92,11 +105,18 @@ pub const RESNET50_AVGPOOL: ResNet = ResNet {
 pub const RESNET50_D8: ResNet = ResNet {
     name: "resnet50-d8",
     summary: "dilated ResNetV1c-50 backbone (output stride 8)",
-    stem: Stem::DeepAvgPool,
+    stem: Stem::DeepAvgPool { count_pad: false },
     strides: [1, 2, 1, 1],
     dilations: [1, 1, 2, 4],
     contract_dilation: true,
     ..RESNET50
+};
+
+/// [`RESNET50_D8`] whose stem pool counts the padding (the published `AvgPoolResNetSeg`).
+pub const RESNET50_D8_COUNTPAD: ResNet = ResNet {
+    name: "resnet50-d8-countpad",
+    stem: Stem::DeepAvgPool { count_pad: true },
+    ..RESNET50_D8
 };
 
 impl Architecture for ResNet {
@@ -141,12 +161,12 @@ impl ResNet {
                 let x = g.bn(x, "bn1", self.base);
                 g.act(x, "stem")
             }
-            Stem::MaxPool | Stem::AvgPool => {
+            Stem::MaxPool | Stem::AvgPool { .. } => {
                 let x = g.conv(x, "conv1", cin, self.base, 7, 2);
                 let x = g.bn(x, "bn1", self.base);
                 g.act(x, "stem")
             }
-            Stem::DeepAvgPool => {
+            Stem::DeepAvgPool { .. } => {
                 let half = self.base / 2;
                 let mut x = x;
                 let mut c = cin;
@@ -165,7 +185,9 @@ impl ResNet {
         x = match self.stem {
             Stem::Cifar { .. } => x,
             Stem::MaxPool => g.max_pool(x, 3, 2, 1),
-            Stem::AvgPool | Stem::DeepAvgPool => g.avg_pool(x, 3, 2, 1),
+            Stem::AvgPool { count_pad } | Stem::DeepAvgPool { count_pad } => {
+                g.avg_pool_divisor(x, 3, 2, 1, count_pad)
+            }
         };
         let expansion = if self.bottleneck { 4 } else { 1 };
         let mut channels = self.base;

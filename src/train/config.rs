@@ -28,6 +28,11 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<usize>,
     pub batch_size: usize,
+    /// Gradient accumulation: micro-batches of `batch_size` per optimizer step (default 1),
+    /// so a step sees `batch_size * accumulate` images (the published batch where one device
+    /// cannot hold it). Schedules count optimizer steps.
+    #[serde(default = "one_step", skip_serializing_if = "is_one_step")]
+    pub accumulate: usize,
     #[serde(default)]
     pub seed: u64,
     /// Use only the first N training images (quick runs).
@@ -77,6 +82,8 @@ pub enum ScheduleKind {
     Cosine,
     /// `min_lr + (lr - min_lr) * (1 - t / T)^power` (mmseg's poly).
     Poly,
+    /// `lr` after the warm-up (`min_lr` is not used).
+    Constant,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -111,6 +118,14 @@ pub struct ScheduleConfig {
 
 fn one() -> f64 {
     1.0
+}
+
+fn one_step() -> usize {
+    1
+}
+
+fn is_one_step(v: &usize) -> bool {
+    *v == 1
 }
 
 fn poly_power() -> f64 {
@@ -305,6 +320,12 @@ impl Config {
     ) -> Result<()> {
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1".into());
+        }
+        if self.accumulate == 0 {
+            return bad(
+                "accumulate",
+                "must be at least 1 (micro-batches per step)".into(),
+            );
         }
         if let Some(d) = &self.distill {
             if !(d.alpha.is_finite() && d.alpha >= 0.0) {

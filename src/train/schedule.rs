@@ -1,5 +1,6 @@
 //! Learning-rate schedules: linear warm-up from a fraction of the base rate, then step decay
-//! (x gamma at each milestone), cosine decay to `min_lr` or poly decay to `min_lr`. Evaluated
+//! (x gamma at each milestone), cosine decay to `min_lr`, poly decay to `min_lr` or a
+//! constant rate. Evaluated
 //! once per epoch, before every batch when `per_iteration` is set (then warm-up and cosine
 //! move smoothly with the fraction of the epoch done; step milestones stay whole epochs), or,
 //! for iteration-based runs (`iterations`), per iteration with warm-up and milestones counted
@@ -34,6 +35,7 @@ pub fn lr_for_batch(
 /// Step: `max(lr * gamma^k, min_lr)`, k = milestones `<= epoch`.
 /// Cosine: `min_lr + (lr - min_lr) * (1 + cos(pi * (epoch - w) / (epochs - w))) / 2`.
 /// Poly: `min_lr + (lr - min_lr) * (1 - epoch / epochs)^power`.
+/// Constant: `lr`.
 pub fn lr_at(s: &ScheduleConfig, lr: f64, epoch: usize, epochs: usize) -> f64 {
     lr_at_progress(s, lr, epoch as f64, epochs)
 }
@@ -79,5 +81,6 @@ fn rate(s: &ScheduleConfig, lr: f64, t: f64, total: f64, w: f64) -> f64 {
             let p = (t / total.max(1.0)).min(1.0);
             s.min_lr + (lr - s.min_lr) * (1.0 - p).powf(s.power)
         }
+        ScheduleKind::Constant => lr,
     }
 }

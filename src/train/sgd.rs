@@ -52,18 +52,34 @@ impl Sgd {
     /// Clears the gradients, back-propagates `loss`, averages the gradients over the ranks of
     /// a data-parallel run and updates every variable.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        self.zero_grad();
+        self.backward(loss)?;
+        self.step()
+    }
+
+    /// Clears the gradients (the start of a step's accumulation).
+    pub fn zero_grad(&self) {
         for (_, p) in &self.params {
             let mut g = p.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
         }
+    }
+
+    /// Back-propagates `loss`, adding to the gradients since [`Sgd::zero_grad`].
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
         // A collective inside the backward pass (synchronised batch norm) can fail: an error,
         // not a panic.
         loss.f_backward().map_err(|e| match self.reducer {
             Some(_) => Error::Dist(format!("backward pass: {e}")),
             None => Error::InvalidArgument(format!("backward pass failed: {e}")),
-        })?;
+        })
+    }
+
+    /// Averages the accumulated gradients over the ranks of a data-parallel run (once per
+    /// step) and updates every variable.
+    pub fn step(&mut self) -> Result<()> {
         if let Some((group, reducer, params)) = &self.reducer {
             reducer.reduce(group, params)?;
         }

@@ -2,6 +2,8 @@
 //! tch and brelu fourteen times dominated `make test` on small machines.
 mod common;
 
+mod accumulate;
+mod avg_pool;
 mod block_relu;
 mod data;
 mod dist;

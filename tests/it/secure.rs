@@ -607,6 +607,7 @@ fn end_to_end_every_model_in_the_zoo() {
     for (name, input) in [
         ("resnet50", [3, 24, 24]),
         ("resnet50-avgpool", [3, 24, 24]),
+        ("resnet50-avgpool-countpad", [3, 24, 24]),
         ("mobilenetv2", [3, 16, 16]),
         ("resnet18-cifar", [3, 8, 8]),
     ] {

@@ -207,6 +207,79 @@ fn per_iteration_schedules_move_within_epochs() {
     close(train::lr_for_batch(&st.schedule, 0.1, 1, 0, 4, 2), 0.05);
 }
 
+/// The block-ReLU configurations warm up per iteration (mmcv `warmup_by_epoch = True`) and
+/// still decay at the published epochs: CIFAR-100 x0.25 at 30, 60, 90; ImageNet x0.25 at 12,
+/// 18, 22 (floored at 1e-4).
+#[test]
+fn brelu_configs_warm_up_per_iteration_and_decay_at_published_epochs() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    let load = |name: &str| {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(name);
+        Config::load(&p).unwrap()
+    };
+    let nb = 100; // batches per epoch
+    let c = load("cifar100-resnet18-brelu.toml");
+    assert!(c.schedule.per_iteration);
+    let lr = |e, b| train::lr_for_batch(&c.schedule, c.optimizer.lr, e, b, nb, c.epochs);
+    close(lr(0, 0), 0.005 * 0.01);
+    // Iteration 250 of the 500 warm-up iterations.
+    close(lr(2, 50), 0.005 * (0.01 + 0.99 * 0.5));
+    close(lr(4, 99), 0.005 * (0.01 + 0.99 * 499.0 / 500.0));
+    close(lr(5, 0), 0.005);
+    for (before, at, rate) in [(29, 30, 0.00125), (59, 60, 0.0003125), (89, 90, 1e-4)] {
+        assert!(lr(before, nb - 1) > rate, "epoch {before}");
+        close(lr(at, 0), rate);
+        close(lr(at, nb - 1), rate);
+    }
+    close(lr(119, nb - 1), 1e-4);
+
+    let c = load("imagenet-resnet50-brelu.toml");
+    assert!(c.schedule.per_iteration);
+    let lr = |e, b| train::lr_for_batch(&c.schedule, c.optimizer.lr, e, b, nb, c.epochs);
+    close(lr(0, 0), 0.005 * 0.01);
+    close(lr(0, 50), 0.005 * (0.01 + 0.99 * 0.5));
+    close(lr(1, 0), 0.005);
+    close(lr(11, nb - 1), 0.005);
+    close(lr(12, 0), 0.00125);
+    close(lr(17, nb - 1), 0.00125);
+    close(lr(18, 0), 0.0003125);
+    close(lr(22, 0), 1e-4); // 0.005 * 0.25^3 = 7.8e-5, floored
+    close(lr(24, nb - 1), 1e-4);
+}
+
+/// `kind = "constant"`: the rate after the warm-up; the shipped ImageNet avg-pool swap is the
+/// published constant 1e-4 after one epoch of per-iteration warm-up from 1%.
+#[test]
+fn constant_schedule_and_the_avgpool_swap_recipe() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+    let c = cfg(&TINY.replace(
+        "kind = \"step\"\nmilestones = [1]\ngamma = 0.5",
+        "kind = \"constant\"\nwarmup_epochs = 1\nwarmup_start = 0.1",
+    ));
+    close(lr_at(&c.schedule, 0.05, 0, 2), 0.005);
+    close(lr_at(&c.schedule, 0.05, 1, 2), 0.05);
+    close(lr_at(&c.schedule, 0.05, 5, 2), 0.05);
+    // Milestones belong to step schedules.
+    let bad = TINY.replace("kind = \"step\"", "kind = \"constant\"");
+    let e = Config::from_toml_str(&bad, Path::new("tiny.toml")).unwrap_err();
+    assert!(e.to_string().contains("schedule.milestones"), "{e}");
+
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/imagenet-resnet50-avgpool.toml");
+    let a = Config::load(&p).unwrap();
+    assert_eq!(a.schedule.kind, train::ScheduleKind::Constant);
+    assert_eq!(a.epochs, 15);
+    let nb = 100;
+    let lr = |e, b| train::lr_for_batch(&a.schedule, a.optimizer.lr, e, b, nb, a.epochs);
+    close(lr(0, 0), 1e-6);
+    close(lr(0, 50), 1e-4 * (0.01 + 0.99 * 0.5));
+    for e in [1, 7, 14] {
+        close(lr(e, 0), 1e-4);
+        close(lr(e, nb - 1), 1e-4);
+    }
+}
+
 /// 48 8x8 images in 3 classes (bright left, bright right, bright top), lightly noisy.
 fn toy(n: usize, salt: u8) -> Dataset {
     let mut px = Vec::new();

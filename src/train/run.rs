@@ -1,0 +1,352 @@
+//! The training loop of one [`train_on`](super::train_on) call: epochs or iterations of
+//! optimizer steps, each over `accumulate` micro-batches of `batch_size` images whose
+//! gradients add up before the update (gradient accumulation: the effective batch is
+//! `batch_size * accumulate`), then a checkpoint.
+//!
+//! Epoch runs weight each micro-batch's mean loss by its share of the step's images, so a step
+//! over micro-batches equals one step over their union (the epoch's last step takes the
+//! micro-batches left, as a big batch would take the images left). Iteration runs take
+//! `accumulate` micro-batches per iteration from the stream of epochs, each weighted
+//! `1 / accumulate`.
+use super::{
+    data, distillation_loss, evaluate, lr_at, lr_at_iteration, lr_for_batch, precision, segment,
+    sgd, write_atomic, Checkpoint, Config, EpochMetrics, TrainOptions, CHECKPOINT_JSON,
+    CHECKPOINT_OPTIMIZER, CHECKPOINT_WEIGHTS,
+};
+use crate::data::{BatchIter, Dataset, Normalize};
+use crate::error::{Error, Result};
+use crate::models::Model;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Running sums of the training loss and accuracy since the last metrics line.
+#[derive(Default, Clone, Copy)]
+struct Window {
+    loss: f64,
+    correct: i64,
+    /// Samples (segmentation: labelled pixels) counted for the accuracy.
+    counted: i64,
+    /// Images seen.
+    images: usize,
+    /// Batches, for the mean loss.
+    batches: usize,
+}
+
+/// The state of one [`train_on`](super::train_on) call.
+pub(super) struct Run<'a> {
+    pub cfg: &'a Config,
+    pub model: &'a mut Model,
+    pub opt: sgd::Sgd,
+    pub teacher: Option<Model>,
+    pub train_set: &'a Dataset,
+    pub test_set: &'a Dataset,
+    pub opts: &'a TrainOptions,
+    pub hash: String,
+    pub metrics_path: PathBuf,
+    pub norm: Normalize,
+    pub out: Vec<EpochMetrics>,
+    /// Single process, or rank 0: evaluates, writes and shows progress.
+    pub leader: bool,
+}
+
+impl<'a> Run<'a> {
+    /// The training batches of `epoch` (borrowing the data set, not the run, so they stream
+    /// while the run steps).
+    fn batches(&self, epoch: usize) -> BatchIter<'a> {
+        let (rank, world) = self.rank_world();
+        BatchIter::train(
+            self.train_set,
+            self.micro_batch(),
+            self.cfg.seed,
+            epoch,
+            self.cfg.dataset.augmentation(),
+            self.norm.clone(),
+            self.model.device(),
+        )
+        .shard(self.cfg.seed, epoch, rank, world)
+    }
+
+    fn rank_world(&self) -> (usize, usize) {
+        self.opts
+            .group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank, g.world))
+    }
+
+    /// Images per micro-batch on this rank.
+    fn micro_batch(&self) -> usize {
+        self.cfg.batch_size / self.rank_world().1
+    }
+
+    /// Data-parallel runs: `w` summed over the ranks, and a check that the ranks' weights
+    /// are still identical.
+    fn gather_window(&self, w: &Window) -> Result<Window> {
+        let Some(g) = &self.opts.group else {
+            return Ok(*w);
+        };
+        g.check_same(&self.opt.params(), "weights")?;
+        let t = Tensor::from_slice(&[
+            w.loss,
+            w.correct as f64,
+            w.counted as f64,
+            w.images as f64,
+            w.batches as f64,
+        ])
+        .to_device(self.model.device());
+        g.all_reduce_sum(&t)?;
+        let v = Vec::<f64>::try_from(t.to_device(Device::Cpu)).expect("f64 vector");
+        Ok(Window {
+            loss: v[0],
+            correct: v[1] as i64,
+            counted: v[2] as i64,
+            images: v[3] as usize,
+            batches: v[4] as usize,
+        })
+    }
+
+    /// The forward and backward pass of one micro-batch, its loss weighted by `scale`, adding
+    /// to the gradients of the step under way.
+    fn micro(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        scale: f64,
+        w: &mut Window,
+        when: &str,
+    ) -> Result<()> {
+        if self.opts.channels_last {
+            precision::channels_last(x)?;
+        }
+        let autocast = precision::Autocast::begin(x.device(), self.opts.precision);
+        let logits = self.model.forward_t(x, true);
+        let seg = self.train_set.seg.is_some();
+        let (ce, pred, counted) = if seg {
+            let (ce, valid, up) = segment::seg_loss(&logits, y);
+            let hit = up
+                .argmax(1, false)
+                .eq_tensor(y)
+                .logical_and(&y.ne(data::seg::IGNORE as i64));
+            (ce, hit, valid)
+        } else {
+            let ce = logits.cross_entropy_for_logits(y);
+            (ce, logits.argmax(1, false).eq_tensor(y), y.size()[0])
+        };
+        let loss = match (&self.teacher, &self.cfg.distill) {
+            (Some(t), Some(d)) => {
+                let tl = tch::no_grad(|| t.forward_t(x, false));
+                ce + distillation_loss(&logits, &tl, d.alpha, d.temperature)
+            }
+            _ => ce,
+        };
+        drop(autocast);
+        if scale == 1.0 {
+            self.opt.backward(&loss)?;
+        } else {
+            self.opt.backward(&(&loss * scale))?;
+        }
+        let l = loss.double_value(&[]);
+        if !l.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "training diverged at {when} (loss {l}); lower optimizer.lr"
+            )));
+        }
+        let b = x.size()[0] as usize;
+        w.loss += l * b as f64;
+        w.correct += pred.sum(Kind::Int64).int64_value(&[]);
+        w.counted += counted;
+        w.images += b;
+        w.batches += 1;
+        Ok(())
+    }
+
+    /// The optimizer step at rate `lr` on the gradients accumulated since the last one (a
+    /// data-parallel run averages them over the ranks here, once per step).
+    fn update(&mut self, lr: f64) -> Result<()> {
+        self.opt.lr = lr;
+        self.opt.step()
+    }
+
+    /// Evaluates, appends the metrics line and writes the checkpoint (all atomically but the
+    /// append, which [`trim_metrics`] repairs on resume).
+    fn checkpoint(
+        &mut self,
+        epoch: usize,
+        iteration: Option<usize>,
+        lr: f64,
+        w: &Window,
+        t0: Instant,
+        train_secs: f64,
+    ) -> Result<()> {
+        let w = &self.gather_window(w)?;
+        if !self.leader {
+            // Rank 0 evaluates and writes; the others wait for it at the barrier.
+            return self.opts.group.as_ref().map_or(Ok(()), |g| g.barrier());
+        }
+        let eval_bs = self.cfg.eval_batch_size.unwrap_or(self.cfg.batch_size);
+        let test = evaluate(self.model, self.test_set, &self.norm, eval_bs)?;
+        let m = EpochMetrics {
+            epoch,
+            iteration,
+            lr,
+            train_loss: w.loss / w.images.max(1) as f64,
+            train_top1: w.correct as f64 / w.counted.max(1) as f64,
+            test,
+            seconds: t0.elapsed().as_secs_f64(),
+            images_per_s: w.images as f64 / train_secs.max(1e-9),
+        };
+        append_line(
+            &self.metrics_path,
+            &serde_json::to_string(&m).expect("metrics"),
+        )?;
+        let dir = &self.opts.run_dir;
+        self.model.save_weights(&dir.join(CHECKPOINT_WEIGHTS))?;
+        self.opt.save(&dir.join(CHECKPOINT_OPTIMIZER))?;
+        let ck = Checkpoint {
+            // Iteration runs: the epochs completed (the resume point comes from `iteration`).
+            epoch: if iteration.is_some() {
+                epoch.saturating_sub(1)
+            } else {
+                epoch
+            },
+            iteration,
+            seed: self.cfg.seed,
+            config_hash: self.hash.clone(),
+            spec: self.opts.spec.clone(),
+            momentum_saved: true,
+            last: Some(m.clone()),
+        };
+        let text = serde_json::to_string_pretty(&ck).expect("checkpoint");
+        write_atomic(&dir.join(CHECKPOINT_JSON), text.as_bytes())?;
+        self.out.push(m);
+        match &self.opts.group {
+            Some(g) => g.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn by_epochs(&mut self, start: usize) -> Result<()> {
+        let cfg = self.cfg;
+        for epoch in start..cfg.epochs {
+            let lr = lr_at(&cfg.schedule, cfg.optimizer.lr, epoch, cfg.epochs);
+            let t0 = Instant::now();
+            let it = self.batches(epoch);
+            let bar = progress_bar(
+                self.opts.progress && self.leader,
+                it.batches() as u64,
+                format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            );
+            let mut w = Window::default();
+            let (n, bs) = (cfg.accumulate.max(1), self.micro_batch());
+            let (batches, len) = (it.batches(), it.order().len());
+            let steps = batches.div_ceil(n);
+            let (mut pending, mut lr_s) = (false, lr);
+            for (i, b) in it.prefetch(self.opts.loader)?.enumerate() {
+                let (x, y) = b?;
+                let s = i / n;
+                if i % n == 0 {
+                    self.opt.zero_grad();
+                    lr_s =
+                        lr_for_batch(&cfg.schedule, cfg.optimizer.lr, epoch, s, steps, cfg.epochs);
+                }
+                // This step's images: n micro-batches, or what the epoch has left.
+                let group = ((s + 1) * n * bs).min(len).saturating_sub(s * n * bs);
+                let scale = x.size()[0] as f64 / group.max(1) as f64;
+                self.micro(&x, &y, scale, &mut w, &format!("epoch {}", epoch + 1))?;
+                pending = true;
+                if (i + 1) % n == 0 || i + 1 == batches {
+                    self.update(lr_s)?;
+                    pending = false;
+                }
+                bar.inc(1);
+                bar.set_message(window_message(&w, t0));
+            }
+            if pending {
+                self.update(lr_s)?;
+            }
+            bar.finish_and_clear();
+            let train_secs = t0.elapsed().as_secs_f64();
+            self.checkpoint(epoch + 1, None, lr, &w, t0, train_secs)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn by_iterations(&mut self, start: usize, total: usize) -> Result<()> {
+        let cfg = self.cfg;
+        let every = cfg.checkpoint_every.unwrap_or(1000).clamp(1, total);
+        let per_epoch = self.batches(0).batches().max(1);
+        let bar = progress_bar(
+            self.opts.progress && self.leader,
+            total as u64,
+            "iterations".to_string(),
+        );
+        bar.set_position(start as u64);
+        let n = cfg.accumulate.max(1);
+        let (mut it, mut m) = (start, start * n);
+        let (mut w, mut t0) = (Window::default(), Instant::now());
+        while it < total {
+            let epoch = m / per_epoch;
+            let mut batches = self.batches(epoch);
+            batches.skip_batches(m % per_epoch);
+            for b in batches.prefetch(self.opts.loader)?.take(total * n - m) {
+                let (x, y) = b?;
+                if m.is_multiple_of(n) {
+                    self.opt.zero_grad();
+                }
+                let when = format!("iteration {}", it + 1);
+                self.micro(&x, &y, 1.0 / n as f64, &mut w, &when)?;
+                m += 1;
+                if !m.is_multiple_of(n) {
+                    continue;
+                }
+                let lr = lr_at_iteration(&cfg.schedule, cfg.optimizer.lr, it, total);
+                self.update(lr)?;
+                it += 1;
+                bar.inc(1);
+                bar.set_message(window_message(&w, t0));
+                if it.is_multiple_of(every) || it == total {
+                    let secs = t0.elapsed().as_secs_f64();
+                    self.checkpoint(epoch + 1, Some(it), lr, &w, t0, secs)?;
+                    (w, t0) = (Window::default(), Instant::now());
+                }
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+}
+
+fn window_message(w: &Window, t0: Instant) -> String {
+    format!(
+        "loss {:.4} acc {:.2}% {:.0} img/s",
+        w.loss / w.images.max(1) as f64,
+        100.0 * w.correct as f64 / w.counted.max(1) as f64,
+        w.images as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+    )
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(path, e))
+}
+
+fn progress_bar(show: bool, len: u64, prefix: String) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar
+}
