@@ -35,6 +35,10 @@ pub struct DatasetConfig {
     /// 512).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slide_stride: Option<[usize; 2]>,
+    /// Segmentation: redraw a training crop (up to 10 draws) while one class covers this
+    /// fraction or more of its labelled pixels (mmseg's `cat_max_ratio`; default 1: no redraw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cat_max_ratio: Option<f64>,
     /// Per-channel mean subtracted from the [0, 1] pixels (default: the kind's published
     /// training-set statistics); one value per input channel, or one for all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,6 +70,7 @@ impl DatasetConfig {
             stride: self
                 .slide_stride
                 .unwrap_or([(input[1] * 2 / 3).max(1), (input[2] * 2 / 3).max(1)]),
+            cat_max_ratio: self.cat_max_ratio.unwrap_or(1.0),
         }
     }
 

@@ -411,6 +411,7 @@ pub fn load_sized(
         photometric: true,
         inference: seg::Inference::Whole,
         stride: [(input[1] * 2 / 3).max(1), (input[2] * 2 / 3).max(1)],
+        cat_max_ratio: 1.0,
     };
     load_with(kind, dir, split, input, num_classes, t)
 }

@@ -84,6 +84,46 @@ pub struct SegTransforms {
     /// Evaluation: whole image or sliding windows of the crop size at `stride` ([H, W]).
     pub inference: Inference,
     pub stride: [usize; 2],
+    /// Training crop: up to [`CROP_TRIES`] random crops are drawn until the most frequent class
+    /// (ignored pixels aside) covers less than this fraction of the labelled pixels (mmseg's
+    /// `RandomCrop(cat_max_ratio)`); 1 takes the first crop.
+    pub cat_max_ratio: f64,
+}
+
+/// Crops mmseg's `RandomCrop` draws at most for `cat_max_ratio`.
+pub const CROP_TRIES: usize = 10;
+
+/// The top-left corner of a `kh x kw` training crop of `m`: random, and with `ratio < 1`
+/// redrawn (at most [`CROP_TRIES`] times in all) while one class covers `ratio` or more of the
+/// crop's labelled pixels or the crop has fewer than two classes; the last draw is kept.
+pub fn choose_crop(m: &Mask, kh: usize, kw: usize, ratio: f64, rng: &mut Rng) -> (usize, usize) {
+    let mut draw = || {
+        let y0 = rng.below((m.height - kh + 1) as u64) as usize;
+        let x0 = rng.below((m.width - kw + 1) as u64) as usize;
+        (y0, x0)
+    };
+    let mut corner = draw();
+    if ratio >= 1.0 {
+        return corner;
+    }
+    for _ in 1..CROP_TRIES {
+        let mut counts = [0u64; 256];
+        for y in corner.0..corner.0 + kh {
+            let row = &m.labels[y * m.width + corner.1..y * m.width + corner.1 + kw];
+            for &l in row {
+                counts[l as usize] += 1;
+            }
+        }
+        counts[IGNORE as usize] = 0;
+        let total: u64 = counts.iter().sum();
+        let classes = counts.iter().filter(|&&c| c > 0).count();
+        let top = counts.iter().copied().max().unwrap_or(0);
+        if classes > 1 && (top as f64) < ratio * total as f64 {
+            break;
+        }
+        corner = draw();
+    }
+    corner
 }
 
 /// One split: image and mask files in the same order.
@@ -480,8 +520,7 @@ impl SegSet {
                 let [ch, cw] = tr.crop;
                 // Random crop of at most the crop size, then padding up to it.
                 let (kh, kw) = (ch.min(nh), cw.min(nw));
-                let y0 = rng.below((nh - kh + 1) as u64) as usize;
-                let x0 = rng.below((nw - kw + 1) as u64) as usize;
+                let (y0, x0) = choose_crop(&m, kh, kw, tr.cat_max_ratio, &mut rng);
                 let mut c =
                     image::imageops::crop_imm(&r, x0 as u32, y0 as u32, kw as u32, kh as u32)
                         .to_image();

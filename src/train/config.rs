@@ -267,6 +267,7 @@ impl Config {
             ("dataset.photometric", d.photometric.is_some()),
             ("dataset.inference", d.inference.is_some()),
             ("dataset.slide_stride", d.slide_stride.is_some()),
+            ("dataset.cat_max_ratio", d.cat_max_ratio.is_some()),
         ] {
             if given && !seg {
                 return bad(
@@ -295,6 +296,14 @@ impl Config {
                     return bad(
                         "dataset.scale_range",
                         format!("[{lo}, {hi}] must satisfy 0 < low <= high"),
+                    );
+                }
+            }
+            if let Some(r) = d.cat_max_ratio {
+                if !(r > 0.0 && r <= 1.0) {
+                    return bad(
+                        "dataset.cat_max_ratio",
+                        format!("{r} must be a fraction in (0, 1]"),
                     );
                 }
             }

@@ -137,6 +137,7 @@ fn transforms(crop: [usize; 2]) -> SegTransforms {
         photometric: false,
         inference: Inference::Whole,
         stride: [crop[0] * 2 / 3, crop[1] * 2 / 3],
+        cat_max_ratio: 1.0,
     }
 }
 
@@ -601,4 +602,70 @@ fn decode_throughput() {
             rayon::current_num_threads()
         );
     }
+}
+
+/// `cat_max_ratio` (mmseg's RandomCrop): replaying the random draws of each seed, the crop is the
+/// first of at most 10 draws whose most frequent class covers less than the ratio of its
+/// labelled pixels (with two classes or more), else the 10th; with ratio 1 it is the first draw.
+#[test]
+fn crops_are_redrawn_while_one_class_dominates() {
+    use brelu::data::seg::{choose_crop, Mask, CROP_TRIES};
+    use brelu::data::Rng;
+    // 24 x 24: class 3 everywhere but a 6-column band of class 7 and an ignored corner.
+    let (h, w) = (24usize, 24usize);
+    let mut labels = vec![3u8; h * w];
+    for y in 0..h {
+        for x in 15..21 {
+            labels[y * w + x] = 7;
+        }
+    }
+    for y in 0..4 {
+        for x in 0..4 {
+            labels[y * w + x] = 255;
+        }
+    }
+    let m = Mask {
+        height: h,
+        width: w,
+        labels,
+    };
+    let (kh, kw) = (8, 8);
+    let fine = |(y0, x0): (usize, usize), ratio: f64| {
+        let mut counts = std::collections::HashMap::new();
+        for y in y0..y0 + kh {
+            for x in x0..x0 + kw {
+                let l = m.labels[y * w + x];
+                if l != 255 {
+                    *counts.entry(l).or_insert(0u64) += 1;
+                }
+            }
+        }
+        let total: u64 = counts.values().sum();
+        counts.len() > 1 && (*counts.values().max().unwrap() as f64) < ratio * total as f64
+    };
+    let (mut good_plain, mut good_ratio) = (0, 0);
+    for seed in 0..200u64 {
+        let draws: Vec<(usize, usize)> = {
+            let mut r = Rng::new(seed);
+            (0..CROP_TRIES)
+                .map(|_| {
+                    let y0 = r.below((h - kh + 1) as u64) as usize;
+                    let x0 = r.below((w - kw + 1) as u64) as usize;
+                    (y0, x0)
+                })
+                .collect()
+        };
+        let plain = choose_crop(&m, kh, kw, 1.0, &mut Rng::new(seed));
+        assert_eq!(plain, draws[0]);
+        let got = choose_crop(&m, kh, kw, 0.75, &mut Rng::new(seed));
+        let want = draws
+            .iter()
+            .copied()
+            .find(|&c| fine(c, 0.75))
+            .unwrap_or(draws[CROP_TRIES - 1]);
+        assert_eq!(got, want, "seed {seed}");
+        good_plain += usize::from(fine(plain, 0.75));
+        good_ratio += usize::from(fine(got, 0.75));
+    }
+    assert!(good_ratio > good_plain + 50, "{good_ratio} vs {good_plain}");
 }

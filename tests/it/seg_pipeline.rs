@@ -114,6 +114,7 @@ fn seg_evaluation_matches_an_independent_count() {
             photometric: true,
             inference,
             stride: [16, 16],
+            cat_max_ratio: 1.0,
         };
         let ds = data::load_with(
             DatasetKind::Ade20k,
