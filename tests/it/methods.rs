@@ -215,7 +215,7 @@ fn bytes_budget_spec_stays_within_budget_in_the_secure_engine() {
         m.apply_spec(&spec).unwrap();
         let rep = run_compare(
             &m,
-            &[s.data.clone()],
+            std::slice::from_ref(&s.data),
             None,
             Settings::default(),
             false,
