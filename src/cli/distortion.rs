@@ -73,8 +73,8 @@ pub struct ExtractArgs {
     /// Channels per unit of work (exact and snr).
     #[arg(long, default_value_t = 32)]
     pub chunk: usize,
-    /// Probe vectors for first-order (default: the number of outputs, which makes the
-    /// first-order term exact; at most 64 by default).
+    /// Probe vectors for first-order (default: one per logit for classification up to 128
+    /// classes, which makes the first-order term exact; else 64 random probes).
     #[arg(long)]
     pub probes: Option<usize>,
     /// Measure on top of this spec (default: ordinary ReLU everywhere).
@@ -293,7 +293,7 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
     }
     let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
         .context("choosing the samples")?;
-    let probes = a.probes.unwrap_or(cfg.num_classes.min(64));
+    let probes = a.probes.unwrap_or(cfg.default_probes());
     let opts = PlanOptions {
         estimator: a.estimator,
         seed: a.seed,

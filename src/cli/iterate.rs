@@ -97,7 +97,7 @@ pub fn run(a: IterateArgs) -> Result<()> {
             batch: a.batch,
             stack: a.stack,
             chunk: a.batch,
-            probes: a.probes.unwrap_or(cfg.num_classes.min(64)),
+            probes: a.probes.unwrap_or(cfg.default_probes()),
             sites: None,
             zero: false,
             skip_unchanged: true,
@@ -125,10 +125,11 @@ pub fn run(a: IterateArgs) -> Result<()> {
     }
     for r in &report.rounds {
         println!(
-            "round {}: budget {} DReLUs, {} channels changed, predicted change {:+.4e}, measured {:.4e}{}",
+            "round {}: budget {} DReLUs, {} channels changed (penalty {:.3e}), predicted change {:+.4e}, measured {:.4e}{}",
             r.round,
             r.budget,
             r.changed,
+            r.penalty,
             r.predicted_change,
             r.measured,
             if r.kept { " (kept)" } else { "" }

@@ -21,6 +21,10 @@ pub struct DistortionSettings {
     pub chunk: usize,
     #[serde(default)]
     pub seed: u64,
+    /// First-order probes (default: the full basis for classification up to 128 classes,
+    /// else 64 random probes; `train::Config::default_probes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<usize>,
 }
 
 fn first_order() -> String {
@@ -45,6 +49,7 @@ impl Default for DistortionSettings {
             stack: d_stack(),
             chunk: d_batch(),
             seed: 0,
+            probes: None,
         }
     }
 }
@@ -233,6 +238,7 @@ impl PipelineConfig {
             ("distortion.batch", f.distortion.batch),
             ("distortion.stack", f.distortion.stack),
             ("distortion.chunk", f.distortion.chunk),
+            ("distortion.probes", f.distortion.probes.unwrap_or(1)),
         ] {
             if v == 0 {
                 return Err(bad(k, "must be at least 1".into()));

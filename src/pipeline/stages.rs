@@ -104,7 +104,10 @@ fn plan_options(cfg: &PipelineConfig) -> Result<PlanOptions> {
         batch: d.batch,
         stack: d.stack,
         chunk: d.chunk,
-        probes: cfg.train_config.num_classes.min(64),
+        probes: cfg
+            .distortion
+            .probes
+            .unwrap_or(cfg.train_config.default_probes()),
         sites: None,
         zero: false,
         skip_unchanged: true,
@@ -117,12 +120,13 @@ fn plan_options(cfg: &PipelineConfig) -> Result<PlanOptions> {
 pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) -> Result<String> {
     let base_cfg = &cfg.train_config;
     let ddir = r.dir.join("distortion");
-    let dist_in = of_json(&(&base.hash, &cfg.distortion));
+    let opts = plan_options(cfg)?;
+    // The probes actually used: their default follows the task (`default_probes`).
+    let dist_in = of_json(&(&base.hash, &cfg.distortion, opts.probes));
     r.stage("distortion", dist_in, |_| {
         let model = load_model(cfg, &base.weights, None)?;
         let d = &cfg.distortion;
         let samples = extract::training_samples(base_cfg.source(), d.samples, d.seed)?;
-        let opts = plan_options(cfg)?;
         let make = |_: Device| load_model(cfg, &base.weights, None);
         let x = Extraction {
             dir: &ddir,
