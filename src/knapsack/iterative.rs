@@ -122,6 +122,43 @@ fn knapsack_spec(tables: &DistortionTables, model: &Model, budget: u64) -> Resul
     Ok((p.to_spec(&sol.choice), sol.objective))
 }
 
+/// The marginal tables of a round: every channel's options measured on top of `current`
+/// against the all-ReLU network, extracted (resumably) under `rdir/distortion`.
+fn marginal_tables(
+    model: &Model,
+    make_model: &(dyn Fn(Device) -> Result<Model> + Sync),
+    samples: &Samples,
+    catalog: &Catalog,
+    current: &Spec,
+    o: &IterOptions,
+    rdir: &Path,
+) -> Result<DistortionTables> {
+    let plan = PlanOptions {
+        baseline: Some(fnv_hex(current.to_json_string().bytes())),
+        against_relu: true,
+        ..o.plan.clone()
+    };
+    let make = |d: Device| -> Result<Model> {
+        let mut m = make_model(d)?;
+        m.apply_spec(current)?;
+        Ok(m)
+    };
+    let x = Extraction {
+        dir: &rdir.join("distortion"),
+        catalog,
+        samples,
+        options: &plan,
+        shard: Shard::ALL,
+        devices: &[model.device()],
+        make_model: &make,
+        replace_stale: true,
+        collect: true,
+        progress: None,
+    };
+    let done = extract::extract(&x, make(model.device())?, &|_| {})?;
+    done.tables.expect("collection was asked for")
+}
+
 /// Runs the iterative knapsack from the one-shot `tables` (measured around the all-ReLU
 /// network, as the knapsack's) to `budget` DReLUs. `model` is the all-ReLU network (left as it
 /// was); `make_model` builds it on a device for the extractions (weights loaded, no spec).
@@ -178,32 +215,7 @@ pub fn iterate(
             budget
         };
         let rdir = dir.join(format!("round-{r}"));
-        let text = current.to_json_string();
-        let plan = PlanOptions {
-            baseline: Some(fnv_hex(text.bytes())),
-            against_relu: true,
-            ..o.plan.clone()
-        };
-        let spec = current.clone();
-        let make = |d: Device| -> Result<Model> {
-            let mut m = make_model(d)?;
-            m.apply_spec(&spec)?;
-            Ok(m)
-        };
-        let x = Extraction {
-            dir: &rdir.join("distortion"),
-            catalog: &catalog,
-            samples,
-            options: &plan,
-            shard: Shard::ALL,
-            devices: &[model.device()],
-            make_model: &make,
-            replace_stale: true,
-            collect: true,
-            progress: None,
-        };
-        let done = extract::extract(&x, make(model.device())?, &|_| {})?;
-        let marginal = done.tables.expect("collection was asked for")?;
+        let marginal = marginal_tables(model, make_model, samples, &catalog, &current, o, &rdir)?;
         // At the target, a re-solve that measures worse is retried with a growing penalty on
         // every change (a trust region): only channels that gain more than it move.
         let tries = if b == budget { PENALTIES } else { 1 };

@@ -121,6 +121,22 @@ fn pipeline_config_errors_name_the_field() {
     .unwrap();
     let e = PipelineConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("ratio"), "{e}");
+    for (extra, field) in [
+        ("[iterative]\nrounds = 2\nstart = 0.5\n", "iterative.start"),
+        (
+            "[distortion]\nestimator = \"snr\"\n[iterative]\nrounds = 2\n",
+            "iterative.rounds",
+        ),
+        ("[distortion]\nprobes = 0\n", "distortion.probes"),
+    ] {
+        std::fs::write(
+            &p,
+            format!("train = \"tiny.toml\"\nfinetune = \"tiny.toml\"\nratios = [0.1]\n{extra}"),
+        )
+        .unwrap();
+        let e = PipelineConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
 }
 
 /// The extra methods: `[refine]` (local search), `[iterative]` and `bytes = true` each add a
