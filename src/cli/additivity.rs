@@ -12,18 +12,25 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use tch::Device;
 
+/// The network and tables that specs are measured on (`additivity`, `refine`, `iterate`).
 #[derive(Args, Debug)]
-pub struct AdditivityArgs {
-    /// Training configuration (TOML) naming the model and data set (the samples are chosen
-    /// from its training split as `distortion extract` chooses them).
+pub struct MeasuredArgs {
+    /// Training configuration (TOML) naming the model and data set (samples are chosen from
+    /// its training split as `distortion extract` chooses them).
     #[arg(long = "data", visible_alias = "config", short = 'c')]
     pub data: PathBuf,
     /// Trained weights (safetensors): those the tables were extracted with.
     #[arg(long, short)]
     pub weights: PathBuf,
-    /// The distortion tables the specs were solved on.
+    /// The distortion tables (around the all-ReLU network, as `brelu knapsack` reads them).
     #[arg(long, short)]
     pub distortion: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct AdditivityArgs {
+    #[command(flatten)]
+    pub measured: MeasuredArgs,
     /// Spec files to measure (repeat, or comma-separate; e.g. one per budget of a sweep).
     #[arg(long = "spec", value_delimiter = ',', required = true)]
     pub specs: Vec<PathBuf>,
@@ -47,9 +54,15 @@ pub struct AdditivityArgs {
     pub json: bool,
 }
 
-/// The configuration, the distortion tables (checked to be of its model) and the model with
-/// the weights the tables were extracted with: what measuring specs needs.
-pub(super) fn load_measured(
+impl MeasuredArgs {
+    /// The configuration, the distortion tables (checked to be of its model) and the model
+    /// with the weights the tables were extracted with: what measuring specs needs.
+    pub(super) fn load(&self) -> Result<(Config, DistortionTables, Model)> {
+        load_measured(&self.data, &self.weights, &self.distortion)
+    }
+}
+
+fn load_measured(
     data: &Path,
     weights: &Path,
     distortion: &Path,
@@ -72,7 +85,7 @@ pub(super) fn load_measured(
 }
 
 pub fn run(a: AdditivityArgs) -> Result<()> {
-    let (cfg, tables, mut model) = load_measured(&a.data, &a.weights, &a.distortion)?;
+    let (cfg, tables, mut model) = a.measured.load()?;
     let specs = a
         .specs
         .iter()

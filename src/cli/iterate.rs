@@ -12,16 +12,9 @@ use tch::Device;
 
 #[derive(Args, Debug)]
 pub struct IterateArgs {
-    /// Training configuration (TOML) naming the model and data set (samples are chosen from
-    /// its training split as `distortion extract` chooses them).
-    #[arg(long = "data", visible_alias = "config", short = 'c')]
-    pub data: PathBuf,
-    /// Trained weights (safetensors): those the tables were extracted with.
-    #[arg(long, short)]
-    pub weights: PathBuf,
-    /// The one-shot distortion tables (around the all-ReLU network), as for `brelu knapsack`.
-    #[arg(long, short)]
-    pub distortion: PathBuf,
+    /// The one-shot tables the first spec is solved on.
+    #[command(flatten)]
+    pub measured: super::additivity::MeasuredArgs,
     /// DReLU budget as a fraction of the ReLU count.
     #[arg(long, conflicts_with = "budget", required_unless_present = "budget")]
     pub ratio: Option<f64>,
@@ -69,8 +62,7 @@ pub fn run(a: IterateArgs) -> Result<()> {
     if a.estimator == Estimator::Snr {
         bail!("--estimator: the iterative knapsack measures against the network's output; use exact or first-order");
     }
-    let (cfg, tables, mut model) =
-        super::additivity::load_measured(&a.data, &a.weights, &a.distortion)?;
+    let (cfg, tables, mut model) = a.measured.load()?;
     let relus: u64 = model.sites().iter().map(|s| s.relus() as u64).sum();
     let budget = match (a.ratio, a.budget) {
         (Some(r), _) => budget_from_ratio(relus, r)?,
@@ -85,7 +77,7 @@ pub fn run(a: IterateArgs) -> Result<()> {
         .context("choosing the samples")?;
     let make_model = |device: Device| -> crate::error::Result<Model> {
         let mut m = train::build_model(&cfg, device)?;
-        m.load_weights(&a.weights)?;
+        m.load_weights(&a.measured.weights)?;
         Ok(m)
     };
     let opts = IterOptions {

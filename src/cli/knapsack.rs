@@ -84,11 +84,8 @@ pub fn run(a: KnapsackArgs) -> Result<()> {
             tables.input
         )
     })?;
-    // A byte budget counts in units that keep it under 2^20 cells for the exact solver.
-    let cost = match a.bytes {
-        Some(b) => CostUnit::Bytes(b.div_ceil(1 << 20).max(1)),
-        None => CostUnit::Drelus,
-    };
+    let bytes = a.bytes.map(|b| knapsack::byte_budget(b, sites.len()));
+    let cost = bytes.map_or(CostUnit::Drelus, |(c, _)| c);
     let problem = Problem::build(
         &tables,
         &sites,
@@ -105,13 +102,10 @@ pub fn run(a: KnapsackArgs) -> Result<()> {
     if let Some(ratios) = &a.sweep {
         return sweep(&a, &problem, ratios);
     }
-    let budget = match (a.ratio, a.budget, a.bytes, cost) {
-        (Some(r), None, None, _) => knapsack::budget_from_ratio(problem.relus(), r)?,
-        (None, Some(b), None, _) => b,
-        // Payload within the budget once the engine's framing is set aside.
-        (None, None, Some(b), CostUnit::Bytes(unit)) => {
-            b.saturating_sub(crate::spec::engine_framing_bound(sites.len(), b)) / unit
-        }
+    let budget = match (a.ratio, a.budget, bytes) {
+        (Some(r), None, None) => knapsack::budget_from_ratio(problem.relus(), r)?,
+        (None, Some(b), None) => b,
+        (None, None, Some((_, units))) => units,
         _ => bail!(
             "give the budget as --ratio R, --budget N (DReLUs) or --bytes SIZE (or --sweep \
              R1,R2,...)"

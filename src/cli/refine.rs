@@ -9,16 +9,9 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct RefineArgs {
-    /// Training configuration (TOML) naming the model and data set (samples are chosen from
-    /// its training split as `distortion extract` chooses them).
-    #[arg(long = "data", visible_alias = "config", short = 'c')]
-    pub data: PathBuf,
-    /// Trained weights (safetensors): those the tables were extracted with.
-    #[arg(long, short)]
-    pub weights: PathBuf,
-    /// Distortion tables: they propose the moves; measurements decide them.
-    #[arg(long, short)]
-    pub distortion: PathBuf,
+    /// The tables propose the moves; measurements decide them.
+    #[command(flatten)]
+    pub measured: super::additivity::MeasuredArgs,
     /// The starting spec (e.g. the knapsack's).
     #[arg(long, short)]
     pub spec: PathBuf,
@@ -55,8 +48,7 @@ pub fn run(a: RefineArgs) -> Result<()> {
     if a.steps == 0 || a.samples == 0 || a.batch == 0 || a.candidates == 0 {
         bail!("--steps, --samples, --batch and --candidates must be at least 1");
     }
-    let (cfg, tables, mut model) =
-        super::additivity::load_measured(&a.data, &a.weights, &a.distortion)?;
+    let (cfg, tables, mut model) = a.measured.load()?;
     let start = Spec::load(&a.spec, model.name(), model.config().input, model.sites())
         .with_context(|| format!("loading spec {}", a.spec.display()))?;
     let cost = crate::spec::spec_cost(&start, model.sites());

@@ -13,7 +13,7 @@ pub mod local;
 pub mod problem;
 pub mod report;
 
-pub use problem::{budget_from_ratio, BuildOptions, CostUnit, Item, Problem};
+pub use problem::{budget_from_ratio, byte_budget, BuildOptions, CostUnit, Item, Problem};
 
 use crate::error::{Error, Result};
 use std::str::FromStr;

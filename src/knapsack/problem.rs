@@ -81,6 +81,17 @@ impl CostUnit {
     }
 }
 
+/// A budget of `bytes` per image on the wire for the ReLU layers of `sites` activation
+/// layers, as the knapsack counts it: the cost unit (bytes rounded up per channel so the exact
+/// solver's table stays near 2^20 cells) and the budget in those units, after setting aside
+/// the engine's framing ([`crate::spec::engine_framing_bound`]), so that a solution's bytes on
+/// the wire never exceed `bytes`.
+pub fn byte_budget(bytes: u64, sites: usize) -> (CostUnit, u64) {
+    let unit = bytes.div_ceil(1 << 20).max(1);
+    let payload = bytes.saturating_sub(crate::spec::engine_framing_bound(sites, bytes));
+    (CostUnit::Bytes(unit), payload / unit)
+}
+
 /// How to build the instance.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BuildOptions {

@@ -9,7 +9,7 @@ use crate::hash::of_json;
 use crate::knapsack::iterative::{iterate, IterOptions};
 use crate::knapsack::local::{search, SearchOptions};
 use crate::knapsack::{
-    self, baselines, budget_from_ratio, BuildOptions, CostUnit, Problem, Solver,
+    self, baselines, budget_from_ratio, byte_budget, BuildOptions, Problem, Solver,
 };
 use crate::models::Model;
 use crate::secure;
@@ -432,16 +432,13 @@ pub(super) struct Extra<'a> {
 
 /// The knapsack on bytes: the ReLU layers send at most `bytes` per image on the wire.
 fn bytes_spec(tables: &DistortionTables, sites: &[SiteInfo], bytes: u64) -> Result<Spec> {
-    // Units that keep the exact solver's table near 2^20 cells per channel row, as the CLI.
-    let unit = bytes.div_ceil(1 << 20).max(1);
+    let (cost, budget) = byte_budget(bytes, sites.len());
     let opts = BuildOptions {
-        cost: CostUnit::Bytes(unit),
+        cost,
         ..Default::default()
     };
     let p = Problem::build(tables, sites, opts)?;
-    // The payload within `bytes` once the engine's framing is set aside.
-    let payload = bytes.saturating_sub(crate::spec::engine_framing_bound(sites.len(), bytes));
-    let (_, sol) = knapsack::solve(&p, payload / unit, Solver::Auto, 2 << 30)?;
+    let (_, sol) = knapsack::solve(&p, budget, Solver::Auto, 2 << 30)?;
     Ok(p.to_spec(&sol.choice))
 }
 

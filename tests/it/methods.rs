@@ -182,7 +182,6 @@ fn iterative_knapsack_stays_in_budget_and_never_measures_worse() {
 /// (`engine_framing_bound`) set aside from the budget.
 #[test]
 fn bytes_budget_spec_stays_within_budget_in_the_secure_engine() {
-    use brelu::knapsack::CostUnit;
     use brelu::secure::{link::LinkConfig, plan::Settings, report::run_compare};
     let _rng = common::torch_rng();
     let tmp = tempfile::tempdir().unwrap();
@@ -201,14 +200,14 @@ fn bytes_budget_spec_stays_within_budget_in_the_secure_engine() {
     let s = samples(1);
     for frac in [0.05, 0.3] {
         let budget = (full as f64 * frac) as u64;
-        let unit = budget.div_ceil(1 << 12).max(1);
+        let (cost, units) = brelu::knapsack::byte_budget(budget, infos.len());
         let opts = BuildOptions {
-            cost: CostUnit::Bytes(unit),
+            cost,
             ..Default::default()
         };
         let p = Problem::build(&t, &infos, opts).unwrap();
         let reserve = brelu::spec::engine_framing_bound(infos.len(), budget);
-        let (_, sol) = solve(&p, (budget - reserve) / unit, Solver::Exact, 1 << 30).unwrap();
+        let (_, sol) = solve(&p, units, Solver::Exact, 1 << 30).unwrap();
         let spec = p.to_spec(&sol.choice);
         let predicted = spec_cost(&spec, &infos).bytes_engine;
         assert!(predicted <= budget);
