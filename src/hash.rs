@@ -17,6 +17,10 @@ impl Fnv {
         }
     }
 
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+
     /// The hash as 16 hex digits.
     pub fn hex(&self) -> String {
         format!("{:016x}", self.0)

@@ -27,10 +27,17 @@
 //! `features.{f}...`, ResNet `layer{i}.{j}...`, deep stem `stem.{0,1,3,4,6,7}`), the head
 //! uses mmseg's names (`decode_head.image_pool.1.conv`, `decode_head.aspp_modules.{i}.bn`,
 //! `decode_head.bottleneck.conv`, `decode_head.conv_seg`). An mmseg checkpoint maps by
-//! [`Architecture::mmlab_name`]; its auxiliary FCN head (`auxiliary_head.*`, a training-time
-//! loss on an intermediate stage that the published models do not run at inference) is not
-//! part of the network and is skipped when loading ([`Architecture::ignores_tensor`]).
-use super::graph::{GraphBuilder, Slot};
+//! [`Architecture::mmlab_name`].
+//!
+//! The auxiliary FCN head of the published configs (mmseg `FCNHead`, `_base_/models/
+//! deeplabv3_r50-d8.py`: in_index 2, channels 256, one 3x3 conv, dropout 0.1, loss weight 0.4)
+//! is declared on the graph ([`AuxHead`]) but is not part of the network: it reads the
+//! stage-3 output of the ResNet (1024 channels) or, with mmseg's MobileNetV2 `out_indices`
+//! (1, 2, 4, 6), the 96-channel stage-5 output, trains beside the decode head when a training
+//! configuration sets `aux_loss_weight`, and is never a site or run at inference. Its
+//! checkpoint tensors keep mmseg's names (`auxiliary_head.convs.0.conv`, `.convs.0.bn`,
+//! `.conv_seg`).
+use super::graph::{AuxHead, GraphBuilder, Slot};
 use super::mobilenet_v2;
 use super::resnet::{RESNET50_D8, RESNET50_D8_COUNTPAD};
 use super::{ArchConfig, Architecture};
@@ -57,6 +64,11 @@ pub struct DeepLabV3 {
     pub dropout: f64,
     pub input: [usize; 3],
     pub classes: usize,
+    /// The backbone stage (0-based) the auxiliary head reads (mmseg: `in_index` into the
+    /// backbone's `out_indices`).
+    pub aux_stage: usize,
+    /// Channels of the auxiliary head's conv.
+    pub aux_channels: usize,
 }
 
 pub const DEEPLABV3_MOBILENETV2: DeepLabV3 = DeepLabV3 {
@@ -68,6 +80,9 @@ pub const DEEPLABV3_MOBILENETV2: DeepLabV3 = DeepLabV3 {
     dropout: 0.1,
     input: [3, 512, 512],
     classes: 150,
+    // out_indices (1, 2, 4, 6), in_index 2: the 96-channel stage.
+    aux_stage: 4,
+    aux_channels: 256,
 };
 
 pub const DEEPLABV3_RESNET50_D8: DeepLabV3 = DeepLabV3 {
@@ -75,6 +90,7 @@ pub const DEEPLABV3_RESNET50_D8: DeepLabV3 = DeepLabV3 {
     summary: "DeepLabV3 (ASPP) on ResNetV1c-50-D8, avg-pool stem (mmseg, VOC)",
     backbone: Backbone::ResNet50D8 { count_pad: false },
     classes: 21,
+    aux_stage: 2,
     ..DEEPLABV3_MOBILENETV2
 };
 
@@ -105,7 +121,7 @@ impl Architecture for DeepLabV3 {
     }
 
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot {
-        let (x, cin) = match self.backbone {
+        let stages = match self.backbone {
             Backbone::MobileNetV2D8 => mobilenet_v2::backbone(
                 g,
                 cfg.input[0],
@@ -115,6 +131,14 @@ impl Architecture for DeepLabV3 {
             Backbone::ResNet50D8 { count_pad: false } => RESNET50_D8.trunk(g, cfg.input[0]),
             Backbone::ResNet50D8 { count_pad: true } => RESNET50_D8_COUNTPAD.trunk(g, cfg.input[0]),
         };
+        let (input, in_channels) = stages[self.aux_stage];
+        g.aux_head(AuxHead {
+            input,
+            in_channels,
+            channels: self.aux_channels,
+            dropout: self.dropout,
+        });
+        let (x, cin) = *stages.last().expect("backbone stages");
         self.aspp_head(g, x, cin, cfg.num_classes)
     }
 
@@ -129,8 +153,10 @@ impl Architecture for DeepLabV3 {
         }
     }
 
+    /// The auxiliary head's tensors load into the model's auxiliary head where it has one
+    /// ([`Model`](super::Model)), and are skipped otherwise.
     fn ignores_tensor(&self, name: &str) -> bool {
-        name.starts_with("auxiliary_head.")
+        name.starts_with(super::aux_head::PREFIX)
     }
 }
 

@@ -188,6 +188,20 @@ pub struct Graph {
     pub sites: Vec<String>,
     /// For each site, the index in `ops` of its `Act` op.
     pub site_ops: Vec<usize>,
+    /// A training-only auxiliary head on an intermediate value (mmseg's `auxiliary_head`):
+    /// not an op, never run at inference and holding no site.
+    pub aux: Option<AuxHead>,
+}
+
+/// mmseg's `FCNHead` as the published DeepLabV3 configs use it for their auxiliary loss: a
+/// 3x3 conv (`channels`, no bias) -> BN -> ReLU (not a site), channel dropout, and a 1x1
+/// classifier with bias, read from `input` (a stage output with `in_channels` channels).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AuxHead {
+    pub input: Slot,
+    pub in_channels: usize,
+    pub channels: usize,
+    pub dropout: f64,
 }
 
 /// Builds a [`Graph`]; model files call these in forward order.
@@ -390,6 +404,11 @@ impl GraphBuilder {
     }
 
     /// Finishes the graph with `output` as the network output.
+    /// Declares the training-only auxiliary head on `head.input`.
+    pub fn aux_head(&mut self, head: AuxHead) {
+        self.g.aux = Some(head);
+    }
+
     pub fn finish(mut self, output: Slot) -> Graph {
         self.g.output = output;
         self.g

@@ -40,7 +40,9 @@ impl Architecture for MobileNetV2 {
 
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot {
         let strides = STAGES.map(|s| s.3);
-        let (x, cin) = backbone(g, cfg.input[0], strides, [1; 7]);
+        let (x, cin) = *backbone(g, cfg.input[0], strides, [1; 7])
+            .last()
+            .expect("seven stages");
         let feature = 1 + STAGES.iter().map(|s| s.2).sum::<usize>();
         let x = g.conv(x, &format!("features.{feature}.0"), cin, 1280, 1, 1);
         let x = g.bn(x, &format!("features.{feature}.1"), 1280);
@@ -56,20 +58,21 @@ impl Architecture for MobileNetV2 {
 
 /// The stem and the seven stages of inverted residuals (without the final 1x1 conv), from the
 /// graph input, with per-stage first-block strides and dilations. As in mmseg's MobileNetV2,
-/// a stage's dilation applies to its first block only (the others use 1). Returns the output
-/// slot and its channels.
+/// a stage's dilation applies to its first block only (the others use 1). Returns each
+/// stage's output slot and channels, in order.
 pub(crate) fn backbone(
     g: &mut GraphBuilder,
     in_channels: usize,
     strides: [usize; 7],
     dilations: [usize; 7],
-) -> (Slot, usize) {
+) -> Vec<(Slot, usize)> {
     let x = g.input();
     let x = g.conv(x, "features.0.0", in_channels, 32, 3, 2);
     let x = g.bn(x, "features.0.1", 32);
     let mut x = g.act(x, "conv1");
     let mut cin = 32;
     let mut feature = 1;
+    let mut outputs = Vec::with_capacity(STAGES.len());
     for (stage, &(t, c, n, _)) in STAGES.iter().enumerate() {
         for block in 0..n {
             let (stride, dilation) = if block == 0 {
@@ -83,8 +86,9 @@ pub(crate) fn backbone(
             cin = c;
             feature += 1;
         }
+        outputs.push((x, cin));
     }
-    (x, cin)
+    outputs
 }
 
 fn inverted_residual(

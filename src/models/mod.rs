@@ -4,6 +4,7 @@
 //!
 //! To add an architecture: write one file with a type implementing [`Architecture`] and add it
 //! to [`architectures`].
+pub mod aux_head;
 pub mod deeplabv3;
 pub mod graph;
 pub mod mobilenet_v2;
@@ -12,7 +13,7 @@ pub mod resnet;
 mod runtime;
 pub mod weights;
 
-pub use graph::{Graph, GraphBuilder, Op, ResizeTo, Slot};
+pub use graph::{AuxHead, Graph, GraphBuilder, Op, ResizeTo, Slot};
 pub use runtime::{Model, SiteState};
 
 use crate::error::{Error, Result};

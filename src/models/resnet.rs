@@ -137,7 +137,7 @@ impl Architecture for ResNet {
     }
 
     fn build(&self, g: &mut GraphBuilder, cfg: &ArchConfig) -> Slot {
-        let (x, channels) = self.trunk(g, cfg.input[0]);
+        let (x, channels) = *self.trunk(g, cfg.input[0]).last().expect("four stages");
         let x = g.global_avg_pool(x);
         g.linear(x, "fc", channels, cfg.num_classes)
     }
@@ -151,9 +151,9 @@ impl Architecture for ResNet {
 }
 
 impl ResNet {
-    /// Stem and the four stages, from the graph input; returns the last stage's output slot
-    /// and its channels.
-    pub(crate) fn trunk(&self, g: &mut GraphBuilder, cin: usize) -> (Slot, usize) {
+    /// Stem and the four stages, from the graph input; returns each stage's output slot and
+    /// channels, in order.
+    pub(crate) fn trunk(&self, g: &mut GraphBuilder, cin: usize) -> Vec<(Slot, usize)> {
         let x = g.input();
         let mut x = match self.stem {
             Stem::Cifar { stride } => {
@@ -191,6 +191,7 @@ impl ResNet {
         };
         let expansion = if self.bottleneck { 4 } else { 1 };
         let mut channels = self.base;
+        let mut outputs = Vec::with_capacity(self.blocks.len());
         for (stage, &n) in self.blocks.iter().enumerate() {
             let width = self.base << stage;
             let d = self.dilations[stage];
@@ -212,8 +213,9 @@ impl ResNet {
                 };
                 channels = width * expansion;
             }
+            outputs.push((x, channels));
         }
-        (x, channels)
+        outputs
     }
 }
 

@@ -1,5 +1,6 @@
 //! `Model`: a graph with its parameters (a tch `VarStore` with torchvision names) and the
 //! per-site activation options, run with tch.
+use super::aux_head::AuxParams;
 use super::graph::{Graph, Op, ResizeTo, Slot};
 use super::{build_graph, graph_sites, ArchConfig, Architecture, SiteInfo};
 use crate::error::{Error, Result};
@@ -22,6 +23,8 @@ pub struct Model {
     options: Vec<Option<Vec<PatchOption>>>,
     /// Per slot, the last op that reads it (values are dropped after it to bound memory).
     last_use: Vec<usize>,
+    /// The graph's training-only auxiliary head, if it has one.
+    aux: Option<AuxParams>,
 }
 
 /// The values needed to run a model on from just after a site: the site's pre-activation and
@@ -98,6 +101,22 @@ impl Model {
             }
         }
         last_use[graph.output] = usize::MAX;
+        let aux = match graph.aux {
+            Some(head) => {
+                let shapes = graph.infer_shapes(config.input)?;
+                if shapes[head.input].first() != Some(&head.in_channels) {
+                    return Err(Error::Shape {
+                        op: "auxiliary head".into(),
+                        msg: format!(
+                            "expects {} input channels, its input has shape {:?}",
+                            head.in_channels, shapes[head.input]
+                        ),
+                    });
+                }
+                Some(AuxParams::new(head, config.num_classes, device))
+            }
+            None => None,
+        };
         Ok(Model {
             arch,
             config,
@@ -107,6 +126,7 @@ impl Model {
             vs,
             params,
             last_use,
+            aux,
         })
     }
 
@@ -208,6 +228,44 @@ impl Model {
         vals[self.graph.output]
             .take()
             .expect("the output slot is written")
+    }
+
+    /// [`Model::forward_t`] that also returns the auxiliary head's logits (training-only,
+    /// [`super::AuxHead`]); `None` when the network has no auxiliary head.
+    pub fn forward_with_aux(&self, x: &Tensor, train: bool) -> (Tensor, Option<Tensor>) {
+        let Some(aux) = &self.aux else {
+            return (self.forward_t(x, train), None);
+        };
+        let mut vals: Vec<Option<Tensor>> = (0..self.graph.slots).map(|_| None).collect();
+        vals[0] = Some(x.shallow_clone());
+        let n = self.graph.ops.len();
+        self.run_range_keeping(&mut vals, 0, n, train, Some(aux.head.input));
+        let aux_out = vals[aux.head.input].as_ref().map(|f| aux.forward(f, train));
+        let out = vals[self.graph.output]
+            .take()
+            .expect("the output slot is written");
+        (out, aux_out)
+    }
+
+    /// The auxiliary head's parameters and buffers by mmseg name (empty without one).
+    pub fn aux_variables(&self) -> std::collections::HashMap<String, Tensor> {
+        self.aux.as_ref().map(|a| a.variables()).unwrap_or_default()
+    }
+
+    pub fn has_aux_head(&self) -> bool {
+        self.aux.is_some()
+    }
+
+    /// Whether the auxiliary head was trained or loaded (then it is saved with the weights).
+    pub fn aux_head_used(&self) -> bool {
+        self.aux.as_ref().is_some_and(|a| a.used)
+    }
+
+    /// Marks the auxiliary head as trained (saved with the weights from now on).
+    pub fn set_aux_head_used(&mut self) {
+        if let Some(a) = &mut self.aux {
+            a.used = true;
+        }
     }
 
     /// Runs the network (evaluation mode) up to site `site` and keeps what is needed to run on
@@ -431,6 +489,8 @@ impl Model {
             i += 1;
         }
         graph.output = alias[graph.output];
+        // Folded networks are for inference, which never runs the auxiliary head.
+        graph.aux = None;
         let mut model = Self::from_graph(self.arch, self.config, graph, self.device())?;
         for (new, w, b) in folded {
             model.params[new][0].copy_(&w);
@@ -450,12 +510,24 @@ impl Model {
     }
 
     fn run_range(&self, vals: &mut [Option<Tensor>], from: usize, to: usize, train: bool) {
+        self.run_range_keeping(vals, from, to, train, None)
+    }
+
+    /// [`Model::run_range`] that keeps the value of `keep` after its last reader.
+    fn run_range_keeping(
+        &self,
+        vals: &mut [Option<Tensor>],
+        from: usize,
+        to: usize,
+        train: bool,
+        keep: Option<Slot>,
+    ) {
         for i in from..to {
             let op = &self.graph.ops[i];
             let y = self.eval_op(i, op, vals, train);
             vals[op.output()] = Some(y);
             for s in op.inputs() {
-                if self.last_use[s] == i {
+                if self.last_use[s] == i && Some(s) != keep {
                     vals[s] = None;
                 }
             }
@@ -486,23 +558,9 @@ impl Model {
                 pair(*dilation),
                 *groups as i64,
             ),
-            Op::BatchNorm { x, eps, .. } => match crate::dist::sync_batch_norm_group() {
-                // Data-parallel training with synchronised batch norm (`--sync-bn`).
-                Some(g) if train => g
-                    .sync_batch_norm(get(*x), [&p[0], &p[1], &p[2], &p[3]], 0.1, *eps)
-                    .unwrap_or_else(|e| panic!("{e}")),
-                _ => Tensor::batch_norm(
-                    get(*x),
-                    Some(&p[0]),
-                    Some(&p[1]),
-                    Some(&p[2]),
-                    Some(&p[3]),
-                    train,
-                    0.1,
-                    *eps,
-                    false,
-                ),
-            },
+            Op::BatchNorm { x, eps, .. } => {
+                batch_norm(get(*x), [&p[0], &p[1], &p[2], &p[3]], train, *eps)
+            }
             Op::Act { x, site, .. } => match &self.options[*site] {
                 None => get(*x).relu(),
                 Some(o) => ops::block_relu(get(*x), o),
@@ -555,6 +613,28 @@ impl Model {
             Op::Dropout { x, p, .. } => get(*x).feature_dropout(*p, train),
             Op::Linear { x, .. } => get(*x).linear(&p[0], Some(&p[1])),
         }
+    }
+}
+
+/// Batch norm with parameters [weight, bias, running mean, running variance] (momentum 0.1),
+/// over all ranks' batches in data-parallel training with synchronised batch norm
+/// (`--sync-bn`).
+pub(super) fn batch_norm(x: &Tensor, p: [&Tensor; 4], train: bool, eps: f64) -> Tensor {
+    match crate::dist::sync_batch_norm_group() {
+        Some(g) if train => g
+            .sync_batch_norm(x, p, 0.1, eps)
+            .unwrap_or_else(|e| panic!("{e}")),
+        _ => Tensor::batch_norm(
+            x,
+            Some(p[0]),
+            Some(p[1]),
+            Some(p[2]),
+            Some(p[3]),
+            train,
+            0.1,
+            eps,
+            false,
+        ),
     }
 }
 

@@ -4,9 +4,11 @@
 //! loads as is (`num_batches_tracked` entries are accepted and ignored). Files whose names
 //! start with `backbone.` are taken as mmcls/mmseg checkpoints and mapped to torchvision names
 //! by the architecture (`Architecture::mmlab_name`). Tensors the architecture declares not part
-//! of the network (`Architecture::ignores_tensor`: mmseg's `auxiliary_head.*`) are skipped. A
-//! missing, unknown or wrongly shaped tensor is an error naming it; nothing is left randomly
-//! initialised.
+//! of the network (`Architecture::ignores_tensor`: mmseg's `auxiliary_head.*`) are skipped,
+//! unless the model has that training-only head ([`super::AuxHead`]): then a file that holds
+//! any of its tensors must hold all of them, and one without leaves it as initialised. A
+//! missing, unknown or wrongly shaped tensor of the network is an error naming it; nothing of
+//! the network is left randomly initialised.
 use super::Model;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -33,9 +35,19 @@ impl Model {
         file.sort_by(|a, b| a.0.cmp(&b.0));
         let mmlab = file.iter().any(|(n, _)| n.starts_with("backbone."));
         let vars = self.named_tensors();
+        let aux_vars = self.aux_variables();
         let mut seen = BTreeMap::new();
+        let mut aux_seen = BTreeMap::new();
         for (raw, t) in file {
-            if raw.ends_with("num_batches_tracked") || self.arch().ignores_tensor(&raw) {
+            if raw.ends_with("num_batches_tracked") {
+                continue;
+            }
+            if let Some(var) = aux_vars.get(&raw) {
+                check_tensor(&t, var, "the auxiliary head").map_err(|m| werr(&raw, m))?;
+                aux_seen.insert(raw, t);
+                continue;
+            }
+            if self.arch().ignores_tensor(&raw) {
                 continue;
             }
             let name = if mmlab {
@@ -48,26 +60,7 @@ impl Model {
             let Some(var) = vars.get(&name) else {
                 return Err(werr(&raw, format!("not a parameter of {}", self.name())));
             };
-            if t.size() != var.size() {
-                return Err(werr(
-                    &raw,
-                    format!(
-                        "shape {:?} in the file, {} expects {:?}",
-                        t.size(),
-                        self.name(),
-                        var.size()
-                    ),
-                ));
-            }
-            if !matches!(
-                t.kind(),
-                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-            ) {
-                return Err(werr(
-                    &raw,
-                    format!("dtype {:?}, expected a float type", t.kind()),
-                ));
-            }
+            check_tensor(&t, var, self.name()).map_err(|m| werr(&raw, m))?;
             if seen.insert(name.clone(), t).is_some() {
                 return Err(werr(&raw, "appears twice after name mapping".into()));
             }
@@ -75,19 +68,42 @@ impl Model {
         if let Some(missing) = vars.keys().find(|k| !seen.contains_key(*k)) {
             return Err(werr(missing, "missing from the file".into()));
         }
+        if !aux_seen.is_empty() {
+            let mut names: Vec<&String> = aux_vars.keys().collect();
+            names.sort();
+            if let Some(missing) = names.into_iter().find(|k| !aux_seen.contains_key(*k)) {
+                return Err(werr(
+                    missing,
+                    "missing from the file, which holds other auxiliary-head tensors".into(),
+                ));
+            }
+        }
         let _guard = tch::no_grad_guard();
         for (name, t) in seen {
             let mut var = vars[&name].shallow_clone();
             var.copy_(&t.to_kind(Kind::Float));
         }
+        if !aux_seen.is_empty() {
+            for (name, t) in aux_seen {
+                let mut var = aux_vars[&name].shallow_clone();
+                var.copy_(&t.to_kind(Kind::Float));
+            }
+            self.set_aux_head_used();
+        }
         Ok(())
     }
 
-    /// Saves every parameter and buffer (atomically: temp file, then rename).
+    /// Saves every parameter and buffer (atomically: temp file, then rename), with the
+    /// auxiliary head's once it was trained or loaded.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let aux = match self.aux_head_used() {
+            true => self.aux_variables(),
+            false => Default::default(),
+        };
         let tensors: Vec<(String, Tensor)> = self
             .named_tensors()
             .into_iter()
+            .chain(aux)
             .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous()))
             .collect();
         let dir = match path.parent() {
@@ -108,4 +124,23 @@ impl Model {
         }
         written
     }
+}
+
+/// Why a file tensor `t` cannot be copied into the variable `var`, if it cannot.
+/// `who` names what expects the variable's shape.
+fn check_tensor(t: &Tensor, var: &Tensor, who: &str) -> std::result::Result<(), String> {
+    if t.size() != var.size() {
+        return Err(format!(
+            "shape {:?} in the file, {who} expects {:?}",
+            t.size(),
+            var.size()
+        ));
+    }
+    if !matches!(
+        t.kind(),
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    ) {
+        return Err(format!("dtype {:?}, expected a float type", t.kind()));
+    }
+    Ok(())
 }

@@ -47,6 +47,11 @@ pub struct Config {
     /// Knowledge distillation from a teacher network (docs/method.md section 7).
     #[serde(default)]
     pub distill: Option<DistillConfig>,
+    /// Segmentation: train the network's auxiliary head (mmseg's `auxiliary_head`, an FCN
+    /// head on an intermediate stage; never run at inference) beside the decode head, its
+    /// per-pixel cross-entropy added with this weight (published: 0.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss_weight: Option<f64>,
 }
 
 /// loss = cross-entropy + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
@@ -317,6 +322,29 @@ impl Config {
                         ),
                     );
                 }
+            }
+        }
+        if let Some(w) = self.aux_loss_weight {
+            if !seg {
+                return bad(
+                    "aux_loss_weight",
+                    "the auxiliary loss is per pixel: only segmentation data sets (ade20k, voc)"
+                        .into(),
+                );
+            }
+            if !(w.is_finite() && w > 0.0) {
+                return bad("aux_loss_weight", format!("{w} must be a number > 0"));
+            }
+            let arch = crate::models::find(&self.model)?;
+            let cfg = crate::models::ArchConfig {
+                input: self.input,
+                num_classes: self.num_classes,
+            };
+            if crate::models::build_graph(arch, &cfg)?.aux.is_none() {
+                return bad(
+                    "aux_loss_weight",
+                    format!("{} has no auxiliary head", self.model),
+                );
             }
         }
         Ok(())

@@ -6,12 +6,14 @@
 //! `checkpoint.json`, each written atomically) from which `resume` continues.
 //!
 //! Determinism: the model is initialised after `tch::manual_seed(seed)`, and the data order
-//! and augmentation of epoch `e` come from brelu's own generator seeded with (seed, e), so a
-//! resumed run sees the same batches and optimizer state as an uninterrupted one and, on the
-//! CPU, ends with the same weights.
+//! and augmentation of epoch `e` come from brelu's own generator seeded with (seed, e), and
+//! torch's generator (dropout) is reseeded where a run can resume (`run`), so a resumed run
+//! sees the same batches, dropout masks and optimizer state as an uninterrupted one and, on
+//! the CPU, ends with the same weights.
 //!
 //! Segmentation sets ([`segment`]) train on the per-pixel cross-entropy of the logits resized
-//! to the crop (ignore label 255) and evaluate to mIoU; their recipes count `iterations`
+//! to the crop (ignore label 255), plus `aux_loss_weight` times that of the network's
+//! training-only auxiliary head when the configuration sets it, and evaluate to mIoU; their recipes count `iterations`
 //! instead of epochs, with a checkpoint (and evaluation) every `checkpoint_every` iterations
 //! from which a resumed run continues mid-epoch with the same batches.
 //!
@@ -315,20 +317,39 @@ pub fn train_on(
             },
         )?;
     }
+    // The auxiliary head trains only when asked for; its variables join the optimizer, the
+    // broadcast and the checkpoint then.
+    let aux = match cfg.aux_loss_weight {
+        Some(_) if !model.has_aux_head() => {
+            return Err(Error::InvalidArgument(format!(
+                "aux_loss_weight is set but {} has no auxiliary head",
+                model.name()
+            )))
+        }
+        Some(_) => {
+            model.set_aux_head_used();
+            model.aux_variables()
+        }
+        None => Default::default(),
+    };
+    let vars = || {
+        let aux = aux.iter().map(|(n, t)| (n.clone(), t.shallow_clone()));
+        model.var_store().variables().into_iter().chain(aux)
+    };
     if opts.channels_last {
-        for (_, t) in model.var_store().variables() {
+        for (_, t) in vars() {
             precision::channels_last(&t)?;
         }
     }
     let o = &cfg.optimizer;
-    let mut opt = sgd::Sgd::new(model.var_store(), o.lr, o.momentum, o.weight_decay);
+    let mut opt = sgd::Sgd::with_variables(vars(), o.lr, o.momentum, o.weight_decay);
     if (start > 0 || start_it > 0) && dir.join(CHECKPOINT_OPTIMIZER).exists() {
         opt.load(&dir.join(CHECKPOINT_OPTIMIZER))?;
     }
     if let Some(g) = &opts.group {
         // Rank 0's weights are everyone's (as DDP's constructor does), whether fresh, loaded
         // or resumed.
-        let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+        let mut vars: Vec<(String, Tensor)> = vars().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         g.broadcast_vars(&vars.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
         opt.set_group(g.clone());

@@ -3,6 +3,10 @@
 //! gradients add up before the update (gradient accumulation: the effective batch is
 //! `batch_size * accumulate`), then a checkpoint.
 //!
+//! Torch's generator (dropout) is reseeded from (seed, epoch) at every epoch of an epoch run
+//! and from (seed, iteration) at every iteration of an iteration run, where a resumed run
+//! starts.
+//!
 //! Epoch runs weight each micro-batch's mean loss by its share of the step's images, so a step
 //! over micro-batches equals one step over their union (the epoch's last step takes the
 //! micro-batches left, as a big batch would take the images left). Iteration runs take
@@ -120,7 +124,10 @@ impl<'a> Run<'a> {
             precision::channels_last(x)?;
         }
         let autocast = precision::Autocast::begin(x.device(), self.opts.precision);
-        let logits = self.model.forward_t(x, true);
+        let (logits, aux) = match self.cfg.aux_loss_weight {
+            Some(_) => self.model.forward_with_aux(x, true),
+            None => (self.model.forward_t(x, true), None),
+        };
         let seg = self.train_set.seg.is_some();
         let (ce, pred, counted) = if seg {
             let (ce, valid, up) = segment::seg_loss(&logits, y);
@@ -128,6 +135,10 @@ impl<'a> Run<'a> {
                 .argmax(1, false)
                 .eq_tensor(y)
                 .logical_and(&y.ne(data::seg::IGNORE as i64));
+            let ce = match (aux, self.cfg.aux_loss_weight) {
+                (Some(a), Some(weight)) => ce + segment::seg_loss(&a, y).0 * weight,
+                _ => ce,
+            };
             (ce, hit, valid)
         } else {
             let ce = logits.cross_entropy_for_logits(y);
@@ -231,6 +242,7 @@ impl<'a> Run<'a> {
         for epoch in start..cfg.epochs {
             let lr = lr_at(&cfg.schedule, cfg.optimizer.lr, epoch, cfg.epochs);
             let t0 = Instant::now();
+            reseed(cfg.seed, epoch);
             let it = self.batches(epoch);
             let bar = progress_bar(
                 self.opts.progress && self.leader,
@@ -293,6 +305,7 @@ impl<'a> Run<'a> {
                 let (x, y) = b?;
                 if m.is_multiple_of(n) {
                     self.opt.zero_grad();
+                    reseed(cfg.seed, it);
                 }
                 let when = format!("iteration {}", it + 1);
                 self.micro(&x, &y, 1.0 / n as f64, &mut w, &when)?;
@@ -315,6 +328,15 @@ impl<'a> Run<'a> {
         bar.finish_and_clear();
         Ok(())
     }
+}
+
+/// Seeds torch's generator (dropout masks) from the run's seed and a point a run can resume
+/// from (an epoch, or an iteration), so a resumed run draws what an uninterrupted one draws.
+fn reseed(seed: u64, point: usize) {
+    let mut h = crate::hash::Fnv::default();
+    h.write(&seed.to_le_bytes());
+    h.write(&(point as u64).to_le_bytes());
+    tch::manual_seed((h.value() >> 1) as i64);
 }
 
 fn window_message(w: &Window, t0: Instant) -> String {

@@ -20,8 +20,18 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(vs: &VarStore, lr: f64, momentum: f64, weight_decay: f64) -> Sgd {
-        let mut params: Vec<(String, Tensor)> = vs
-            .variables()
+        Self::with_variables(vs.variables(), lr, momentum, weight_decay)
+    }
+
+    /// SGD over the trainable ones of `vars` (names must be unique: they key the momentum
+    /// buffers in a checkpoint).
+    pub fn with_variables(
+        vars: impl IntoIterator<Item = (String, Tensor)>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Sgd {
+        let mut params: Vec<(String, Tensor)> = vars
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect();

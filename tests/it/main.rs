@@ -3,6 +3,7 @@
 mod common;
 
 mod accumulate;
+mod aux_head;
 mod avg_pool;
 mod block_relu;
 mod data;

@@ -44,7 +44,7 @@ fn ade_tree(root: &Path, n_train: usize, n_val: usize) {
 
 /// VOC tree: labels 0..=5 of 21 with a 255 boundary row, grayscale masks in
 /// SegmentationClassAug (train_aug) and SegmentationClass (val).
-fn voc_tree(root: &Path, n_train: usize, n_val: usize) {
+pub(crate) fn voc_tree(root: &Path, n_train: usize, n_val: usize) {
     for d in [
         "JPEGImages",
         "SegmentationClass",
