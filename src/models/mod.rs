@@ -42,7 +42,8 @@ pub trait Architecture: Sync {
     /// The torchvision name of an mmcls/mmseg checkpoint tensor name, if it is one of ours.
     fn mmlab_name(&self, name: &str) -> Option<String>;
     /// Checkpoint tensors that are not part of the network and are skipped when loading
-    /// (mmseg's auxiliary head); none by default.
+    /// (mmseg's auxiliary head, when the model holds no [`AuxHead`] to load them into); none
+    /// by default.
     fn ignores_tensor(&self, _name: &str) -> bool {
         false
     }

@@ -497,7 +497,7 @@ fn save_mmseg(m: &Model, path: &Path, extra: &[(&str, Tensor)]) {
 }
 
 #[test]
-fn loads_mmseg_checkpoints_and_skips_the_auxiliary_head() {
+fn loads_mmseg_checkpoints_with_their_auxiliary_head() {
     let _serial = common::torch_rng();
     let dir = tempfile::tempdir().unwrap();
     for (name, input) in [(MNV2, [3, 32, 32]), (R50, [3, 16, 16])] {
@@ -535,23 +535,30 @@ fn loads_mmseg_checkpoints_and_skips_the_auxiliary_head() {
                 .any(|n| n == "backbone.layer3.0.downsample.1.weight"));
         }
         let p = dir.path().join(format!("{name}.safetensors"));
-        let aux = [
-            (
-                "auxiliary_head.convs.0.conv.weight",
-                Tensor::ones([4, 3, 3, 3], tch::kind::FLOAT_CPU),
-            ),
-            (
-                "auxiliary_head.conv_seg.bias",
-                Tensor::ones([6], tch::kind::FLOAT_CPU),
-            ),
-            (
-                "decode_head.bottleneck.bn.num_batches_tracked",
-                Tensor::from_slice(&[7i64]),
-            ),
-        ];
-        save_mmseg(&m, &p, &aux);
+        // mmseg's auxiliary head as a checkpoint holds it (another seed's, so the values
+        // differ from the head the loading model starts with).
+        let donor = seg_model(name, input, 6, 7);
+        let mut aux: Vec<(String, Tensor)> = donor
+            .aux_variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().contiguous()))
+            .collect();
+        assert_eq!(aux.len(), 7, "{name}: conv, bn (4) and classifier (2)");
+        aux.push((
+            "decode_head.bottleneck.bn.num_batches_tracked".into(),
+            Tensor::from_slice(&[7i64]),
+        ));
+        let extra: Vec<(&str, Tensor)> = aux
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+            .collect();
+        save_mmseg(&m, &p, &extra);
         let mut other = seg_model(name, input, 6, 99);
         other.load_weights(&p).unwrap();
+        assert!(other.aux_head_used());
+        for (n, t) in other.aux_variables() {
+            assert!(t.equal(&donor.aux_variables()[&n]), "{name}: {n} loads");
+        }
         let x = image(input, 1);
         let _g = tch::no_grad_guard();
         assert!(
@@ -565,7 +572,8 @@ fn loads_mmseg_checkpoints_and_skips_the_auxiliary_head() {
         third.load_weights(&own).unwrap();
         assert!(m.forward_t(&x, false).equal(&third.forward_t(&x, false)));
     }
-    // Unknown head tensors are errors (only auxiliary_head.* is skipped), as are missing ones.
+    // Unknown head tensors are errors (auxiliary_head.* goes to the auxiliary head), as are
+    // missing ones.
     let m = seg_model(MNV2, [3, 32, 32], 6, 5);
     let p = dir.path().join("bad.safetensors");
     save_mmseg(
