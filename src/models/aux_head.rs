@@ -5,6 +5,8 @@
 //! were trained or loaded.
 use super::graph::AuxHead;
 use super::runtime::batch_norm;
+use super::Model;
+use std::collections::HashMap;
 use tch::{nn, Device, Tensor};
 
 /// mmseg's name prefix of the auxiliary head's tensors.
@@ -71,7 +73,7 @@ impl AuxParams {
     }
 
     /// Parameters and buffers by mmseg name.
-    pub fn variables(&self) -> std::collections::HashMap<String, Tensor> {
+    pub fn variables(&self) -> HashMap<String, Tensor> {
         self.vs.variables()
     }
 
@@ -82,5 +84,28 @@ impl AuxParams {
         let y = batch_norm(&y, [w, b, m, v], train, 1e-5).relu();
         let y = y.feature_dropout(self.head.dropout, train);
         y.conv2d(&self.seg[0], Some(&self.seg[1]), [1, 1], [0, 0], [1, 1], 1)
+    }
+}
+
+impl Model {
+    /// The auxiliary head's parameters and buffers by mmseg name (empty without one).
+    pub fn aux_variables(&self) -> HashMap<String, Tensor> {
+        self.aux.as_ref().map(|a| a.variables()).unwrap_or_default()
+    }
+
+    pub fn has_aux_head(&self) -> bool {
+        self.aux.is_some()
+    }
+
+    /// Whether the auxiliary head was trained or loaded (then it is saved with the weights).
+    pub fn aux_head_used(&self) -> bool {
+        self.aux.as_ref().is_some_and(|a| a.used)
+    }
+
+    /// Marks the auxiliary head as trained (saved with the weights from now on).
+    pub fn set_aux_head_used(&mut self) {
+        if let Some(a) = &mut self.aux {
+            a.used = true;
+        }
     }
 }

@@ -24,7 +24,7 @@ pub struct Model {
     /// Per slot, the last op that reads it (values are dropped after it to bound memory).
     last_use: Vec<usize>,
     /// The graph's training-only auxiliary head, if it has one.
-    aux: Option<AuxParams>,
+    pub(super) aux: Option<AuxParams>,
 }
 
 /// The values needed to run a model on from just after a site: the site's pre-activation and
@@ -245,27 +245,6 @@ impl Model {
             .take()
             .expect("the output slot is written");
         (out, aux_out)
-    }
-
-    /// The auxiliary head's parameters and buffers by mmseg name (empty without one).
-    pub fn aux_variables(&self) -> std::collections::HashMap<String, Tensor> {
-        self.aux.as_ref().map(|a| a.variables()).unwrap_or_default()
-    }
-
-    pub fn has_aux_head(&self) -> bool {
-        self.aux.is_some()
-    }
-
-    /// Whether the auxiliary head was trained or loaded (then it is saved with the weights).
-    pub fn aux_head_used(&self) -> bool {
-        self.aux.as_ref().is_some_and(|a| a.used)
-    }
-
-    /// Marks the auxiliary head as trained (saved with the weights from now on).
-    pub fn set_aux_head_used(&mut self) {
-        if let Some(a) = &mut self.aux {
-            a.used = true;
-        }
     }
 
     /// Runs the network (evaluation mode) up to site `site` and keeps what is needed to run on

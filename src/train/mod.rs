@@ -256,6 +256,25 @@ fn trim_metrics(path: &Path, upto: usize) -> Result<()> {
     write_atomic(path, keep.as_bytes())
 }
 
+/// The auxiliary head's variables when the configuration trains it (it trains only when asked
+/// for; its variables then join the optimizer, the broadcast and the checkpoint), else none.
+fn aux_variables_to_train(
+    cfg: &Config,
+    model: &mut Model,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    match cfg.aux_loss_weight {
+        Some(_) if !model.has_aux_head() => Err(Error::InvalidArgument(format!(
+            "aux_loss_weight is set but {} has no auxiliary head",
+            model.name()
+        ))),
+        Some(_) => {
+            model.set_aux_head_used();
+            Ok(model.aux_variables())
+        }
+        None => Ok(Default::default()),
+    }
+}
+
 /// Trains `model` (already built, weights loaded and spec applied by the caller) for
 /// `cfg.epochs` epochs on the configured data set; returns the metrics of the epochs run.
 pub fn train(cfg: &Config, model: &mut Model, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
@@ -317,21 +336,7 @@ pub fn train_on(
             },
         )?;
     }
-    // The auxiliary head trains only when asked for; its variables join the optimizer, the
-    // broadcast and the checkpoint then.
-    let aux = match cfg.aux_loss_weight {
-        Some(_) if !model.has_aux_head() => {
-            return Err(Error::InvalidArgument(format!(
-                "aux_loss_weight is set but {} has no auxiliary head",
-                model.name()
-            )))
-        }
-        Some(_) => {
-            model.set_aux_head_used();
-            model.aux_variables()
-        }
-        None => Default::default(),
-    };
+    let aux = aux_variables_to_train(cfg, model)?;
     let vars = || {
         let aux = aux.iter().map(|(n, t)| (n.clone(), t.shallow_clone()));
         model.var_store().variables().into_iter().chain(aux)
