@@ -184,22 +184,25 @@ fn train_from_weights_with_overrides_and_refused_resume() {
     }
     assert!(compared > 10);
 
-    // Resuming with another override is refused, naming the checkpoint.
-    let (success, _, err) = brelu(&[
-        "train",
-        "--config",
-        c,
-        "-o",
-        b.to_str().unwrap(),
-        "--resume",
-        "--lr",
-        "0.5",
-    ]);
-    assert!(!success);
-    assert!(
-        err.contains("checkpoint.json") && err.contains("another configuration"),
-        "{err}"
-    );
+    // Resuming with another override (the rate, or the micro-batches per step) is refused,
+    // naming the checkpoint.
+    for flag in [["--lr", "0.5"], ["--accumulate", "2"]] {
+        let (success, _, err) = brelu(&[
+            "train",
+            "--config",
+            c,
+            "-o",
+            b.to_str().unwrap(),
+            "--resume",
+            flag[0],
+            flag[1],
+        ]);
+        assert!(!success, "{flag:?}");
+        assert!(
+            err.contains("checkpoint.json") && err.contains("another configuration"),
+            "{flag:?}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -218,6 +221,10 @@ fn bad_flags_and_files_are_clear_errors() {
         (
             vec!["train", "--config", c, "-o", o, "--epochs", "0"],
             "--epochs",
+        ),
+        (
+            vec!["train", "--config", c, "-o", o, "--accumulate", "0"],
+            "--accumulate",
         ),
         (
             vec!["train", "--config", "/nonexistent/x.toml", "-o", o],
