@@ -403,12 +403,12 @@ impl GraphBuilder {
         &self.g
     }
 
-    /// Finishes the graph with `output` as the network output.
     /// Declares the training-only auxiliary head on `head.input`.
     pub fn aux_head(&mut self, head: AuxHead) {
         self.g.aux = Some(head);
     }
 
+    /// Finishes the graph with `output` as the network output.
     pub fn finish(mut self, output: Slot) -> Graph {
         self.g.output = output;
         self.g
