@@ -74,16 +74,9 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
             }
             let mut model = train::build_model(base_cfg, Device::Cpu)?;
             let opts = TrainOptions {
-                run_dir: run_dir.clone(),
                 resume: true,
                 progress: cfg.progress,
-                spec: None,
-                teacher: None,
-                group: None,
-                loader: Default::default(),
-                precision: Default::default(),
-                channels_last: false,
-                sync_bn: false,
+                ..TrainOptions::new(run_dir.clone())
             };
             train::train(base_cfg, &mut model, &opts)?;
         }
@@ -308,17 +301,12 @@ fn finetune(
         }
         let mut m = load_model(cfg, &base.weights, Some(s))?;
         let opts = TrainOptions {
-            run_dir: run_dir.clone(),
             resume: true,
             progress: cfg.progress,
             spec: Some(dir.join(&e.file)),
             // With `[distill]` in the fine-tune recipe: the original network.
             teacher: Some(base.weights.clone()),
-            group: None,
-            loader: Default::default(),
-            precision: Default::default(),
-            channels_last: false,
-            sync_bn: false,
+            ..TrainOptions::new(run_dir.clone())
         };
         train::train(ft_cfg, &mut m, &opts)?;
         file_hash(&w)

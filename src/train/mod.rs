@@ -13,9 +13,10 @@
 //!
 //! Segmentation sets ([`segment`]) train on the per-pixel cross-entropy of the logits resized
 //! to the crop (ignore label 255), plus `aux_loss_weight` times that of the network's
-//! training-only auxiliary head when the configuration sets it, and evaluate to mIoU; their recipes count `iterations`
-//! instead of epochs, with a checkpoint (and evaluation) every `checkpoint_every` iterations
-//! from which a resumed run continues mid-epoch with the same batches.
+//! training-only auxiliary head when the configuration sets it, and evaluate to mIoU; their
+//! recipes count `iterations` instead of epochs, with a checkpoint (and evaluation) every
+//! `checkpoint_every` iterations from which a resumed run continues mid-epoch with the same
+//! batches.
 //!
 //! Data-parallel runs ([`TrainOptions::group`], docs/cluster.md): each rank takes its shard of
 //! every epoch and `batch_size / world` images per step, the gradients are averaged over the
@@ -206,6 +207,25 @@ pub struct TrainOptions {
     /// Data-parallel runs: batch norms use the statistics of all ranks' batches together
     /// (`torch.nn.SyncBatchNorm`), so training equals one process on the whole batch.
     pub sync_bn: bool,
+}
+
+impl TrainOptions {
+    /// A fresh single-process run into `run_dir`: no resume, progress bar, spec, teacher or
+    /// process group; the default loader, f32, weights as stored, no synchronised batch norm.
+    pub fn new(run_dir: impl Into<PathBuf>) -> TrainOptions {
+        TrainOptions {
+            run_dir: run_dir.into(),
+            resume: false,
+            progress: false,
+            spec: None,
+            teacher: None,
+            group: None,
+            loader: Default::default(),
+            precision: Default::default(),
+            channels_last: false,
+            sync_bn: false,
+        }
+    }
 }
 
 /// The distillation term alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)),

@@ -27,18 +27,7 @@ fn config_text(dir: &Path, run: &str, batch: usize, accumulate: usize) -> String
 
 /// Trains `c` in `out`; returns the final weights sorted by name.
 fn run(c: &Config, out: &Path) -> Vec<(String, Tensor)> {
-    let opts = TrainOptions {
-        run_dir: out.to_path_buf(),
-        resume: false,
-        progress: false,
-        spec: None,
-        teacher: None,
-        group: None,
-        loader: Default::default(),
-        precision: Default::default(),
-        channels_last: false,
-        sync_bn: false,
-    };
+    let opts = TrainOptions::new(out);
     let (tr, te) = (
         train::load_split(c, Split::Train).unwrap(),
         train::load_split(c, Split::Test).unwrap(),

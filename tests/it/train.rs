@@ -317,16 +317,8 @@ fn tiny_run_learns_and_resume_is_bit_exact() {
     let c = cfg(&TINY.replace("lr = 0.05", "lr = 0.01"));
     let (tr, te) = (toy(48, 0), toy(24, 5));
     let opts = |dir: &Path, resume| TrainOptions {
-        run_dir: dir.to_path_buf(),
         resume,
-        progress: false,
-        spec: None,
-        teacher: None,
-        group: None,
-        loader: Default::default(),
-        precision: Default::default(),
-        channels_last: false,
-        sync_bn: false,
+        ..TrainOptions::new(dir)
     };
 
     // Uninterrupted: 2 epochs.
@@ -441,16 +433,8 @@ fn distillation_runs_with_a_teacher_and_is_validated() {
     let teacher = dir.path().join("teacher.safetensors");
     teacher_model.save_weights(&teacher).unwrap();
     let opts = |teacher: Option<std::path::PathBuf>| TrainOptions {
-        run_dir: dir.path().join("run"),
-        resume: false,
-        progress: false,
-        spec: None,
         teacher,
-        group: None,
-        loader: Default::default(),
-        precision: Default::default(),
-        channels_last: false,
-        sync_bn: false,
+        ..TrainOptions::new(dir.path().join("run"))
     };
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
     let e = train::train_on(&c, &mut m, &opts(None), &tr, &te).unwrap_err();
@@ -481,16 +465,8 @@ fn iteration_run_resumes_mid_epoch_bit_exact() {
     let c = cfg(&text);
     let (tr, te) = (toy(48, 0), toy(12, 5));
     let opts = |dir: &Path, resume| TrainOptions {
-        run_dir: dir.to_path_buf(),
         resume,
-        progress: false,
-        spec: None,
-        teacher: None,
-        group: None,
-        loader: Default::default(),
-        precision: Default::default(),
-        channels_last: false,
-        sync_bn: false,
+        ..TrainOptions::new(dir)
     };
     let a = tempfile::tempdir().unwrap();
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
@@ -586,16 +562,9 @@ fn bf16_autocast_and_channels_last_train_on_the_cpu() {
     // weights (f32) load back.
     let dir = tempfile::tempdir().unwrap();
     let opts = TrainOptions {
-        run_dir: dir.path().to_path_buf(),
-        resume: false,
-        progress: false,
-        spec: None,
-        teacher: None,
-        group: None,
-        loader: Default::default(),
         precision: Precision::Bf16,
         channels_last: true,
-        sync_bn: false,
+        ..TrainOptions::new(dir.path())
     };
     let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
     let out = train::train_on(&c, &mut m, &opts, &tr, &te).unwrap();
