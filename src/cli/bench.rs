@@ -26,6 +26,22 @@ pub enum BenchCommand {
     /// One training epoch's wall time against the same epoch's decoding alone and its
     /// computation alone (on one cached batch): how well the loader overlaps.
     Overlap(LoaderArgs),
+    /// Listing a class-folder split: a `stat` per file (brelu before the folder index) against
+    /// one walk on the entry types `readdir` gives, and against reading the cached index.
+    Listing(ListingArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ListingArgs {
+    /// Data set root (ROOT/train/<class>/*.JPEG).
+    pub root: PathBuf,
+    /// First create ROOT with this many empty .JPEG files in 1000 class folders (the root must
+    /// not exist yet).
+    #[arg(long)]
+    pub generate: Option<usize>,
+    /// Timed repetitions of each (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
 }
 
 #[derive(Args, Debug)]
@@ -62,7 +78,106 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Allreduce(a) => allreduce(a),
         BenchCommand::Loader(a) => loader(a),
         BenchCommand::Overlap(a) => overlap(a),
+        BenchCommand::Listing(a) => listing(a),
     }
+}
+
+#[derive(Serialize)]
+struct ListingReport {
+    files: usize,
+    stat_per_file_s: f64,
+    walk_s: f64,
+    index_s: f64,
+    walk_speedup: f64,
+    index_speedup: f64,
+}
+
+/// The listing brelu did before the index: per class folder, `is_dir` on it and `is_file` (a
+/// `stat`) on every entry. Kept here only as the benchmark's baseline.
+fn list_with_stat(root: &std::path::Path) -> Result<usize> {
+    let dir = root.join("train");
+    let mut n = 0;
+    for c in std::fs::read_dir(&dir)? {
+        let c = c?.path();
+        if !c.is_dir() {
+            continue;
+        }
+        for e in std::fs::read_dir(&c)? {
+            let p = e?.path();
+            let img = p
+                .extension()
+                .map(|x| x.to_string_lossy().to_ascii_lowercase())
+                .is_some_and(|x| ["jpg", "jpeg", "png"].contains(&x.as_str()));
+            if p.is_file() && img {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn listing(a: ListingArgs) -> Result<()> {
+    use crate::data::folder;
+    if let Some(n) = a.generate {
+        anyhow::ensure!(
+            !a.root.exists(),
+            "{} exists; --generate makes a new tree",
+            a.root.display()
+        );
+        for i in 0..n {
+            let d = a.root.join("train").join(format!("n{:08}", i % 1000));
+            if i < 1000 {
+                std::fs::create_dir_all(&d).with_context(|| d.display().to_string())?;
+            }
+            let f = d.join(format!("n{:08}_{i}.JPEG", i % 1000));
+            std::fs::File::create(&f).with_context(|| f.display().to_string())?;
+        }
+    }
+    let index = tempfile_dir()?;
+    let time = |f: &dyn Fn() -> Result<usize>| -> Result<(f64, usize)> {
+        let mut t = Vec::new();
+        let mut n = 0;
+        for _ in 0..a.repeats.max(1) {
+            let t0 = Instant::now();
+            n = f()?;
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        Ok((median(t), n))
+    };
+    let (stat, files) = time(&|| list_with_stat(&a.root))?;
+    let (walk, n) = time(&|| Ok(folder::open(&a.root, Split::Train, 224)?.paths.len()))?;
+    anyhow::ensure!(
+        n == files,
+        "the two listings disagree: {n} and {files} files"
+    );
+    folder::open_indexed(&a.root, Split::Train, 224, Some(&index))?;
+    let (idx, _) = time(&|| {
+        Ok(
+            folder::open_indexed(&a.root, Split::Train, 224, Some(&index))?
+                .paths
+                .len(),
+        )
+    })?;
+    let _ = std::fs::remove_dir_all(&index);
+    println!(
+        "{}",
+        serde_json::to_string(&ListingReport {
+            files,
+            stat_per_file_s: stat,
+            walk_s: walk,
+            index_s: idx,
+            walk_speedup: stat / walk,
+            index_speedup: stat / idx,
+        })?
+    );
+    Ok(())
+}
+
+/// A fresh directory for the benchmark's index.
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("brelu-bench-index-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -88,11 +203,8 @@ fn allreduce(a: AllreduceArgs) -> Result<()> {
     let Some(l) = Launch::from_env()? else {
         bail!("run under a launcher with at least 2 ranks (RANK, WORLD_SIZE, MASTER_ADDR set)");
     };
-    let device = crate::ops::parse_device(Some(&match a.device.as_str() {
-        "cuda" => format!("cuda:{}", l.local_rank),
-        d => d.to_string(),
-    }))?;
-    let g = Group::join(&l, device.is_cuda(), crate::dist::timeout_from_env()?)?;
+    let device = l.device(Some(&a.device))?;
+    let g = Group::join(&l, device, crate::dist::Timeouts::from_env()?)?;
     let t = Tensor::ones([a.floats as i64], (Kind::Float, device));
     let mut times = Vec::new();
     for i in 0..a.iters + 2 {
@@ -130,10 +242,11 @@ fn setup(a: &LoaderArgs) -> Result<(Config, crate::data::Dataset)> {
     Ok((cfg, data))
 }
 
+/// One process's micro-batches of the configuration (`batch_size / accumulate` images).
 fn batches<'a>(cfg: &Config, data: &'a crate::data::Dataset) -> BatchIter<'a> {
     BatchIter::train(
         data,
-        cfg.batch_size,
+        cfg.batch_size / cfg.accumulate.max(1),
         cfg.seed,
         0,
         cfg.dataset.augmentation(),
@@ -167,12 +280,13 @@ fn loader(a: LoaderArgs) -> Result<()> {
     let o = LoaderOptions {
         workers: a.workers,
         prefetch: a.prefetch,
+        ..Default::default()
     };
     let (images, seconds) = drain(batches(&cfg, &data), o, a.batches)?;
     super::print_json(&LoaderReport {
         engine: "brelu",
         workers: a.workers,
-        batch_size: cfg.batch_size,
+        batch_size: cfg.batch_size / cfg.accumulate.max(1),
         images,
         seconds,
         images_per_s: images as f64 / seconds,
@@ -194,6 +308,7 @@ fn overlap(a: LoaderArgs) -> Result<()> {
     let o = LoaderOptions {
         workers: a.workers,
         prefetch: a.prefetch,
+        ..Default::default()
     };
     let model = train::build_model(&cfg, tch::Device::Cpu)?;
     let opt_cfg = &cfg.optimizer;

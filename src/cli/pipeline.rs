@@ -17,21 +17,25 @@ pub struct PipelineArgs {
     /// specs before fine-tuning; the next run continues from there.
     #[arg(long, value_parser = ["baseline", "distortion", "specs", "finetune"])]
     pub stop_after: Option<String>,
+    /// cpu, cuda or cuda:N for every stage (default: the configuration's `device`, else cpu).
+    /// Under torchrun or srun each rank takes its GPU (`cuda`), trains and fine-tunes
+    /// data-parallel, extracts its shard of the distortion units and evaluates its share of
+    /// the test split; rank 0 solves the knapsack, runs secure inference (on the CPU) and
+    /// writes the report while the others wait. The run directory must be on a file system
+    /// every rank sees.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub fn run(a: PipelineArgs) -> Result<()> {
-    if let Some(l) = crate::dist::Launch::from_env()? {
-        anyhow::bail!(
-            "brelu pipeline runs in one process, but this is rank {} of {} ({} variables): \
-             every rank would run the whole pipeline into the same directory. Launch \
-             `brelu train` / `brelu finetune` data-parallel instead (docs/cluster.md)",
-            l.rank,
-            l.world,
-            l.source
-        );
-    }
     let mut cfg = PipelineConfig::load(&a.config).context("reading the pipeline configuration")?;
-    cfg.progress = std::io::stderr().is_terminal();
+    let device = a.device.clone().or(cfg.device_setting.clone());
+    // Under torchrun or srun every rank runs every stage the way the stage runs alone.
+    let (device, group) = crate::dist::Group::from_env(device.as_deref())?;
+    let leader = group.as_ref().is_none_or(|g| g.is_leader());
+    cfg.device = device;
+    cfg.group = group;
+    cfg.progress = leader && std::io::stderr().is_terminal();
     let dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
             .config
@@ -44,6 +48,15 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     let log = |m: &str| eprintln!("{m}");
     let out = pipeline::run(&cfg, &dir, a.stop_after.as_deref(), &log)
         .with_context(|| format!("pipeline {}", dir.display()))?;
+    if !leader {
+        return Ok(());
+    }
+    if !out.times.is_empty() {
+        eprintln!("stage times:");
+        for (stage, s) in &out.times {
+            eprintln!("  {stage:<28} {:>12}", pipeline::duration_text(*s));
+        }
+    }
     let Some(rep) = out.report else {
         eprintln!(
             "stopped after {}; run the same command again to continue",

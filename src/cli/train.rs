@@ -2,7 +2,7 @@
 //! (checkpoints, metrics) and accuracy figures out.
 use super::print_json;
 use crate::data::Split;
-use crate::dist::{Group, Launch};
+use crate::dist::Group;
 use crate::models::Model;
 use crate::spec::{spec_cost, Spec};
 use crate::train::{self, Config, TrainOptions};
@@ -11,7 +11,6 @@ use clap::Args;
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -33,7 +32,7 @@ pub struct TrainArgs {
     /// Override the configuration's learning rate (optimizer.lr).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Override the configuration's training batch size.
+    /// Override the configuration's batch size: images per optimizer step over all ranks.
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Override the configuration's gradient accumulation (micro-batches per optimizer step;
@@ -64,6 +63,11 @@ pub struct TrainArgs {
     /// torch.nn.SyncBatchNorm; the published segmentation recipes use it).
     #[arg(long)]
     pub sync_bn: bool,
+    /// A training image that cannot be decoded (truncated, corrupt): `error` stops naming the
+    /// file; `substitute` replaces it with the next decodable image of this rank's epoch
+    /// order, warns, and counts it in the log and metrics.jsonl (`substituted_images`).
+    #[arg(long, value_enum, default_value_t = crate::data::BadImages::Error)]
+    pub bad_images: crate::data::BadImages,
     /// Batches decoded ahead of the training step.
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub prefetch: usize,
@@ -178,37 +182,13 @@ fn loader_options(a: &TrainArgs) -> crate::data::LoaderOptions {
     crate::data::LoaderOptions {
         workers: a.workers,
         prefetch: a.prefetch,
+        bad_images: a.bad_images,
     }
-}
-
-/// The device and, under a launcher (torchrun or Slurm variables), the process group: Gloo on
-/// the CPU, NCCL on CUDA, where `--device cuda` means `cuda:LOCAL_RANK`.
-fn device_and_group(device: Option<&str>) -> Result<(tch::Device, Option<Rc<Group>>)> {
-    let Some(l) = Launch::from_env()? else {
-        return Ok((crate::ops::parse_device(device)?, None));
-    };
-    let d = match device {
-        Some("cuda") => Some(format!("cuda:{}", l.local_rank)),
-        d => d.map(str::to_string),
-    };
-    let device = crate::ops::parse_device(d.as_deref())?;
-    let g = Group::join(&l, device.is_cuda(), crate::dist::timeout_from_env()?)?;
-    if g.is_leader() {
-        eprintln!(
-            "data-parallel: {} ranks ({}, {} variables, rendezvous {}:{})",
-            l.world,
-            if g.nccl { "nccl" } else { "gloo" },
-            l.source,
-            l.master_addr,
-            l.master_port
-        );
-    }
-    Ok((device, Some(Rc::new(g))))
 }
 
 fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
     let cfg = load_config(&a.config, Some(a))?;
-    let (device, group) = device_and_group(a.device.as_deref())?;
+    let (device, group) = Group::from_env(a.device.as_deref())?;
     let leader = group.as_ref().is_none_or(|g| g.is_leader());
     let run_dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -233,6 +213,7 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         resume: a.resume,
         progress: std::io::stderr().is_terminal(),
         spec: spec.map(Path::to_path_buf),
+        weights: weights.map(Path::to_path_buf),
         teacher: a.teacher.clone().or_else(|| weights.map(Path::to_path_buf)),
         group,
         loader: loader_options(a),

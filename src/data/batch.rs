@@ -4,6 +4,8 @@
 //! from a zero-padded image plus horizontal flip) on the u8 pixels; and [`BatchIter`], which
 //! yields normalised float batches on the model's device.
 use super::{Dataset, Normalize};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// SplitMix64: tiny, fast and fully specified, so orders are reproducible across platforms.
@@ -211,6 +213,12 @@ impl<'a> BatchIter<'a> {
         }
     }
 
+    /// Only the images at positions `r` of the order (a rank's share of an evaluation).
+    pub fn part(mut self, r: std::ops::Range<usize>) -> BatchIter<'a> {
+        self.order = self.order[r].to_vec();
+        self
+    }
+
     /// Number of batches in total.
     pub fn batches(&self) -> usize {
         self.order.len().div_ceil(self.batch_size)
@@ -262,6 +270,7 @@ impl<'a> BatchIter<'a> {
         }
         let end = (self.pos + self.batch_size).min(self.order.len());
         let ids = self.order[self.pos..end].to_vec();
+        let at = self.pos;
         self.pos = end;
         if self.data.seg.is_some() {
             let t = match &mut self.seg_rng {
@@ -271,7 +280,7 @@ impl<'a> BatchIter<'a> {
                     .collect(),
                 None => vec![super::seg::Transform::Fixed; ids.len()],
             };
-            return Some(Ok(Job::Seg { ids, t }));
+            return Some(Ok(Job::Seg { ids, t, at }));
         }
         if self.data.folder.is_some() {
             // Class folders are augmented while decoding (random-resized-crop + flip), one seed
@@ -283,7 +292,7 @@ impl<'a> BatchIter<'a> {
                     .collect(),
                 None => vec![super::folder::Transform::Eval; ids.len()],
             };
-            return Some(Ok(Job::Folder { ids, t }));
+            return Some(Ok(Job::Folder { ids, t, at }));
         }
         let x = self.data.select(&ids).map(|x| match &mut self.augment {
             Some((a, rng)) => a.apply(&x, rng),
@@ -312,10 +321,13 @@ pub(super) enum Job {
     Seg {
         ids: Vec<i64>,
         t: Vec<super::seg::Transform>,
+        /// Position of the first image in the iterator's order.
+        at: usize,
     },
     Folder {
         ids: Vec<i64>,
         t: Vec<super::folder::Transform>,
+        at: usize,
     },
     Ready {
         x: Tensor,
@@ -324,19 +336,31 @@ pub(super) enum Job {
 }
 
 impl Job {
-    /// (u8 images [B, C, H, W], i64 labels [B] or masks [B, H, W]) on the CPU.
+    /// (u8 images [B, C, H, W], i64 labels [B] or masks [B, H, W]) on the CPU. With
+    /// `substitutes` (the order the jobs came from, and the count to add to), an image that
+    /// cannot be decoded is replaced ([`super::BadImages::Substitute`]).
     pub(super) fn decode(
         self,
         folder: Option<&super::folder::FolderSet>,
         seg: Option<&super::seg::SegSet>,
+        substitutes: Option<(&Arc<Vec<i64>>, &Arc<AtomicU64>)>,
     ) -> crate::error::Result<(Tensor, Tensor)> {
+        let subs = |at: usize| {
+            substitutes.map(|(order, count)| super::image_file::Substitutes {
+                order: order.clone(),
+                at,
+                count: count.clone(),
+            })
+        };
         match self {
-            Job::Seg { ids, t } => seg.expect("a segmentation set").decode_batch(&ids, &t),
-            Job::Folder { ids, t } => {
+            Job::Seg { ids, t, at } => {
+                let s = seg.expect("a segmentation set");
+                s.decode_batch_subs(&ids, &t, subs(at).as_ref())
+            }
+            Job::Folder { ids, t, at } => {
                 let f = folder.expect("a class-folder set");
-                let b = f.decode_batch(&ids, &t)?;
+                let (b, y) = f.decode_labelled(&ids, &t, subs(at).as_ref())?;
                 let s = f.side as i64;
-                let y: Vec<i64> = ids.iter().map(|&i| f.labels[i as usize]).collect();
                 Ok((
                     Tensor::from_slice(&b).view([ids.len() as i64, 3, s, s]),
                     Tensor::from_slice(&y),
@@ -360,7 +384,7 @@ impl Iterator for BatchIter<'_> {
         };
         let data = self.data;
         Some(
-            job.decode(data.folder.as_deref(), data.seg.as_deref())
+            job.decode(data.folder.as_deref(), data.seg.as_deref(), None)
                 .map(|(x, y)| {
                     (
                         self.normalize.apply(&x.to_device(self.device)),

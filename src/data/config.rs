@@ -4,7 +4,7 @@ use super::seg::{Inference, SegTransforms};
 use super::{Augment, Dataset, DatasetKind, Normalize, Split};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -138,14 +138,21 @@ impl Source<'_> {
     /// Loads a split of the configured data set, capped by `train_limit` / `test_limit`, and
     /// checks the image size against the configured input.
     pub fn load_split(&self, split: Split) -> Result<Dataset> {
+        self.load_split_indexed(split, None)
+    }
+
+    /// [`Source::load_split`], class folders listed through an index cached in `index_dir`
+    /// (a run directory).
+    pub fn load_split_indexed(&self, split: Split, index_dir: Option<&Path>) -> Result<Dataset> {
         let dir = self.dataset.dir();
-        let mut d = super::load_with(
+        let mut d = super::load_indexed(
             self.dataset.kind,
             &dir,
             split,
             self.input,
             self.num_classes,
             self.dataset.seg_transforms(self.input),
+            index_dir,
         )?;
         let limit = match split {
             Split::Train => self.train_limit,

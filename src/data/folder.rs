@@ -5,7 +5,6 @@
 //! the output and a center crop for evaluation.
 use super::{Rng, Split};
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The files of one split with their class indices.
@@ -20,32 +19,64 @@ pub struct FolderSet {
 
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
+fn has_image_extension(name: &std::ffi::OsStr) -> bool {
+    Path::new(name)
+        .extension()
+        .map(|x| x.to_string_lossy().to_ascii_lowercase())
+        .is_some_and(|x| EXTENSIONS.contains(&x.as_str()))
+}
+
+/// Whether a directory entry is a folder (`dir`) or a file: from the type `readdir` reports,
+/// with a `stat` only for links and file systems that report no type.
+fn entry_is(e: &std::fs::DirEntry, dir: bool) -> bool {
+    match e.file_type() {
+        Ok(t) if !t.is_symlink() => {
+            if dir {
+                t.is_dir()
+            } else {
+                t.is_file()
+            }
+        }
+        _ => std::fs::metadata(e.path()).is_ok_and(|m| if dir { m.is_dir() } else { m.is_file() }),
+    }
+}
+
 fn subdirs(dir: &Path) -> Result<Vec<String>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut v: Vec<String> = rd
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
+        .filter(|e| entry_is(e, true))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     v.sort();
     Ok(v)
 }
 
-fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    files_with_extension(dir, &EXTENSIONS)
+/// The image file names directly in `dir` (one `readdir`, no `stat` per file), sorted.
+fn image_names(dir: &Path) -> Result<Vec<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| has_image_extension(&e.file_name()) && entry_is(e, false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    Ok(v)
 }
 
 /// The files directly in `dir` whose extension (any case) is one of `exts`, sorted.
 pub(crate) fn files_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut v: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .map(|x| x.to_string_lossy().to_ascii_lowercase())
-                    .is_some_and(|x| exts.contains(&x.as_str()))
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            Path::new(&e.file_name())
+                .extension()
+                .map(|x| x.to_string_lossy().to_ascii_lowercase())
+                .is_some_and(|x| exts.contains(&x.as_str()))
+                && entry_is(e, false)
         })
+        .map(|e| e.path())
         .collect();
     v.sort();
     Ok(v)
@@ -55,6 +86,11 @@ pub(crate) fn files_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<Path
 /// `root/train` (so both splits agree on indices); a validation class that training lacks,
 /// or a class folder without images, is an error naming it.
 pub fn open(root: &Path, split: Split, side: usize) -> Result<FolderSet> {
+    open_indexed(root, split, side, None)
+}
+
+/// The folder of a split and the class names (from `root/train`).
+fn split_dirs(root: &Path, split: Split) -> Result<(PathBuf, Vec<String>)> {
     let name = match split {
         Split::Train => "train",
         Split::Test => "val",
@@ -71,26 +107,124 @@ pub fn open(root: &Path, split: Split, side: usize) -> Result<FolderSet> {
     if classes.is_empty() {
         return Err(Error::data(&dir, "no class sub-folders"));
     }
+    Ok((dir, classes))
+}
+
+/// The key of an index: the split folder, its classes and every class folder's modification
+/// time (adding, removing or renaming a file changes its folder's), without reading the
+/// folders themselves.
+fn index_key(dir: &Path, classes: &[String], present: &[String]) -> Result<String> {
+    let mut h = crate::hash::Fnv::default();
+    h.write(dir.to_string_lossy().as_bytes());
+    for c in classes {
+        h.write(c.as_bytes());
+        h.write(&[0]);
+    }
+    for c in present {
+        let p = dir.join(c);
+        let m = std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .map_err(|e| Error::io(&p, e))?;
+        let ns = m
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        h.write(c.as_bytes());
+        h.write(&ns.to_le_bytes());
+    }
+    Ok(format!("{:016x}", h.value()))
+}
+
+const INDEX_MAGIC: &str = "brelu-folder-index 1";
+
+/// The name of a split's index file in a run directory.
+pub fn index_file(index_dir: &Path, split: Split) -> PathBuf {
+    index_dir.join(match split {
+        Split::Train => "folder-index-train.tsv",
+        Split::Test => "folder-index-val.tsv",
+    })
+}
+
+/// Reads an index written for `key`: per class (in `present` order), its image names.
+fn read_index(path: &Path, key: &str, present: &[String]) -> Option<Vec<Vec<String>>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != format!("{INDEX_MAGIC} {key}") {
+        return None;
+    }
+    let mut out = vec![Vec::new(); present.len()];
+    for l in lines {
+        let (k, name) = l.split_once('\t')?;
+        out.get_mut(k.parse::<usize>().ok()?)?
+            .push(name.to_string());
+    }
+    Some(out)
+}
+
+fn write_index(path: &Path, key: &str, files: &[Vec<String>]) -> Result<()> {
+    let mut text = format!("{INDEX_MAGIC} {key}\n");
+    for (k, names) in files.iter().enumerate() {
+        for n in names {
+            text.push_str(&format!("{k}\t{n}\n"));
+        }
+    }
+    crate::fs::write_atomic(path, text.as_bytes())
+}
+
+/// [`open`], with the file list cached in `index_dir` (a run directory) when given: a later
+/// open of an unchanged split reads the index instead of walking the folders (keyed by the
+/// class folders' modification times, see `index_key`). File names holding a tab or a line
+/// break are listed, not cached.
+pub fn open_indexed(
+    root: &Path,
+    split: Split,
+    side: usize,
+    index_dir: Option<&Path>,
+) -> Result<FolderSet> {
+    let (dir, classes) = split_dirs(root, split)?;
+    let present = subdirs(&dir)?;
+    let index = match index_dir {
+        Some(d) => Some((index_file(d, split), index_key(&dir, &classes, &present)?)),
+        None => None,
+    };
+    let cached = index
+        .as_ref()
+        .and_then(|(p, key)| read_index(p, key, &present));
+    let hit = cached.is_some();
+    let files = match cached {
+        Some(f) => f,
+        None => present
+            .iter()
+            .map(|c| image_names(&dir.join(c)))
+            .collect::<Result<Vec<_>>>()?,
+    };
     let (mut paths, mut labels) = (Vec::new(), Vec::new());
-    for c in subdirs(&dir)? {
-        let Some(k) = classes.iter().position(|x| *x == c) else {
+    for (c, names) in present.iter().zip(&files) {
+        let Some(k) = classes.iter().position(|x| x == c) else {
             return Err(Error::data(
-                dir.join(&c),
+                dir.join(c),
                 format!(
                     "class '{c}' is not among the {} training classes",
                     classes.len()
                 ),
             ));
         };
-        let files = images_in(&dir.join(&c))?;
-        if files.is_empty() {
+        if names.is_empty() {
             return Err(Error::data(
-                dir.join(&c),
+                dir.join(c),
                 "class folder without images (.jpg, .jpeg or .png)",
             ));
         }
-        labels.extend(std::iter::repeat_n(k as i64, files.len()));
-        paths.extend(files);
+        labels.extend(std::iter::repeat_n(k as i64, names.len()));
+        paths.extend(names.iter().map(|n| dir.join(c).join(n)));
+    }
+    if let (false, Some((p, key))) = (hit, &index) {
+        let plain = files
+            .iter()
+            .flatten()
+            .all(|n| !n.contains(['\t', '\n', '\r']));
+        if plain {
+            write_index(p, key, &files)?;
+        }
     }
     Ok(FolderSet {
         paths,
@@ -113,9 +247,7 @@ pub enum Transform {
 /// convolution over the crop box (antialiased when shrinking, like PIL's, which torchvision
 /// uses), by `fast_image_resize` with the processor's SIMD.
 pub fn decode(path: &Path, side: usize, t: Transform) -> Result<Vec<u8>> {
-    let img = image::open(path)
-        .map_err(|e| Error::data(path, format!("cannot decode the image: {e}")))?
-        .into_rgb8();
+    let img = super::image_file::open_rgb(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (rect, flip) = match t {
         Transform::Eval => {
@@ -205,15 +337,29 @@ fn resize_box(
 impl FolderSet {
     /// Decodes the images `idx` in parallel: u8 [n, 3, side, side] (row-major bytes).
     pub fn decode_batch(&self, idx: &[i64], t: &[Transform]) -> Result<Vec<u8>> {
-        let parts: Vec<Result<Vec<u8>>> = idx
-            .par_iter()
-            .zip(t.par_iter())
-            .map(|(&i, &tr)| decode(&self.paths[i as usize], self.side, tr))
-            .collect();
+        Ok(self.decode_labelled(idx, t, None)?.0)
+    }
+
+    /// [`FolderSet::decode_batch`] and the labels, with undecodable images replaced from
+    /// `subs` when given (see [`super::image_file::decode_or_substitute`]).
+    pub fn decode_labelled(
+        &self,
+        idx: &[i64],
+        t: &[Transform],
+        subs: Option<&super::image_file::Substitutes>,
+    ) -> Result<(Vec<u8>, Vec<i64>)> {
+        let name = |i: i64| self.paths[i as usize].display().to_string();
+        let one = |k: usize, i: i64| {
+            let px = decode(&self.paths[i as usize], self.side, t[k])?;
+            Ok((px, self.labels[i as usize]))
+        };
+        let parts = super::image_file::decode_or_substitute(idx, subs, &name, &one)?;
         let mut out = Vec::with_capacity(idx.len() * 3 * self.side * self.side);
-        for p in parts {
-            out.extend(p?);
+        let mut labels = Vec::with_capacity(idx.len());
+        for (px, l) in parts {
+            out.extend(px);
+            labels.push(l);
         }
-        Ok(out)
+        Ok((out, labels))
     }
 }

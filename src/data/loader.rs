@@ -9,6 +9,7 @@ use super::batch::{BatchIter, Job};
 use super::Normalize;
 use crate::error::{Error, Result};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use tch::{Device, Tensor};
 
@@ -19,6 +20,9 @@ pub struct LoaderOptions {
     pub workers: usize,
     /// Ready batches kept ahead of the training step (at least 1).
     pub prefetch: usize,
+    /// Images that cannot be decoded: an error, or substituted and counted in
+    /// [`super::Dataset::substituted`].
+    pub bad_images: super::BadImages,
 }
 
 impl Default for LoaderOptions {
@@ -26,6 +30,7 @@ impl Default for LoaderOptions {
         LoaderOptions {
             workers: 0,
             prefetch: 2,
+            bad_images: super::BadImages::Error,
         }
     }
 }
@@ -55,6 +60,8 @@ impl<'a> BatchIter<'a> {
         }
         let device = self.device();
         let norm = self.normalize().clone();
+        let substitutes = (o.bad_images == super::BadImages::Substitute)
+            .then(|| (Arc::new(self.order().to_vec()), data.substituted.clone()));
         let jobs: Vec<Job> = std::iter::from_fn(|| self.next_job()).collect::<Result<_>>()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(o.workers)
@@ -70,7 +77,8 @@ impl<'a> BatchIter<'a> {
                 for job in jobs {
                     // Decoding and the CPU's normalisation both run on the pool's threads.
                     let b = pool.install(|| {
-                        let b = job.decode(folder.as_deref(), seg.as_deref());
+                        let subs = substitutes.as_ref().map(|(o, c)| (o, c));
+                        let b = job.decode(folder.as_deref(), seg.as_deref(), subs);
                         b.map(|(x, y)| match &cpu_norm {
                             Some(n) => (n.apply(&x), y),
                             None => (x.pin_memory(device), y.pin_memory(device)),

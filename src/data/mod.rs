@@ -9,11 +9,13 @@ pub mod cifar;
 pub mod config;
 pub mod folder;
 pub mod idx;
+pub mod image_file;
 pub mod loader;
 pub mod seg;
 
 pub use batch::{Augment, BatchIter, Rng};
 pub use config::{normalization, DatasetConfig, Source};
+pub use image_file::BadImages;
 pub use loader::{LoaderOptions, Prefetched};
 
 use crate::error::{Error, Result};
@@ -143,6 +145,8 @@ pub struct Dataset {
     pub folder: Option<std::sync::Arc<folder::FolderSet>>,
     /// The file pairs of a segmentation set, decoded on demand (`labels` is then empty).
     pub seg: Option<std::sync::Arc<seg::SegSet>>,
+    /// Images replaced under `--bad-images substitute` so far (see [`BadImages`]).
+    pub substituted: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Dataset {
@@ -186,6 +190,7 @@ impl Dataset {
             num_classes,
             folder: None,
             seg: None,
+            substituted: Default::default(),
         })
     }
 
@@ -209,6 +214,7 @@ impl Dataset {
             num_classes,
             folder: Some(std::sync::Arc::new(set)),
             seg: None,
+            substituted: Default::default(),
         })
     }
 
@@ -220,6 +226,7 @@ impl Dataset {
             num_classes: set.layout.num_classes(),
             folder: None,
             seg: Some(std::sync::Arc::new(set)),
+            substituted: Default::default(),
         }
     }
 
@@ -425,6 +432,20 @@ pub fn load_with(
     num_classes: usize,
     seg_t: seg::SegTransforms,
 ) -> Result<Dataset> {
+    load_indexed(kind, dir, split, input, num_classes, seg_t, None)
+}
+
+/// [`load_with`], class folders listed through an index cached in `index_dir`
+/// ([`folder::open_indexed`]).
+pub fn load_indexed(
+    kind: DatasetKind,
+    dir: &Path,
+    split: Split,
+    input: [usize; 3],
+    num_classes: usize,
+    seg_t: seg::SegTransforms,
+    index_dir: Option<&Path>,
+) -> Result<Dataset> {
     match kind {
         DatasetKind::FashionMnist | DatasetKind::Mnist => idx::load_mnist(dir, split),
         DatasetKind::Cifar10 => cifar::load_cifar10(dir, split),
@@ -436,7 +457,8 @@ pub fn load_with(
                     format!("class-folder images are RGB squares; the input {input:?} is not"),
                 ));
             }
-            Dataset::from_folder(folder::open(dir, split, input[1])?, num_classes)
+            let set = folder::open_indexed(dir, split, input[1], index_dir)?;
+            Dataset::from_folder(set, num_classes)
         }
         DatasetKind::Ade20k | DatasetKind::Voc => {
             if input[0] != 3 {

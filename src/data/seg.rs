@@ -21,7 +21,6 @@ use super::{Rng, Split};
 use crate::error::{Error, Result};
 use image::imageops::FilterType;
 use image::RgbImage;
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The label of pixels that count neither in the loss nor in the metrics.
@@ -463,9 +462,7 @@ impl SegSet {
     /// Decodes pair `i` with transform `t`.
     pub fn decode(&self, i: usize, t: Transform) -> Result<Pair> {
         let path = &self.images[i];
-        let img = image::open(path)
-            .map_err(|e| Error::data(path, format!("cannot decode the image: {e}")))?
-            .to_rgb8();
+        let img = super::image_file::open_rgb(path)?;
         let mask = read_mask(self.layout, &self.masks[i])?;
         let (h, w) = (img.height() as usize, img.width() as usize);
         if (mask.height, mask.width) != (h, w) {
@@ -556,18 +553,36 @@ impl SegSet {
 
     /// Decodes pairs `idx` in parallel (the first error in order is returned).
     pub fn decode_many(&self, idx: &[i64], t: &[Transform]) -> Result<Vec<Pair>> {
-        idx.par_iter()
-            .zip(t.par_iter())
-            .map(|(&i, &tr)| self.decode(i as usize, tr))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect()
+        self.decode_subs(idx, t, None)
+    }
+
+    /// [`SegSet::decode_many`], replacing undecodable pairs from `subs` when given (see
+    /// [`super::image_file::decode_or_substitute`]).
+    fn decode_subs(
+        &self,
+        idx: &[i64],
+        t: &[Transform],
+        subs: Option<&super::image_file::Substitutes>,
+    ) -> Result<Vec<Pair>> {
+        let name = |i: i64| self.images[i as usize].display().to_string();
+        let one = |k: usize, i: i64| self.decode(i as usize, t[k]);
+        super::image_file::decode_or_substitute(idx, subs, &name, &one)
     }
 
     /// Decodes pairs of equal size (training or fixed transform) into u8 images
     /// [n, 3, H, W] and i64 masks [n, H, W].
     pub fn decode_batch(&self, idx: &[i64], t: &[Transform]) -> Result<(tch::Tensor, tch::Tensor)> {
-        let pairs = self.decode_many(idx, t)?;
+        self.decode_batch_subs(idx, t, None)
+    }
+
+    /// [`SegSet::decode_batch`] with substitutes for undecodable pairs.
+    pub fn decode_batch_subs(
+        &self,
+        idx: &[i64],
+        t: &[Transform],
+        subs: Option<&super::image_file::Substitutes>,
+    ) -> Result<(tch::Tensor, tch::Tensor)> {
+        let pairs = self.decode_subs(idx, t, subs)?;
         let [h, w] = self.transforms.crop;
         let n = pairs.len() as i64;
         let (mut img, mut lab) = (Vec::new(), Vec::new());

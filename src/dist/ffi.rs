@@ -13,8 +13,11 @@ extern "C" {
         port: c_int,
         rank: c_int,
         world: c_int,
+        init_timeout_ms: c_long,
         timeout_ms: c_long,
         nccl: c_int,
+        agent_store: c_int,
+        prefix: *const c_char,
         err: *mut c_char,
         len: usize,
     ) -> *mut c_void;
@@ -58,27 +61,28 @@ fn message(buf: &[u8]) -> String {
 pub(super) struct Handle(*mut c_void);
 
 impl Handle {
-    pub(super) fn new(
-        addr: &str,
-        port: u16,
-        rank: usize,
-        world: usize,
-        timeout: Duration,
-        nccl: bool,
-    ) -> Result<Handle, String> {
-        let host =
-            CString::new(addr).map_err(|_| format!("MASTER_ADDR '{addr}' contains a NUL byte"))?;
+    pub(super) fn new(l: &super::Launch, t: super::Timeouts, nccl: bool) -> Result<Handle, String> {
+        let addr = &l.master_addr;
+        let host = CString::new(addr.as_str())
+            .map_err(|_| format!("MASTER_ADDR '{addr}' contains a NUL byte"))?;
+        let prefix = CString::new(l.store_prefix())
+            .map_err(|_| "the store prefix contains a NUL byte".to_string())?;
+        let ms = |d: Duration| d.as_millis().min(c_long::MAX as u128) as c_long;
         let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: `host` is a NUL-terminated string alive for the call; `err` is a writable
-        // buffer of ERR_LEN bytes that the shim NUL-terminates; the shim returns null on error.
+        // SAFETY: `host` and `prefix` are NUL-terminated strings alive for the call; `err` is
+        // a writable buffer of ERR_LEN bytes that the shim NUL-terminates; the shim returns
+        // null on error.
         let g = unsafe {
             brelu_pg_new(
                 host.as_ptr(),
-                port as c_int,
-                rank as c_int,
-                world as c_int,
-                timeout.as_millis().min(c_long::MAX as u128) as c_long,
+                l.master_port as c_int,
+                l.rank as c_int,
+                l.world as c_int,
+                ms(t.init),
+                ms(t.collective),
                 nccl as c_int,
+                l.agent_store as c_int,
+                prefix.as_ptr(),
                 err.as_mut_ptr().cast(),
                 ERR_LEN,
             )

@@ -28,21 +28,44 @@ pub struct Launch {
     pub master_port: u16,
     /// Which launcher's variables were read ("torchrun" or "slurm").
     pub source: &'static str,
+    /// torchrun's agent already serves the store at MASTER_ADDR:PORT
+    /// (TORCHELASTIC_USE_AGENT_STORE): every rank joins it as a client.
+    pub agent_store: bool,
+    /// torchrun's restart attempt (TORCHELASTIC_RESTART_COUNT): the store keys of each attempt
+    /// are apart, so a restarted group never reads a previous attempt's.
+    pub attempt: usize,
 }
 
 /// The port torch.distributed uses when MASTER_PORT is unset.
 pub const DEFAULT_PORT: u16 = 29500;
 
-/// How long a collective waits for the other ranks (PyTorch's default for Gloo: 30 minutes);
-/// `BRELU_DIST_TIMEOUT` (seconds) overrides it. A rank that dies closes its connections, so the
-/// others normally fail at once, long before this.
-pub fn timeout_from_env() -> Result<Duration> {
-    match std::env::var("BRELU_DIST_TIMEOUT") {
-        Err(_) => Ok(Duration::from_secs(1800)),
+/// How long a rank waits: for the others to join (rendezvous: connecting to rank 0's store,
+/// every rank registering) and, after, for each collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub init: Duration,
+    pub collective: Duration,
+}
+
+impl Timeouts {
+    /// `BRELU_DIST_INIT_TIMEOUT` (seconds, default 300) and `BRELU_DIST_TIMEOUT` (seconds,
+    /// default 1800, PyTorch's for Gloo). A rank that dies closes its connections, so the
+    /// others normally fail at once, long before the collective timeout.
+    pub fn from_env() -> Result<Timeouts> {
+        Ok(Timeouts {
+            init: seconds_from_env("BRELU_DIST_INIT_TIMEOUT", 300.0)?,
+            collective: seconds_from_env("BRELU_DIST_TIMEOUT", 1800.0)?,
+        })
+    }
+}
+
+fn seconds_from_env(name: &str, default: f64) -> Result<Duration> {
+    match std::env::var(name) {
+        Err(_) => Ok(Duration::from_secs_f64(default)),
         Ok(v) => match v.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
             _ => Err(Error::Dist(format!(
-                "BRELU_DIST_TIMEOUT='{v}': expected a positive number of seconds"
+                "{name}='{v}': expected a positive number of seconds"
             ))),
         },
     }
@@ -129,6 +152,10 @@ impl Launch {
                 "rank {rank} is not below the world size {world} ({source} variables)"
             )));
         }
+        let agent_store = source == "torchrun"
+            && get("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1");
+        let attempt = var(get, "TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0);
         let master_addr = addr.ok_or_else(|| {
             Error::Dist(format!(
                 "rank {rank} of {world} ({source}): MASTER_ADDR is not set (the address of \
@@ -142,7 +169,27 @@ impl Launch {
             master_addr,
             master_port: port,
             source,
+            agent_store,
+            attempt,
         }))
+    }
+
+    /// The prefix of this run's store keys (torchrun's own, per restart attempt).
+    pub fn store_prefix(&self) -> String {
+        format!("/worker/attempt_{}", self.attempt)
+    }
+
+    /// The device this rank computes on: `cuda` means `cuda:LOCAL_RANK`, or
+    /// `cuda:(LOCAL_RANK mod devices)` when the launcher shows each task fewer GPUs than its
+    /// local rank (Slurm's `--gpus-per-task=1` shows one).
+    pub fn device(&self, device: Option<&str>) -> Result<tch::Device> {
+        match device {
+            Some("cuda") => {
+                let n = tch::Cuda::device_count().max(1) as usize;
+                crate::ops::parse_device(Some(&format!("cuda:{}", self.local_rank % n)))
+            }
+            d => crate::ops::parse_device(d),
+        }
     }
 }
 
@@ -151,8 +198,12 @@ pub struct Group {
     handle: ffi::Handle,
     pub rank: usize,
     pub world: usize,
+    /// Index on this node.
+    pub local_rank: usize,
     /// NCCL (tensors on CUDA) rather than Gloo (tensors on the CPU).
     pub nccl: bool,
+    /// Where this rank's collective tensors live (its GPU under NCCL, else the CPU).
+    pub device: tch::Device,
 }
 
 impl std::fmt::Debug for Group {
@@ -168,29 +219,70 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
-    /// Joins the group described by `l` (rank 0 serves the rendezvous at MASTER_ADDR:PORT);
-    /// waits up to `timeout` for all ranks.
-    pub fn join(l: &Launch, nccl: bool, timeout: Duration) -> Result<Group> {
-        let handle = ffi::Handle::new(
-            &l.master_addr,
-            l.master_port,
-            l.rank,
-            l.world,
-            timeout,
-            nccl,
-        )
-        .map_err(|e| {
-            Error::Dist(format!(
-                "rank {} of {} could not join at {}:{} (is rank 0 running and reachable?): {e}",
-                l.rank, l.world, l.master_addr, l.master_port
-            ))
+    /// Joins the group described by `l` (rank 0, or torchrun's agent, serves the rendezvous
+    /// at MASTER_ADDR:PORT); waits up to `t.init` for all ranks. A port in use and a master
+    /// that cannot be reached are errors that say so.
+    pub fn join(l: &Launch, device: tch::Device, t: Timeouts) -> Result<Group> {
+        let nccl = device.is_cuda();
+        let handle = ffi::Handle::new(l, t, nccl).map_err(|e| {
+            let at = format!("{}:{}", l.master_addr, l.master_port);
+            let low = e.to_ascii_lowercase();
+            let why = if low.contains("address already in use") {
+                format!(
+                    "port {} on {} is in use by another process: set MASTER_PORT to a free port",
+                    l.master_port, l.master_addr
+                )
+            } else if low.contains("timed out") || low.contains("timeout") {
+                format!(
+                    "the rendezvous at {at} did not complete within {:.0} s \
+                     (BRELU_DIST_INIT_TIMEOUT): {}",
+                    t.init.as_secs_f64(),
+                    if l.rank == 0 && !l.agent_store {
+                        format!("not all {} ranks joined", l.world)
+                    } else {
+                        "is rank 0 running, and MASTER_ADDR/MASTER_PORT reachable from here?"
+                            .to_string()
+                    }
+                )
+            } else {
+                format!("could not join the rendezvous at {at}")
+            };
+            Error::Dist(format!("rank {} of {}: {why} ({e})", l.rank, l.world))
         })?;
         Ok(Group {
             handle,
             rank: l.rank,
             world: l.world,
+            local_rank: l.local_rank,
             nccl,
+            device,
         })
+    }
+
+    /// The device and, under a launcher, the process group (Gloo on the CPU, NCCL on CUDA,
+    /// where `--device cuda` is this rank's GPU: [`Launch::device`]).
+    pub fn from_env(device: Option<&str>) -> Result<(tch::Device, Option<std::rc::Rc<Group>>)> {
+        let Some(l) = Launch::from_env()? else {
+            return Ok((crate::ops::parse_device(device)?, None));
+        };
+        let device = l.device(device)?;
+        let g = Group::join(&l, device, Timeouts::from_env()?)?;
+        if g.is_leader() {
+            eprintln!(
+                "data-parallel: {} ranks ({}, {} variables, rendezvous {}:{}{})",
+                l.world,
+                if g.nccl { "nccl" } else { "gloo" },
+                l.source,
+                l.master_addr,
+                l.master_port,
+                if l.agent_store {
+                    ", torchrun's store"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok((device, Some(std::rc::Rc::new(g))))
     }
 
     /// Rank 0, which alone writes checkpoints, logs and progress.
@@ -213,6 +305,31 @@ impl Group {
     /// Every rank's `t` becomes `root`'s (in place; contiguous, alike on every rank).
     pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
         self.handle.broadcast(t, root).map_err(|e| self.context(e))
+    }
+
+    /// Rank 0's text (`None` included) on every rank; what the others pass is ignored.
+    pub fn share_text(&self, text: Option<&str>) -> Result<Option<String>> {
+        let cpu = tch::Device::Cpu;
+        let n = text
+            .filter(|_| self.rank == 0)
+            .map_or(-1, |t| t.len() as i64);
+        let len = Tensor::from_slice(&[n]).to_device(self.device);
+        self.broadcast(&len, 0)?;
+        let n = len.to_device(cpu).int64_value(&[0]);
+        if n < 0 {
+            return Ok(None);
+        }
+        let buf = match text {
+            Some(t) if self.rank == 0 => Tensor::from_slice(t.as_bytes()),
+            _ => Tensor::zeros([n], (Kind::Uint8, cpu)),
+        }
+        .to_device(self.device);
+        if n > 0 {
+            self.broadcast(&buf, 0)?;
+        }
+        let bytes =
+            Vec::<u8>::try_from(buf.to_device(cpu)).map_err(|e| self.context(e.to_string()))?;
+        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     pub fn barrier(&self) -> Result<()> {
@@ -411,4 +528,118 @@ pub fn shard(order: &[i64], rank: usize, world: usize) -> Vec<i64> {
         .step_by(world)
         .map(|i| order[i % order.len()])
         .collect()
+}
+
+/// What every rank of a run must start with alike: named fields and their values (as text).
+/// [`Group::agree`] compares them before the first collective of a run, so a rank launched
+/// with another flag, spec, weights or data stops every rank at once, named, instead of
+/// training on silently or hanging in mismatched collectives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(pub Vec<(String, String)>);
+
+impl Fingerprint {
+    /// The brelu version and the world size, before any other field.
+    pub fn new(world: usize) -> Fingerprint {
+        let mut f = Fingerprint::default();
+        f.add("brelu version", env!("CARGO_PKG_VERSION"));
+        f.add("world size", world.to_string());
+        f
+    }
+
+    pub fn add(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// One field per top-level key of a configuration (serialised as it is used, overrides
+    /// included), named `what` key.
+    pub fn add_keys<T: serde::Serialize>(&mut self, what: &str, cfg: &T) {
+        if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(cfg) {
+            for (k, v) in m {
+                self.add(format!("{what} `{k}`"), v.to_string());
+            }
+        }
+    }
+
+    /// The file's content hash, or `none` for no file.
+    pub fn add_file(&mut self, name: &str, path: Option<&std::path::Path>) -> Result<()> {
+        let v = match path {
+            Some(p) => {
+                let b = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                let mut h = crate::hash::Fnv::default();
+                h.write(&b);
+                format!("content hash {}", h.hex())
+            }
+            None => "none".into(),
+        };
+        self.add(name, v);
+        Ok(())
+    }
+
+    /// Fixed slots of hashes: the field count, then one per field (name and value).
+    fn slots(&self) -> Vec<i64> {
+        let mut v = vec![0i64; FINGERPRINT_SLOTS];
+        v[0] = self.0.len() as i64;
+        for (i, (n, val)) in self.0.iter().take(FINGERPRINT_SLOTS - 1).enumerate() {
+            let mut h = crate::hash::Fnv::default();
+            h.write(n.as_bytes());
+            h.write(&[0]);
+            h.write(val.as_bytes());
+            v[i + 1] = h.value() as i64;
+        }
+        v
+    }
+}
+
+const FINGERPRINT_SLOTS: usize = 128;
+
+impl Group {
+    /// An error on every rank unless all ranks hold the same fingerprint as rank 0; the error
+    /// names each disagreeing rank and its first differing field (and, on that rank, its own
+    /// value). Two collectives of a few hundred bytes.
+    pub fn agree(&self, f: &Fingerprint) -> Result<()> {
+        let device = self.device;
+        let mine = f.slots();
+        let t = Tensor::from_slice(&mine).to_device(device);
+        self.broadcast(&t, 0)?;
+        let theirs = Vec::<i64>::try_from(t.to_device(tch::Device::Cpu))
+            .map_err(|e| self.context(e.to_string()))?;
+        // 0: agrees; k >= 1: field k - 1 differs (or the field count, past the last field).
+        let first = (1..FINGERPRINT_SLOTS)
+            .find(|&i| mine[i] != theirs[i])
+            .or((mine[0] != theirs[0]).then_some(f.0.len().min(FINGERPRINT_SLOTS - 1) + 1))
+            .unwrap_or(0);
+        let mut flags = vec![0i64; self.world];
+        flags[self.rank] = first as i64;
+        let t = Tensor::from_slice(&flags).to_device(device);
+        self.all_reduce_sum(&t)?;
+        let flags = Vec::<i64>::try_from(t.to_device(tch::Device::Cpu))
+            .map_err(|e| self.context(e.to_string()))?;
+        let field = |k: i64| {
+            f.0.get(k as usize - 1)
+                .map_or("number of checked fields".to_string(), |(n, _)| n.clone())
+        };
+        let bad: Vec<String> = flags
+            .iter()
+            .enumerate()
+            .filter(|(_, &k)| k > 0)
+            .map(|(r, &k)| format!("rank {r} has another {} than rank 0", field(k)))
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let own = match f.0.get(first.wrapping_sub(1)) {
+            Some((n, v)) if first > 0 => {
+                let v: String = v.chars().take(300).collect();
+                format!(" (this rank's {n}: {v})")
+            }
+            _ => String::new(),
+        };
+        Err(Error::Dist(format!(
+            "rank {} of {}: the ranks did not start alike: {}{own}; every rank must run the \
+             same command on the same files",
+            self.rank,
+            self.world,
+            bad.join("; ")
+        )))
+    }
 }

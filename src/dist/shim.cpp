@@ -5,6 +5,7 @@
 //
 // Tensors arrive as `at::Tensor*`, which is what tch's `C_tensor` handles are.
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef BRELU_NCCL
@@ -142,20 +143,28 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
 
 extern "C" {
 
-// Joins the group: rank 0 serves the TCPStore at addr:port, the others connect to it; all
-// wait up to timeout_ms for each other. nccl != 0 makes an NCCL group (CUDA builds only).
-void* brelu_pg_new(const char* addr, int port, int rank, int world, long timeout_ms, int nccl,
-                   char* err, size_t len) {
+// Joins the group. Rank 0 serves the TCPStore at addr:port and the others connect to it, or,
+// with agent_store != 0 (torchrun's TORCHELASTIC_USE_AGENT_STORE), every rank connects to the
+// store torchrun's agent serves there. Keys live under `prefix` (torchrun: one per restart
+// attempt, so a restarted group never reads a previous attempt's keys). The store waits up to
+// init_timeout_ms for the ranks (connecting, rendezvous); collectives wait up to timeout_ms.
+// nccl != 0 makes an NCCL group (CUDA builds only).
+void* brelu_pg_new(const char* addr, int port, int rank, int world, long init_timeout_ms,
+                   long timeout_ms, int nccl, int agent_store, const char* prefix, char* err,
+                   size_t len) {
   Group* g = nullptr;
   int rc = guarded(err, len, [&] {
+    std::chrono::milliseconds init_timeout(init_timeout_ms);
     std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions o;
     o.port = static_cast<std::uint16_t>(port);
-    o.isServer = rank == 0;
-    o.numWorkers = static_cast<std::size_t>(world);
-    o.waitWorkers = true;
-    o.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(addr), o);
+    o.isServer = rank == 0 && agent_store == 0;
+    o.numWorkers = agent_store == 0 ? std::optional<std::size_t>(world) : std::nullopt;
+    o.waitWorkers = agent_store == 0;
+    o.timeout = init_timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(addr), o);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto group = std::make_unique<Group>();
     group->store = store;
     if (nccl != 0) {

@@ -147,10 +147,22 @@ struct File {
     bytes: bool,
     #[serde(default)]
     secure: SecureSettings,
+    /// Where every stage computes: cpu (default), cuda (under a launcher: each rank's GPU)
+    /// or cuda:N; `brelu pipeline --device` overrides it. Secure inference stays on the CPU.
+    #[serde(default)]
+    device: Option<String>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// `cpu`, `cuda` or `cuda:N` (whether the device exists is checked when the run starts).
+fn device_name(d: &str) -> bool {
+    d == "cpu"
+        || d == "cuda"
+        || d.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
 /// A loaded, checked pipeline configuration.
@@ -171,8 +183,14 @@ pub struct PipelineConfig {
     /// See `File::bytes`.
     pub bytes: bool,
     pub secure: SecureSettings,
+    /// The file's `device` (the CLI resolves it into `device` and `group`).
+    pub device_setting: Option<String>,
     /// Draw progress bars (set by the CLI on a terminal).
     pub progress: bool,
+    /// Where the stages compute (set by the CLI; default the CPU).
+    pub device: tch::Device,
+    /// Under a launcher, the process group every stage runs over (set by the CLI).
+    pub group: Option<std::rc::Rc<crate::dist::Group>>,
 }
 
 impl PipelineConfig {
@@ -261,6 +279,12 @@ impl PipelineConfig {
                     .into(),
             ));
         }
+        if let Some(d) = f.device.as_deref().filter(|d| !device_name(d)) {
+            return Err(bad(
+                "device",
+                format!("'{d}': expected cpu, cuda or cuda:N"),
+            ));
+        }
         let weights = f.weights.as_deref().map(rel);
         if let Some(w) = &weights {
             if !w.exists() {
@@ -282,7 +306,10 @@ impl PipelineConfig {
             iterative: f.iterative,
             bytes: f.bytes,
             secure: f.secure,
+            device_setting: f.device,
             progress: false,
+            device: tch::Device::Cpu,
+            group: None,
         })
     }
 

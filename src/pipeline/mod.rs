@@ -12,7 +12,7 @@ mod runner;
 mod stages;
 
 pub use config::PipelineConfig;
-pub use runner::StageRecord;
+pub use runner::{duration_text, StageRecord};
 
 use crate::data::Split;
 use crate::error::Result;
@@ -71,6 +71,8 @@ pub type Log<'a> = &'a dyn Fn(&str);
 pub struct Outcome {
     /// Stages run now (the others were up to date).
     pub ran: Vec<String>,
+    /// Seconds of each stage run now, in order.
+    pub times: Vec<(String, f64)>,
     pub rows: Vec<Row>,
     /// `None` when the run stopped early.
     pub report: Option<PathBuf>,
@@ -86,7 +88,7 @@ pub fn run(
     stop_after: Option<&str>,
     log: Log,
 ) -> Result<Outcome> {
-    let mut r = Runner::new(dir, log);
+    let mut r = Runner::new(dir, log, cfg.group.clone());
     let stop = |s: &str| stop_after == Some(s);
     let base = stages::baseline(&mut r, cfg)?;
     if stop("baseline") {
@@ -116,13 +118,21 @@ pub fn run(
             return Ok(r.stopped("finetune"));
         }
     }
-    // 7. Report.
-    let report = report::write(cfg, dir, &rows, net.relus, &net.sites)?;
-    write_json(&dir.join("results.json"), &rows)?;
+    // 7. Report, by rank 0 (the others wait, so every rank ends with it written).
+    let report = match r.leader() {
+        true => {
+            let rep = report::write(cfg, dir, &rows, net.relus, &net.sites)?;
+            write_json(&dir.join("results.json"), &rows)?;
+            Some(rep)
+        }
+        false => None,
+    };
+    r.barrier()?;
     Ok(Outcome {
         ran: r.ran,
+        times: r.times,
         rows,
-        report: Some(report),
+        report,
         stopped_after: None,
     })
 }

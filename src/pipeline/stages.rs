@@ -45,9 +45,30 @@ impl Network {
     }
 }
 
-/// The baseline recipe's model with `weights` and, if given, a spec applied.
+/// The baseline recipe's model with `weights` and, if given, a spec applied, on the pipeline's
+/// device.
 fn load_model(cfg: &PipelineConfig, weights: &Path, spec: Option<&Spec>) -> Result<Model> {
-    let mut m = train::build_model(&cfg.train_config, Device::Cpu)?;
+    load_model_on(cfg, weights, spec, cfg.device)
+}
+
+fn load_model_on(
+    cfg: &PipelineConfig,
+    weights: &Path,
+    spec: Option<&Spec>,
+    device: Device,
+) -> Result<Model> {
+    recipe_model(&cfg.train_config, weights, spec, device)
+}
+
+/// The model of `recipe` with `weights` and `spec` on `device` (what the extraction's worker
+/// threads build: nothing of the process group).
+fn recipe_model(
+    recipe: &train::Config,
+    weights: &Path,
+    spec: Option<&Spec>,
+    device: Device,
+) -> Result<Model> {
+    let mut m = train::build_model(recipe, device)?;
     m.load_weights(weights)?;
     if let Some(s) = spec {
         m.apply_spec(s)?;
@@ -55,27 +76,42 @@ fn load_model(cfg: &PipelineConfig, weights: &Path, spec: Option<&Spec>) -> Resu
     Ok(m)
 }
 
-/// 1. Baseline weights: copied from the configuration, or trained.
+/// Single process, or rank 0 of the pipeline's process group.
+fn leader(cfg: &PipelineConfig) -> bool {
+    cfg.group.as_ref().is_none_or(|g| g.is_leader())
+}
+
+/// Removes a training run directory whose checkpoint was made with another recipe (it cannot
+/// be resumed); rank 0 removes, the others wait for it.
+fn drop_stale_run(cfg: &PipelineConfig, run_dir: &Path, recipe: &train::Config) -> Result<()> {
+    if leader(cfg) {
+        if let Some(ck) = train::read_checkpoint(run_dir)? {
+            if ck.config_hash != recipe.hash() {
+                std::fs::remove_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+            }
+        }
+    }
+    cfg.group.as_ref().map_or(Ok(()), |g| g.barrier())
+}
+
+/// 1. Baseline weights: copied from the configuration (rank 0), or trained (every rank).
 pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline> {
     let base_cfg = &cfg.train_config;
     let base_w = r.dir.join("baseline").join(train::CHECKPOINT_WEIGHTS);
     let base_in = of_json(&(base_cfg, base_cfg.epochs, cfg.weights_hash()?));
-    let hash = r.stage("baseline", base_in, |d| {
+    let train_it = cfg.weights.is_none();
+    let hash = r.stage_on("baseline", base_in, train_it, |d| {
         let run_dir = d.join("baseline");
         if let Some(w) = &cfg.weights {
             std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
             std::fs::copy(w, &base_w).map_err(|e| Error::io(w, e))?;
         } else {
-            // A different recipe than the checkpoint's cannot resume it.
-            if let Some(ck) = train::read_checkpoint(&run_dir)? {
-                if ck.config_hash != base_cfg.hash() {
-                    std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-                }
-            }
-            let mut model = train::build_model(base_cfg, Device::Cpu)?;
+            drop_stale_run(cfg, &run_dir, base_cfg)?;
+            let mut model = train::build_model(base_cfg, cfg.device)?;
             let opts = TrainOptions {
                 resume: true,
                 progress: cfg.progress,
+                group: cfg.group.clone(),
                 ..TrainOptions::new(run_dir.clone())
             };
             train::train(base_cfg, &mut model, &opts)?;
@@ -116,25 +152,56 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
     let opts = plan_options(cfg)?;
     // The probes actually used: their default follows the task (`default_probes`).
     let dist_in = of_json(&(&base.hash, &cfg.distortion, opts.probes));
+    // Every rank measures its shard of the units; rank 0 prepares the directory first and
+    // collects the tables after all shards are done (the tables do not depend on the split).
     r.stage("distortion", dist_in, |_| {
-        let model = load_model(cfg, &base.weights, None)?;
         let d = &cfg.distortion;
         let samples = extract::training_samples(base_cfg.source(), d.samples, d.seed)?;
-        let make = |_: Device| load_model(cfg, &base.weights, None);
+        let catalog = Catalog::builtin();
+        let group = cfg.group.as_deref();
+        let shard = group.map_or(Shard::ALL, |g| Shard {
+            index: g.rank,
+            count: g.world,
+        });
+        if let (true, Some(g)) = (leader(cfg), group) {
+            let job = extract::plan(
+                &load_model(cfg, &base.weights, None)?,
+                &catalog,
+                &samples,
+                &opts,
+            )?;
+            if ddir.join("job.json").exists() && extract::init_dir(&ddir, &job).is_err() {
+                std::fs::remove_dir_all(&ddir).map_err(|e| Error::io(&ddir, e))?;
+            }
+            extract::init_dir(&ddir, &job)?;
+            g.barrier()?;
+        } else if let Some(g) = group {
+            g.barrier()?;
+        }
+        let (recipe, w) = (&cfg.train_config, &base.weights);
+        let make = move |dev: Device| recipe_model(recipe, w, None, dev);
         let x = Extraction {
             dir: &ddir,
-            catalog: &Catalog::builtin(),
+            catalog: &catalog,
             samples: &samples,
             options: &opts,
-            shard: Shard::ALL,
-            devices: &[Device::Cpu],
+            shard,
+            devices: &[cfg.device],
             make_model: &make,
-            replace_stale: true,
-            collect: true,
+            replace_stale: group.is_none(),
+            collect: group.is_none(),
             progress: None,
         };
-        let done = extract::extract(&x, model, &|_| {})?;
-        done.tables.expect("collection was asked for")?;
+        let done = extract::extract(&x, load_model(cfg, &base.weights, None)?, &|_| {})?;
+        if let Some(g) = group {
+            g.barrier()?;
+            if !g.is_leader() {
+                return Ok(String::new());
+            }
+            extract::collect(&ddir)?;
+        } else {
+            done.tables.expect("collection was asked for")?;
+        }
         file_hash(&ddir.join("manifest.json")).map(|h| h + &done.job.hash())
     })
 }
@@ -165,7 +232,7 @@ pub(super) fn specs(
         extra => of_json(&(dist_hash, &budgets, cfg.baselines, refine, extra)),
     };
     let run_dir = r.dir.clone();
-    r.stage("specs", specs_in, |d| {
+    r.stage_leader("specs", specs_in, |d| {
         let tables = DistortionTables::read(&ddir)?;
         let refiner = match refine {
             Some(rs) => Some(Refiner {
@@ -184,7 +251,8 @@ pub(super) fn specs(
             }),
             None => None,
         };
-        let make = |_: Device| load_model(cfg, &base.weights, None);
+        let (recipe, w) = (&cfg.train_config, &base.weights);
+        let make = move |dev: Device| recipe_model(recipe, w, None, dev);
         let iterative = match iterative {
             Some((it, dist)) => Some(Iterative {
                 model: load_model(cfg, &base.weights, None)?,
@@ -266,8 +334,9 @@ pub(super) fn row(
     let eval = evaluate(r, cfg, &name, &w_hash, &model, test)?;
     let secure = if cfg.secure.images > 0 {
         let label = entry.as_ref().map(|e| &e.name);
+        let trained = (&model, weights.as_path(), spec.as_ref());
         Some(secure_inference(
-            r, cfg, &name, &w_hash, label, &model, test,
+            r, cfg, &name, &w_hash, label, trained, test,
         )?)
     } else {
         None
@@ -294,16 +363,14 @@ fn finetune(
     let w = run_dir.join(train::CHECKPOINT_WEIGHTS);
     let ft_in = of_json(&(&base.hash, of_json(&s.sites), ft_cfg, ft_cfg.epochs));
     let h = r.stage(&format!("finetune-{}", e.name), ft_in, |_| {
-        if let Some(ck) = train::read_checkpoint(&run_dir)? {
-            if ck.config_hash != ft_cfg.hash() {
-                std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-            }
-        }
+        drop_stale_run(cfg, &run_dir, ft_cfg)?;
         let mut m = load_model(cfg, &base.weights, Some(s))?;
         let opts = TrainOptions {
             resume: true,
             progress: cfg.progress,
+            group: cfg.group.clone(),
             spec: Some(dir.join(&e.file)),
+            weights: Some(base.weights.clone()),
             // With `[distill]` in the fine-tune recipe: the original network.
             teacher: Some(base.weights.clone()),
             ..TrainOptions::new(run_dir.clone())
@@ -331,8 +398,13 @@ fn evaluate(
         // Segmentation scores also depend on the test scale and the inference mode.
         Some(_) => of_json(&(w_hash, ft_cfg.test_limit, eval_bs, &ft_cfg.dataset)),
     };
+    // Every rank evaluates its share; rank 0 writes the figures.
     r.stage(&format!("eval-{name}"), e_in, |_| {
-        let res = train::evaluate(model, &test.data, &test.norm, eval_bs)?;
+        let group = cfg.group.as_deref();
+        let res = train::evaluate_sharded(model, &test.data, &test.norm, eval_bs, group)?;
+        if !leader(cfg) {
+            return Ok(String::new());
+        }
         write_json(&epath, &res)?;
         file_hash(&epath)
     })?;
@@ -346,12 +418,20 @@ fn secure_inference(
     name: &str,
     w_hash: &str,
     label: Option<&String>,
-    model: &Model,
+    (model, weights, spec): (&Model, &Path, Option<&Spec>),
     test: &TestSet,
 ) -> Result<SecureSummary> {
     let spath = r.dir.join("secure").join(format!("{name}.json"));
     let s_in = of_json(&(w_hash, label, &cfg.secure));
-    r.stage(&format!("secure-{name}"), s_in, |_| {
+    r.stage_leader(&format!("secure-{name}"), s_in, |_| {
+        // The engine computes on the CPU, whatever device trained the network.
+        let cpu_model;
+        let model = if model.device() == Device::Cpu {
+            model
+        } else {
+            cpu_model = load_model_on(cfg, weights, spec, Device::Cpu)?;
+            &cpu_model
+        };
         let n = cfg.secure.images.min(test.data.len());
         let first: Vec<i64> = (0..n as i64).collect();
         let x = test.norm.apply(&test.data.select(&first)?);

@@ -27,10 +27,13 @@ pub struct Config {
     /// the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<usize>,
+    /// See `accumulate`.
     pub batch_size: usize,
-    /// Gradient accumulation: micro-batches of `batch_size` per optimizer step (default 1),
-    /// so a step sees `batch_size * accumulate` images (the published batch where one device
-    /// cannot hold it). Schedules count optimizer steps.
+    /// Images per optimizer step over all ranks (the published global batch, e.g. 256 for
+    /// 4 GPUs x 64); each rank's micro-batch is `batch_size / (ranks * accumulate)`.
+    /// Gradient accumulation: micro-batches per optimizer step on each rank (default 1), so a
+    /// step of `batch_size` images fits where one device cannot hold its share at once.
+    /// Schedules count optimizer steps.
     #[serde(default = "one_step", skip_serializing_if = "is_one_step")]
     pub accumulate: usize,
     #[serde(default)]
@@ -362,6 +365,16 @@ impl Config {
             return bad(
                 "accumulate",
                 "must be at least 1 (micro-batches per step)".into(),
+            );
+        }
+        if !self.batch_size.is_multiple_of(self.accumulate) {
+            return bad(
+                "batch_size",
+                format!(
+                    "{} is one optimizer step's images and must be a multiple of accumulate \
+                     ({}), the micro-batches it is split into",
+                    self.batch_size, self.accumulate
+                ),
             );
         }
         if let Some(d) = &self.distill {

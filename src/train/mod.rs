@@ -116,14 +116,39 @@ pub fn evaluate(
     normalize: &Normalize,
     batch_size: usize,
 ) -> Result<EvalResult> {
+    evaluate_sharded(model, data, normalize, batch_size, None)
+}
+
+/// [`evaluate`] spread over the ranks of `group`: each rank evaluates a contiguous share of
+/// the split (no image twice, unlike a padded sampler) and the sums are added over the ranks,
+/// so every rank gets the one-process figures: the counts exactly, the loss to float
+/// rounding.
+pub fn evaluate_sharded(
+    model: &Model,
+    data: &Dataset,
+    normalize: &Normalize,
+    batch_size: usize,
+    group: Option<&Group>,
+) -> Result<EvalResult> {
+    let n = data.len();
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank, g.world));
+    let part = n * rank / world..n * (rank + 1) / world;
+    let total = |v: Vec<f64>| -> Result<Vec<f64>> {
+        let Some(g) = group else { return Ok(v) };
+        let t = Tensor::from_slice(&v).to_device(model.device());
+        g.all_reduce_sum(&t)?;
+        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
+    };
     if let Some(s) = &data.seg {
         let e = segment::SegEval::of(&s.transforms, batch_size);
-        return segment::evaluate(model, data, normalize, &e);
+        let sums = segment::evaluate_part(model, data, normalize, &e, part)?;
+        let all = total(sums.to_vec())?;
+        return Ok(segment::SegSums::from_vec(data.num_classes, &all).finish(n));
     }
     let _g = tch::no_grad_guard();
     let k = 5.min(data.num_classes) as i64;
-    let (mut loss, mut c1, mut c5, mut n) = (0f64, 0i64, 0i64, 0usize);
-    let batches = BatchIter::eval(data, batch_size, normalize.clone(), model.device());
+    let (mut loss, mut c1, mut c5, mut seen) = (0f64, 0i64, 0i64, 0usize);
+    let batches = BatchIter::eval(data, batch_size, normalize.clone(), model.device()).part(part);
     for b in batches.prefetch(data::LoaderOptions::default())? {
         let (x, y) = b?;
         let b = y.size()[0];
@@ -133,14 +158,15 @@ pub fn evaluate(
         let hit = top.eq_tensor(&y.unsqueeze(1));
         c1 += hit.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
         c5 += hit.sum(Kind::Int64).int64_value(&[]);
-        n += b as usize;
+        seen += b as usize;
     }
-    let d = n.max(1) as f64;
+    let v = total(vec![loss, c1 as f64, c5 as f64, seen as f64])?;
+    let d = v[3].max(1.0);
     Ok(EvalResult {
-        top1: c1 as f64 / d,
-        top5: c5 as f64 / d,
-        loss: loss / d,
-        images: n,
+        top1: v[1] / d,
+        top5: v[2] / d,
+        loss: v[0] / d,
+        images: v[3] as usize,
         segmentation: None,
     })
 }
@@ -160,6 +186,14 @@ pub struct EpochMetrics {
     pub test: EvalResult,
     pub seconds: f64,
     pub images_per_s: f64,
+    /// Undecodable training images replaced since the previous line (`--bad-images
+    /// substitute`), over all ranks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub substituted_images: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `checkpoint.json`: where a run stands.
@@ -190,13 +224,17 @@ pub struct TrainOptions {
     pub progress: bool,
     /// The spec applied to the model, recorded in the checkpoint.
     pub spec: Option<PathBuf>,
+    /// The weights file the model started from (none: a fresh initialisation); the ranks of a
+    /// data-parallel run check that they started from the same.
+    pub weights: Option<PathBuf>,
     /// Teacher weights for knowledge distillation (used when the configuration has a
     /// `[distill]` section; the teacher runs with ordinary ReLUs in evaluation mode).
     pub teacher: Option<PathBuf>,
     /// A data-parallel run's process group (see [`crate::dist`]): every rank trains on its
-    /// shard of each epoch with `batch_size / world` images per step and the gradients
-    /// averaged, so a step sees `batch_size` images in all, as in one process; rank 0 alone
-    /// evaluates and writes the run directory.
+    /// shard of each epoch with `batch_size / (world * accumulate)` images per micro-batch and
+    /// the gradients averaged, so a step sees `batch_size` images in all, as in one process;
+    /// the ranks evaluate a share of the test split each, and rank 0 alone writes the run
+    /// directory.
     pub group: Option<Rc<Group>>,
     /// Decoding threads and batches decoded ahead (class-folder and segmentation sets).
     pub loader: data::LoaderOptions,
@@ -218,6 +256,7 @@ impl TrainOptions {
             resume: false,
             progress: false,
             spec: None,
+            weights: None,
             teacher: None,
             group: None,
             loader: Default::default(),
@@ -298,9 +337,95 @@ fn aux_variables_to_train(
 /// Trains `model` (already built, weights loaded and spec applied by the caller) for
 /// `cfg.epochs` epochs on the configured data set; returns the metrics of the epochs run.
 pub fn train(cfg: &Config, model: &mut Model, opts: &TrainOptions) -> Result<Vec<EpochMetrics>> {
-    let train_set = load_split(cfg, Split::Train)?;
-    let test_set = load_split(cfg, Split::Test)?;
+    let (train_set, test_set) = load_splits(cfg, opts.group.as_deref(), Some(&opts.run_dir))?;
     train_on(cfg, model, opts, &train_set, &test_set)
+}
+
+/// Both splits of `cfg`'s data set, class folders listed through an index in `index_dir`.
+/// Under a process group the first rank of each node lists first (walking the folders once,
+/// writing the index) while the node's other ranks wait, then read the index.
+pub fn load_splits(
+    cfg: &Config,
+    group: Option<&Group>,
+    index_dir: Option<&Path>,
+) -> Result<(Dataset, Dataset)> {
+    let load = || -> Result<(Dataset, Dataset)> {
+        let src = cfg.source();
+        Ok((
+            src.load_split_indexed(Split::Train, index_dir)?,
+            src.load_split_indexed(Split::Test, index_dir)?,
+        ))
+    };
+    let Some(g) = group else { return load() };
+    if g.local_rank == 0 {
+        let r = load();
+        g.barrier()?;
+        r
+    } else {
+        g.barrier()?;
+        load()
+    }
+}
+
+/// What the ranks of a data-parallel run must agree on before training (see
+/// [`crate::dist::Fingerprint`]).
+fn fingerprint(
+    cfg: &Config,
+    opts: &TrainOptions,
+    world: usize,
+    train_set: &Dataset,
+    test_set: &Dataset,
+) -> Result<crate::dist::Fingerprint> {
+    let mut f = crate::dist::Fingerprint::new(world);
+    f.add_keys("configuration key", cfg);
+    f.add_file("spec", opts.spec.as_deref())?;
+    f.add_file("starting weights", opts.weights.as_deref())?;
+    f.add("resume", opts.resume.to_string());
+    f.add("training set length", train_set.len().to_string());
+    f.add("test set length", test_set.len().to_string());
+    f.add("synchronised batch norm", opts.sync_bn.to_string());
+    Ok(f)
+}
+
+/// Images per micro-batch on each rank: `batch_size` is one optimizer step's batch over all
+/// ranks, split into `accumulate` micro-batches per rank.
+pub fn micro_batch(cfg: &Config, world: usize) -> Result<usize> {
+    let parts = world * cfg.accumulate.max(1);
+    if !cfg.batch_size.is_multiple_of(parts) {
+        return Err(Error::InvalidArgument(format!(
+            "batch_size {} is the images of one optimizer step over all ranks and must be a \
+             multiple of the ranks ({world}) times accumulate ({}), the micro-batches per rank",
+            cfg.batch_size, cfg.accumulate
+        )));
+    }
+    Ok(cfg.batch_size / parts)
+}
+
+/// Images below which train-mode batch norm statistics get noisy (a warning, not an error).
+const SMALL_BN_BATCH: usize = 16;
+
+/// Says how the step's batch is split, and warns when each batch norm would normalise over
+/// fewer than [`SMALL_BN_BATCH`] images.
+fn report_batches(cfg: &Config, model: &Model, opts: &TrainOptions, micro: usize) {
+    let world = opts.group.as_ref().map_or(1, |g| g.world);
+    eprintln!(
+        "batch: {} images per optimizer step = {world} rank(s) x {} micro-batch(es) x {micro} \
+         images",
+        cfg.batch_size, cfg.accumulate
+    );
+    let has_bn = model
+        .var_store()
+        .variables()
+        .keys()
+        .any(|k| k.ends_with("running_mean"));
+    let bn_images = if opts.sync_bn { micro * world } else { micro };
+    if has_bn && bn_images < SMALL_BN_BATCH {
+        eprintln!(
+            "warning: train-mode batch norm sees {bn_images} images per rank (fewer than \
+             {SMALL_BN_BATCH}): its statistics are noisy. Use --sync-bn, a larger batch_size or \
+             less accumulation (docs/cluster.md, \"Batches\")"
+        );
+    }
 }
 
 /// [`train`] on data sets already in memory.
@@ -313,14 +438,13 @@ pub fn train_on(
 ) -> Result<Vec<EpochMetrics>> {
     let dir = &opts.run_dir;
     let leader = opts.group.as_ref().is_none_or(|g| g.is_leader());
+    let micro = micro_batch(cfg, opts.group.as_ref().map_or(1, |g| g.world))?;
     if let Some(g) = &opts.group {
-        if !cfg.batch_size.is_multiple_of(g.world) {
-            return Err(Error::InvalidArgument(format!(
-                "batch_size {} is the images per step over all ranks and must be a multiple of \
-                 the world size {}",
-                cfg.batch_size, g.world
-            )));
-        }
+        let f = fingerprint(cfg, opts, g.world, train_set, test_set)?;
+        g.agree(&f)?;
+    }
+    if leader {
+        report_batches(cfg, model, opts, micro);
     }
     if leader {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -409,6 +533,7 @@ pub fn train_on(
         norm: cfg.dataset.normalization(),
         out: Vec::new(),
         leader,
+        substituted_mark: 0,
     };
     match cfg.iterations {
         None => run.by_epochs(start)?,

@@ -13,8 +13,8 @@
 //! `accumulate` micro-batches per iteration from the stream of epochs, each weighted
 //! `1 / accumulate`.
 use super::{
-    data, distillation_loss, evaluate, lr_at, lr_at_iteration, lr_for_batch, precision, segment,
-    sgd, write_atomic, Checkpoint, Config, EpochMetrics, TrainOptions, CHECKPOINT_JSON,
+    data, distillation_loss, evaluate_sharded, lr_at, lr_at_iteration, lr_for_batch, precision,
+    segment, sgd, write_atomic, Checkpoint, Config, EpochMetrics, TrainOptions, CHECKPOINT_JSON,
     CHECKPOINT_OPTIMIZER, CHECKPOINT_WEIGHTS,
 };
 use crate::data::{BatchIter, Dataset, Normalize};
@@ -36,6 +36,8 @@ struct Window {
     images: usize,
     /// Batches, for the mean loss.
     batches: usize,
+    /// Images replaced under `--bad-images substitute`.
+    substituted: u64,
 }
 
 /// The state of one [`train_on`](super::train_on) call.
@@ -51,8 +53,10 @@ pub(super) struct Run<'a> {
     pub metrics_path: PathBuf,
     pub norm: Normalize,
     pub out: Vec<EpochMetrics>,
-    /// Single process, or rank 0: evaluates, writes and shows progress.
+    /// Single process, or rank 0: writes and shows progress.
     pub leader: bool,
+    /// This rank's substitution count at the last checkpoint.
+    pub substituted_mark: u64,
 }
 
 impl<'a> Run<'a> {
@@ -79,9 +83,16 @@ impl<'a> Run<'a> {
             .map_or((0, 1), |g| (g.rank, g.world))
     }
 
-    /// Images per micro-batch on this rank.
+    /// Images per micro-batch on this rank (checked by `train_on`).
     fn micro_batch(&self) -> usize {
-        self.cfg.batch_size / self.rank_world().1
+        self.cfg.batch_size / (self.rank_world().1 * self.cfg.accumulate.max(1))
+    }
+
+    /// Images substituted since the run started (this rank).
+    fn substituted(&self) -> u64 {
+        self.train_set
+            .substituted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Data-parallel runs: `w` summed over the ranks, and a check that the ranks' weights
@@ -97,6 +108,7 @@ impl<'a> Run<'a> {
             w.counted as f64,
             w.images as f64,
             w.batches as f64,
+            w.substituted as f64,
         ])
         .to_device(self.model.device());
         g.all_reduce_sum(&t)?;
@@ -107,6 +119,7 @@ impl<'a> Run<'a> {
             counted: v[2] as i64,
             images: v[3] as usize,
             batches: v[4] as usize,
+            substituted: v[5] as u64,
         })
     }
 
@@ -190,13 +203,17 @@ impl<'a> Run<'a> {
         t0: Instant,
         train_secs: f64,
     ) -> Result<()> {
-        let w = &self.gather_window(w)?;
-        if !self.leader {
-            // Rank 0 evaluates and writes; the others wait for it at the barrier.
-            return self.opts.group.as_ref().map_or(Ok(()), |g| g.barrier());
-        }
+        let mut w = *w;
+        let now = self.substituted();
+        (w.substituted, self.substituted_mark) = (now - self.substituted_mark, now);
+        let w = &self.gather_window(&w)?;
+        // Every rank evaluates its share of the test split; rank 0 writes.
         let eval_bs = self.cfg.eval_batch_size.unwrap_or(self.cfg.batch_size);
-        let test = evaluate(self.model, self.test_set, &self.norm, eval_bs)?;
+        let group = self.opts.group.as_deref();
+        let test = evaluate_sharded(self.model, self.test_set, &self.norm, eval_bs, group)?;
+        if !self.leader {
+            return group.map_or(Ok(()), |g| g.barrier());
+        }
         let m = EpochMetrics {
             epoch,
             iteration,
@@ -206,7 +223,15 @@ impl<'a> Run<'a> {
             test,
             seconds: t0.elapsed().as_secs_f64(),
             images_per_s: w.images as f64 / train_secs.max(1e-9),
+            substituted_images: w.substituted,
         };
+        if w.substituted > 0 {
+            eprintln!(
+                "warning: {} undecodable training image(s) substituted since the last \
+                 checkpoint (--bad-images substitute; see the warnings above)",
+                w.substituted
+            );
+        }
         append_line(
             &self.metrics_path,
             &serde_json::to_string(&m).expect("metrics"),

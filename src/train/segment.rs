@@ -223,6 +223,61 @@ pub fn evaluate(
     normalize: &Normalize,
     e: &SegEval,
 ) -> Result<EvalResult> {
+    let n = data.len();
+    Ok(evaluate_part(model, data, normalize, e, 0..n)?.finish(n))
+}
+
+/// The sums a segmentation evaluation adds up over images; parts of a split add.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegSums {
+    pub conf: Confusion,
+    /// Summed per-pixel cross-entropy.
+    pub loss: f64,
+    pub top5: i64,
+}
+
+impl SegSums {
+    /// As one f64 vector (exact for counts below 2^53), for an all-reduce.
+    pub fn to_vec(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self.conf.counts.iter().map(|&c| c as f64).collect();
+        v.extend([self.loss, self.top5 as f64]);
+        v
+    }
+
+    pub fn from_vec(classes: usize, v: &[f64]) -> SegSums {
+        let k2 = classes * classes;
+        SegSums {
+            conf: Confusion {
+                classes,
+                counts: v[..k2].iter().map(|&c| c as u64).collect(),
+            },
+            loss: v[k2],
+            top5: v[k2 + 1] as i64,
+        }
+    }
+
+    /// The figures of a split of `images` images.
+    pub fn finish(&self, images: usize) -> EvalResult {
+        let m = self.conf.metrics();
+        let px = m.pixels.max(1) as f64;
+        EvalResult {
+            top1: m.pixel_accuracy,
+            top5: self.top5 as f64 / px,
+            loss: self.loss / px,
+            images,
+            segmentation: Some(m),
+        }
+    }
+}
+
+/// The sums of images `range` of a segmentation set.
+pub fn evaluate_part(
+    model: &Model,
+    data: &Dataset,
+    normalize: &Normalize,
+    e: &SegEval,
+    range: std::ops::Range<usize>,
+) -> Result<SegSums> {
     let Some(set) = &data.seg else {
         return Err(Error::InvalidArgument(
             "segmentation evaluation needs a segmentation data set".into(),
@@ -233,7 +288,7 @@ pub fn evaluate(
     let k = data.num_classes;
     let mut conf = Confusion::new(k);
     let (mut loss, mut top5) = (0f64, 0i64);
-    let order: Vec<i64> = (0..set.len() as i64).collect();
+    let order: Vec<i64> = range.map(|i| i as i64).collect();
     for ids in order.chunks(e.batch.max(1)) {
         let pairs = set.decode_many(ids, &vec![Transform::Eval; ids.len()])?;
         for p in pairs {
@@ -263,13 +318,5 @@ pub fn evaluate(
             top5 += hit.sum(Kind::Int64).int64_value(&[]);
         }
     }
-    let m = conf.metrics();
-    let px = m.pixels.max(1) as f64;
-    Ok(EvalResult {
-        top1: m.pixel_accuracy,
-        top5: top5 as f64 / px,
-        loss: loss / px,
-        images: set.len(),
-        segmentation: Some(m),
-    })
+    Ok(SegSums { conf, loss, top5 })
 }

@@ -1,5 +1,5 @@
-//! Gradient accumulation (`accumulate = N`): N micro-batches of b images per step train like
-//! one batch of N * b images. The model is the BN-free ResNet18 fixture (its batch norms
+//! Gradient accumulation (`accumulate = N`): a step of `batch_size` images taken as N
+//! micro-batches of `batch_size / N` trains like one batch of `batch_size` images. The model is the BN-free ResNet18 fixture (its batch norms
 //! folded by the exporter, as in `dist.rs`), so no batch statistics differ; only the order of
 //! float sums does, hence 1e-5 relative.
 use crate::common;
@@ -64,7 +64,7 @@ fn accumulated_micro_batches_train_like_one_big_batch() {
     // one micro-batch of 2 images, as the big batch's last has 2 images.
     let epochs = "epochs = 2\ntrain_limit = 38";
     let mut big = config(tmp.path(), epochs, 12, 1);
-    let mut acc = config(tmp.path(), epochs, 4, 3);
+    let mut acc = config(tmp.path(), epochs, 12, 3);
     big.schedule.per_iteration = true;
     acc.schedule.per_iteration = true;
     let (wb, wa) = (run(&big, &dir("big")), run(&acc, &dir("acc")));
@@ -78,7 +78,7 @@ fn accumulated_micro_batches_train_like_one_big_batch() {
     let its = "iterations = 3\ncheckpoint_every = 3";
     let (wb, wa) = (
         run(&config(tmp.path(), its, 8, 1), &dir("ib")),
-        run(&config(tmp.path(), its, 4, 2), &dir("ia")),
+        run(&config(tmp.path(), its, 8, 2), &dir("ia")),
     );
     let g = gap(&wb, &wa);
     assert!(
@@ -92,6 +92,10 @@ fn accumulate_must_be_positive() {
     let tmp = tempfile::tempdir().unwrap();
     let c = config(tmp.path(), "epochs = 1", 4, 2);
     assert_eq!(c.accumulate, 2);
+    // batch_size is the step's images: it must split into the micro-batches.
+    let text = config_text(tmp.path(), "epochs = 1", 6, 4);
+    let e = Config::from_toml_str(&text, Path::new("acc.toml")).unwrap_err();
+    assert!(e.to_string().contains("batch_size"), "{e}");
     let text = config_text(tmp.path(), "epochs = 1", 4, 0);
     let e = Config::from_toml_str(&text, Path::new("acc.toml")).unwrap_err();
     assert!(e.to_string().contains("accumulate"), "{e}");

@@ -164,7 +164,7 @@ fn cifar10_and_cifar100_layouts() {
 }
 
 /// Writes a w x h RGB image whose pixels encode (class, x, y), as PNG or JPEG by extension.
-fn write_image(path: &Path, w: u32, h: u32, class: u8) {
+pub(crate) fn write_image(path: &Path, w: u32, h: u32, class: u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         image::Rgb([class * 100, (x * 255 / w) as u8, (y * 255 / h) as u8])
@@ -356,7 +356,11 @@ fn loader_batches_do_not_depend_on_workers_and_shards_partition_the_epoch() {
     assert_eq!(plain.len(), 6);
     for (workers, prefetch) in [(1, 1), (2, 2), (4, 3)] {
         let got: Vec<_> = it(4)
-            .prefetch(LoaderOptions { workers, prefetch })
+            .prefetch(LoaderOptions {
+                workers,
+                prefetch,
+                ..Default::default()
+            })
             .unwrap()
             .map(|b| b.unwrap())
             .collect();
@@ -373,6 +377,7 @@ fn loader_batches_do_not_depend_on_workers_and_shards_partition_the_epoch() {
         .prefetch(LoaderOptions {
             workers: 2,
             prefetch: 1,
+            ..Default::default()
         })
         .unwrap();
     assert!(early.next().is_some());

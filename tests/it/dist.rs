@@ -9,7 +9,7 @@
 //! what one process computes on the whole batch. Only the order of float sums differs, hence the
 //! tolerance of 1e-4 relative.
 use crate::common;
-use brelu::dist::{GradReducer, Group, Launch};
+use brelu::dist::{GradReducer, Group, Launch, Timeouts};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,7 +79,11 @@ fn collectives_between_two_processes() {
 /// One rank of [`collectives_between_two_processes`]; a failed assertion fails the process.
 fn collectives_rank() {
     let l = Launch::from_env().unwrap().expect("launcher variables");
-    let g = Group::join(&l, false, Duration::from_secs(60)).unwrap();
+    let t = Timeouts {
+        init: Duration::from_secs(60),
+        collective: Duration::from_secs(60),
+    };
+    let g = Group::join(&l, tch::Device::Cpu, t).unwrap();
     let r = g.rank as f32;
     assert_eq!((g.world, g.is_leader()), (2, g.rank == 0));
 

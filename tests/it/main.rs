@@ -10,6 +10,7 @@ mod data;
 mod dist;
 mod distortion;
 mod knapsack;
+mod large_runs;
 mod layers;
 mod methods;
 mod models;
