@@ -51,7 +51,7 @@ cuda-setup: setup
 cuda-build: cuda-setup
 	NVCC=$$(scripts/nvcc-path.sh) $(CARGO) build --features cuda --all-targets
 
-## Build and pack the GPU check into .gpu/ (under 64 MiB); on the GPU machine run
+## Build and pack the GPU check into .gpu/ (under 48 MiB, executables xz-compressed); on the GPU machine run
 ## .gpu/gpu-check.sh; `make gpu-check-cpu` runs the same steps on the CPU (CI does both).
 gpu-check: gpu
 

@@ -37,6 +37,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$bin" ] || bin="$here/bin"
+# The pack's executables travel xz-compressed (scripts/gpu.sh); unpack them once.
+if ls "$bin"/*.xz >/dev/null 2>&1; then
+  python3 "$here/gpu_unpack.py" "$bin" || { echo "gpu-check: cannot unpack $bin/*.xz" >&2; exit 2; }
+fi
 helper="$here/gpu_check.py"
 pyref="$here/bench_train_pytorch.py"
 it="$bin/test-test-it"

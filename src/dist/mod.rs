@@ -5,7 +5,11 @@
 //! - [`Launch::from_env`] reads the variables `torchrun` and Slurm set (RANK, WORLD_SIZE,
 //!   LOCAL_RANK, MASTER_ADDR, MASTER_PORT; SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
 //!   SLURM_JOB_NODELIST). Without them a run is a single process, exactly as before.
-//! - [`Group`] holds the process group: all-reduce (sum), broadcast, barrier.
+//!   Under torchrun every rank joins the agent's store, keys apart per restart attempt.
+//! - [`Group`] holds the process group: all-reduce (sum), broadcast, barrier; it joins within
+//!   [`Timeouts::init`] and names a port in use or a master it cannot reach.
+//! - [`Fingerprint`] and [`Group::agree`]: what the ranks must start with alike, checked before
+//!   the first collective of a run.
 //! - [`GradReducer`] averages gradients over the ranks in ~25 MB buckets after the backward
 //!   pass, as DDP's buckets do (DDP overlaps them with the backward pass through autograd
 //!   hooks; here they run after it).

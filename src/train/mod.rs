@@ -18,10 +18,12 @@
 //! `checkpoint_every` iterations from which a resumed run continues mid-epoch with the same
 //! batches.
 //!
-//! Data-parallel runs ([`TrainOptions::group`], docs/cluster.md): each rank takes its shard of
-//! every epoch and `batch_size / world` images per step, the gradients are averaged over the
-//! ranks before each update, and rank 0 alone evaluates and writes; the ranks check at every
-//! checkpoint that their weights are still identical. [`precision`] adds bf16 autocast and
+//! Data-parallel runs ([`TrainOptions::group`], docs/cluster.md): the ranks first check that
+//! they started alike ([`crate::dist::Fingerprint`]); each rank takes its shard of every epoch
+//! and `batch_size / world` images per step ([`micro_batch`]), the gradients are averaged over
+//! the ranks before each update, each rank evaluates a share of the test split
+//! ([`evaluate_sharded`]) and rank 0 alone writes; the ranks check at every checkpoint that
+//! their weights are still identical. [`precision`] adds bf16 autocast and
 //! channels-last.
 pub mod config;
 pub mod precision;
@@ -445,8 +447,6 @@ pub fn train_on(
     }
     if leader {
         report_batches(cfg, model, opts, micro);
-    }
-    if leader {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let hash = cfg.hash();
@@ -533,6 +533,7 @@ pub fn train_on(
         norm: cfg.dataset.normalization(),
         out: Vec::new(),
         leader,
+        micro_batch: micro,
         substituted_mark: 0,
     };
     match cfg.iterations {

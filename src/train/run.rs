@@ -1,7 +1,7 @@
 //! The training loop of one [`train_on`](super::train_on) call: epochs or iterations of
-//! optimizer steps, each over `accumulate` micro-batches of `batch_size` images whose
-//! gradients add up before the update (gradient accumulation: the effective batch is
-//! `batch_size * accumulate`), then a checkpoint.
+//! optimizer steps of `batch_size` images (over all ranks), each rank's share taken as
+//! `accumulate` micro-batches whose gradients add up before the update (gradient
+//! accumulation), then a checkpoint.
 //!
 //! Torch's generator (dropout) is reseeded from (seed, epoch) at every epoch of an epoch run
 //! and from (seed, iteration) at every iteration of an iteration run, where a resumed run
@@ -55,6 +55,8 @@ pub(super) struct Run<'a> {
     pub out: Vec<EpochMetrics>,
     /// Single process, or rank 0: writes and shows progress.
     pub leader: bool,
+    /// Images per micro-batch on this rank ([`super::micro_batch`]).
+    pub micro_batch: usize,
     /// This rank's substitution count at the last checkpoint.
     pub substituted_mark: u64,
 }
@@ -66,7 +68,7 @@ impl<'a> Run<'a> {
         let (rank, world) = self.rank_world();
         BatchIter::train(
             self.train_set,
-            self.micro_batch(),
+            self.micro_batch,
             self.cfg.seed,
             epoch,
             self.cfg.dataset.augmentation(),
@@ -81,11 +83,6 @@ impl<'a> Run<'a> {
             .group
             .as_ref()
             .map_or((0, 1), |g| (g.rank, g.world))
-    }
-
-    /// Images per micro-batch on this rank (checked by `train_on`).
-    fn micro_batch(&self) -> usize {
-        self.cfg.batch_size / (self.rank_world().1 * self.cfg.accumulate.max(1))
     }
 
     /// Images substituted since the run started (this rank).
@@ -275,7 +272,7 @@ impl<'a> Run<'a> {
                 format!("epoch {}/{}", epoch + 1, cfg.epochs),
             );
             let mut w = Window::default();
-            let (n, bs) = (cfg.accumulate.max(1), self.micro_batch());
+            let (n, bs) = (cfg.accumulate.max(1), self.micro_batch);
             let (batches, len) = (it.batches(), it.order().len());
             let steps = batches.div_ceil(n);
             let (mut pending, mut lr_s) = (false, lr);

@@ -104,3 +104,16 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The launcher variables of rank `rank` of `world` on 127.0.0.1:`port` (torchrun's names),
+/// with one-minute timeouts and one thread per rank (torchrun's default; ranks share 2 cores).
+pub fn rank_env(cmd: &mut std::process::Command, rank: usize, world: usize, port: u16) {
+    cmd.env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("BRELU_DIST_TIMEOUT", "60")
+        .env("BRELU_DIST_INIT_TIMEOUT", "60")
+        .env("OMP_NUM_THREADS", "1");
+}

@@ -18,17 +18,6 @@ use tch::{Kind, Tensor};
 /// Set in the test binary's own children that play one rank.
 const CHILD: &str = "BRELU_TEST_DIST_CHILD";
 
-fn rank_env(cmd: &mut Command, rank: usize, world: usize, port: u16) {
-    cmd.env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("BRELU_DIST_TIMEOUT", "60")
-        // Two ranks on a small machine: one thread each, as torchrun's default.
-        .env("OMP_NUM_THREADS", "1");
-}
-
 /// Waits for `c` up to `limit`; kills it and fails after.
 fn wait(c: &mut Child, limit: Duration, what: &str) -> (bool, String) {
     let t0 = Instant::now();
@@ -66,7 +55,7 @@ fn collectives_between_two_processes() {
             .env(CHILD, "1")
             .stderr(Stdio::piped())
             .stdout(Stdio::null());
-            rank_env(&mut c, r, 2, port);
+            common::rank_env(&mut c, r, 2, port);
             c.spawn().unwrap()
         })
         .collect();
@@ -220,7 +209,7 @@ fn train(world: usize, cfg: &Path, out: &Path, extra: &[&str]) {
         .map(|r| {
             let mut c = train_cmd(cfg, out, extra);
             if world > 1 {
-                rank_env(&mut c, r, world, port);
+                common::rank_env(&mut c, r, world, port);
             }
             c.spawn().unwrap()
         })
@@ -310,7 +299,7 @@ fn a_killed_rank_stops_the_other() {
     let mut kids: Vec<Child> = (0..2)
         .map(|r| {
             let mut c = train_cmd(&cfg, &out, &[]);
-            rank_env(&mut c, r, 2, port);
+            common::rank_env(&mut c, r, 2, port);
             c.spawn().unwrap()
         })
         .collect();

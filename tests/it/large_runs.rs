@@ -15,17 +15,6 @@ const CHILD: &str = "BRELU_TEST_LARGE_CHILD";
 /// The fixture directory the children read.
 const FIXTURES: &str = "BRELU_TEST_LARGE_DIR";
 
-fn rank_env(cmd: &mut Command, rank: usize, world: usize, port: u16) {
-    cmd.env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("BRELU_DIST_TIMEOUT", "60")
-        .env("BRELU_DIST_INIT_TIMEOUT", "60")
-        .env("OMP_NUM_THREADS", "1");
-}
-
 /// Waits for every child (up to `limit` in all); returns (success, stderr) per child and the
 /// time the last one took.
 fn wait_all(kids: Vec<Child>, limit: Duration) -> (Vec<(bool, String)>, Duration) {
@@ -370,7 +359,7 @@ fn disagreeing_ranks(args: [&[&str]; 2], cwd: [&Path; 2], field: &str) {
     let kids: Vec<Child> = (0..2)
         .map(|r| {
             let mut c = brelu_cmd(args[r]);
-            rank_env(&mut c, r, 2, port);
+            common::rank_env(&mut c, r, 2, port);
             c.current_dir(cwd[r]);
             c.spawn().unwrap()
         })
@@ -399,7 +388,7 @@ fn an_unreachable_master_and_a_port_in_use_are_named_errors() {
     let o = tmp.path().join("run");
     let port = common::free_port();
     let mut k = brelu_cmd(&["train", "-c", c, "-o", o.to_str().unwrap()]);
-    rank_env(&mut k, 1, 2, port);
+    common::rank_env(&mut k, 1, 2, port);
     k.env("BRELU_DIST_INIT_TIMEOUT", "2");
     let (res, took) = wait_all(vec![k.spawn().unwrap()], Duration::from_secs(60));
     assert!(!res[0].0);
@@ -413,7 +402,7 @@ fn an_unreachable_master_and_a_port_in_use_are_named_errors() {
     let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = held.local_addr().unwrap().port();
     let mut k = brelu_cmd(&["train", "-c", c, "-o", o.to_str().unwrap()]);
-    rank_env(&mut k, 0, 2, port);
+    common::rank_env(&mut k, 0, 2, port);
     k.env("BRELU_DIST_INIT_TIMEOUT", "5");
     let (res, took) = wait_all(vec![k.spawn().unwrap()], Duration::from_secs(60));
     assert!(!res[0].0);
@@ -453,7 +442,7 @@ fn sharded_evaluation_over_four_ranks_equals_one_process() {
             .env(FIXTURES, tmp.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-            rank_env(&mut c, r, 4, port);
+            common::rank_env(&mut c, r, 4, port);
             c.spawn().unwrap()
         })
         .collect();
@@ -557,7 +546,7 @@ fn the_pipeline_under_two_ranks_matches_one_process_on_its_baseline() {
                 .arg(&two)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            rank_env(&mut c, r, 2, port);
+            common::rank_env(&mut c, r, 2, port);
             c.spawn().unwrap()
         })
         .collect();
