@@ -13,7 +13,8 @@
 //! `tests/it/layers.rs`).
 //!
 //! 1. Utilities: [`error`] (the typed error), [`fs`] (atomic writes), [`hash`] (fingerprints),
-//!    [`npy`] (the table file format), [`plot`].
+//!    [`npy`] (the table file format), [`plot`], [`progress`] (bars on a terminal, lines in a
+//!    log).
 //! 2. [`spec`]: options, catalogs, spec files, cost model.
 //! 3. [`ops`]: block-ReLU operators, device selection; [`dist`]: data-parallel process groups
 //!    (PyTorch's c10d through a C++ shim), launcher variables, sharding, gradient buckets.
@@ -39,6 +40,7 @@ pub mod npy;
 pub mod ops;
 pub mod pipeline;
 pub mod plot;
+pub mod progress;
 pub mod secure;
 pub mod spec;
 pub mod train;

@@ -11,7 +11,6 @@ use crate::train::{self, Config};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::cell::Cell;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use tch::Device;
 
@@ -307,7 +306,7 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
         against_relu: a.against_relu,
     };
-    let pb = progress_bar();
+    let pb = crate::progress::bar(true, 0, "extraction", "units");
     let x = Extraction {
         dir: &a.output,
         catalog: &catalog,
@@ -334,22 +333,6 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     finish(&a.output, shard, done)
-}
-
-/// A bar of units done, on a terminal only.
-fn progress_bar() -> indicatif::ProgressBar {
-    if std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(0);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} units  {per_sec}  elapsed {elapsed}  left {eta}",
-            )
-            .expect("valid template"),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    }
 }
 
 /// What the run did, and the tables or why they are not collected yet.

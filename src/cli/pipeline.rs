@@ -2,7 +2,6 @@
 use crate::pipeline::{self, report, PipelineConfig};
 use anyhow::{Context, Result};
 use clap::Args;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -35,7 +34,7 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     let leader = group.as_ref().is_none_or(|g| g.is_leader());
     cfg.device = device;
     cfg.group = group;
-    cfg.progress = leader && std::io::stderr().is_terminal();
+    cfg.progress = leader;
     let dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
             .config

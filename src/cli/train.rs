@@ -9,7 +9,6 @@ use crate::train::{self, Config, TrainOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
@@ -211,7 +210,7 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
         resume: a.resume,
-        progress: std::io::stderr().is_terminal(),
+        progress: true,
         spec: spec.map(Path::to_path_buf),
         weights: weights.map(Path::to_path_buf),
         teacher: a.teacher.clone().or_else(|| weights.map(Path::to_path_buf)),

@@ -185,7 +185,7 @@ pub struct PipelineConfig {
     pub secure: SecureSettings,
     /// The file's `device` (the CLI resolves it into `device` and `group`).
     pub device_setting: Option<String>,
-    /// Draw progress bars (set by the CLI on a terminal).
+    /// Show progress (set by the CLI on rank 0; see [`crate::progress`]).
     pub progress: bool,
     /// Where the stages compute (set by the CLI; default the CPU).
     pub device: tch::Device,

@@ -180,6 +180,7 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
         }
         let (recipe, w) = (&cfg.train_config, &base.weights);
         let make = move |dev: Device| recipe_model(recipe, w, None, dev);
+        let bar = crate::progress::bar(cfg.progress, 0, "distortion", "units");
         let x = Extraction {
             dir: &ddir,
             catalog: &catalog,
@@ -190,7 +191,7 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
             make_model: &make,
             replace_stale: group.is_none(),
             collect: group.is_none(),
-            progress: None,
+            progress: Some(&bar),
         };
         let done = extract::extract(&x, load_model(cfg, &base.weights, None)?, &|_| {})?;
         if let Some(g) = group {

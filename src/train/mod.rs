@@ -222,7 +222,8 @@ pub struct TrainOptions {
     pub run_dir: PathBuf,
     /// Continue from `run_dir/checkpoint.*` when present.
     pub resume: bool,
-    /// Draw a progress bar (only shown on a terminal).
+    /// Show progress: a bar on a terminal, a line every `BRELU_PROGRESS_INTERVAL` seconds in
+    /// a log ([`crate::progress`]).
     pub progress: bool,
     /// The spec applied to the model, recorded in the checkpoint.
     pub spec: Option<PathBuf>,

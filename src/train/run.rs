@@ -266,10 +266,11 @@ impl<'a> Run<'a> {
             let t0 = Instant::now();
             reseed(cfg.seed, epoch);
             let it = self.batches(epoch);
-            let bar = progress_bar(
+            let bar = crate::progress::bar(
                 self.opts.progress && self.leader,
                 it.batches() as u64,
                 format!("epoch {}/{}", epoch + 1, cfg.epochs),
+                "batches",
             );
             let mut w = Window::default();
             let (n, bs) = (cfg.accumulate.max(1), self.micro_batch);
@@ -310,10 +311,11 @@ impl<'a> Run<'a> {
         let cfg = self.cfg;
         let every = cfg.checkpoint_every.unwrap_or(1000).clamp(1, total);
         let per_epoch = self.batches(0).batches().max(1);
-        let bar = progress_bar(
+        let bar = crate::progress::bar(
             self.opts.progress && self.leader,
             total as u64,
-            "iterations".to_string(),
+            "training",
+            "iterations",
         );
         bar.set_position(start as u64);
         let n = cfg.accumulate.max(1);
@@ -377,20 +379,4 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     writeln!(f, "{line}").map_err(|e| Error::io(path, e))
-}
-
-fn progress_bar(show: bool, len: u64, prefix: String) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(prefix);
-    bar
 }

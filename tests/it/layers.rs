@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const STAGES: &[&[&str]] = &[
     &["error"],
     &["fs"],
-    &["hash", "npy", "plot"],
+    &["hash", "npy", "plot", "progress"],
     &["spec"],
     &["ops"],
     &["dist"],

@@ -245,3 +245,67 @@ fn bad_flags_and_files_are_clear_errors() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// With stderr going to a file (not a terminal), training and extraction write progress lines
+/// (done/total, rate, ETA) every `BRELU_PROGRESS_INTERVAL` seconds: 0 here, so every update.
+#[test]
+fn progress_lines_with_an_eta_when_stderr_is_a_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_dataset(tmp.path());
+    let c = cfg.to_str().unwrap();
+    let log_of = |args: &[&str], name: &str| {
+        let log = tmp.path().join(name);
+        let status = std::process::Command::new(common::brelu_exe())
+            .args(args)
+            .env(brelu::progress::INTERVAL_VAR, "0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .status()
+            .unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "{text}");
+        text
+    };
+    let run = tmp.path().join("run");
+    let log = log_of(
+        &[
+            "train",
+            "-c",
+            c,
+            "-o",
+            run.to_str().unwrap(),
+            "--epochs",
+            "2",
+        ],
+        "train.log",
+    );
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("epoch 2/2: ") && l.contains("batches (") && l.contains("ETA"))
+        .unwrap_or_else(|| panic!("no progress line for epoch 2:\n{log}"));
+    assert!(line.contains("/5 batches"), "{line}");
+    let out = tmp.path().join("dist");
+    let log = log_of(
+        &[
+            "distortion",
+            "extract",
+            "--data",
+            c,
+            "--random-init",
+            "--samples",
+            "8",
+            "--batch",
+            "2",
+            "--sites",
+            "stem",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "extract.log",
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("extraction: ") && l.contains("units") && l.contains("ETA")),
+        "no extraction progress line:\n{log}"
+    );
+}
