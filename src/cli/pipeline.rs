@@ -24,6 +24,10 @@ pub struct PipelineArgs {
     /// every rank sees.
     #[arg(long)]
     pub device: Option<String>,
+    /// A training image that cannot be decoded: error (stop, naming the file) or substitute
+    /// (replace it, warn and count it); default: the configuration's `bad_images`, else error.
+    #[arg(long, value_enum)]
+    pub bad_images: Option<crate::data::BadImages>,
 }
 
 pub fn run(a: PipelineArgs) -> Result<()> {
@@ -33,6 +37,7 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     let (device, group) = crate::dist::Group::from_env(device.as_deref())?;
     let leader = group.as_ref().is_none_or(|g| g.is_leader());
     cfg.device = device;
+    cfg.bad_images = a.bad_images.unwrap_or(cfg.bad_images);
     cfg.group = group;
     cfg.progress = leader;
     let dir = a.output.clone().unwrap_or_else(|| {

@@ -151,6 +151,12 @@ struct File {
     /// or cuda:N; `brelu pipeline --device` overrides it. Secure inference stays on the CPU.
     #[serde(default)]
     device: Option<String>,
+    /// A training image that cannot be decoded: "error" (default: stop, naming the file) or
+    /// "substitute" (replace and count it, `brelu train --bad-images`). Not part of the stage
+    /// hashes: a stage that finished under "error" met no bad image, so it is what
+    /// "substitute" gives too.
+    #[serde(default)]
+    bad_images: crate::data::BadImages,
 }
 
 fn yes() -> bool {
@@ -185,6 +191,8 @@ pub struct PipelineConfig {
     pub secure: SecureSettings,
     /// The file's `device` (the CLI resolves it into `device` and `group`).
     pub device_setting: Option<String>,
+    /// See `File::bad_images`.
+    pub bad_images: crate::data::BadImages,
     /// Show progress (set by the CLI on rank 0; see [`crate::progress`]).
     pub progress: bool,
     /// Where the stages compute (set by the CLI; default the CPU).
@@ -307,6 +315,7 @@ impl PipelineConfig {
             bytes: f.bytes,
             secure: f.secure,
             device_setting: f.device,
+            bad_images: f.bad_images,
             progress: false,
             device: tch::Device::Cpu,
             group: None,

@@ -76,6 +76,14 @@ fn recipe_model(
     Ok(m)
 }
 
+/// The training loader: default threads and queue, the configured bad-image policy.
+fn loader(cfg: &PipelineConfig) -> crate::data::LoaderOptions {
+    crate::data::LoaderOptions {
+        bad_images: cfg.bad_images,
+        ..Default::default()
+    }
+}
+
 /// Single process, or rank 0 of the pipeline's process group.
 fn leader(cfg: &PipelineConfig) -> bool {
     cfg.group.as_ref().is_none_or(|g| g.is_leader())
@@ -112,6 +120,7 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
                 resume: true,
                 progress: cfg.progress,
                 group: cfg.group.clone(),
+                loader: loader(cfg),
                 ..TrainOptions::new(run_dir.clone())
             };
             train::train(base_cfg, &mut model, &opts)?;
@@ -370,6 +379,7 @@ fn finetune(
             resume: true,
             progress: cfg.progress,
             group: cfg.group.clone(),
+            loader: loader(cfg),
             spec: Some(dir.join(&e.file)),
             weights: Some(base.weights.clone()),
             // With `[distill]` in the fine-tune recipe: the original network.

@@ -128,6 +128,8 @@ fn pipeline_config_errors_name_the_field() {
             "iterative.rounds",
         ),
         ("[distortion]\nprobes = 0\n", "distortion.probes"),
+        ("device = \"gpu\"\n", "device"),
+        ("bad_images = \"skip\"\n", "bad_images"),
     ] {
         std::fs::write(
             &p,
@@ -137,6 +139,15 @@ fn pipeline_config_errors_name_the_field() {
         let e = PipelineConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains(field), "{field}: {e}");
     }
+    std::fs::write(
+        &p,
+        "train = \"tiny.toml\"\nfinetune = \"tiny.toml\"\nratios = [0.1]\n\
+         device = \"cuda:1\"\nbad_images = \"substitute\"\n",
+    )
+    .unwrap();
+    let c = PipelineConfig::load(&p).unwrap();
+    assert_eq!(c.device_setting.as_deref(), Some("cuda:1"));
+    assert_eq!(c.bad_images, brelu::data::BadImages::Substitute);
 }
 
 /// The extra methods: `[refine]` (local search), `[iterative]` and `bytes = true` each add a
