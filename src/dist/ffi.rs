@@ -22,6 +22,13 @@ extern "C" {
         len: usize,
     ) -> *mut c_void;
     fn brelu_pg_free(g: *mut c_void);
+    fn brelu_store_serve(
+        port: c_int,
+        timeout_ms: c_long,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut c_void;
+    fn brelu_store_free(s: *mut c_void);
     fn brelu_pg_allreduce_sum(
         g: *mut c_void,
         t: *mut c_void,
@@ -169,5 +176,30 @@ impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: `self.0` came from `brelu_pg_new` and is freed exactly once, here.
         unsafe { brelu_pg_free(self.0) }
+    }
+}
+
+/// A c10d TCPStore served by this process for ranks elsewhere (what torchrun's agent does),
+/// freed on drop.
+pub(super) struct Store(*mut c_void);
+
+impl Store {
+    pub(super) fn serve(port: u16, timeout: Duration) -> Result<Store, String> {
+        let mut err = vec![0u8; ERR_LEN];
+        let ms = timeout.as_millis().min(c_long::MAX as u128) as c_long;
+        // SAFETY: `err` is a writable buffer of ERR_LEN bytes that the shim NUL-terminates; the
+        // shim returns null on error.
+        let s = unsafe { brelu_store_serve(port as c_int, ms, err.as_mut_ptr().cast(), ERR_LEN) };
+        if s.is_null() {
+            return Err(message(&err));
+        }
+        Ok(Store(s))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `brelu_store_serve` and is freed exactly once, here.
+        unsafe { brelu_store_free(self.0) }
     }
 }

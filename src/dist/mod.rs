@@ -5,7 +5,8 @@
 //! - [`Launch::from_env`] reads the variables `torchrun` and Slurm set (RANK, WORLD_SIZE,
 //!   LOCAL_RANK, MASTER_ADDR, MASTER_PORT; SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
 //!   SLURM_JOB_NODELIST). Without them a run is a single process, exactly as before.
-//!   Under torchrun every rank joins the agent's store, keys apart per restart attempt.
+//!   Under torchrun every rank joins the agent's store, keys apart per restart attempt
+//!   ([`AgentStore`] serves one the same way, for tests and other launchers).
 //! - [`Group`] holds the process group: all-reduce (sum), broadcast, barrier; it joins within
 //!   [`Timeouts::init`] and names a port in use or a master it cannot reach.
 //! - [`Fingerprint`] and [`Group::agree`]: what the ranks must start with alike, checked before
@@ -532,6 +533,22 @@ pub fn shard(order: &[i64], rank: usize, world: usize) -> Vec<i64> {
         .step_by(world)
         .map(|i| order[i % order.len()])
         .collect()
+}
+
+/// A rendezvous store served by a process that is no rank, as torchrun's agent serves one on
+/// 127.0.0.1:`port` (ranks join it with `TORCHELASTIC_USE_AGENT_STORE=True`); for tests and
+/// home-grown launchers. It stops when dropped.
+pub struct AgentStore {
+    /// Held for its drop: the store serves while it lives.
+    _store: ffi::Store,
+}
+
+impl AgentStore {
+    pub fn serve(port: u16, timeout: Duration) -> Result<AgentStore> {
+        ffi::Store::serve(port, timeout)
+            .map(|s| AgentStore { _store: s })
+            .map_err(|e| Error::Dist(format!("cannot serve a store on port {port}: {e}")))
+    }
 }
 
 /// What every rank of a run must start with alike: named fields and their values (as text).

@@ -187,6 +187,25 @@ void* brelu_pg_new(const char* addr, int port, int rank, int world, long init_ti
 
 void brelu_pg_free(void* g) { delete static_cast<Group*>(g); }
 
+// Serves a TCPStore at port that no rank owns, as torchrun's agent does (the ranks then join
+// with agent_store != 0). Returns the store (freed by brelu_store_free) or null with the error.
+void* brelu_store_serve(int port, long timeout_ms, char* err, size_t len) {
+  c10d::TCPStore* s = nullptr;
+  guarded(err, len, [&] {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<std::uint16_t>(port);
+    o.isServer = true;
+    o.waitWorkers = false;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    s = c10::make_intrusive<c10d::TCPStore>(std::string("127.0.0.1"), o).release();
+  });
+  return s;
+}
+
+void brelu_store_free(void* s) {
+  c10::intrusive_ptr<c10d::TCPStore>::reclaim(static_cast<c10d::TCPStore*>(s));
+}
+
 // Sums a tensor elementwise over all ranks, in place. (c10d's tensor lists hold one tensor per
 // local device, so brelu passes one.)
 int brelu_pg_allreduce_sum(void* g, at::Tensor* t, char* err, size_t len) {

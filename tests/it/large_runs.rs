@@ -664,3 +664,67 @@ fn launcher_variables_name_the_store_and_the_attempt() {
     let e = from(&[("RANK", "4"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "a")]).unwrap_err();
     assert!(e.to_string().contains("rank 4"), "{e}");
 }
+
+/// Set in the child that plays torchrun's agent: the port to serve the store on.
+const AGENT: &str = "BRELU_TEST_AGENT_PORT";
+
+/// Under torchrun the agent serves the store and every rank joins it as a client, with keys
+/// under the restart attempt's prefix: two ranks of `brelu train` rendezvous through a store
+/// that a third process (playing the agent) serves, and train.
+#[test]
+fn ranks_join_the_store_of_a_torchrun_agent() {
+    if let Some(port) = std::env::var_os(AGENT) {
+        let port: u16 = port.to_str().unwrap().parse().unwrap();
+        let _store = brelu::dist::AgentStore::serve(port, Duration::from_secs(60)).unwrap();
+        // Served until the test kills this process.
+        std::thread::sleep(Duration::from_secs(300));
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_dataset(tmp.path());
+    let port = common::free_port();
+    let mut agent = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "large_runs::ranks_join_the_store_of_a_torchrun_agent",
+            "--nocapture",
+        ])
+        .env(AGENT, port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the agent's store never came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = tmp.path().join("run");
+    let kids: Vec<Child> = (0..2)
+        .map(|r| {
+            let mut c = brelu_cmd(&[
+                "train",
+                "-c",
+                cfg.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            common::rank_env(&mut c, r, 2, port);
+            c.env("TORCHELASTIC_USE_AGENT_STORE", "True")
+                .env("TORCHELASTIC_RESTART_COUNT", "3")
+                .env("BRELU_DIST_INIT_TIMEOUT", "30");
+            c.spawn().unwrap()
+        })
+        .collect();
+    let (res, _) = wait_all(kids, Duration::from_secs(180));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    for (r, (ok, err)) in res.iter().enumerate() {
+        assert!(ok, "rank {r} failed:\n{err}");
+    }
+    assert!(res[0].1.contains("torchrun's store"), "{}", res[0].1);
+    assert!(out.join(train::METRICS).exists());
+}
