@@ -51,7 +51,9 @@ pub fn open_rgb(path: &Path) -> Result<image::RgbImage> {
 /// Ok when the JPEG's marker structure runs to its end-of-image marker. Walks the segments
 /// (skipping their declared lengths, so an EXIF thumbnail's markers are not mistaken for the
 /// image's) and the entropy-coded data after each start of scan, where 0xFF is always
-/// followed by 0x00 or a restart marker; any other marker ends the scan.
+/// followed by 0x00 or a restart marker; any other marker ends the scan. Stray bytes between
+/// segments are skipped as libjpeg skips them: only data that ends before the end-of-image
+/// marker is refused.
 pub fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
     let cut = |at: usize| {
         format!(
@@ -69,7 +71,11 @@ pub fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
             return Err(cut(i));
         }
         if b[i] != 0xFF {
-            return Err(format!("corrupt JPEG: expected a marker at offset {i}"));
+            // Extraneous bytes before a marker: skipped, as libjpeg does (with a warning).
+            match b[i..].iter().position(|&x| x == 0xFF) {
+                Some(p) => i += p,
+                None => return Err(cut(b.len())),
+            }
         }
         // Fill bytes (0xFF runs) may precede a marker.
         while i + 1 < b.len() && b[i + 1] == 0xFF {
@@ -93,7 +99,9 @@ pub fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
             return Err(cut(i));
         };
         if len < 2 {
-            return Err(format!("corrupt JPEG: segment length {len} at offset {i}"));
+            // A broken length: look for the next marker instead.
+            i += 2;
+            continue;
         }
         i += 2 + len;
         if m == 0xDA {

@@ -175,6 +175,13 @@ fn every_kind_of_image_decodes_by_content() {
     assert!(image_file::jpeg_complete(&with).is_ok());
     let cut_at = with.len() - 300;
     assert!(image_file::jpeg_complete(&with[..cut_at]).is_err());
+    // Stray bytes between two segments (libjpeg: "extraneous bytes before marker") are
+    // skipped, not refused.
+    let mut stray = whole[..2].to_vec();
+    stray.extend_from_slice(&[0x00, 0x12, 0x34]);
+    stray.extend_from_slice(&whole[2..]);
+    assert!(image_file::jpeg_complete(&stray).is_ok());
+    assert!(image_file::jpeg_complete(&stray[..stray.len() - 2]).is_err());
 }
 
 fn folder_config(dir: &Path, data: &Path) -> PathBuf {
