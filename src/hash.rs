@@ -36,6 +36,14 @@ pub fn fnv_hex(bytes: impl IntoIterator<Item = u8>) -> String {
     h.hex()
 }
 
+/// FNV-1a 64 of a file's bytes, as 16 hex digits.
+pub fn file_hex(path: &std::path::Path) -> crate::error::Result<String> {
+    let b = std::fs::read(path).map_err(|e| crate::error::Error::io(path, e))?;
+    let mut h = Fnv::default();
+    h.write(&b);
+    Ok(h.hex())
+}
+
 /// FNV-1a 64 of a value's compact JSON, as 16 hex digits: the fingerprint of configurations,
 /// jobs and stage inputs.
 pub fn of_json<T: serde::Serialize + ?Sized>(v: &T) -> String {

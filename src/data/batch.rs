@@ -3,9 +3,8 @@
 //! order and augmentation of an uninterrupted one; augmentation ([`Augment`]: random crop
 //! from a zero-padded image plus horizontal flip) on the u8 pixels; and [`BatchIter`], which
 //! yields normalised float batches on the model's device.
+use super::image_file::Substitutes;
 use super::{Dataset, Normalize};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// SplitMix64: tiny, fast and fully specified, so orders are reproducible across platforms.
@@ -337,29 +336,22 @@ pub(super) enum Job {
 
 impl Job {
     /// (u8 images [B, C, H, W], i64 labels [B] or masks [B, H, W]) on the CPU. With
-    /// `substitutes` (the order the jobs came from, and the count to add to), an image that
-    /// cannot be decoded is replaced ([`super::BadImages::Substitute`]).
+    /// `subs` (the order the jobs came from, and the count to add to), an image that cannot be
+    /// decoded is replaced ([`super::BadImages::Substitute`]).
     pub(super) fn decode(
         self,
         folder: Option<&super::folder::FolderSet>,
         seg: Option<&super::seg::SegSet>,
-        substitutes: Option<(&Arc<Vec<i64>>, &Arc<AtomicU64>)>,
+        subs: Option<&Substitutes>,
     ) -> crate::error::Result<(Tensor, Tensor)> {
-        let subs = |at: usize| {
-            substitutes.map(|(order, count)| super::image_file::Substitutes {
-                order: order.clone(),
-                at,
-                count: count.clone(),
-            })
-        };
         match self {
             Job::Seg { ids, t, at } => {
                 let s = seg.expect("a segmentation set");
-                s.decode_batch_subs(&ids, &t, subs(at).as_ref())
+                s.decode_batch_subs(&ids, &t, subs.map(|s| (s, at)))
             }
             Job::Folder { ids, t, at } => {
                 let f = folder.expect("a class-folder set");
-                let (b, y) = f.decode_labelled(&ids, &t, subs(at).as_ref())?;
+                let (b, y) = f.decode_labelled(&ids, &t, subs.map(|s| (s, at)))?;
                 let s = f.side as i64;
                 Ok((
                     Tensor::from_slice(&b).view([ids.len() as i64, 3, s, s]),

@@ -19,13 +19,6 @@ pub struct FolderSet {
 
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
-fn has_image_extension(name: &std::ffi::OsStr) -> bool {
-    Path::new(name)
-        .extension()
-        .map(|x| x.to_string_lossy().to_ascii_lowercase())
-        .is_some_and(|x| EXTENSIONS.contains(&x.as_str()))
-}
-
 /// Whether a directory entry is a folder (`dir`) or a file: from the type `readdir` reports,
 /// with a `stat` only for links and file systems that report no type.
 fn entry_is(e: &std::fs::DirEntry, dir: bool) -> bool {
@@ -52,22 +45,11 @@ fn subdirs(dir: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
-/// The image file names directly in `dir` (one `readdir`, no `stat` per file), sorted.
-fn image_names(dir: &Path) -> Result<Vec<String>> {
+/// The names of the files directly in `dir` whose extension (any case) is one of `exts`,
+/// sorted: one `readdir`, no `stat` per file.
+fn names_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<String>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut v: Vec<String> = rd
-        .filter_map(|e| e.ok())
-        .filter(|e| has_image_extension(&e.file_name()) && entry_is(e, false))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-/// The files directly in `dir` whose extension (any case) is one of `exts`, sorted.
-pub(crate) fn files_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok())
         .filter(|e| {
             Path::new(&e.file_name())
@@ -76,10 +58,18 @@ pub(crate) fn files_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<Path
                 .is_some_and(|x| exts.contains(&x.as_str()))
                 && entry_is(e, false)
         })
-        .map(|e| e.path())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     v.sort();
     Ok(v)
+}
+
+/// The files directly in `dir` whose extension (any case) is one of `exts`, sorted.
+pub(crate) fn files_with_extension(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
+    Ok(names_with_extension(dir, exts)?
+        .into_iter()
+        .map(|n| dir.join(n))
+        .collect())
 }
 
 /// Lists `root/train` or `root/val`. The classes are the sorted sub-folder names of
@@ -194,7 +184,7 @@ pub fn open_indexed(
         Some(f) => f,
         None => present
             .iter()
-            .map(|c| image_names(&dir.join(c)))
+            .map(|c| names_with_extension(&dir.join(c), &EXTENSIONS))
             .collect::<Result<Vec<_>>>()?,
     };
     let (mut paths, mut labels) = (Vec::new(), Vec::new());
@@ -341,12 +331,13 @@ impl FolderSet {
     }
 
     /// [`FolderSet::decode_batch`] and the labels, with undecodable images replaced from
-    /// `subs` when given (see [`super::image_file::decode_or_substitute`]).
+    /// `subs` (and the batch's position in its order) when given (see
+    /// [`super::image_file::decode_or_substitute`]).
     pub fn decode_labelled(
         &self,
         idx: &[i64],
         t: &[Transform],
-        subs: Option<&super::image_file::Substitutes>,
+        subs: Option<(&super::image_file::Substitutes, usize)>,
     ) -> Result<(Vec<u8>, Vec<i64>)> {
         let name = |i: i64| self.paths[i as usize].display().to_string();
         let one = |k: usize, i: i64| {

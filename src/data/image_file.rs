@@ -121,12 +121,10 @@ pub fn jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
-/// Where a batch may take substitutes from: this rank's epoch order, and the position of the
-/// batch's first image in it.
+/// Where the batches of an epoch take substitutes from: this rank's epoch order.
 #[derive(Clone, Debug)]
 pub struct Substitutes {
     pub order: Arc<Vec<i64>>,
-    pub at: usize,
     /// Images substituted so far (shared by every batch of a data set).
     pub count: Arc<AtomicU64>,
 }
@@ -134,13 +132,13 @@ pub struct Substitutes {
 /// How many following images of the order a failing image may try before the batch fails.
 const TRIES: usize = 16;
 
-/// `decode(i)` for every image of `ids` (a batch starting at `subs.at` of the order), in
-/// parallel. Without `subs` a failure is the batch's error; with it, a failing image is
+/// `decode(i)` for every image of `ids` (a batch starting at position `at` of the order in
+/// `subs`), in parallel. Without `subs` a failure is the batch's error; with it, a failing image is
 /// replaced by the first decodable image after the batch in the order (wrapping), with a
 /// warning naming both files, and counted.
 pub fn decode_or_substitute<T: Send>(
     ids: &[i64],
-    subs: Option<&Substitutes>,
+    subs: Option<(&Substitutes, usize)>,
     name: &(dyn Fn(i64) -> String + Sync),
     decode: &(dyn Fn(usize, i64) -> Result<T> + Sync),
 ) -> Result<Vec<T>> {
@@ -153,10 +151,10 @@ pub fn decode_or_substitute<T: Send>(
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let Some(s) = subs else { return Err(e) };
+            let Some((s, at)) = subs else { return Err(e) };
             let n = s.order.len();
             for j in 0..TRIES.min(n) {
-                let other = s.order[(s.at + ids.len() + j) % n];
+                let other = s.order[(at + ids.len() + j) % n];
                 if other == i {
                     continue;
                 }

@@ -6,6 +6,7 @@
 //! the same whatever the number of workers. In-memory sets (MNIST, CIFAR) need no decoding and
 //! are iterated in place.
 use super::batch::{BatchIter, Job};
+use super::image_file::Substitutes;
 use super::Normalize;
 use crate::error::{Error, Result};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -60,8 +61,10 @@ impl<'a> BatchIter<'a> {
         }
         let device = self.device();
         let norm = self.normalize().clone();
-        let substitutes = (o.bad_images == super::BadImages::Substitute)
-            .then(|| (Arc::new(self.order().to_vec()), data.substituted.clone()));
+        let subs = (o.bad_images == super::BadImages::Substitute).then(|| Substitutes {
+            order: Arc::new(self.order().to_vec()),
+            count: data.substituted.clone(),
+        });
         let jobs: Vec<Job> = std::iter::from_fn(|| self.next_job()).collect::<Result<_>>()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(o.workers)
@@ -77,8 +80,7 @@ impl<'a> BatchIter<'a> {
                 for job in jobs {
                     // Decoding and the CPU's normalisation both run on the pool's threads.
                     let b = pool.install(|| {
-                        let subs = substitutes.as_ref().map(|(o, c)| (o, c));
-                        let b = job.decode(folder.as_deref(), seg.as_deref(), subs);
+                        let b = job.decode(folder.as_deref(), seg.as_deref(), subs.as_ref());
                         b.map(|(x, y)| match &cpu_norm {
                             Some(n) => (n.apply(&x), y),
                             None => (x.pin_memory(device), y.pin_memory(device)),

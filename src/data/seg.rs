@@ -562,7 +562,7 @@ impl SegSet {
         &self,
         idx: &[i64],
         t: &[Transform],
-        subs: Option<&super::image_file::Substitutes>,
+        subs: Option<(&super::image_file::Substitutes, usize)>,
     ) -> Result<Vec<Pair>> {
         let name = |i: i64| self.images[i as usize].display().to_string();
         let one = |k: usize, i: i64| self.decode(i as usize, t[k]);
@@ -580,7 +580,7 @@ impl SegSet {
         &self,
         idx: &[i64],
         t: &[Transform],
-        subs: Option<&super::image_file::Substitutes>,
+        subs: Option<(&super::image_file::Substitutes, usize)>,
     ) -> Result<(tch::Tensor, tch::Tensor)> {
         let pairs = self.decode_subs(idx, t, subs)?;
         let [h, w] = self.transforms.crop;

@@ -584,12 +584,7 @@ impl Fingerprint {
     /// The file's content hash, or `none` for no file.
     pub fn add_file(&mut self, name: &str, path: Option<&std::path::Path>) -> Result<()> {
         let v = match path {
-            Some(p) => {
-                let b = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                let mut h = crate::hash::Fnv::default();
-                h.write(&b);
-                format!("content hash {}", h.hex())
-            }
+            Some(p) => format!("content hash {}", crate::hash::file_hex(p)?),
             None => "none".into(),
         };
         self.add(name, v);

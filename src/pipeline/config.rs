@@ -325,10 +325,7 @@ impl PipelineConfig {
     /// Hash of the given starting weights (None when the baseline is trained).
     pub fn weights_hash(&self) -> Result<Option<String>> {
         match &self.weights {
-            Some(w) => {
-                let b = std::fs::read(w).map_err(|e| Error::io(w, e))?;
-                Ok(Some(crate::hash::fnv_hex(b)))
-            }
+            Some(w) => crate::hash::file_hex(w).map(Some),
             None => Ok(None),
         }
     }

@@ -3,7 +3,6 @@ use super::{Log, Outcome};
 use crate::dist::Group;
 use crate::error::{Error, Result};
 use crate::fs::write_atomic;
-use crate::hash::fnv_hex;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -19,8 +18,7 @@ pub struct StageRecord {
 
 /// Hash of a file's bytes.
 pub(super) fn file_hash(p: &Path) -> Result<String> {
-    let b = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-    Ok(fnv_hex(b))
+    crate::hash::file_hex(p)
 }
 
 /// Runs stages in a pipeline directory and remembers which ran. Under a process group, rank 0

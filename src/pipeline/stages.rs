@@ -48,16 +48,7 @@ impl Network {
 /// The baseline recipe's model with `weights` and, if given, a spec applied, on the pipeline's
 /// device.
 fn load_model(cfg: &PipelineConfig, weights: &Path, spec: Option<&Spec>) -> Result<Model> {
-    load_model_on(cfg, weights, spec, cfg.device)
-}
-
-fn load_model_on(
-    cfg: &PipelineConfig,
-    weights: &Path,
-    spec: Option<&Spec>,
-    device: Device,
-) -> Result<Model> {
-    recipe_model(&cfg.train_config, weights, spec, device)
+    recipe_model(&cfg.train_config, weights, spec, cfg.device)
 }
 
 /// The model of `recipe` with `weights` and `spec` on `device` (what the extraction's worker
@@ -172,19 +163,12 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
             index: g.rank,
             count: g.world,
         });
-        if let (true, Some(g)) = (leader(cfg), group) {
-            let job = extract::plan(
-                &load_model(cfg, &base.weights, None)?,
-                &catalog,
-                &samples,
-                &opts,
-            )?;
-            if ddir.join("job.json").exists() && extract::init_dir(&ddir, &job).is_err() {
-                std::fs::remove_dir_all(&ddir).map_err(|e| Error::io(&ddir, e))?;
+        let model = load_model(cfg, &base.weights, None)?;
+        if let Some(g) = group {
+            if g.is_leader() {
+                let job = extract::plan(&model, &catalog, &samples, &opts)?;
+                extract::prepare(&ddir, &job, true)?;
             }
-            extract::init_dir(&ddir, &job)?;
-            g.barrier()?;
-        } else if let Some(g) = group {
             g.barrier()?;
         }
         let (recipe, w) = (&cfg.train_config, &base.weights);
@@ -202,7 +186,7 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
             collect: group.is_none(),
             progress: Some(&bar),
         };
-        let done = extract::extract(&x, load_model(cfg, &base.weights, None)?, &|_| {})?;
+        let done = extract::extract(&x, model, &|_| {})?;
         if let Some(g) = group {
             g.barrier()?;
             if !g.is_leader() {
@@ -440,7 +424,7 @@ fn secure_inference(
         let model = if model.device() == Device::Cpu {
             model
         } else {
-            cpu_model = load_model_on(cfg, weights, spec, Device::Cpu)?;
+            cpu_model = recipe_model(&cfg.train_config, weights, spec, Device::Cpu)?;
             &cpu_model
         };
         let n = cfg.secure.images.min(test.data.len());

@@ -101,15 +101,21 @@ pub struct Extracted {
     pub tables: Option<Result<super::DistortionTables>>,
 }
 
+/// Initialises `dir` for `job`; a directory holding another job is started over when
+/// `replace_stale`, else refused ([`init_dir`]).
+pub fn prepare(dir: &Path, job: &Job, replace_stale: bool) -> Result<()> {
+    if replace_stale && dir.join("job.json").exists() && init_dir(dir, job).is_err() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    init_dir(dir, job)
+}
+
 /// Plans the job on `model` (then dropped), initialises the directory, calls `started` with the
 /// job, runs this shard and collects the tables if asked.
 pub fn extract(x: &Extraction, model: Model, started: &dyn Fn(&Job)) -> Result<Extracted> {
     let job = plan(&model, x.catalog, x.samples, x.options)?;
     drop(model);
-    if x.replace_stale && x.dir.join("job.json").exists() && init_dir(x.dir, &job).is_err() {
-        std::fs::remove_dir_all(x.dir).map_err(|e| Error::io(x.dir, e))?;
-    }
-    init_dir(x.dir, &job)?;
+    prepare(x.dir, &job, x.replace_stale)?;
     started(&job);
     let t0 = Instant::now();
     let report = run(
