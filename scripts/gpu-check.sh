@@ -289,6 +289,17 @@ train_step() {
   e=$(python3 -c 'import json,sys;print(json.dumps({"pytorch_eager_images_per_s":json.loads(sys.argv[1])["images_per_s"]}))' "$eager")
   python3 "$helper" merge "$fig" "$e"
 }
+ddp_step() {
+  # The data-parallel path on one device (a world of one kept as a group: NCCL on the GPU, Gloo
+  # on the CPU): DDP's Reducer with bf16 gradient compression. It trains, at most one host
+  # synchronisation per optimizer step.
+  sed -e "s/^iterations = .*/iterations = $every/" "$w/r18.toml" >"$w/r18-ddp.toml"
+  export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 BRELU_DIST_SINGLE=1
+  export MASTER_PORT=$((20000 + RANDOM % 20000))
+  run "$bin/brelu" train --config "$w/r18-ddp.toml" --device "$dev" --grad-compress bf16 \
+    --output "$w/ddp" >&2
+  python3 "$helper" syncs "$w/ddp" "$every"
+}
 finetune() {
   run "$bin/brelu" spec uniform --model resnet18-cifar --patch 2x2 -o "$w/spec.json" >&2
   ft=(finetune --config "$w/r18-ft.toml" --weights "$w/train/checkpoint.safetensors" --spec "$w/spec.json")
@@ -306,5 +317,6 @@ step resnet50 $big resnet50
 step train $big train_step
 step deeplab 600 deeplab
 step finetune 300 finetune
+step ddp 300 ddp_step
 python3 "$helper" report "$out" "$mode" | tee "$out/table.md"
 exit $failed

@@ -6,6 +6,7 @@ guarantee and CI has no PyTorch).
     gpu_check.py images DIR                      synthetic ImageNet-style folders and ADE20K (PNG)
     gpu_check.py tables A B RTOL FLOOR           compare two distortion directories
     gpu_check.py losses RUN [REF RTOL] [--min-drop F]   a training run learned (and agrees with REF)
+    gpu_check.py syncs RUN STEPS                 host synchronisations per optimizer step <= 1
     gpu_check.py criterion LOG                   medians of a criterion run's output
     gpu_check.py speed DIR SECONDS [DEVICE]      evaluations/s and effective FLOP/s of an extraction
     gpu_check.py merge JSON...                   one JSON object from several
@@ -250,6 +251,20 @@ def losses(args):
     print(json.dumps(fig))
 
 
+def syncs(run, steps):
+    """The training loop's host synchronisations (metrics.jsonl's host_syncs) over its STEPS
+    optimizer steps: at most one per step."""
+    m = metrics(run)
+    n = sum(r.get("host_syncs", 0) for r in m)
+    fig = {"host_syncs": n, "steps": int(steps), "host_syncs_per_step": n / int(steps),
+           "losses": [r["train_loss"] for r in m]}
+    if not all(math.isfinite(v) for v in fig["losses"]):
+        fail(fig, "a loss is not finite")
+    if n > int(steps):
+        fail(fig, f"{n} host synchronisations in {steps} optimizer steps")
+    print(json.dumps(fig))
+
+
 def criterion(log):
     """Criterion prints `name\\n    time:   [low median high]` per benchmark."""
     text = open(log).read()
@@ -299,6 +314,8 @@ def main():
         tables(*rest)
     elif cmd == "losses":
         losses(rest)
+    elif cmd == "syncs":
+        syncs(*rest)
     elif cmd == "speed":
         speed(*rest)
     elif cmd == "merge":

@@ -5,6 +5,9 @@
 //!   NCCL), as nccl-tests reports it: time, algorithm and bus bandwidth.
 //! - `loader`: images per second of the training loader on a configuration's training split.
 //! - `overlap`: one epoch's wall time next to its decoding alone and its computation alone.
+//! - `ddp`: a data-parallel training step with DDP's Reducer (gradient all-reduce during the
+//!   backward pass) against the backward pass followed by the all-reduce: how much of the
+//!   all-reduce the backward pass hides.
 use crate::data::{BatchIter, LoaderOptions, Split};
 use crate::dist::{Group, Launch};
 use crate::train::{self, Config};
@@ -26,6 +29,10 @@ pub enum BenchCommand {
     /// One training epoch's wall time against the same epoch's decoding alone and its
     /// computation alone (on one cached batch): how well the loader overlaps.
     Overlap(LoaderArgs),
+    /// Under a launcher: a data-parallel forward + backward with DDP's Reducer (all-reduce
+    /// while the backward pass runs) against the same pass then the all-reduce of every
+    /// gradient, and the pass alone; rank 0 prints the medians and the fraction hidden.
+    Ddp(DdpArgs),
     /// Listing a class-folder split: a `stat` per file (brelu before the folder index) against
     /// one walk on the entry types `readdir` gives, and against reading the cached index.
     Listing(ListingArgs),
@@ -42,6 +49,26 @@ pub struct ListingArgs {
     /// Timed repetitions of each (medians are reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DdpArgs {
+    /// Training configuration naming the model, its input and classes (no data is read:
+    /// random images).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Images per rank per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed steps of each kind (after two warm-up ones; medians are reported).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Gradient bucket size in MiB.
+    #[arg(long, default_value_t = crate::dist::BUCKET_MB)]
+    pub bucket_mb: usize,
+    /// libtorch's threads per rank (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +106,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Loader(a) => loader(a),
         BenchCommand::Overlap(a) => overlap(a),
         BenchCommand::Listing(a) => listing(a),
+        BenchCommand::Ddp(a) => ddp(a),
     }
 }
 
@@ -231,6 +259,130 @@ fn allreduce(a: AllreduceArgs) -> Result<()> {
             min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
             algbw_gb_s: bytes / m / 1e9,
             busbw_gb_s: bytes / m / 1e9 * 2.0 * (n - 1.0) / n,
+        })?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct DdpReport {
+    model: String,
+    ranks: usize,
+    images_per_rank: usize,
+    gradient_floats: i64,
+    buckets_mb: usize,
+    /// Forward + backward, gradients kept local.
+    compute_s: f64,
+    /// Forward + backward, then every gradient all-reduced (flattened in buckets).
+    sequential_s: f64,
+    /// Forward + backward with the Reducer's all-reduce overlapped.
+    reducer_s: f64,
+    /// The all-reduce alone: sequential - compute.
+    allreduce_s: f64,
+    /// (sequential - reducer) / allreduce: 1.0 hides the whole all-reduce.
+    hidden_fraction: f64,
+    /// sequential / reducer.
+    speedup: f64,
+}
+
+fn ddp(a: DdpArgs) -> Result<()> {
+    let Some(l) = Launch::from_env()? else {
+        bail!("run under a launcher with at least 2 ranks (RANK, WORLD_SIZE, MASTER_ADDR set)");
+    };
+    if a.threads > 0 {
+        tch::set_num_threads(a.threads as i32);
+    }
+    let cfg = Config::load(&a.config).context("reading the training configuration")?;
+    let g = std::rc::Rc::new(Group::join(
+        &l,
+        tch::Device::Cpu,
+        crate::dist::Timeouts::from_env()?,
+    )?);
+    let model = train::build_model(&cfg, tch::Device::Cpu)?;
+    let mut params: Vec<(String, Tensor)> = model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    params.sort_by(|x, y| x.0.cmp(&y.0));
+    let params: Vec<Tensor> = params.into_iter().map(|(_, t)| t).collect();
+    let reducer = crate::dist::Ddp::new(
+        g.clone(),
+        &params,
+        a.bucket_mb << 20,
+        crate::dist::GradCompress::None,
+    )?;
+    let [c, h, w] = cfg.input.map(|d| d as i64);
+    tch::manual_seed(g.rank as i64);
+    let x = Tensor::randn([a.batch as i64, c, h, w], (Kind::Float, tch::Device::Cpu));
+    let y = Tensor::randint(
+        cfg.num_classes as i64,
+        [a.batch as i64],
+        (Kind::Int64, tch::Device::Cpu),
+    );
+    let zero = || {
+        for p in &params {
+            let mut gr = p.grad();
+            if gr.defined() {
+                let _ = gr.zero_();
+            }
+        }
+    };
+    let pass = || model.forward_t(&x, true).cross_entropy_for_logits(&y);
+    // The all-reduce brelu ran before the Reducer: after the backward pass, buckets of the
+    // flattened gradients, each summed and divided by the world size.
+    let after = || -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let bytes = params.iter().map(|p| p.numel() * 4);
+        for b in crate::dist::buckets(bytes, a.bucket_mb << 20) {
+            let grads: Vec<Tensor> = b.iter().map(|&i| params[i].grad().view([-1])).collect();
+            let flat = Tensor::cat(&grads, 0);
+            g.all_reduce_sum(&flat)?;
+            let mut off = 0;
+            for &i in &b {
+                let (p, k) = (&params[i], params[i].numel() as i64);
+                p.grad()
+                    .copy_(&(flat.narrow(0, off, k) / g.world as f64).view_as(&p.grad()));
+                off += k;
+            }
+        }
+        Ok(())
+    };
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    for it in 0..a.iters + 2 {
+        for (kind, t) in times.iter_mut().enumerate() {
+            zero();
+            g.barrier()?;
+            let t0 = Instant::now();
+            let loss = pass();
+            if kind == 2 {
+                reducer.arm()?;
+            }
+            loss.f_backward().context("backward pass")?;
+            if kind == 1 {
+                after()?;
+            }
+            if it >= 2 {
+                t.push(t0.elapsed().as_secs_f64());
+            }
+        }
+    }
+    if g.is_leader() {
+        let [compute_s, sequential_s, reducer_s] = times.map(median);
+        let allreduce_s = (sequential_s - compute_s).max(1e-12);
+        super::print_json(&DdpReport {
+            model: cfg.model.clone(),
+            ranks: g.world,
+            images_per_rank: a.batch,
+            gradient_floats: params.iter().map(|p| p.numel() as i64).sum(),
+            buckets_mb: a.bucket_mb,
+            compute_s,
+            sequential_s,
+            reducer_s,
+            allreduce_s,
+            hidden_fraction: (sequential_s - reducer_s) / allreduce_s,
+            speedup: sequential_s / reducer_s,
         })?;
     }
     Ok(())

@@ -48,8 +48,9 @@ pub struct TrainArgs {
     /// starting weights, i.e. the original network).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// Threads decoding and augmenting images of class-folder and segmentation sets (0: one
-    /// per core). The batches do not depend on it.
+    /// Threads decoding and augmenting images of class-folder and segmentation sets (0: the
+    /// cores divided by the ranks on this node, LOCAL_WORLD_SIZE). The batches do not depend
+    /// on it.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
     /// Forward-pass arithmetic: fp32, or bf16 autocast (CPU or CUDA; weights stay f32).
@@ -62,6 +63,14 @@ pub struct TrainArgs {
     /// torch.nn.SyncBatchNorm; the published segmentation recipes use it).
     #[arg(long)]
     pub sync_bn: bool,
+    /// Data-parallel runs: gradient bucket size in MiB (DDP's bucket_cap_mb). Each full bucket
+    /// is all-reduced while the backward pass goes on.
+    #[arg(long, default_value_t = crate::dist::BUCKET_MB, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub bucket_mb: usize,
+    /// Data-parallel runs: all-reduce the gradients in fp16 or bf16 (DDP's compression hook;
+    /// halves the bytes, rounds the gradients).
+    #[arg(long, value_enum, default_value_t = crate::dist::GradCompress::None)]
+    pub grad_compress: crate::dist::GradCompress,
     /// A training image that cannot be decoded (truncated, corrupt): `error` stops naming the
     /// file; `substitute` replaces it with the next decodable image of this rank's epoch
     /// order, warns, and counts it in the log and metrics.jsonl (`substituted_images`).
@@ -219,6 +228,10 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
         precision: a.precision,
         channels_last: a.channels_last,
         sync_bn: a.sync_bn,
+        ddp: train::DdpOptions {
+            bucket_mb: a.bucket_mb,
+            compress: a.grad_compress,
+        },
     };
     let metrics = train::train(&cfg, &mut model, &opts)
         .with_context(|| format!("training {} into {}", cfg.model, run_dir.display()))?;

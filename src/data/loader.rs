@@ -1,10 +1,12 @@
 //! A loader that keeps the device fed: the batches of a [`BatchIter`] over a class-folder or
 //! segmentation set are decoded and augmented on a pool of worker threads, ahead of the
 //! training step, into a bounded queue of ready batches (pinned host memory for a CUDA device,
-//! copied asynchronously). The random numbers of every batch are drawn in order on the calling
-//! thread before any decoding, and each image is decoded from its own seed, so the batches are
-//! the same whatever the number of workers. In-memory sets (MNIST, CIFAR) need no decoding and
-//! are iterated in place.
+//! copied asynchronously). Up to `prefetch` batches are decoded at once, their images spread
+//! over all workers in any order and each batch handed on in order once whole, so small
+//! batches (16 images on a rank) still keep every worker busy. The random numbers of every
+//! batch are drawn in order on the calling thread before any decoding, and each image is
+//! decoded from its own seed, so the batches are the same whatever the number of workers.
+//! In-memory sets (MNIST, CIFAR) need no decoding and are iterated in place.
 use super::batch::{BatchIter, Job};
 use super::image_file::Substitutes;
 use super::Normalize;
@@ -17,9 +19,9 @@ use tch::{Device, Tensor};
 /// How many threads decode and how many ready batches may wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoaderOptions {
-    /// Decoding threads (0: one per core, as rayon counts them).
+    /// Decoding threads (0: [`default_workers`]).
     pub workers: usize,
-    /// Ready batches kept ahead of the training step (at least 1).
+    /// Batches decoded at once, and ready batches kept ahead of the training step (at least 1).
     pub prefetch: usize,
     /// Images that cannot be decoded: an error, or substituted and counted in
     /// [`super::Dataset::substituted`].
@@ -37,6 +39,17 @@ impl Default for LoaderOptions {
 }
 
 type Batch = Result<(Tensor, Tensor)>;
+
+/// Decoding threads when none are asked for: the cores (as rayon counts them) shared by the
+/// ranks on this node (LOCAL_WORLD_SIZE, set by torchrun; Slurm: SLURM_NTASKS_PER_NODE).
+pub fn default_workers() -> usize {
+    let local = ["LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
+    (rayon::current_num_threads() / local).max(1)
+}
 
 /// The batches of a [`BatchIter`], produced ahead by a background thread (see the module).
 pub enum Prefetched<'a> {
@@ -66,29 +79,55 @@ impl<'a> BatchIter<'a> {
             count: data.substituted.clone(),
         });
         let jobs: Vec<Job> = std::iter::from_fn(|| self.next_job()).collect::<Result<_>>()?;
+        let workers = match o.workers {
+            0 => default_workers(),
+            n => n,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(o.workers)
+            .num_threads(workers)
             .thread_name(|i| format!("brelu-loader-{i}"))
             .build()
             .map_err(|e| Error::InvalidArgument(format!("cannot start the loader threads: {e}")))?;
-        let (tx, rx) = sync_channel::<Batch>(o.prefetch.max(1));
+        let window = o.prefetch.max(1);
+        let (tx, rx) = sync_channel::<Batch>(window);
         let on_cpu = device == Device::Cpu;
         let cpu_norm = on_cpu.then(|| norm.clone());
         let thread = std::thread::Builder::new()
             .name("brelu-loader".into())
             .spawn(move || {
-                for job in jobs {
-                    // Decoding and the CPU's normalisation both run on the pool's threads.
-                    let b = pool.install(|| {
-                        let b = job.decode(folder.as_deref(), seg.as_deref(), subs.as_ref());
-                        b.map(|(x, y)| match &cpu_norm {
-                            Some(n) => (n.apply(&x), y),
-                            None => (x.pin_memory(device), y.pin_memory(device)),
-                        })
-                    });
-                    // The receiver is gone when the consumer stopped early: stop too.
-                    if tx.send(b).is_err() {
+                let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Batch)>();
+                let mut jobs = jobs.into_iter().enumerate();
+                // Batches decoding or decoded but not yet handed on, by position.
+                let mut ready = std::collections::BTreeMap::new();
+                let (mut next, mut started) = (0, 0);
+                loop {
+                    while started < next + window {
+                        let Some((i, job)) = jobs.next() else { break };
+                        let (folder, seg, subs) = (folder.clone(), seg.clone(), subs.clone());
+                        let (cpu_norm, done_tx) = (cpu_norm.clone(), done_tx.clone());
+                        // Decoding and the CPU's normalisation both run on the pool's threads.
+                        pool.spawn(move || {
+                            let b = job.decode(folder.as_deref(), seg.as_deref(), subs.as_ref());
+                            let b = b.map(|(x, y)| match &cpu_norm {
+                                Some(n) => (n.apply(&x), y),
+                                None => (x.pin_memory(device), y.pin_memory(device)),
+                            });
+                            // The loader stopped early: nobody waits for this batch.
+                            let _ = done_tx.send((i, b));
+                        });
+                        started += 1;
+                    }
+                    if next == started {
                         return;
+                    }
+                    let Ok((i, b)) = done_rx.recv() else { return };
+                    ready.insert(i, b);
+                    while let Some(b) = ready.remove(&next) {
+                        // The receiver is gone when the consumer stopped early: stop too.
+                        if tx.send(b).is_err() {
+                            return;
+                        }
+                        next += 1;
                     }
                 }
             })

@@ -43,6 +43,17 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn brelu_pg_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn brelu_ddp_new(
+        g: *mut c_void,
+        params: *const *mut c_void,
+        n: usize,
+        bucket_bytes: c_long,
+        compress: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut c_void;
+    fn brelu_ddp_free(d: *mut c_void);
+    fn brelu_ddp_prepare(d: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn brelu_sync_batch_norm(
         g: *mut c_void,
         x: *mut c_void,
@@ -176,6 +187,60 @@ impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: `self.0` came from `brelu_pg_new` and is freed exactly once, here.
         unsafe { brelu_pg_free(self.0) }
+    }
+}
+
+/// An owned c10d::Reducer (the shim's `Ddp`), freed on drop.
+pub(super) struct DdpHandle(*mut c_void);
+
+impl DdpHandle {
+    pub(super) fn new(
+        g: &Handle,
+        params: &[Tensor],
+        bucket_bytes: usize,
+        compress: super::GradCompress,
+    ) -> Result<DdpHandle, String> {
+        let ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let compress = match compress {
+            super::GradCompress::None => 0,
+            super::GradCompress::Fp16 => 1,
+            super::GradCompress::Bf16 => 2,
+        };
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: `g.0` is a live group; `ptrs` holds `params.len()` valid `at::Tensor*` for
+        // the call (the Reducer copies the handles, sharing the parameters' storage); `err`
+        // holds ERR_LEN bytes; the shim returns null on error.
+        let d = unsafe {
+            brelu_ddp_new(
+                g.0,
+                ptrs.as_ptr(),
+                ptrs.len(),
+                bucket_bytes.min(c_long::MAX as usize) as c_long,
+                compress,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            )
+        };
+        if d.is_null() {
+            return Err(format!("DDP reducer: {}", message(&err)));
+        }
+        Ok(DdpHandle(d))
+    }
+
+    pub(super) fn arm(&self) -> Result<(), String> {
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: `self.0` is a live Reducer; `err` holds ERR_LEN bytes.
+        if unsafe { brelu_ddp_prepare(self.0, err.as_mut_ptr().cast(), ERR_LEN) } != 0 {
+            return Err(format!("DDP reducer: {}", message(&err)));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DdpHandle {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `brelu_ddp_new` and is freed exactly once, here.
+        unsafe { brelu_ddp_free(self.0) }
     }
 }
 

@@ -11,9 +11,8 @@
 //!   [`Timeouts::init`] and names a port in use or a master it cannot reach.
 //! - [`Fingerprint`] and [`Group::agree`]: what the ranks must start with alike, checked before
 //!   the first collective of a run.
-//! - [`GradReducer`] averages gradients over the ranks in ~25 MB buckets after the backward
-//!   pass, as DDP's buckets do (DDP overlaps them with the backward pass through autograd
-//!   hooks; here they run after it).
+//! - [`Ddp`] averages gradients over the ranks with PyTorch's own DDP Reducer: 25 MB buckets
+//!   all-reduced while the backward pass still runs, optionally compressed to fp16 or bf16.
 //! - [`shard`] splits an epoch's order as PyTorch's `DistributedSampler` does (padding by
 //!   repeating from the start, no drop-last, rank r takes positions r, r + W, ...).
 mod ffi;
@@ -126,7 +125,7 @@ impl Launch {
     }
 
     /// From any variable source (tests pass a map). torchrun's variables win over Slurm's; a
-    /// world of one is a single process.
+    /// world of one is a single process (unless BRELU_DIST_SINGLE=1).
     pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
         let port = match get("MASTER_PORT") {
             None => DEFAULT_PORT,
@@ -149,7 +148,10 @@ impl Launch {
         } else {
             return Ok(None);
         };
-        if world <= 1 {
+        // BRELU_DIST_SINGLE=1 keeps a world of one a process group (the data-parallel path,
+        // Reducer and all, checked on one device).
+        let single = get("BRELU_DIST_SINGLE").is_some_and(|v| v.trim() == "1");
+        if world == 0 || (world == 1 && !single) {
             return Ok(None);
         }
         if rank >= world {
@@ -372,7 +374,7 @@ impl Group {
             let sizes = idx
                 .iter()
                 .map(|&i| vars[i].numel() * kind.elt_size_in_bytes());
-            for b in buckets(sizes) {
+            for b in buckets(sizes, BUCKET_MB << 20) {
                 let parts: Vec<Tensor> = b.iter().map(|&j| vars[idx[j]].reshape([-1])).collect();
                 let flat = Tensor::cat(&parts, 0);
                 self.broadcast(&flat, 0)?;
@@ -451,16 +453,16 @@ pub fn sync_batch_norm_group() -> Option<std::rc::Rc<Group>> {
     SYNC_BN.with(|s| s.borrow().clone())
 }
 
-/// Bucket capacity in bytes (DDP's default `bucket_cap_mb` is 25).
-pub const BUCKET_BYTES: usize = 25 << 20;
+/// Bucket capacity in MiB (DDP's default `bucket_cap_mb`).
+pub const BUCKET_MB: usize = 25;
 
-/// Consecutive index ranges whose byte sizes add up to at most [`BUCKET_BYTES`] (a larger
-/// tensor gets a bucket of its own).
-pub fn buckets(bytes: impl Iterator<Item = usize>) -> Vec<Vec<usize>> {
+/// Consecutive index ranges whose byte sizes add up to at most `cap` bytes (a larger tensor
+/// gets a bucket of its own).
+pub fn buckets(bytes: impl Iterator<Item = usize>, cap: usize) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut fill = 0;
     for (i, b) in bytes.enumerate() {
-        if out.is_empty() || fill + b > BUCKET_BYTES {
+        if out.is_empty() || fill + b > cap {
             out.push(Vec::new());
             fill = 0;
         }
@@ -470,54 +472,49 @@ pub fn buckets(bytes: impl Iterator<Item = usize>) -> Vec<Vec<usize>> {
     out
 }
 
-/// Averages the gradients of a fixed list of parameters over the ranks, bucket by bucket: each
-/// bucket is flattened into one tensor, summed with one all-reduce and divided by the world.
-pub struct GradReducer {
-    buckets: Vec<Vec<usize>>,
+/// What travels in a gradient all-reduce (DDP's communication hooks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum GradCompress {
+    /// f32 gradients, summed and divided by the world size.
+    #[default]
+    None,
+    /// Each bucket cast to fp16 (divided by the world size first), reduced, cast back.
+    Fp16,
+    /// As fp16, in bfloat16 (f32's range, fewer mantissa bits).
+    Bf16,
 }
 
-impl GradReducer {
-    pub fn new(params: &[Tensor]) -> GradReducer {
-        GradReducer {
-            buckets: buckets(
-                params
-                    .iter()
-                    .map(|p| p.numel() * p.kind().elt_size_in_bytes()),
-            ),
-        }
+/// DDP's gradient averaging: PyTorch's own `c10d::Reducer` over a fixed list of parameters.
+/// Autograd hooks hand each parameter's gradient to a bucket as the backward pass produces it,
+/// and a full bucket's all-reduce starts at once, so communication overlaps the rest of the
+/// backward pass. After an armed backward pass ([`Ddp::arm`]) every gradient is the mean over
+/// the ranks; a pass not armed accumulates locally (DDP's `no_sync`). Every parameter must get
+/// a gradient in an armed pass.
+pub struct Ddp {
+    handle: ffi::DdpHandle,
+    /// The Reducer reaches the process group through its own reference; this one keeps the
+    /// group (and its error context) with it.
+    group: std::rc::Rc<Group>,
+}
+
+impl Ddp {
+    /// The Reducer over `params` (the same list, in the same order, on every rank) with
+    /// buckets of `bucket_bytes` (the first at most 1 MiB, as DDP).
+    pub fn new(
+        group: std::rc::Rc<Group>,
+        params: &[Tensor],
+        bucket_bytes: usize,
+        compress: GradCompress,
+    ) -> Result<Ddp> {
+        let handle = ffi::DdpHandle::new(&group.handle, params, bucket_bytes, compress)
+            .map_err(|e| group.context(e))?;
+        Ok(Ddp { handle, group })
     }
 
-    /// Replaces every parameter's gradient by its mean over the ranks. A parameter without a
-    /// gradient contributes zeros (every rank runs the same graph, so the sets agree) and
-    /// keeps none.
-    pub fn reduce(&self, group: &Group, params: &[Tensor]) -> Result<()> {
-        let _g = tch::no_grad_guard();
-        let scale = 1.0 / group.world as f64;
-        for b in &self.buckets {
-            let grads: Vec<Tensor> = b
-                .iter()
-                .map(|&i| {
-                    let g = params[i].grad();
-                    if g.defined() {
-                        g.reshape([-1])
-                    } else {
-                        params[i].zeros_like().reshape([-1])
-                    }
-                })
-                .collect();
-            let flat = Tensor::cat(&grads, 0);
-            group.all_reduce_sum(&flat)?;
-            let mut off = 0;
-            for &i in b {
-                let n = params[i].numel() as i64;
-                let mut g = params[i].grad();
-                if g.defined() {
-                    g.copy_(&(flat.narrow(0, off, n) * scale).view_as(&g));
-                }
-                off += n;
-            }
-        }
-        Ok(())
+    /// Makes the next backward pass all-reduce the gradients (call it after the forward pass of
+    /// the last micro-batch of an optimizer step, on every rank).
+    pub fn arm(&self) -> Result<()> {
+        self.handle.arm().map_err(|e| self.group.context(e))
     }
 }
 

@@ -5,6 +5,9 @@
 //
 // Tensors arrive as `at::Tensor*`, which is what tch's `C_tensor` handles are.
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -31,6 +34,8 @@ namespace {
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  // The same backend behind c10d's dispatching front, which the Reducer talks to.
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
 };
 
 void set_error(char* err, size_t len, const std::string& msg) {
@@ -91,37 +96,42 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
     auto* g = reinterpret_cast<Group*>(group);
     const int64_t c = x.size(1);
     const std::vector<int64_t> dims{0, 2, 3};
-    auto xd = x.to(at::kDouble);
-    auto stats = at::cat({xd.sum(dims), (xd * xd).sum(dims),
-                          at::full({1}, static_cast<double>(x.numel() / c), xd.options())});
+    // Each rank's per-channel mean and variance (Welford, in x's precision), combined over the
+    // ranks in f64 as count-weighted sums: only 2C + 1 numbers travel and are widened. The
+    // count stays a tensor, so nothing waits for the device. (libtorch 2.11 has no CPU kernels
+    // for batch_norm_stats / batch_norm_gather_stats_with_counts, which torch.nn.SyncBatchNorm
+    // uses on CUDA; this one path serves both devices.)
+    const double n_local = static_cast<double>(x.numel() / c);
+    auto [var_l, mean_l] = at::var_mean(x, dims, /*correction=*/0, /*keepdim=*/false);
+    auto mean_d = mean_l.to(at::kDouble);
+    auto stats = at::cat({mean_d * n_local, (var_l.to(at::kDouble) + mean_d * mean_d) * n_local,
+                          at::full({1}, n_local, mean_d.options())});
     allreduce_sum(g, stats);
-    auto count = stats[2 * c];
+    auto count = stats.narrow(0, 2 * c, 1);
     auto mean = stats.narrow(0, 0, c) / count;
     auto var = (stats.narrow(0, c, c) / count - mean * mean).clamp_min(0.0);
     {
       at::NoGradGuard no_grad;
-      double n = count.item<double>();
+      auto unbias = count / (count - 1.0).clamp_min(1.0);
       running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
       running_var.mul_(1.0 - momentum)
-          .add_((var * (n / std::max(n - 1.0, 1.0))).to(running_var.scalar_type()), momentum);
+          .add_((var * unbias).to(running_var.scalar_type()), momentum);
     }
     auto invstd = (var + eps).rsqrt();
     auto shape = std::vector<int64_t>{1, c, 1, 1};
     auto m = mean.to(x.scalar_type()).view(shape);
     auto is = invstd.to(x.scalar_type()).view(shape);
     auto xhat = (x - m) * is;
-    ctx->save_for_backward({xhat, is, weight});
+    ctx->save_for_backward({xhat, is, weight, count});
     ctx->saved_data["group"] = group;
-    ctx->saved_data["count"] = count.item<double>();
     return xhat * weight.view(shape) + bias.view(shape);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto xhat = saved[0], is = saved[1], weight = saved[2];
+    auto xhat = saved[0], is = saved[1], weight = saved[2], count = saved[3];
     auto* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
-    double count = ctx->saved_data["count"].toDouble();
     auto dy = grads[0];
     const int64_t c = xhat.size(1);
     const std::vector<int64_t> dims{0, 2, 3};
@@ -137,6 +147,37 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
     return {dx, sum_dy_xhat, sum_dy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
+};
+
+// DDP's gradient compression as a communication hook: each bucket is cast to `dtype` (fp16 or
+// bf16), divided by the world size first (so the sum cannot overflow), all-reduced, and cast
+// back into the bucket, which the Reducer then copies to the gradients.
+class CompressHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d::ProcessGroup>> {
+ public:
+  CompressHook(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, at::ScalarType dtype)
+      : c10d::CppCommHookInterface<c10::intrusive_ptr<c10d::ProcessGroup>>(pg), dtype_(dtype) {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override {
+    auto narrow = bucket.getBufferRef().to(dtype_);
+    narrow.div_(state_->getSize());
+    std::vector<at::Tensor> v{narrow};
+    auto fut = state_->allreduce(v)->getFuture();
+    auto wide = bucket.getBufferRef();
+    return fut->then(
+        [wide](c10::ivalue::Future& done) {
+          wide.copy_(done.value().toTensorVector().at(0));
+          return c10::IValue(wide);
+        },
+        fut->elementType());
+  }
+
+ private:
+  at::ScalarType dtype_;
+};
+
+// torch.nn.parallel.DistributedDataParallel's gradient engine for one model replica.
+struct Ddp {
+  std::unique_ptr<c10d::Reducer> reducer;
 };
 
 }  // namespace
@@ -167,11 +208,15 @@ void* brelu_pg_new(const char* addr, int port, int rank, int world, long init_ti
         c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto group = std::make_unique<Group>();
     group->store = store;
+    group->pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
     if (nccl != 0) {
 #ifdef BRELU_NCCL
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
       group->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+      group->pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL,
+                            group->backend);
+      group->pg->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
 #else
       throw std::runtime_error("this build has no NCCL: rebuild brelu with --features cuda");
 #endif
@@ -179,6 +224,9 @@ void* brelu_pg_new(const char* addr, int port, int rank, int world, long init_ti
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
       opts->devices = gloo_devices();
       group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+      group->pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO,
+                            group->backend);
+      group->pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
     }
     g = group.release();
   });
@@ -243,6 +291,57 @@ at::Tensor* brelu_sync_batch_norm(void* g, at::Tensor* x, at::Tensor* weight, at
 
 int brelu_pg_barrier(void* g, char* err, size_t len) {
   return guarded(err, len, [&] { static_cast<Group*>(g)->backend->barrier()->wait(); });
+}
+
+// A c10d::Reducer over `n` parameters (in the order given, the same on every rank), as DDP
+// builds it: buckets of at most bucket_bytes (the first of at most 1 MiB, so the first
+// all-reduce starts early), every parameter expected to get a gradient, gradients kept as views into the
+// buckets. compress: 0 none (sum, then divide by the world size), 1 fp16, 2 bf16. Returns the
+// handle (freed by brelu_ddp_free) or null with the error.
+void* brelu_ddp_new(void* g, at::Tensor** params, size_t n, long bucket_bytes, int compress,
+                    char* err, size_t len) {
+  Ddp* out = nullptr;
+  guarded(err, len, [&] {
+    auto* group = static_cast<Group*>(g);
+    std::vector<at::Tensor> ps;
+    std::unordered_map<size_t, std::string> names;
+    for (size_t i = 0; i < n; ++i) ps.push_back(*params[i]);
+    const long first = std::min<long>(c10d::kDefaultFirstBucketBytes, bucket_bytes);
+    std::vector<size_t> caps{static_cast<size_t>(first), static_cast<size_t>(bucket_bytes)};
+    // Reverse order, as DDP: gradients arrive roughly last layer first.
+    std::vector<at::Tensor> rev(ps.rbegin(), ps.rend());
+    std::vector<int64_t> idx;
+    for (size_t i = 0; i < n; ++i) idx.push_back(static_cast<int64_t>(n - 1 - i));
+    auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(rev, caps, {}, idx);
+    std::vector<int64_t> cap_list(limits.begin(), limits.end());
+    auto d = std::make_unique<Ddp>();
+    d->reducer = std::make_unique<c10d::Reducer>(
+        ps, buckets, group->pg, std::vector<bool>(n, false), bucket_bytes,
+        /*find_unused_parameters=*/false, /*gradient_as_bucket_view=*/true, names,
+        first, /*skip_all_reduce_unused_params=*/false,
+        /*use_python_reducer=*/false, cap_list);
+    if (compress != 0) {
+      auto dtype = compress == 1 ? at::kHalf : at::kBFloat16;
+      d->reducer->register_comm_hook(std::make_unique<CompressHook>(group->pg, dtype));
+    }
+    out = d.release();
+  });
+  return out;
+}
+
+void brelu_ddp_free(void* d) { delete static_cast<Ddp*>(d); }
+
+// Arms the Reducer for the next backward pass: its gradients are all-reduced bucket by bucket
+// while the pass runs, and averaged when it ends. A backward pass not armed accumulates locally
+// (DDP's no_sync). The first call after an armed pass re-buckets in gradient order (a
+// broadcast: every rank calls it at the same point).
+int brelu_ddp_prepare(void* d, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto& r = *static_cast<Ddp*>(d)->reducer;
+    r.rebuild_buckets();
+    r.prepare_for_forward();
+    r.prepare_for_backward({});
+  });
 }
 
 }  // extern "C"

@@ -28,6 +28,7 @@
 pub mod config;
 pub mod precision;
 mod run;
+pub use run::host_syncs;
 pub mod schedule;
 pub mod segment;
 pub mod sgd;
@@ -192,6 +193,10 @@ pub struct EpochMetrics {
     /// substitute`), over all ranks.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub substituted_images: u64,
+    /// Times the training loop on rank 0 waited for the device to read values back since the
+    /// previous line (one per optimizer step: [`host_syncs`]).
+    #[serde(default)]
+    pub host_syncs: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -248,6 +253,25 @@ pub struct TrainOptions {
     /// Data-parallel runs: batch norms use the statistics of all ranks' batches together
     /// (`torch.nn.SyncBatchNorm`), so training equals one process on the whole batch.
     pub sync_bn: bool,
+    /// Data-parallel runs: how the gradients are averaged.
+    pub ddp: DdpOptions,
+}
+
+/// Gradient averaging in a data-parallel run ([`crate::dist::Ddp`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DdpOptions {
+    /// Bucket size in MiB.
+    pub bucket_mb: usize,
+    pub compress: crate::dist::GradCompress,
+}
+
+impl Default for DdpOptions {
+    fn default() -> DdpOptions {
+        DdpOptions {
+            bucket_mb: crate::dist::BUCKET_MB,
+            compress: Default::default(),
+        }
+    }
 }
 
 impl TrainOptions {
@@ -266,6 +290,7 @@ impl TrainOptions {
             precision: Default::default(),
             channels_last: false,
             sync_bn: false,
+            ddp: Default::default(),
         }
     }
 }
@@ -387,6 +412,7 @@ fn fingerprint(
     f.add("training set length", train_set.len().to_string());
     f.add("test set length", test_set.len().to_string());
     f.add("synchronised batch norm", opts.sync_bn.to_string());
+    f.add("gradient all-reduce", format!("{:?}", opts.ddp));
     Ok(f)
 }
 
@@ -502,7 +528,7 @@ pub fn train_on(
         let mut vars: Vec<(String, Tensor)> = vars().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         g.broadcast_vars(&vars.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
-        opt.set_group(g.clone());
+        opt.set_group(g.clone(), opts.ddp.bucket_mb, opts.ddp.compress)?;
     }
     let teacher = match (&cfg.distill, &opts.teacher) {
         (Some(_), Some(w)) => {
@@ -536,6 +562,7 @@ pub fn train_on(
         leader,
         micro_batch: micro,
         substituted_mark: 0,
+        syncs_mark: host_syncs(),
     };
     match cfg.iterations {
         None => run.by_epochs(start)?,

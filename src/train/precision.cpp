@@ -1,14 +1,32 @@
-// Mixed precision and memory format for training, from libtorch's own machinery: autocast
-// (bf16) on the CPU or CUDA, and channels-last tensors. tch exposes autocast only for CUDA and
-// in fp16, hence these few lines, compiled with the c10d shim by build.rs.
+// Training machinery of libtorch's that tch does not expose: autocast (bf16) on the CPU or CUDA,
+// channels-last tensors, and the fused SGD update (tch 0.24 wraps no ops over tensor lists).
+// Compiled with the c10d shim by build.rs.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 at::DeviceType device_type(int cuda) { return cuda != 0 ? at::kCUDA : at::kCPU; }
+
+int report(const std::exception& e, char* err, size_t len) {
+  std::string m = e.what();
+  if (err != nullptr && len > 0) {
+    size_t n = std::min(len - 1, m.size());
+    std::memcpy(err, m.data(), n);
+    err[n] = '\0';
+  }
+  return 1;
+}
+
+std::vector<at::Tensor> list(at::Tensor** ts, size_t n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
 }  // namespace
 
 extern "C" {
@@ -39,13 +57,24 @@ int brelu_channels_last(at::Tensor* t, char* err, size_t len) {
     if (t->defined() && t->dim() == 4) t->set_data(t->contiguous(at::MemoryFormat::ChannelsLast));
     return 0;
   } catch (const std::exception& e) {
-    std::string m = e.what();
-    if (len > 0) {
-      size_t n = std::min(len - 1, m.size());
-      std::memcpy(err, m.data(), n);
-      err[n] = '\0';
-    }
-    return 1;
+    return report(e, err, len);
+  }
+}
+
+// One SGD step over n parameters in one multi-tensor kernel (torch.optim.SGD(fused=True)):
+// d = g + wd p; b = momentum b + d (b = d when first != 0); p -= lr b. With momentum 0, bufs is
+// ignored and p -= lr d.
+int brelu_fused_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs, size_t n,
+                    double weight_decay, double momentum, double lr, int first, char* err,
+                    size_t len) {
+  try {
+    at::NoGradGuard no_grad;
+    auto b = momentum != 0.0 ? list(bufs, n) : std::vector<at::Tensor>{};
+    at::_fused_sgd_(list(params, n), list(grads, n), b, weight_decay, momentum, lr,
+                    /*dampening=*/0.0, /*nesterov=*/false, /*maximize=*/false, first != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, len);
   }
 }
 

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// Running sums of the training loss and accuracy since the last metrics line.
+/// Running sums of the training loss and accuracy since the last metrics line, as last read
+/// from the device ([`Run::read_sums`]).
 #[derive(Default, Clone, Copy)]
 struct Window {
     loss: f64,
@@ -38,6 +39,33 @@ struct Window {
     batches: usize,
     /// Images replaced under `--bad-images substitute`.
     substituted: u64,
+}
+
+/// The window's loss, correct and counted sums [3] (f64) where the model runs: micro-batches
+/// add to them without waiting for the device, and the host reads them once per optimizer step.
+struct DeviceSums(Tensor);
+
+impl DeviceSums {
+    fn new(device: Device) -> DeviceSums {
+        DeviceSums(Tensor::zeros([3], (Kind::Double, device)))
+    }
+}
+
+thread_local! {
+    static HOST_SYNCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times the training loop on this thread has waited for the device to read a value
+/// back (a debug counter: one per optimizer step, plus the checkpoints' metrics).
+pub fn host_syncs() -> u64 {
+    HOST_SYNCS.with(|c| c.get())
+}
+
+/// `t` on the host as f64s: every read of the training loop goes through here, and is counted.
+fn read_host(t: &Tensor) -> Vec<f64> {
+    HOST_SYNCS.with(|c| c.set(c.get() + 1));
+    Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double).view([-1]))
+        .expect("f64 vector")
 }
 
 /// The state of one [`train_on`](super::train_on) call.
@@ -59,6 +87,8 @@ pub(super) struct Run<'a> {
     pub micro_batch: usize,
     /// This rank's substitution count at the last checkpoint.
     pub substituted_mark: u64,
+    /// [`host_syncs`] at the last checkpoint.
+    pub syncs_mark: u64,
 }
 
 impl<'a> Run<'a> {
@@ -109,7 +139,7 @@ impl<'a> Run<'a> {
         ])
         .to_device(self.model.device());
         g.all_reduce_sum(&t)?;
-        let v = Vec::<f64>::try_from(t.to_device(Device::Cpu)).expect("f64 vector");
+        let v = read_host(&t);
         Ok(Window {
             loss: v[0],
             correct: v[1] as i64,
@@ -121,14 +151,15 @@ impl<'a> Run<'a> {
     }
 
     /// The forward and backward pass of one micro-batch, its loss weighted by `scale`, adding
-    /// to the gradients of the step under way.
+    /// to the gradients of the step under way (`last`: the step's last micro-batch, whose
+    /// backward pass averages the gradients over the ranks) and to the window's sums.
     fn micro(
         &mut self,
         x: &Tensor,
         y: &Tensor,
         scale: f64,
-        w: &mut Window,
-        when: &str,
+        last: bool,
+        (w, sums): (&mut Window, &DeviceSums),
     ) -> Result<()> {
         if self.opts.channels_last {
             precision::channels_last(x)?;
@@ -152,7 +183,8 @@ impl<'a> Run<'a> {
             (ce, hit, valid)
         } else {
             let ce = logits.cross_entropy_for_logits(y);
-            (ce, logits.argmax(1, false).eq_tensor(y), y.size()[0])
+            let n = Tensor::from(y.size()[0]).to_device(y.device());
+            (ce, logits.argmax(1, false).eq_tensor(y), n)
         };
         let loss = match (&self.teacher, &self.cfg.distill) {
             (Some(t), Some(d)) => {
@@ -163,27 +195,44 @@ impl<'a> Run<'a> {
         };
         drop(autocast);
         if scale == 1.0 {
-            self.opt.backward(&loss)?;
+            self.opt.backward(&loss, last)?;
         } else {
-            self.opt.backward(&(&loss * scale))?;
-        }
-        let l = loss.double_value(&[]);
-        if !l.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "training diverged at {when} (loss {l}); lower optimizer.lr"
-            )));
+            self.opt.backward(&(&loss * scale), last)?;
         }
         let b = x.size()[0] as usize;
-        w.loss += l * b as f64;
-        w.correct += pred.sum(Kind::Int64).int64_value(&[]);
-        w.counted += counted;
+        tch::no_grad(|| {
+            let add = Tensor::stack(
+                &[
+                    loss.detach().to_kind(Kind::Double) * b as f64,
+                    pred.sum(Kind::Double),
+                    counted.to_kind(Kind::Double),
+                ],
+                0,
+            );
+            let mut t = sums.0.shallow_clone();
+            t += add;
+        });
         w.images += b;
         w.batches += 1;
         Ok(())
     }
 
-    /// The optimizer step at rate `lr` on the gradients accumulated since the last one (a
-    /// data-parallel run averages them over the ranks here, once per step).
+    /// Reads the window's sums back (the one host synchronisation of an optimizer step) and
+    /// stops a run whose loss is no longer finite.
+    fn read_sums(&self, w: &mut Window, sums: &DeviceSums, when: &str) -> Result<()> {
+        let v = read_host(&sums.0);
+        if !v[0].is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "training diverged by {when} (loss {}); lower optimizer.lr",
+                v[0]
+            )));
+        }
+        (w.loss, w.correct, w.counted) = (v[0], v[1] as i64, v[2] as i64);
+        Ok(())
+    }
+
+    /// The optimizer step at rate `lr` on the gradients accumulated (and, in a data-parallel
+    /// run, averaged) since the last one.
     fn update(&mut self, lr: f64) -> Result<()> {
         self.opt.lr = lr;
         self.opt.step()
@@ -203,7 +252,9 @@ impl<'a> Run<'a> {
         let mut w = *w;
         let now = self.substituted();
         (w.substituted, self.substituted_mark) = (now - self.substituted_mark, now);
+        let syncs = host_syncs() - self.syncs_mark;
         let w = &self.gather_window(&w)?;
+        self.syncs_mark = host_syncs();
         // Every rank evaluates its share of the test split; rank 0 writes.
         let eval_bs = self.cfg.eval_batch_size.unwrap_or(self.cfg.batch_size);
         let group = self.opts.group.as_deref();
@@ -221,6 +272,7 @@ impl<'a> Run<'a> {
             seconds: t0.elapsed().as_secs_f64(),
             images_per_s: w.images as f64 / train_secs.max(1e-9),
             substituted_images: w.substituted,
+            host_syncs: syncs,
         };
         if w.substituted > 0 {
             eprintln!(
@@ -272,11 +324,12 @@ impl<'a> Run<'a> {
                 format!("epoch {}/{}", epoch + 1, cfg.epochs),
                 "batches",
             );
-            let mut w = Window::default();
+            let (mut w, sums) = (Window::default(), DeviceSums::new(self.model.device()));
             let (n, bs) = (cfg.accumulate.max(1), self.micro_batch);
             let (batches, len) = (it.batches(), it.order().len());
             let steps = batches.div_ceil(n);
-            let (mut pending, mut lr_s) = (false, lr);
+            let mut lr_s = lr;
+            let when = format!("epoch {}", epoch + 1);
             for (i, b) in it.prefetch(self.opts.loader)?.enumerate() {
                 let (x, y) = b?;
                 let s = i / n;
@@ -288,17 +341,14 @@ impl<'a> Run<'a> {
                 // This step's images: n micro-batches, or what the epoch has left.
                 let group = ((s + 1) * n * bs).min(len).saturating_sub(s * n * bs);
                 let scale = x.size()[0] as f64 / group.max(1) as f64;
-                self.micro(&x, &y, scale, &mut w, &format!("epoch {}", epoch + 1))?;
-                pending = true;
-                if (i + 1) % n == 0 || i + 1 == batches {
+                let last = (i + 1) % n == 0 || i + 1 == batches;
+                self.micro(&x, &y, scale, last, (&mut w, &sums))?;
+                if last {
                     self.update(lr_s)?;
-                    pending = false;
+                    self.read_sums(&mut w, &sums, &when)?;
+                    bar.set_message(window_message(&w, t0));
                 }
                 bar.inc(1);
-                bar.set_message(window_message(&w, t0));
-            }
-            if pending {
-                self.update(lr_s)?;
             }
             bar.finish_and_clear();
             let train_secs = t0.elapsed().as_secs_f64();
@@ -321,6 +371,7 @@ impl<'a> Run<'a> {
         let n = cfg.accumulate.max(1);
         let (mut it, mut m) = (start, start * n);
         let (mut w, mut t0) = (Window::default(), Instant::now());
+        let mut sums = DeviceSums::new(self.model.device());
         while it < total {
             let epoch = m / per_epoch;
             let mut batches = self.batches(epoch);
@@ -331,21 +382,23 @@ impl<'a> Run<'a> {
                     self.opt.zero_grad();
                     reseed(cfg.seed, it);
                 }
-                let when = format!("iteration {}", it + 1);
-                self.micro(&x, &y, 1.0 / n as f64, &mut w, &when)?;
+                let last = (m + 1).is_multiple_of(n);
+                self.micro(&x, &y, 1.0 / n as f64, last, (&mut w, &sums))?;
                 m += 1;
-                if !m.is_multiple_of(n) {
+                if !last {
                     continue;
                 }
                 let lr = lr_at_iteration(&cfg.schedule, cfg.optimizer.lr, it, total);
                 self.update(lr)?;
                 it += 1;
+                self.read_sums(&mut w, &sums, &format!("iteration {it}"))?;
                 bar.inc(1);
                 bar.set_message(window_message(&w, t0));
                 if it.is_multiple_of(every) || it == total {
                     let secs = t0.elapsed().as_secs_f64();
                     self.checkpoint(epoch + 1, Some(it), lr, &w, t0, secs)?;
                     (w, t0) = (Window::default(), Instant::now());
+                    sums = DeviceSums::new(self.model.device());
                 }
             }
         }

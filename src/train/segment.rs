@@ -23,17 +23,15 @@ pub fn resize_logits(logits: &Tensor, h: i64, w: i64) -> Tensor {
 }
 
 /// Mean cross-entropy over the non-ignored pixels of `labels` [N, H, W], the number of those
-/// pixels and the logits resized to the label size (on which the loss is taken); a batch
-/// without any labelled pixel gives a zero loss that still depends on the logits (so backward
-/// works).
-pub fn seg_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64, Tensor) {
+/// pixels (a device scalar: nothing waits for the device) and the logits resized to the label
+/// size (on which the loss is taken); a batch without any labelled pixel gives a zero loss that
+/// still depends on the logits (so backward works).
+pub fn seg_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor, Tensor) {
     let s = labels.size();
     let up = resize_logits(logits, s[1], s[2]);
-    let valid = labels.ne(IGNORE as i64).sum(Kind::Int64).int64_value(&[]);
-    if valid == 0 {
-        return (up.sum(Kind::Float) * 0.0, 0, up);
-    }
-    let loss = up.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE as i64, 0.0);
+    let valid = labels.ne(IGNORE as i64).sum(Kind::Int64);
+    let sum = up.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, IGNORE as i64, 0.0);
+    let loss = sum / valid.clamp_min(1).to_kind(Kind::Float);
     (loss, valid, up)
 }
 
@@ -308,7 +306,7 @@ pub fn evaluate_part(
                 )));
             }
             let (l, valid, _) = seg_loss(&logits, &y);
-            loss += l.double_value(&[]) * valid as f64;
+            loss += l.double_value(&[]) * valid.int64_value(&[]) as f64;
             conf.add(&logits.argmax(1, false), &y)?;
             let (_, top) = logits.topk(5.min(k as i64), 1, true, true);
             let hit = top

@@ -1,7 +1,9 @@
 //! SGD with momentum and weight decay, PyTorch's update rule (d = g + wd p; b = m b + d, b = d
-//! on the first step; p -= lr b), written out so that its momentum buffers can be saved with a
-//! checkpoint: a resumed run then continues exactly where the killed one was.
-use crate::dist::{GradReducer, Group};
+//! on the first step; p -= lr b) in libtorch's fused kernel, holding its momentum buffers so
+//! that they can be saved with a checkpoint: a resumed run then continues exactly where the
+//! killed one was. Data-parallel runs average the gradients with DDP's Reducer
+//! ([`crate::dist::Ddp`]) during the backward pass of a step's last micro-batch.
+use crate::dist::{Ddp, GradCompress, Group};
 use crate::error::{Error, Result};
 use std::path::Path;
 use std::rc::Rc;
@@ -14,8 +16,8 @@ pub struct Sgd {
     pub lr: f64,
     momentum: f64,
     weight_decay: f64,
-    /// Data-parallel runs: gradients are averaged over the ranks before the update.
-    reducer: Option<(Rc<Group>, GradReducer, Vec<Tensor>)>,
+    /// Data-parallel runs: averages the gradients over the ranks.
+    ddp: Option<Ddp>,
 }
 
 impl Sgd {
@@ -43,15 +45,20 @@ impl Sgd {
             lr,
             momentum,
             weight_decay,
-            reducer: None,
+            ddp: None,
         }
     }
 
-    /// Averages the gradients over `group`'s ranks at every step (every rank must hold the
-    /// same variables, as built from the same configuration).
-    pub fn set_group(&mut self, group: Rc<Group>) {
-        let params = self.params();
-        self.reducer = Some((group, GradReducer::new(&params), params));
+    /// Averages the gradients over `group`'s ranks at every step, in buckets of `bucket_mb`
+    /// MiB (every rank must hold the same variables, as built from the same configuration).
+    pub fn set_group(
+        &mut self,
+        group: Rc<Group>,
+        bucket_mb: usize,
+        compress: GradCompress,
+    ) -> Result<()> {
+        self.ddp = Some(Ddp::new(group, &self.params(), bucket_mb << 20, compress)?);
+        Ok(())
     }
 
     /// The trainable variables in update order (sorted by name).
@@ -63,7 +70,7 @@ impl Sgd {
     /// a data-parallel run and updates every variable.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         self.zero_grad();
-        self.backward(loss)?;
+        self.backward(loss, true)?;
         self.step()
     }
 
@@ -77,43 +84,49 @@ impl Sgd {
         }
     }
 
-    /// Back-propagates `loss`, adding to the gradients since [`Sgd::zero_grad`].
-    pub fn backward(&self, loss: &Tensor) -> Result<()> {
-        // A collective inside the backward pass (synchronised batch norm) can fail: an error,
-        // not a panic.
-        loss.f_backward().map_err(|e| match self.reducer {
+    /// Back-propagates `loss`, adding to the gradients since [`Sgd::zero_grad`]. In a
+    /// data-parallel run, `last` (the step's last micro-batch) makes this pass average the
+    /// gradients over the ranks as it runs; other passes accumulate locally.
+    pub fn backward(&self, loss: &Tensor, last: bool) -> Result<()> {
+        if let (Some(ddp), true) = (&self.ddp, last) {
+            ddp.arm()?;
+        }
+        // A collective inside the backward pass (gradient buckets, synchronised batch norm)
+        // can fail: an error, not a panic.
+        loss.f_backward().map_err(|e| match self.ddp {
             Some(_) => Error::Dist(format!("backward pass: {e}")),
             None => Error::InvalidArgument(format!("backward pass failed: {e}")),
         })
     }
 
-    /// Averages the accumulated gradients over the ranks of a data-parallel run (once per
-    /// step) and updates every variable.
+    /// Updates every variable that has a gradient (in a data-parallel run, already averaged
+    /// by the last [`Sgd::backward`]).
     pub fn step(&mut self) -> Result<()> {
-        if let Some((group, reducer, params)) = &self.reducer {
-            reducer.reduce(group, params)?;
-        }
-        let _guard = tch::no_grad_guard();
+        let hyper = (self.weight_decay, self.momentum, self.lr);
+        // Variables whose buffer exists, and those on their first step (b = d): the fused
+        // kernel takes one such flag per call.
+        let mut groups: [(Vec<Tensor>, Vec<Tensor>, Vec<Tensor>); 2] = Default::default();
         for ((_, p), buf) in self.params.iter().zip(self.bufs.iter_mut()) {
             let g = p.grad();
             if !g.defined() {
                 continue;
             }
-            let mut d = if self.weight_decay != 0.0 {
-                &g + p * self.weight_decay
+            let first = buf.is_none();
+            let b = if self.momentum != 0.0 {
+                buf.get_or_insert_with(|| p.zeros_like()).shallow_clone()
             } else {
-                g.copy()
+                Tensor::new()
             };
-            if self.momentum != 0.0 {
-                let b = match buf.take() {
-                    None => d,
-                    Some(b) => b * self.momentum + d,
-                };
-                d = b.shallow_clone();
-                *buf = Some(b);
+            let group = &mut groups[first as usize];
+            group.0.push(p.shallow_clone());
+            group.1.push(g);
+            group.2.push(b);
+        }
+        for (first, (p, g, b)) in groups.iter().enumerate() {
+            if !p.is_empty() {
+                let b: &[Tensor] = if self.momentum != 0.0 { b } else { &[] };
+                super::precision::fused_sgd(p, g, b, hyper, first == 1)?;
             }
-            let mut p = p.shallow_clone();
-            p -= d * self.lr;
         }
         Ok(())
     }

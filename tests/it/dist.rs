@@ -9,7 +9,7 @@
 //! what one process computes on the whole batch. Only the order of float sums differs, hence the
 //! tolerance of 1e-4 relative.
 use crate::common;
-use brelu::dist::{GradReducer, Group, Launch, Timeouts};
+use brelu::dist::{Ddp, GradCompress, Group, Launch, Timeouts};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,17 +84,12 @@ fn collectives_rank() {
     g.broadcast(&t, 1).unwrap();
     assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0; 3]);
 
-    // Gradients: rank r's loss is (r + 1) * sum(p), so the mean gradient is 1.5 everywhere; a
-    // parameter outside the loss keeps no gradient.
-    let p = Tensor::ones([3, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    let unused = Tensor::ones([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    (&p * (r as f64 + 1.0)).sum(Kind::Float).backward();
-    let params = [p.shallow_clone(), unused.shallow_clone()];
-    GradReducer::new(&params).reduce(&g, &params).unwrap();
-    assert!(p
-        .grad()
-        .allclose(&p.ones_like().g_mul_scalar(1.5), 0.0, 0.0, false));
-    assert!(!unused.grad().defined());
+    let g = std::rc::Rc::new(g);
+    for micro in [1, 3] {
+        reducer_matches_all_reduce_after_backward(&g, micro, GradCompress::None, 1e-6);
+    }
+    reducer_matches_all_reduce_after_backward(&g, 2, GradCompress::Fp16, 2e-3);
+    reducer_matches_all_reduce_after_backward(&g, 2, GradCompress::Bf16, 2e-2);
 
     // Variables of two dtypes become rank 0's; then they agree, and a difference is caught
     // on the rank that differs.
@@ -116,6 +111,81 @@ fn collectives_rank() {
     }
     sync_batch_norm_matches_the_whole_batch(&g);
     g.barrier().unwrap();
+}
+
+/// A small convolutional net's parameters (seeded alike on every rank), as fresh leaves.
+fn tiny_net_params() -> Vec<Tensor> {
+    let opts = (Kind::Float, tch::Device::Cpu);
+    tch::manual_seed(3);
+    [
+        vec![8, 3, 3, 3],
+        vec![8],
+        vec![16, 8, 3, 3],
+        vec![16],
+        vec![10, 16],
+        vec![10],
+    ]
+    .iter()
+    .map(|s| (Tensor::randn(s.as_slice(), opts) * 0.3).set_requires_grad(true))
+    .collect()
+}
+
+/// The net's mean cross-entropy on this rank's micro-batch `k` of step `step`, times `scale`.
+fn tiny_net_loss(p: &[Tensor], rank: usize, step: usize, k: usize, scale: f64) -> Tensor {
+    let opts = (Kind::Float, tch::Device::Cpu);
+    tch::manual_seed((1000 * rank + 10 * step + k) as i64);
+    let x = Tensor::randn([4, 3, 8, 8], opts);
+    let y = Tensor::randint(10, [4], (Kind::Int64, tch::Device::Cpu));
+    let h = x.conv2d(&p[0], Some(&p[1]), 1, 1, 1, 1).relu();
+    let h = h.conv2d(&p[2], Some(&p[3]), 2, 1, 1, 1).relu();
+    let h = h.mean_dim(&[2i64, 3][..], false, Kind::Float);
+    h.linear(&p[4], Some(&p[5])).cross_entropy_for_logits(&y) * scale
+}
+
+/// DDP's Reducer (buckets of 512 bytes, so several, all-reduced during the backward pass of
+/// the last of `micro` micro-batches) against today's reference: accumulate, then all-reduce
+/// every gradient and divide by the world size. Two steps, the second after the Reducer has
+/// re-bucketed in gradient order; gradients equal to `tol` relative (compressed: rounded).
+fn reducer_matches_all_reduce_after_backward(
+    g: &std::rc::Rc<Group>,
+    micro: usize,
+    compress: GradCompress,
+    tol: f64,
+) {
+    let (reference, ddp_params) = (tiny_net_params(), tiny_net_params());
+    let ddp = Ddp::new(g.clone(), &ddp_params, 512, compress).unwrap();
+    for step in 0..2 {
+        for p in reference.iter().chain(&ddp_params) {
+            let mut gr = p.grad();
+            if gr.defined() {
+                let _ = gr.zero_();
+            }
+        }
+        for k in 0..micro {
+            let scale = 1.0 / micro as f64;
+            tiny_net_loss(&reference, g.rank, step, k, scale).backward();
+            let last = k + 1 == micro;
+            if last {
+                ddp.arm().unwrap();
+            }
+            tiny_net_loss(&ddp_params, g.rank, step, k, scale).backward();
+        }
+        for (i, (a, b)) in reference.iter().zip(&ddp_params).enumerate() {
+            let want = a.grad().copy();
+            g.all_reduce_sum(&want).unwrap();
+            let want = want / g.world as f64;
+            let got = b.grad();
+            let d = (&got - &want).abs().max().double_value(&[]);
+            let scale = want.abs().max().double_value(&[]);
+            assert!(
+                d <= tol * scale,
+                "{compress:?}, {micro} micro-batch(es), step {step}, parameter {i}: the \
+                 Reducer's gradient is off by {d} (scale {scale})"
+            );
+            // Each rank's own gradient differs: the comparison is not trivially true.
+            assert!((a.grad() - &want).abs().max().double_value(&[]) > 1e-4);
+        }
+    }
 }
 
 /// Synchronised batch norm on each rank's half of a batch against ordinary batch norm on the
@@ -371,19 +441,28 @@ fn synchronised_batch_norm_trains_like_one_process() {
     let (m1, ms, mp) = (metrics(&one), metrics(&sync), metrics(&plain));
     assert_eq!((m1.len(), ms.len(), mp.len()), (4, 4, 4));
     // The first step sees identical weights, so synchronised statistics give one process's
-    // loss to rounding. Later steps amplify rounding through 8x8 batch-norm layers, so those
-    // are compared with the per-rank run instead: synchronised must be far closer.
+    // loss to rounding, and after its update (running statistics included) one process's test
+    // loss; so does the second step. Later steps amplify rounding through 8x8 batch-norm layers (each rank's statistics
+    // are rounded to f32 before they are combined: 1e-6 after step 2, 3e-3 after step 4), so
+    // those are compared with the per-rank run instead: synchronised must be far closer.
     let loss = |m: &serde_json::Value| m["train_loss"].as_f64().unwrap();
+    let test = |m: &serde_json::Value| m["test"]["loss"].as_f64().unwrap();
     assert_close(
         loss(&m1[0]),
         loss(&ms[0]),
         "sync-bn training loss at step 1",
     );
+    for (i, (a, b)) in m1.iter().zip(&ms).take(2).enumerate() {
+        assert_close(
+            test(a),
+            test(b),
+            &format!("sync-bn test loss after step {}", i + 1),
+        );
+    }
     let deviation = |other: &[serde_json::Value]| {
         m1.iter()
             .zip(other)
             .flat_map(|(a, b)| {
-                let test = |m: &serde_json::Value| m["test"]["loss"].as_f64().unwrap();
                 [
                     (loss(a) - loss(b)).abs() / loss(a),
                     (test(a) - test(b)).abs() / test(a),
@@ -393,7 +472,7 @@ fn synchronised_batch_norm_trains_like_one_process() {
     };
     let (synced, per_rank) = (deviation(&ms), deviation(&mp));
     assert!(
-        synced < 1e-3,
+        synced < 1e-2,
         "sync-bn losses drift from one process by {synced}"
     );
     assert!(
@@ -402,7 +481,7 @@ fn synchronised_batch_norm_trains_like_one_process() {
     );
     let (gap_sync, gap_plain) = (weights_gap(&one, &sync), weights_gap(&one, &plain));
     assert!(
-        gap_sync < 1e-2 && gap_plain > 10.0 * gap_sync,
+        gap_sync < 5e-2 && gap_plain > 100.0 * gap_sync,
         "weights (running statistics included) differ by {gap_sync} with sync-bn, {gap_plain} without"
     );
 }

@@ -579,3 +579,86 @@ fn bf16_autocast_and_channels_last_train_on_the_cpu() {
     back.load_weights(&dir.path().join(train::CHECKPOINT_WEIGHTS))
         .unwrap();
 }
+
+/// The training loop reads the device back once per optimizer step (loss and accuracy sums
+/// kept on the device, no per-micro-batch reads): counted over an epoch run with gradient
+/// accumulation and an iteration run with checkpoints.
+#[test]
+fn one_host_sync_per_optimizer_step() {
+    let _serial = common::torch_rng();
+    let (tr, te) = (toy(48, 0), toy(12, 5));
+    // 48 images, micro-batches of 4, 2 per step: 6 steps per epoch, 12 in all.
+    let epochs = cfg(&TINY.replace("batch_size = 8", "batch_size = 8\naccumulate = 2"));
+    let iterations = cfg(&TINY.replace("epochs = 2", "iterations = 5\ncheckpoint_every = 2"));
+    for (c, steps) in [(epochs, 12), (iterations, 5)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
+        let before = train::host_syncs();
+        train::train_on(&c, &mut m, &TrainOptions::new(dir.path()), &tr, &te).unwrap();
+        let syncs = train::host_syncs() - before;
+        assert!(
+            (1..=steps).contains(&syncs),
+            "{syncs} host synchronisations in {steps} optimizer steps"
+        );
+    }
+}
+
+/// The fused SGD kernel against PyTorch's update rule written out in f64 (d = g + wd p;
+/// b = m b + d, b = d on the first step; p -= lr b) over three steps, with a variable whose
+/// gradient appears only from the second step (its buffer starts there).
+#[test]
+fn fused_sgd_follows_the_update_rule() {
+    let _serial = common::torch_rng();
+    tch::manual_seed(11);
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let a = tch::Tensor::randn([5, 3], opts).set_requires_grad(true);
+    let b = tch::Tensor::randn([7], opts).set_requires_grad(true);
+    let (lr, m, wd) = (0.1, 0.9, 1e-2);
+    let mut opt = train::sgd::Sgd::with_variables(
+        [
+            ("a".to_string(), a.shallow_clone()),
+            ("b".to_string(), b.shallow_clone()),
+        ],
+        lr,
+        m,
+        wd,
+    );
+    let f64s =
+        |t: &tch::Tensor| Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).view([-1])).unwrap();
+    let mut want: Vec<Vec<f64>> = vec![f64s(&a), f64s(&b)];
+    let mut bufs: Vec<Option<Vec<f64>>> = vec![None, None];
+    for step in 0..3 {
+        opt.zero_grad();
+        let loss = if step == 0 {
+            (&a * &a).sum(tch::Kind::Float)
+        } else {
+            (&a * &a).sum(tch::Kind::Float) + (&b * &b * &b).sum(tch::Kind::Float)
+        };
+        opt.backward(&loss, true).unwrap();
+        let grads = [a.grad(), b.grad()];
+        for (i, g) in grads.iter().enumerate() {
+            if !g.defined() {
+                continue;
+            }
+            let g = f64s(g);
+            let d: Vec<f64> = g.iter().zip(&want[i]).map(|(g, p)| g + wd * p).collect();
+            let buf = match bufs[i].take() {
+                None => d,
+                Some(old) => old.iter().zip(&d).map(|(o, d)| m * o + d).collect(),
+            };
+            for (p, v) in want[i].iter_mut().zip(&buf) {
+                *p -= lr * v;
+            }
+            bufs[i] = Some(buf);
+        }
+        opt.step().unwrap();
+        for (t, w) in [&a, &b].iter().zip(&want) {
+            for (x, y) in f64s(t).iter().zip(w) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "step {step}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
