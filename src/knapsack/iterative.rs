@@ -118,7 +118,7 @@ fn with_change_penalty(t: &DistortionTables, current: &Spec, penalty: f64) -> Di
 /// The one-shot knapsack's spec on `tables` at `budget` DReLUs.
 fn knapsack_spec(tables: &DistortionTables, model: &Model, budget: u64) -> Result<(Spec, f64)> {
     let p = Problem::build(tables, model.sites(), BuildOptions::default())?;
-    let (_, sol) = solve(&p, budget, Solver::Auto, 2 << 30)?;
+    let (_, sol) = solve(&p, budget, Solver::Auto, super::DEFAULT_MAX_MEMORY)?;
     Ok((p.to_spec(&sol.choice), sol.objective))
 }
 

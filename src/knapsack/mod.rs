@@ -70,6 +70,9 @@ impl FromStr for Solver {
 /// the exact solver on two cores.
 pub const AUTO_MAX_CELLS: f64 = 1.5e11;
 
+/// Peak memory the exact solver may plan for unless told otherwise (`--max-memory 2G`).
+pub const DEFAULT_MAX_MEMORY: u64 = 2 << 30;
+
 /// Solves with the chosen solver; returns the solver actually used.
 pub fn solve(
     p: &Problem,

@@ -4,7 +4,7 @@
 //! adds them to the optimizer and the weights file carries them (mmseg's names) once they
 //! were trained or loaded.
 use super::graph::AuxHead;
-use super::runtime::batch_norm;
+use super::norm::batch_norm;
 use super::Model;
 use std::collections::HashMap;
 use tch::{nn, Device, Tensor};

@@ -8,6 +8,7 @@ pub mod aux_head;
 pub mod deeplabv3;
 pub mod graph;
 pub mod mobilenet_v2;
+mod norm;
 pub mod onnx;
 pub mod resnet;
 mod runtime;

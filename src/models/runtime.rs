@@ -2,6 +2,7 @@
 //! per-site activation options, run with tch.
 use super::aux_head::AuxParams;
 use super::graph::{Graph, Op, ResizeTo, Slot};
+use super::norm::batch_norm;
 use super::{build_graph, graph_sites, ArchConfig, Architecture, SiteInfo};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -592,28 +593,6 @@ impl Model {
             Op::Dropout { x, p, .. } => get(*x).feature_dropout(*p, train),
             Op::Linear { x, .. } => get(*x).linear(&p[0], Some(&p[1])),
         }
-    }
-}
-
-/// Batch norm with parameters [weight, bias, running mean, running variance] (momentum 0.1),
-/// over all ranks' batches in data-parallel training with synchronised batch norm
-/// (`--sync-bn`).
-pub(super) fn batch_norm(x: &Tensor, p: [&Tensor; 4], train: bool, eps: f64) -> Tensor {
-    match crate::dist::sync_batch_norm_group() {
-        Some(g) if train => g
-            .sync_batch_norm(x, p, 0.1, eps)
-            .unwrap_or_else(|e| panic!("{e}")),
-        _ => Tensor::batch_norm(
-            x,
-            Some(p[0]),
-            Some(p[1]),
-            Some(p[2]),
-            Some(p[3]),
-            train,
-            0.1,
-            eps,
-            false,
-        ),
     }
 }
 

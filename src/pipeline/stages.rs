@@ -501,7 +501,7 @@ fn bytes_spec(tables: &DistortionTables, sites: &[SiteInfo], bytes: u64) -> Resu
         ..Default::default()
     };
     let p = Problem::build(tables, sites, opts)?;
-    let (_, sol) = knapsack::solve(&p, budget, Solver::Auto, 2 << 30)?;
+    let (_, sol) = knapsack::solve(&p, budget, Solver::Auto, knapsack::DEFAULT_MAX_MEMORY)?;
     Ok(p.to_spec(&sol.choice))
 }
 
@@ -521,7 +521,7 @@ pub(super) fn make_specs(
     for &(ratio, budget) in budgets {
         let label = format!("{:.2}pct", ratio * 100.0);
         let mut specs: Vec<(String, Spec, Option<u64>)> = Vec::new();
-        let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, 2 << 30)?;
+        let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, knapsack::DEFAULT_MAX_MEMORY)?;
         let knap = problem.to_spec(&sol.choice);
         if let Some(rf) = extra.refiner.as_mut() {
             let s = search(&mut rf.model, &rf.samples, tables, &knap, budget, &rf.opts)?.0;

@@ -90,6 +90,13 @@ pub fn run_party(
     let n_in: usize = plan.input.iter().product();
     let mut images = Vec::new();
     let mut next = 0usize;
+    // The client knows how many images follow: a bar on a terminal, lines with an ETA in a log.
+    let bar = crate::progress::bar(
+        input.is_some(),
+        input.map_or(0, |i| i.images.len() as u64),
+        "secure inference",
+        "images",
+    );
     loop {
         // ---- control: the client says whether another image follows ----
         p.tag = TAG_SESSION;
@@ -143,9 +150,11 @@ pub fn run_party(
         }
         images.push(run);
         next += 1;
+        bar.inc(1);
     }
     let layers = p.stats[..nl].to_vec();
     let output = p.stats[nl].clone();
+    bar.finish_and_clear();
     let role = p.role;
     let peak_ahead = p.peak_ahead();
     p.finish()?;

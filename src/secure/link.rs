@@ -50,7 +50,7 @@ impl Default for LinkConfig {
 /// Bytes on the wire for a frame of `n` bytes (header included): each frame is sealed into its
 /// own records of at most [`MAX_PLAIN`] bytes, each with a 2-byte length and a 16-byte tag.
 pub fn wire_len(n: usize) -> u64 {
-    (n + n.div_ceil(MAX_PLAIN) * 18) as u64
+    (n + n.div_ceil(MAX_PLAIN) * crate::spec::framing::RECORD_OVERHEAD) as u64
 }
 
 /// A framed, counted, encrypted connection to one peer.

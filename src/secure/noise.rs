@@ -12,7 +12,7 @@
 //! Wire format after the preamble: records of `u16 LE length | ciphertext` (at most 65,535
 //! bytes, 16 of them the Poly1305 tag). Nonces count records per direction and are implicit, so
 //! a tampered, dropped, replayed or reordered record fails to decrypt.
-use super::party::Role;
+use super::wire::Role;
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use snow::{Builder, StatelessTransportState};
@@ -28,11 +28,8 @@ pub const PATTERN: &str = "Noise_KK_25519_ChaChaPoly_BLAKE2s";
 const PREAMBLE_MAGIC: [u8; 4] = *b"BRNK";
 const PREAMBLE_VERSION: u8 = 1;
 const PREAMBLE_LEN: usize = 8;
-/// Largest record on the wire (the Noise message limit).
-pub const MAX_RECORD: usize = 65535;
-const TAG_LEN: usize = 16;
-/// Largest plaintext of one record.
-pub const MAX_PLAIN: usize = MAX_RECORD - TAG_LEN;
+pub use crate::spec::framing::{MAX_PLAIN, MAX_RECORD};
+use crate::spec::framing::{RECORD_LEN_PREFIX, RECORD_TAG_LEN as TAG_LEN};
 
 fn params() -> snow::params::NoiseParams {
     PATTERN.parse().expect("a valid Noise protocol name")
@@ -537,7 +534,7 @@ impl RecordWriter {
             transport,
             nonce: 0,
             plain: Vec::with_capacity(MAX_PLAIN),
-            out: vec![0u8; 2 + MAX_RECORD],
+            out: vec![0u8; RECORD_LEN_PREFIX + MAX_RECORD],
             timeout,
         }
     }

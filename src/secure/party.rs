@@ -7,52 +7,12 @@ use super::keys::{KeyPair, Prf};
 use super::link::{Link, LinkConfig, LinkSender};
 use super::noise::{self, Identity, Transport, Trust};
 use super::plan::Settings;
+pub use super::wire::Role;
 use super::wire::{pack_u64, unpack_u64, Kind};
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
-
-/// The three roles (docs/method.md 8.1). The index is also the arithmetic party index of the two
-/// share holders: the client holds share 0, the server share 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Client = 0,
-    Server = 1,
-    Dealer = 2,
-}
-
-impl Role {
-    pub const ALL: [Role; 3] = [Role::Client, Role::Server, Role::Dealer];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Client => "client",
-            Role::Server => "server",
-            Role::Dealer => "dealer",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "client" => Some(Role::Client),
-            "server" => Some(Role::Server),
-            "dealer" => Some(Role::Dealer),
-            _ => None,
-        }
-    }
-
-    pub fn from_u8(v: u8) -> Option<Role> {
-        Role::ALL.get(v as usize).copied()
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Counters of one layer as seen by one party.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -15,7 +15,7 @@ pub const MAGIC: [u8; 2] = *b"BR";
 pub const VERSION: u8 = 2;
 /// Bit of the kind byte set on every frame of a message but its last.
 const MORE: u8 = 0x80;
-pub const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = crate::spec::framing::FRAME_HEADER_LEN;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +146,47 @@ pub fn fuzz_decode(data: &[u8]) {
     let width = data.first().map(|b| (*b as usize % 9).max(1)).unwrap_or(8);
     if let Some(v) = unpack_u64(data, width) {
         assert_eq!(pack_u64(&v, width), data);
+    }
+}
+
+/// The three roles (docs/method.md 8.1). The index is also the arithmetic party index of the two
+/// share holders: the client holds share 0, the server share 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client = 0,
+    Server = 1,
+    Dealer = 2,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Client, Role::Server, Role::Dealer];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+            Role::Dealer => "dealer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "client" => Some(Role::Client),
+            "server" => Some(Role::Server),
+            "dealer" => Some(Role::Dealer),
+            _ => None,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Role> {
+        Role::ALL.get(v as usize).copied()
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

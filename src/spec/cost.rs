@@ -28,11 +28,11 @@ pub fn engine_bytes_per_drelu(msb: bool, bits: u32) -> u64 {
 /// DReLU's six (the dealer's offline share, the opening both ways, the two compare vectors,
 /// the dealer's result share) and the patch multiply's three.
 pub const ENGINE_ACT_MESSAGES: u64 = 9;
-/// Framing of one message on an engine link (src/secure/link.rs): a 16-byte frame header,
-/// and per encrypted record of at most 65,519 plaintext bytes a 2-byte length and a 16-byte tag.
-const FRAME_HEADER: u64 = 16;
-const RECORD_OVERHEAD: u64 = 18;
-const RECORD_PLAIN: u64 = 65_519;
+/// Framing of one message on an engine link ([`super::framing`]): a frame header, and per
+/// encrypted record of at most `MAX_PLAIN` plaintext bytes a length prefix and a tag.
+const FRAME_HEADER: u64 = super::framing::FRAME_HEADER_LEN as u64;
+const RECORD_OVERHEAD: u64 = super::framing::RECORD_OVERHEAD as u64;
+const RECORD_PLAIN: u64 = super::framing::MAX_PLAIN as u64;
 
 /// An upper bound on the bytes the engine's framing adds to `payload` bytes of ReLU layers
 /// spread over `sites` activation layers: what a budget in bytes sets aside so that the bytes

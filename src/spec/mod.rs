@@ -2,6 +2,7 @@
 pub mod catalog;
 pub mod cost;
 pub mod file;
+pub mod framing;
 pub mod option;
 pub mod pickle;
 pub mod published;

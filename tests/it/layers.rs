@@ -296,3 +296,209 @@ fn the_scanner_sees_paths_and_skips_comments_and_strings() {
         ]
     );
 }
+
+/// Every full path a use-tree at `toks[i]` names (`a::{b, c::d}` gives a::b and a::c::d), as
+/// its identifiers.
+fn use_paths(toks: &[Tok], i: usize) -> Vec<Vec<String>> {
+    fn tree(toks: &[Tok], mut i: usize, prefix: Vec<String>, out: &mut Vec<Vec<String>>) -> usize {
+        let mut path = prefix;
+        loop {
+            match toks.get(i) {
+                Some(Tok::Ident(s)) => {
+                    path.push(s.clone());
+                    i += 1;
+                    if toks.get(i) == Some(&Tok::Path) {
+                        i += 1;
+                        continue;
+                    }
+                    out.push(path);
+                    return i;
+                }
+                Some(Tok::Punct('{')) => {
+                    i += 1;
+                    while let Some(t) = toks.get(i) {
+                        match t {
+                            Tok::Punct('}') => return i + 1,
+                            Tok::Punct(',') => i += 1,
+                            _ => i = tree(toks, i, path.clone(), out),
+                        }
+                    }
+                    return i;
+                }
+                _ => {
+                    out.push(path);
+                    return i + 1;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    tree(toks, i, Vec::new(), &mut out);
+    out
+}
+
+/// The module path of every `crate::`, `super::` and `self::` path in a file whose own module
+/// path is `own` (src/a/b.rs: [a, b]; src/a/mod.rs: [a]).
+fn module_paths(own: &[String], src: &str) -> Vec<Vec<String>> {
+    let toks = tokens(src);
+    let mut out = Vec::new();
+    let (mut inline, mut depth) = (0usize, 0usize);
+    let mut opened = Vec::<usize>::new();
+    let mut i = 0;
+    while i < toks.len() {
+        match &toks[i] {
+            Tok::Punct('{') => depth += 1,
+            Tok::Punct('}') => {
+                depth -= 1;
+                if opened.last() == Some(&depth) {
+                    opened.pop();
+                    inline -= 1;
+                }
+            }
+            Tok::Ident(m)
+                if m == "mod"
+                    && ident(toks.get(i + 1)).is_some()
+                    && toks.get(i + 2) == Some(&Tok::Punct('{')) =>
+            {
+                opened.push(depth);
+                inline += 1;
+            }
+            Tok::Ident(k)
+                if (k == "crate" || k == "super" || k == "self")
+                    && (i == 0 || toks[i - 1] != Tok::Path)
+                    && toks.get(i + 1) == Some(&Tok::Path) =>
+            {
+                let mut j = i;
+                let base: Vec<String> = if k == "crate" {
+                    j += 2;
+                    Vec::new()
+                } else {
+                    let mut n = 0;
+                    while matches!(ident(toks.get(j)), Some("super") | Some("self"))
+                        && toks.get(j + 1) == Some(&Tok::Path)
+                    {
+                        n += usize::from(ident(toks.get(j)) == Some("super"));
+                        j += 2;
+                    }
+                    // `super` inside an inline module first climbs out of it, to this file.
+                    let n = n.saturating_sub(inline);
+                    own[..own.len().saturating_sub(n)].to_vec()
+                };
+                for p in use_paths(&toks, j) {
+                    out.push(base.iter().cloned().chain(p).collect());
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Import cycles between the files of one module: file A uses file B when a path in A names
+/// B's module (not an enclosing module, whose items its children may use, nor a module inside
+/// A). A cycle means neither file can be read, tested or replaced without the other.
+#[test]
+fn no_import_cycles_between_files() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let module = |f: &Path| -> Vec<String> {
+        let mut parts: Vec<String> = f
+            .strip_prefix(&src)
+            .unwrap()
+            .iter()
+            .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+            .collect();
+        if parts.last().is_some_and(|l| l == "mod") {
+            parts.pop();
+        }
+        parts
+    };
+    let modules: Vec<Vec<String>> = files.iter().map(|f| module(f)).collect();
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); files.len()];
+    for (a, f) in files.iter().enumerate() {
+        let own = &modules[a];
+        let text = std::fs::read_to_string(f).unwrap();
+        for p in module_paths(own, &text) {
+            // The longest prefix of the path that is a file's module.
+            let Some(b) = (1..=p.len())
+                .rev()
+                .find_map(|k| modules.iter().position(|m| *m == p[..k]))
+            else {
+                continue;
+            };
+            let m = &modules[b];
+            let nested = own.starts_with(m) || m.starts_with(own);
+            if b != a && !nested && !edges[a].contains(&b) {
+                edges[a].push(b);
+            }
+        }
+    }
+    // Depth-first search; a back edge closes a cycle.
+    let (mut state, mut stack, mut cycles) = (vec![0u8; files.len()], Vec::new(), Vec::new());
+    fn visit(
+        v: usize,
+        edges: &[Vec<usize>],
+        state: &mut [u8],
+        stack: &mut Vec<usize>,
+        cycles: &mut Vec<Vec<usize>>,
+    ) {
+        state[v] = 1;
+        stack.push(v);
+        for &w in &edges[v] {
+            match state[w] {
+                0 => visit(w, edges, state, stack, cycles),
+                1 => {
+                    let at = stack.iter().position(|&x| x == w).unwrap();
+                    cycles.push(stack[at..].to_vec());
+                }
+                _ => {}
+            }
+        }
+        stack.pop();
+        state[v] = 2;
+    }
+    for v in 0..files.len() {
+        if state[v] == 0 {
+            visit(v, &edges, &mut state, &mut stack, &mut cycles);
+        }
+    }
+    let shown: Vec<String> = cycles
+        .iter()
+        .map(|c| {
+            let mut names: Vec<String> = c.iter().map(|&v| modules[v].join("::")).collect();
+            names.push(names[0].clone());
+            names.join(" -> ")
+        })
+        .collect();
+    assert!(shown.is_empty(), "import cycles:\n{}", shown.join("\n"));
+}
+
+#[test]
+fn the_cycle_scanner_resolves_paths() {
+    let own: Vec<String> = ["secure", "noise"].map(String::from).to_vec();
+    let src = r#"
+        use super::party::Role;
+        use crate::secure::{link::Link, wire::{self, Kind}};
+        use self::inner::X;
+        mod tests { use super::*; use super::super::ring::R; }
+    "#;
+    let got: Vec<String> = module_paths(&own, src)
+        .iter()
+        .map(|p| p.join("::"))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "secure::party::Role",
+            "secure::link::Link",
+            "secure::wire::self",
+            "secure::wire::Kind",
+            "secure::noise::inner::X",
+            "secure::noise",
+            "secure::ring::R",
+        ]
+    );
+}
