@@ -138,15 +138,19 @@ fn plot(path: &std::path::Path, rows: &[SpecAdditivity]) -> Result<()> {
     } else {
         Vec::new()
     };
+    use crate::plot::Style;
     crate::plot::xy_plot(
         path,
         "additivity: measured against assumed distortion",
-        "log10 assumed (sum of the channels' table entries)",
+        (
+            "log10 assumed (sum of the channels' table entries)",
+            Default::default(),
+        ),
         "log10 measured (all channels switched at once)",
         &[
-            ("whole specs (one per budget)", specs, true),
-            ("one site alone", sites, false),
-            ("measured = assumed", diag, true),
+            ("whole specs (one per budget)", specs, Style::Line),
+            ("one site alone", sites, Style::Scatter),
+            ("measured = assumed", diag, Style::Dashed),
         ],
     )?;
     Ok(())

@@ -2,7 +2,7 @@
 //! method, and the knapsack's per-site allocation.
 use super::super::Row;
 use crate::error::Result;
-use crate::plot::line_plot;
+use crate::plot::{line_plot, xy_plot, Series, Style, XAxis};
 use crate::spec::{spec_cost, SiteInfo, Spec};
 use std::path::Path;
 
@@ -27,43 +27,60 @@ pub(super) fn write(dir: &Path, rows: &[Row], metric: &str, sites: &[SiteInfo]) 
     allocation_plot(dir, rows, sites)
 }
 
-/// Metric, bytes and seconds per image against DReLUs, one line per method.
+/// Metric, bytes and seconds per image against the DReLU budget, one line per method: in % of
+/// the network's ReLUs on a log axis (budgets are ratios: 3, 6, 12%), the all-ReLU baseline a
+/// dashed line; DReLUs per image on a linear axis when the report has no baseline row.
 fn metric_plots(dir: &Path, rows: &[Row], metric: &str) -> Result<()> {
     let base = rows.iter().find(|r| r.spec.is_none());
+    let relus = base.map(|b| b.drelus).filter(|&n| n > 0);
+    let budget = |r: &Row| match relus {
+        Some(n) => Some(100.0 * r.drelus as f64 / n as f64),
+        None => Some(r.drelus as f64),
+    };
+    let xaxis = (
+        if relus.is_some() {
+            "DReLU budget (% of the network's ReLUs, log scale)"
+        } else {
+            "DReLUs per image"
+        },
+        XAxis {
+            log: relus.is_some(),
+            percent: relus.is_some(),
+        },
+    );
     let xs: Vec<f64> = rows
         .iter()
         .filter(|r| r.spec.is_some())
-        .map(|r| r.drelus as f64)
+        .filter_map(budget)
         .collect();
     let (x0, x1) = xs
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
             (a.min(x), b.max(x))
         });
-
-    let drelus = |r: &Row| Some(r.drelus as f64);
     let plot = |file: &str,
                 title: &str,
                 ylabel: &str,
                 y: &dyn Fn(&Row) -> Option<f64>,
                 with_base: bool|
      -> Result<()> {
-        let mut s: Vec<(&str, Vec<(f64, f64)>)> = super::METHODS
+        let mut s: Vec<Series> = super::METHODS
             .iter()
-            .map(|(m, _)| (*m, series(rows, m, &drelus, y)))
-            .filter(|(_, p)| !p.is_empty())
+            .map(|(m, _)| (*m, series(rows, m, &budget, y), Style::Line))
+            .filter(|(_, p, _)| !p.is_empty())
             .collect();
         if with_base {
             if let Some(yb) = base.and_then(y) {
                 if x0.is_finite() {
-                    s.push(("baseline (all ReLUs)", vec![(x0, yb), (x1, yb)]));
+                    let line = vec![(x0, yb), (x1, yb)];
+                    s.push(("baseline (all ReLUs)", line, Style::Dashed));
                 }
             }
         }
         if s.is_empty() {
             return Ok(());
         }
-        line_plot(&dir.join(file), title, "DReLUs per image", ylabel, &s)
+        xy_plot(&dir.join(file), title, xaxis, ylabel, &s)
     };
     plot(
         "accuracy.png",
