@@ -410,7 +410,13 @@ fn compare_cmd(a: CompareArgs) -> Result<()> {
         Some(b) => b,
         None => fixed + budget_from_ratio(covered, a.ratio)?,
     };
-    let c = compare(&ta, &tb, &sites, budget, crate::knapsack::DEFAULT_MAX_MEMORY)?;
+    let c = compare(
+        &ta,
+        &tb,
+        &sites,
+        budget,
+        crate::knapsack::DEFAULT_MAX_MEMORY,
+    )?;
     if a.json {
         return print_json(&serde_json::json!({
             "a": a.a, "b": a.b, "comparison": c, "ratio": c.ratio(),

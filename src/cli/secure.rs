@@ -78,23 +78,23 @@ pub struct SessionArgs {
     pub argmax_only: bool,
     /// DReLUs computed together; a larger site runs in batches, which bounds every party's
     /// memory whatever the model's size (all parties must agree).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = crate::secure::plan::DEFAULT_DRELU_BATCH)]
     pub drelu_batch: usize,
     /// Seconds to wait for each frame from a peer (and for each frame to go out) before
     /// giving up.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = crate::secure::link::DEFAULT_TIMEOUT_S)]
     pub timeout: f64,
     /// Seconds to wait for the other parties to connect and authenticate at session start.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = crate::secure::link::DEFAULT_TIMEOUT_S)]
     pub connect_timeout: f64,
     /// Largest frame in MiB; larger messages travel as several frames.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = crate::secure::link::DEFAULT_MAX_FRAME_MB)]
     pub max_frame_mb: usize,
     /// Most MiB of the dealer's material a party keeps before it is needed.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = crate::secure::link::DEFAULT_MAX_AHEAD_MB)]
     pub max_ahead_mb: usize,
     /// Dealer: DReLU batches its offline thread may prepare ahead of the comparisons.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = crate::secure::link::DEFAULT_AHEAD_BATCHES)]
     pub dealer_ahead: u64,
     /// Seed of random weights and random images (when no --weights / --data).
     #[arg(long, default_value_t = 0)]

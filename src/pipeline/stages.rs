@@ -521,7 +521,8 @@ pub(super) fn make_specs(
     for &(ratio, budget) in budgets {
         let label = format!("{:.2}pct", ratio * 100.0);
         let mut specs: Vec<(String, Spec, Option<u64>)> = Vec::new();
-        let (_, sol) = knapsack::solve(&problem, budget, Solver::Auto, knapsack::DEFAULT_MAX_MEMORY)?;
+        let (_, sol) =
+            knapsack::solve(&problem, budget, Solver::Auto, knapsack::DEFAULT_MAX_MEMORY)?;
         let knap = problem.to_spec(&sol.choice);
         if let Some(rf) = extra.refiner.as_mut() {
             let s = search(&mut rf.model, &rf.samples, tables, &knap, budget, &rf.opts)?.0;

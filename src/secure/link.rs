@@ -35,14 +35,24 @@ pub struct LinkConfig {
     pub ahead_batches: u64,
 }
 
+/// Seconds a frame may take, and the parties to connect ([`LinkConfig`]'s defaults, and the
+/// CLI's).
+pub const DEFAULT_TIMEOUT_S: f64 = 120.0;
+/// Largest frame, MiB.
+pub const DEFAULT_MAX_FRAME_MB: usize = 16;
+/// Dealer material a party may hold ahead, MiB.
+pub const DEFAULT_MAX_AHEAD_MB: usize = 4096;
+/// DReLU batches the dealer may prepare ahead.
+pub const DEFAULT_AHEAD_BATCHES: u64 = 2;
+
 impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
-            timeout: Duration::from_secs(120),
-            connect_timeout: Duration::from_secs(120),
-            max_frame: 16 << 20,
-            max_ahead: 4 << 30,
-            ahead_batches: 2,
+            timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_S),
+            connect_timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_S),
+            max_frame: DEFAULT_MAX_FRAME_MB << 20,
+            max_ahead: DEFAULT_MAX_AHEAD_MB << 20,
+            ahead_batches: DEFAULT_AHEAD_BATCHES,
         }
     }
 }

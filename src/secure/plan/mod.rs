@@ -170,12 +170,15 @@ impl DreluProtocol {
     }
 }
 
+/// DReLUs computed together by default ([`Settings::drelu_batch`], and the CLI's).
+pub const DEFAULT_DRELU_BATCH: usize = 1 << 20;
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             fixed: Fixed::default(),
             drelu: DreluProtocol::Msb,
-            drelu_batch: 1 << 20,
+            drelu_batch: DEFAULT_DRELU_BATCH,
             drelu_bits: 64,
             drelu_range_bits: 12,
         }
