@@ -500,6 +500,7 @@ fn load_keys(a: &PartyArgs, role: Role) -> Result<(Identity, Trust)> {
             bail!("missing --peer-key {r}=FILE: the {role} must pin the {r}'s public key");
         }
     }
+    trust.check_distinct(&id)?;
     Ok((id, trust))
 }
 

@@ -21,6 +21,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use zeroize::Zeroize;
 
 /// The Noise protocol name: KK (both static keys known in advance), X25519, ChaCha20-Poly1305,
 /// BLAKE2s.
@@ -72,8 +73,18 @@ struct KeyFile {
 }
 
 fn read_key_file(path: &Path) -> Result<(Role, [u8; 32], Option<[u8; 32]>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let f: KeyFile = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
+    let mut text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let parsed = toml::from_str::<KeyFile>(&text);
+    text.zeroize();
+    let mut f = parsed.map_err(|e| Error::parse(path, e.to_string()))?;
+    let out = key_file_fields(path, &f);
+    if let Some(p) = f.private.as_mut() {
+        p.zeroize();
+    }
+    out
+}
+
+fn key_file_fields(path: &Path, f: &KeyFile) -> Result<(Role, [u8; 32], Option<[u8; 32]>)> {
     let field = |name: &str, msg: String| Error::Config {
         path: path.to_path_buf(),
         field: name.into(),
@@ -137,7 +148,9 @@ impl Identity {
         Ok((key, public))
     }
 
-    /// Reads a private key file written by [`Identity::save`].
+    /// Reads a private key file written by [`Identity::save`]. Refused: a file that others
+    /// than its owner may read or write (as ssh refuses one), and a file whose public key is
+    /// not the one its private key gives.
     pub fn load(path: &Path) -> Result<Identity> {
         let (role, public, secret) = read_key_file(path)?;
         let secret = secret.ok_or_else(|| Error::Config {
@@ -145,12 +158,56 @@ impl Identity {
             field: "private".into(),
             msg: "missing: this is a public key file, give the party's own .key file".into(),
         })?;
-        Ok(Identity {
+        check_private_mode(path)?;
+        let id = Identity {
             role,
             secret,
             public,
-        })
+        };
+        if id.derived_public() != id.public {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                field: "public".into(),
+                msg: "is not the public key of the file's private key (an edited or mixed-up \
+                      file): generate the pair again with `brelu secure keygen`"
+                    .into(),
+            });
+        }
+        Ok(id)
     }
+
+    /// The X25519 public key of this identity's secret.
+    fn derived_public(&self) -> [u8; 32] {
+        x25519_dalek::x25519(self.secret, x25519_dalek::X25519_BASEPOINT_BYTES)
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+/// A private key file must be its owner's alone (no group or other permission bits).
+fn check_private_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            field: "file mode".into(),
+            msg: format!(
+                "{:03o}: a private key must not be accessible to group or others; \
+                 run `chmod 600 {}`",
+                mode & 0o777,
+                path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The pinned public keys of the other parties, by role.
@@ -166,6 +223,24 @@ impl Trust {
 
     pub fn get(&self, role: Role) -> Option<&[u8; 32]> {
         self.keys[role as usize].as_ref()
+    }
+
+    /// An error when two of the three parties would share a key: `own` and the pinned keys
+    /// must all differ (a server and dealer with one key pair are one party in disguise, and
+    /// the security of the protocol rests on their not colluding).
+    pub fn check_distinct(&self, own: &Identity) -> Result<()> {
+        let mut keys: Vec<(Role, &[u8; 32])> = vec![(own.role, &own.public)];
+        keys.extend(Role::ALL.iter().filter_map(|&r| Some((r, self.get(r)?))));
+        for (i, (ra, ka)) in keys.iter().enumerate() {
+            if let Some((rb, _)) = keys[i + 1..].iter().find(|(rb, kb)| rb != ra && kb == ka) {
+                return Err(Error::InvalidArgument(format!(
+                    "the {ra} and the {rb} have the same key (fingerprint {}): each party \
+                     needs its own key pair",
+                    fingerprint(ka)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Pins the key of a public (or private) key file, which must be `role`'s.

@@ -539,4 +539,73 @@ fn keygen_and_key_flags_are_checked() {
     // The server does not silently invent weights.
     let e = run(&["--role", "server", "--keys", d]);
     assert!(e.contains("--weights"), "{e}");
+
+    // Key hygiene. A private key others may read or write is refused.
+    let client_key = format!("{d}/client.key");
+    let pins = [
+        "--peer-key",
+        &format!("server={d}/server.pub"),
+        "--peer-key",
+        &format!("dealer={d}/dealer.pub"),
+    ];
+    let with_key = |key: &str| -> Vec<String> {
+        ["--role", "client", "--key", key]
+            .iter()
+            .chain(pins.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let args = with_key(&client_key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for bad in [0o644, 0o660, 0o606] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(bad)).unwrap();
+        let e = run(&args);
+        assert!(
+            e.contains("client.key") && e.contains("chmod 600"),
+            "{bad:o}: {e}"
+        );
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A key file whose public key is not its private key's (here: the server's).
+    let text = std::fs::read_to_string(&key).unwrap();
+    let server_pub = std::fs::read_to_string(dir.path().join("server.pub")).unwrap();
+    let field = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("public"))
+            .unwrap()
+            .to_string()
+    };
+    let mixed = dir.path().join("mixed.key");
+    brelu::fs::write_atomic_private(
+        &mixed,
+        text.replace(&field(&text), &field(&server_pub)).as_bytes(),
+    )
+    .unwrap();
+    let args = with_key(mixed.to_str().unwrap());
+    let e = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("mixed.key") && e.contains("not the public key"),
+        "{e}"
+    );
+    // A server and a dealer with one key pair: the dealer's pin carries the server's key.
+    let twin = dir.path().join("twin-dealer.pub");
+    std::fs::write(
+        &twin,
+        server_pub.replace("role = \"server\"", "role = \"dealer\""),
+    )
+    .unwrap();
+    let e = run(&[
+        "--role",
+        "client",
+        "--key",
+        &client_key,
+        "--peer-key",
+        &format!("server={d}/server.pub"),
+        "--peer-key",
+        &format!("dealer={}", twin.display()),
+    ]);
+    assert!(
+        e.contains("the server and the dealer have the same key"),
+        "{e}"
+    );
 }
