@@ -183,7 +183,8 @@ impl<'a> Run<'a> {
             (ce, hit, valid)
         } else {
             let ce = logits.cross_entropy_for_logits(y);
-            let n = Tensor::from(y.size()[0]).to_device(y.device());
+            // Made where the sums live (no copy from the host).
+            let n = Tensor::full([] as [i64; 0], y.size()[0], (Kind::Int64, y.device()));
             (ce, logits.argmax(1, false).eq_tensor(y), n)
         };
         let loss = match (&self.teacher, &self.cfg.distill) {
