@@ -6,9 +6,10 @@
 #        scripts/gpu.sh build-cpu  the same pack without CUDA into .gpu-cpu/ (a CUDA build links
 #                                  libtorch_cuda, which a CPU machine lacks), for CI to run
 #                                  `.gpu-cpu/gpu-check.sh --cpu`
-#        (BRELU_GPU_PROFILE=release for an optimised host side; the default `dev` profile
-#        reuses the already built dependencies, which are optimised anyway, and the kernels
-#        are compiled by nvcc -O3 either way)
+#        (BRELU_GPU_PROFILE=release for an optimised host side; by default `build` uses the
+#        `dev` profile of `make cuda-build` and `build-cpu` the `test` profile of `make test`,
+#        so each reuses dependencies already built (optimised anyway) instead of building them
+#        once more; the kernels are compiled by nvcc -O3 either way)
 #        (then, on the GPU machine, from the repository root)  .gpu/run.sh [bench-filter]
 #
 # .gpu/ holds (executables stripped and xz-compressed, unpacked by gpu_unpack.py where they
@@ -25,6 +26,7 @@ case "${1:-build}" in
 build)
   pack=.gpu
   features=(--features cuda)
+  default_profile=dev
   NVCC="$(scripts/nvcc-path.sh)"
   export NVCC
   echo "gpu.sh: building with NVCC=$NVCC" >&2
@@ -32,6 +34,7 @@ build)
 build-cpu)
   pack=.gpu-cpu
   features=()
+  default_profile=test
   ;;
 *)
   echo "usage: scripts/gpu.sh build|build-cpu" >&2
@@ -41,10 +44,11 @@ esac
 
 json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
-profile="${BRELU_GPU_PROFILE:-dev}"
+profile="${BRELU_GPU_PROFILE:-$default_profile}"
 cargo test --profile "$profile" "${features[@]}" --no-run --message-format=json >"$json"
 cargo bench --profile "$profile" "${features[@]}" --bench block_relu --no-run --message-format=json >>"$json"
-outdir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+# dev and test both build into target/debug.
+outdir=$(case "$profile" in dev | test) echo debug ;; *) echo "$profile" ;; esac)
 
 rm -rf "$pack"
 mkdir -p "$pack/bin"
