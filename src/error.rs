@@ -100,7 +100,7 @@ pub enum Error {
     Tampered { peer: String },
     /// A peer runs a different model, spec or protocol setting (hash of all of them).
     #[error(
-        "secure: {peer} runs a different model/spec/settings (its hash {theirs}, ours {ours})"
+        "secure: {peer} runs a different model/spec/settings or policy (such as the server's --argmax-only; its hash {theirs}, ours {ours})"
     )]
     SessionMismatch {
         peer: String,

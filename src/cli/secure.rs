@@ -73,7 +73,8 @@ pub struct SessionArgs {
     /// With --drelu-bits < 64: values up to 2^this (real units) fit the window.
     #[arg(long, default_value_t = 12)]
     pub drelu_range_bits: u32,
-    /// Reveal only the arg-max to the client, not the logits.
+    /// Reveal only the arg-max to the client, not the logits. The server's policy: part of
+    /// the session hash, so a client without it is refused at the handshake.
     #[arg(long)]
     pub argmax_only: bool,
     /// DReLUs computed together; a larger site runs in batches, which bounds every party's
@@ -232,6 +233,7 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         drelu_batch: a.drelu_batch,
         drelu_bits: a.drelu_bits,
         drelu_range_bits: a.drelu_range_bits,
+        argmax_only: a.argmax_only,
     };
     settings.validate()?;
     if a.timeout <= 0.0 || a.connect_timeout <= 0.0 {
@@ -524,7 +526,6 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
             .enumerate()
             .map(|(i, x)| plan.settings.fixed.encode_all(x, &format!("image {i}")))
             .collect::<crate::error::Result<_>>()?,
-        argmax_only: a.session.argmax_only,
     };
     let timeout = s.link.connect_timeout;
     let hash = plan.hash();

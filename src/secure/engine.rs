@@ -57,7 +57,6 @@ pub struct PartyRun {
 /// What the client feeds in: encoded images, and whether to reveal only the arg-max.
 pub struct ClientInput {
     pub images: Vec<Vec<u64>>,
-    pub argmax_only: bool,
 }
 
 /// Runs one party's whole session over its connected `party`.
@@ -100,13 +99,14 @@ pub fn run_party(
     loop {
         // ---- control: the client says whether another image follows ----
         p.tag = TAG_SESSION;
-        let (more, argmax_only) = match (p.role, input) {
+        let argmax_only = plan.settings.argmax_only;
+        let more = match (p.role, input) {
             (Role::Client, Some(inp)) => {
                 let more = next < inp.images.len();
-                let msg = [more as u8, inp.argmax_only as u8];
+                let msg = [more as u8, argmax_only as u8];
                 p.send_bytes(Role::Server, Kind::Control, &msg)?;
                 p.send_bytes(Role::Dealer, Kind::Control, &msg)?;
-                (more, inp.argmax_only)
+                more
             }
             (Role::Client, None) => {
                 return Err(Error::InvalidArgument(
@@ -121,7 +121,28 @@ pub fn run_party(
                         msg: format!("bad control message {m:?}"),
                     });
                 }
-                (m[0] == 1, m[1] == 1)
+                // The policy was agreed in the session hash; a client asking otherwise now
+                // is not following the protocol.
+                if (m[1] == 1) != argmax_only {
+                    return Err(Error::Malformed {
+                        peer: "client".into(),
+                        msg: format!(
+                            "asked for {} although the session's policy (the server's \
+                             --argmax-only) is {}",
+                            if m[1] == 1 {
+                                "the arg-max only"
+                            } else {
+                                "the logits"
+                            },
+                            if argmax_only {
+                                "the arg-max only"
+                            } else {
+                                "the logits"
+                            }
+                        ),
+                    });
+                }
+                m[0] == 1
             }
         };
         if !more {

@@ -119,6 +119,10 @@ pub fn run_compare(
     argmax_only: bool,
     cfg: LinkConfig,
 ) -> Result<RunReport> {
+    let settings = Settings {
+        argmax_only,
+        ..settings
+    };
     let (plan, weights) = Plan::from_model(model, settings)?;
     let fx = settings.fixed;
     let encoded: Vec<Vec<u64>> = images
@@ -128,7 +132,6 @@ pub fn run_compare(
         .collect::<Result<_>>()?;
     let input = ClientInput {
         images: encoded.clone(),
-        argmax_only,
     };
     let runs = run_local(&plan, &weights, &input, cfg)?;
     let [client, _, _] = &runs;

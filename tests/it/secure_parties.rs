@@ -609,3 +609,23 @@ fn keygen_and_key_flags_are_checked() {
         "{e}"
     );
 }
+
+/// The server's `--argmax-only` is the session's policy, not the client's choice: a client
+/// that does not agree is refused at the handshake, before any image data flows.
+#[test]
+fn the_servers_argmax_only_policy_binds_the_client() {
+    let ct: &[&str] = &["--connect-timeout", "10"];
+    let server: &[&str] = &["--argmax-only", "--connect-timeout", "10"];
+    let mut ps = spawn_parties_with(1, 20.0, [ct, server, ct], false);
+    for (i, p) in ps.iter_mut().enumerate() {
+        assert!(
+            !p.wait_within(Duration::from_secs(60)),
+            "party {i} should refuse"
+        );
+    }
+    let err = ps[1].stderr();
+    assert!(
+        err.contains("different model/spec/settings or policy") && err.contains("--argmax-only"),
+        "{err}"
+    );
+}

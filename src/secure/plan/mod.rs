@@ -141,6 +141,10 @@ pub struct Settings {
     /// For an approximate DReLU: the largest |value| (in real units, as a power of two) the
     /// window covers; the low bits below the window are dropped.
     pub drelu_range_bits: u32,
+    /// The server's policy: the client learns only each image's arg-max, never the logits.
+    /// Part of the session hash (every party must agree before any data flows) and checked
+    /// again on every image by the server and the dealer.
+    pub argmax_only: bool,
 }
 
 /// The DReLU protocol (docs/method.md 8.4).
@@ -181,6 +185,7 @@ impl Default for Settings {
             drelu_batch: DEFAULT_DRELU_BATCH,
             drelu_bits: 64,
             drelu_range_bits: 12,
+            argmax_only: false,
         }
     }
 }
