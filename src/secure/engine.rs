@@ -59,6 +59,45 @@ pub struct ClientInput {
     pub images: Vec<Vec<u64>>,
 }
 
+/// The control message before each image: the client sends whether another image follows
+/// (`more`: `None` for the other roles) and the output policy; the server and the dealer
+/// receive it and check the policy against the one agreed in the session hash (a client
+/// asking otherwise is not following the protocol). Returns whether an image follows.
+fn control(p: &mut Party, more: Option<bool>, argmax_only: bool) -> Result<bool> {
+    p.tag = TAG_SESSION;
+    let what = |a: bool| if a { "the arg-max only" } else { "the logits" };
+    match (p.role, more) {
+        (Role::Client, Some(more)) => {
+            let msg = [more as u8, argmax_only as u8];
+            p.send_bytes(Role::Server, Kind::Control, &msg)?;
+            p.send_bytes(Role::Dealer, Kind::Control, &msg)?;
+            Ok(more)
+        }
+        (Role::Client, None) => Err(Error::InvalidArgument(
+            "the client needs input images".into(),
+        )),
+        _ => {
+            let m = p.recv_bytes(Role::Client, Kind::Control, 2)?;
+            let bad = |msg: String| Error::Malformed {
+                peer: "client".into(),
+                msg,
+            };
+            if m[0] > 1 || m[1] > 1 {
+                return Err(bad(format!("bad control message {m:?}")));
+            }
+            if (m[1] == 1) != argmax_only {
+                return Err(bad(format!(
+                    "asked for {} although the session's policy (the server's --argmax-only) \
+                     is {}",
+                    what(m[1] == 1),
+                    what(argmax_only)
+                )));
+            }
+            Ok(m[0] == 1)
+        }
+    }
+}
+
 /// Runs one party's whole session over its connected `party`.
 pub fn run_party(
     mut p: Party,
@@ -98,53 +137,8 @@ pub fn run_party(
     );
     loop {
         // ---- control: the client says whether another image follows ----
-        p.tag = TAG_SESSION;
         let argmax_only = plan.settings.argmax_only;
-        let more = match (p.role, input) {
-            (Role::Client, Some(inp)) => {
-                let more = next < inp.images.len();
-                let msg = [more as u8, argmax_only as u8];
-                p.send_bytes(Role::Server, Kind::Control, &msg)?;
-                p.send_bytes(Role::Dealer, Kind::Control, &msg)?;
-                more
-            }
-            (Role::Client, None) => {
-                return Err(Error::InvalidArgument(
-                    "the client needs input images".into(),
-                ))
-            }
-            _ => {
-                let m = p.recv_bytes(Role::Client, Kind::Control, 2)?;
-                if m[0] > 1 || m[1] > 1 {
-                    return Err(Error::Malformed {
-                        peer: "client".into(),
-                        msg: format!("bad control message {m:?}"),
-                    });
-                }
-                // The policy was agreed in the session hash; a client asking otherwise now
-                // is not following the protocol.
-                if (m[1] == 1) != argmax_only {
-                    return Err(Error::Malformed {
-                        peer: "client".into(),
-                        msg: format!(
-                            "asked for {} although the session's policy (the server's \
-                             --argmax-only) is {}",
-                            if m[1] == 1 {
-                                "the arg-max only"
-                            } else {
-                                "the logits"
-                            },
-                            if argmax_only {
-                                "the arg-max only"
-                            } else {
-                                "the logits"
-                            }
-                        ),
-                    });
-                }
-                m[0] == 1
-            }
-        };
+        let more = control(&mut p, input.map(|i| next < i.images.len()), argmax_only)?;
         if !more {
             break;
         }

@@ -115,14 +115,11 @@ pub fn run_compare(
     model: &Model,
     images: &[Vec<f32>],
     labels: Option<&[usize]>,
-    settings: Settings,
+    mut settings: Settings,
     argmax_only: bool,
     cfg: LinkConfig,
 ) -> Result<RunReport> {
-    let settings = Settings {
-        argmax_only,
-        ..settings
-    };
+    settings.argmax_only = argmax_only;
     let (plan, weights) = Plan::from_model(model, settings)?;
     let fx = settings.fixed;
     let encoded: Vec<Vec<u64>> = images
