@@ -571,11 +571,30 @@ pub fn loopback_streams() -> Result<[Vec<(Role, TcpStream)>; 3]> {
 
 /// Connects to `addr`, retrying until `timeout` (the peer may not listen yet).
 pub fn connect_retry(addr: &str, peer: &str, timeout: Duration) -> Result<TcpStream> {
-    let start = Instant::now();
+    use std::net::ToSocketAddrs;
+    let deadline = Instant::now() + timeout;
     loop {
-        match TcpStream::connect(addr) {
+        // Each attempt waits only until the deadline: a host that drops the handshake (a
+        // firewall, a full accept queue) must not hold the party for the kernel's minutes.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let attempt = addr.to_socket_addrs().and_then(|addrs| {
+            let mut last = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the address resolves to nothing",
+            );
+            for sa in addrs {
+                match TcpStream::connect_timeout(&sa, left) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        });
+        match attempt {
             Ok(s) => return Ok(s),
-            Err(e) if start.elapsed() >= timeout => {
+            Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Link {
                     peer: format!("{peer} at {addr}"),
                     msg: e.to_string(),

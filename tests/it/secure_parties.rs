@@ -629,3 +629,36 @@ fn the_servers_argmax_only_policy_binds_the_client() {
         "{err}"
     );
 }
+
+/// A peer that never completes the TCP handshake (here a listener whose accept queue is full,
+/// so the kernel drops the SYNs, as a firewall would) costs a dialling party its connect
+/// timeout, not the kernel's minutes of SYN retries.
+#[test]
+fn dialling_a_silent_host_ends_at_the_connect_timeout() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // Fill the accept queue until a connection attempt hangs.
+    let mut held = Vec::new();
+    let mut silent = false;
+    for _ in 0..4096 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => held.push(s),
+            Err(_) => {
+                silent = true;
+                break;
+            }
+        }
+    }
+    if !silent {
+        eprintln!("the kernel kept accepting connections: nothing to test here");
+        return;
+    }
+    let t0 = Instant::now();
+    let e =
+        brelu::secure::party::connect_retry(&addr.to_string(), "server", Duration::from_secs(1))
+            .unwrap_err();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+    assert!(e.to_string().contains("server at 127.0.0.1"), "{e}");
+    drop(l);
+}
