@@ -1,6 +1,7 @@
 //! PNG plots with plotters. Text needs a TrueType font: the first of `BRELU_FONT` and the
 //! usual Debian font paths (package `fonts-dejavu-core`) is used.
 use crate::error::{Error, Result};
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
@@ -159,30 +160,12 @@ pub fn xy_plot(
             let mut chart = builder(&left)
                 .build_cartesian_2d((x0..x1).log_scale().with_key_points(keys), y0..y1)
                 .map_err(|x| e(&x))?;
-            chart
-                .configure_mesh()
-                .x_desc(xlabel)
-                .y_desc(ylabel)
-                .x_label_formatter(&xfmt)
-                .y_label_formatter(&|v| tick(*v))
-                .label_style(("sans-serif", 14))
-                .draw()
-                .map_err(|x| e(&x))?;
-            draw_series(&mut chart, series, &usable).map_err(|x| e(&x))?;
+            draw_chart(&mut chart, (xlabel, &xfmt), ylabel, series, &usable).map_err(|x| e(&x))?;
         } else {
             let mut chart = builder(&left)
                 .build_cartesian_2d(x0..x1, y0..y1)
                 .map_err(|x| e(&x))?;
-            chart
-                .configure_mesh()
-                .x_desc(xlabel)
-                .y_desc(ylabel)
-                .x_label_formatter(&xfmt)
-                .y_label_formatter(&|v| tick(*v))
-                .label_style(("sans-serif", 14))
-                .draw()
-                .map_err(|x| e(&x))?;
-            draw_series(&mut chart, series, &usable).map_err(|x| e(&x))?;
+            draw_chart(&mut chart, (xlabel, &xfmt), ylabel, series, &usable).map_err(|x| e(&x))?;
         }
         legend(&right, series).map_err(|x| e(&x))?;
         root.present().map_err(|x| e(&x))?;
@@ -193,14 +176,25 @@ pub fn xy_plot(
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 type DrawError<'a> = DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>;
 
-fn draw_series<'a, X>(
+/// The axes, their labels and every series, on a linear or a logarithmic x axis.
+fn draw_chart<'a, X>(
     chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, RangedCoordf64>>,
+    (xlabel, xfmt): (&str, &dyn Fn(&f64) -> String),
+    ylabel: &str,
     series: &[Series],
     usable: &dyn Fn(f64, f64) -> bool,
 ) -> std::result::Result<(), DrawError<'a>>
 where
-    X: Ranged<ValueType = f64>,
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
+    chart
+        .configure_mesh()
+        .x_desc(xlabel)
+        .y_desc(ylabel)
+        .x_label_formatter(xfmt)
+        .y_label_formatter(&|v| tick(*v))
+        .label_style(("sans-serif", 14))
+        .draw()?;
     for (i, (_, p, style)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let p: Vec<(f64, f64)> = p.iter().copied().filter(|&(x, y)| usable(x, y)).collect();

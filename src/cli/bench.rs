@@ -227,10 +227,18 @@ struct AllreduceReport {
     busbw_gb_s: f64,
 }
 
+/// This rank's place in the launch; the multi-rank benchmarks need one.
+fn launched() -> Result<Launch> {
+    match Launch::from_env()? {
+        Some(l) => Ok(l),
+        None => {
+            bail!("run under a launcher with at least 2 ranks (RANK, WORLD_SIZE, MASTER_ADDR set)")
+        }
+    }
+}
+
 fn allreduce(a: AllreduceArgs) -> Result<()> {
-    let Some(l) = Launch::from_env()? else {
-        bail!("run under a launcher with at least 2 ranks (RANK, WORLD_SIZE, MASTER_ADDR set)");
-    };
+    let l = launched()?;
     let device = l.device(Some(&a.device))?;
     let g = Group::join(&l, device, crate::dist::Timeouts::from_env()?)?;
     let t = Tensor::ones([a.floats as i64], (Kind::Float, device));
@@ -286,9 +294,7 @@ struct DdpReport {
 }
 
 fn ddp(a: DdpArgs) -> Result<()> {
-    let Some(l) = Launch::from_env()? else {
-        bail!("run under a launcher with at least 2 ranks (RANK, WORLD_SIZE, MASTER_ADDR set)");
-    };
+    let l = launched()?;
     if a.threads > 0 {
         tch::set_num_threads(a.threads as i32);
     }
@@ -299,14 +305,8 @@ fn ddp(a: DdpArgs) -> Result<()> {
         crate::dist::Timeouts::from_env()?,
     )?);
     let model = train::build_model(&cfg, tch::Device::Cpu)?;
-    let mut params: Vec<(String, Tensor)> = model
-        .var_store()
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    params.sort_by(|x, y| x.0.cmp(&y.0));
-    let params: Vec<Tensor> = params.into_iter().map(|(_, t)| t).collect();
+    // The trainable variables in the training step's order (sorted by name).
+    let params = train::sgd::Sgd::new(model.var_store(), 0.0, 0.0, 0.0).params();
     let reducer = crate::dist::Ddp::new(
         g.clone(),
         &params,

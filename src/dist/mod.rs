@@ -473,7 +473,7 @@ pub fn buckets(bytes: impl Iterator<Item = usize>, cap: usize) -> Vec<Vec<usize>
 }
 
 /// What travels in a gradient all-reduce (DDP's communication hooks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum GradCompress {
     /// f32 gradients, summed and divided by the world size.
     #[default]

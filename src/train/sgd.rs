@@ -111,20 +111,18 @@ impl Sgd {
             if !g.defined() {
                 continue;
             }
-            let first = buf.is_none();
-            let b = if self.momentum != 0.0 {
-                buf.get_or_insert_with(|| p.zeros_like()).shallow_clone()
-            } else {
-                Tensor::new()
-            };
-            let group = &mut groups[first as usize];
+            let group = &mut groups[buf.is_none() as usize];
+            // Without momentum there are no buffers: the kernel takes an empty list.
+            if self.momentum != 0.0 {
+                group
+                    .2
+                    .push(buf.get_or_insert_with(|| p.zeros_like()).shallow_clone());
+            }
             group.0.push(p.shallow_clone());
             group.1.push(g);
-            group.2.push(b);
         }
         for (first, (p, g, b)) in groups.iter().enumerate() {
             if !p.is_empty() {
-                let b: &[Tensor] = if self.momentum != 0.0 { b } else { &[] };
                 super::precision::fused_sgd(p, g, b, hyper, first == 1)?;
             }
         }

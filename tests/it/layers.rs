@@ -164,15 +164,15 @@ fn heads(toks: &[Tok], i: usize) -> Vec<String> {
     }
 }
 
-/// Every top-level module a file names outside its own, with the path as written.
-fn references(file_depth: usize, src: &str) -> Vec<(String, String)> {
-    let toks = tokens(src);
+/// Where each `crate::`, `super::` or `self::` path starts (the index of its first token),
+/// with the number of inline modules (`mod tests { .. }`) around it, which `super::` climbs
+/// out of first.
+fn path_starts(toks: &[Tok]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    // Inline modules (`mod tests { .. }`) deepen `super::`: the brace depth each opened at.
+    // The brace depth each inline module opened at.
     let (mut inline, mut depth) = (Vec::<usize>::new(), 0usize);
-    let mut i = 0;
-    while i < toks.len() {
-        match &toks[i] {
+    for (i, t) in toks.iter().enumerate() {
+        match t {
             Tok::Punct('{') => depth += 1,
             Tok::Punct('}') => {
                 depth -= 1;
@@ -187,24 +187,38 @@ fn references(file_depth: usize, src: &str) -> Vec<(String, String)> {
             {
                 inline.push(depth);
             }
-            Tok::Ident(k) if k == "crate" && toks.get(i + 1) == Some(&Tok::Path) => {
+            Tok::Ident(k)
+                if matches!(k.as_str(), "crate" | "super" | "self")
+                    && (i == 0 || toks[i - 1] != Tok::Path)
+                    && toks.get(i + 1) == Some(&Tok::Path) =>
+            {
+                out.push((i, inline.len()));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Every top-level module a file names outside its own, with the path as written.
+fn references(file_depth: usize, src: &str) -> Vec<(String, String)> {
+    let toks = tokens(src);
+    let mut out = Vec::new();
+    for (i, inline) in path_starts(&toks) {
+        match ident(toks.get(i)) {
+            Some("crate") => {
                 for h in heads(&toks, i + 2) {
                     out.push((h.clone(), format!("crate::{h}")));
                 }
             }
-            Tok::Ident(k)
-                if k == "super"
-                    && (i == 0 || toks[i - 1] != Tok::Path)
-                    && toks.get(i + 1) == Some(&Tok::Path) =>
-            {
-                let mut n = 0;
-                let mut j = i;
+            Some("super") => {
+                let (mut n, mut j) = (0, i);
                 while ident(toks.get(j)) == Some("super") && toks.get(j + 1) == Some(&Tok::Path) {
                     n += 1;
                     j += 2;
                 }
                 // Climbing to the crate root leaves the top-level module.
-                if n >= file_depth + inline.len() {
+                if n >= file_depth + inline {
                     for h in heads(&toks, j) {
                         out.push((h.clone(), format!("{}{h}", "super::".repeat(n))));
                     }
@@ -212,7 +226,6 @@ fn references(file_depth: usize, src: &str) -> Vec<(String, String)> {
             }
             _ => {}
         }
-        i += 1;
     }
     out
 }
@@ -342,55 +355,26 @@ fn use_paths(toks: &[Tok], i: usize) -> Vec<Vec<String>> {
 fn module_paths(own: &[String], src: &str) -> Vec<Vec<String>> {
     let toks = tokens(src);
     let mut out = Vec::new();
-    let (mut inline, mut depth) = (0usize, 0usize);
-    let mut opened = Vec::<usize>::new();
-    let mut i = 0;
-    while i < toks.len() {
-        match &toks[i] {
-            Tok::Punct('{') => depth += 1,
-            Tok::Punct('}') => {
-                depth -= 1;
-                if opened.last() == Some(&depth) {
-                    opened.pop();
-                    inline -= 1;
-                }
-            }
-            Tok::Ident(m)
-                if m == "mod"
-                    && ident(toks.get(i + 1)).is_some()
-                    && toks.get(i + 2) == Some(&Tok::Punct('{')) =>
+    for (i, inline) in path_starts(&toks) {
+        let mut j = i;
+        let base: Vec<String> = if ident(toks.get(i)) == Some("crate") {
+            j += 2;
+            Vec::new()
+        } else {
+            let mut n = 0;
+            while matches!(ident(toks.get(j)), Some("super") | Some("self"))
+                && toks.get(j + 1) == Some(&Tok::Path)
             {
-                opened.push(depth);
-                inline += 1;
+                n += usize::from(ident(toks.get(j)) == Some("super"));
+                j += 2;
             }
-            Tok::Ident(k)
-                if (k == "crate" || k == "super" || k == "self")
-                    && (i == 0 || toks[i - 1] != Tok::Path)
-                    && toks.get(i + 1) == Some(&Tok::Path) =>
-            {
-                let mut j = i;
-                let base: Vec<String> = if k == "crate" {
-                    j += 2;
-                    Vec::new()
-                } else {
-                    let mut n = 0;
-                    while matches!(ident(toks.get(j)), Some("super") | Some("self"))
-                        && toks.get(j + 1) == Some(&Tok::Path)
-                    {
-                        n += usize::from(ident(toks.get(j)) == Some("super"));
-                        j += 2;
-                    }
-                    // `super` inside an inline module first climbs out of it, to this file.
-                    let n = n.saturating_sub(inline);
-                    own[..own.len().saturating_sub(n)].to_vec()
-                };
-                for p in use_paths(&toks, j) {
-                    out.push(base.iter().cloned().chain(p).collect());
-                }
-            }
-            _ => {}
+            // `super` inside an inline module first climbs out of it, to this file.
+            let n = n.saturating_sub(inline);
+            own[..own.len().saturating_sub(n)].to_vec()
+        };
+        for p in use_paths(&toks, j) {
+            out.push(base.iter().cloned().chain(p).collect());
         }
-        i += 1;
     }
     out
 }
