@@ -201,12 +201,12 @@ export r50_samples r50_sites tab_rtol tab_floor loss_rtol
 reference() {
   if [ "$mode" = gpu ]; then run "$bin/brelu" "$@"; else run env OMP_NUM_THREADS=1 "$bin/brelu" "$@"; fi
 }
-# timed_extract DIR ARGS...: an extraction into DIR on the device; prints its speed figures.
+# timed_extract DIR ARGS...: an exact extraction into DIR on the device; prints its speed figures.
 timed_extract() {
   local d=$1 t0 t1
   shift
   t0=$(date +%s.%N)
-  run "$bin/brelu" distortion extract "$@" --devices "$dev" -o "$d" >&2
+  run "$bin/brelu" distortion extract --estimator exact "$@" --devices "$dev" -o "$d" >&2
   t1=$(date +%s.%N)
   python3 "$helper" speed "$d" "$(python3 -c "print($t1 - $t0)")" "$device"
 }
@@ -240,7 +240,7 @@ distortion_exact() {
   # Equality: one late site on 2 samples, device against CPU (CPU mode: stacked copies against
   # one perturbation per forward pass, a different code path).
   if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--stack 8 --batch 2); b=(--stack 1 --batch 1); fi
-  common=(distortion extract --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" --samples 2 --sites layer4_0_1)
+  common=(distortion extract --estimator exact --data "$w/r18.toml" --weights "$w/w0/checkpoint.safetensors" --samples 2 --sites layer4_0_1)
   run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/ex-a" >&2
   run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/ex-b" >&2
   cmp=$(python3 "$helper" tables "$w/ex-a" "$w/ex-b" "$tab_rtol" "$tab_floor") || { echo "$cmp"; exit 1; }
@@ -262,7 +262,7 @@ resnet50() {
   sp=$(timed_extract "$w/ex50-timed" --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" \
     --samples "$r50_samples" --batch 8 --sites "$r50_sites") || exit 1
   if [ "$mode" = gpu ]; then a=(--devices "$dev"); b=(--devices cpu); else a=(--stack 8); b=(--stack 1); fi
-  common=(distortion extract --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" --samples 1 --sites layer4_2_2)
+  common=(distortion extract --estimator exact --data "$w/r50.toml" --weights "$w/w50/checkpoint.safetensors" --samples 1 --sites layer4_2_2)
   run "$bin/brelu" "${common[@]}" "${a[@]}" -o "$w/ex50-a" >&2
   run "$bin/brelu" "${common[@]}" "${b[@]}" -o "$w/ex50-b" >&2
   cmp=$(python3 "$helper" tables "$w/ex50-a" "$w/ex50-b" "$tab_rtol" "$tab_floor") || { echo "$cmp"; exit 1; }

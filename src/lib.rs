@@ -20,7 +20,9 @@
 //!    (PyTorch's c10d through a C++ shim), launcher variables, sharding, gradient buckets.
 //! 4. [`models`]: architectures as op graphs with named ReLU sites, weights.
 //! 5. [`data`]: data sets, their configuration, normalisation, augmentation, batches.
-//! 6. [`train`]: training configuration, training, evaluation, checkpoints.
+//! 6. [`train`]: training configuration, training, evaluation, checkpoints;
+//!    [`experiment`]: one description of a run (network, data, weights, spec, device) that
+//!    every command and stage builds its model and test images from.
 //! 7. [`distortion`]: distortion extraction and tables.
 //! 8. [`knapsack`]: exact and Lagrangian solvers, reports, the uniform baselines, estimator
 //!    comparison.
@@ -32,6 +34,7 @@ pub mod data;
 pub mod dist;
 pub mod distortion;
 pub mod error;
+pub mod experiment;
 pub mod fs;
 pub mod hash;
 pub mod knapsack;

@@ -3,14 +3,14 @@
 use super::print_json;
 use super::table::{thousands, Table};
 use crate::distortion::{extract, DistortionTables};
+use crate::experiment::Experiment;
 use crate::knapsack::additivity::{measure, SpecAdditivity};
 use crate::models::Model;
 use crate::spec::Spec;
-use crate::train::{self, Config};
+use crate::train::Config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::path::{Path, PathBuf};
-use tch::Device;
+use std::path::PathBuf;
 
 /// The network and tables that specs are measured on (`additivity`, `refine`, `iterate`).
 #[derive(Args, Debug)]
@@ -57,35 +57,25 @@ pub struct AdditivityArgs {
 impl MeasuredArgs {
     /// The configuration, the distortion tables (checked to be of its model) and the model
     /// with the weights the tables were extracted with: what measuring specs needs.
-    pub(super) fn load(&self) -> Result<(Config, DistortionTables, Model)> {
-        load_measured(&self.data, &self.weights, &self.distortion)
+    pub(super) fn load(&self) -> Result<(Experiment, DistortionTables, Model)> {
+        let cfg = Config::load(&self.data).context("reading the data configuration")?;
+        let tables = DistortionTables::read(&self.distortion)?;
+        if tables.model != cfg.model {
+            bail!(
+                "{}: the tables are for {}, the configuration's model is {}",
+                self.distortion.display(),
+                tables.model,
+                cfg.model
+            );
+        }
+        let exp = Experiment::of_config(&cfg).with_weights(Some(&self.weights));
+        let model = exp.load_model()?;
+        Ok((exp, tables, model))
     }
-}
-
-fn load_measured(
-    data: &Path,
-    weights: &Path,
-    distortion: &Path,
-) -> Result<(Config, DistortionTables, Model)> {
-    let cfg = Config::load(data).context("reading the data configuration")?;
-    let tables = DistortionTables::read(distortion)?;
-    if tables.model != cfg.model {
-        bail!(
-            "{}: the tables are for {}, the configuration's model is {}",
-            distortion.display(),
-            tables.model,
-            cfg.model
-        );
-    }
-    let mut model = train::build_model(&cfg, Device::Cpu)?;
-    model
-        .load_weights(weights)
-        .with_context(|| format!("loading {}", weights.display()))?;
-    Ok((cfg, tables, model))
 }
 
 pub fn run(a: AdditivityArgs) -> Result<()> {
-    let (cfg, tables, mut model) = a.measured.load()?;
+    let (exp, tables, mut model) = a.measured.load()?;
     let specs = a
         .specs
         .iter()
@@ -95,7 +85,7 @@ pub fn run(a: AdditivityArgs) -> Result<()> {
             Ok((name.unwrap_or_default(), s))
         })
         .collect::<crate::error::Result<Vec<_>>>()?;
-    let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
+    let samples = extract::training_samples(exp.data()?.source(), a.samples, a.seed)
         .context("choosing the samples")?;
     let rows = measure(&mut model, &samples, a.batch, &tables, &specs, !a.no_sites)?;
     std::fs::create_dir_all(&a.output)

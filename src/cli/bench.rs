@@ -81,7 +81,7 @@ pub struct AllreduceArgs {
     pub iters: usize,
     /// cpu (Gloo) or cuda (NCCL, cuda:LOCAL_RANK).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: crate::ops::DeviceChoice,
 }
 
 #[derive(Args, Debug)]
@@ -239,7 +239,7 @@ fn launched() -> Result<Launch> {
 
 fn allreduce(a: AllreduceArgs) -> Result<()> {
     let l = launched()?;
-    let device = l.device(Some(&a.device))?;
+    let device = l.device(a.device)?;
     let g = Group::join(&l, device, crate::dist::Timeouts::from_env()?)?;
     let t = Tensor::ones([a.floats as i64], (Kind::Float, device));
     let mut times = Vec::new();

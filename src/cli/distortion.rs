@@ -1,13 +1,15 @@
 //! `brelu distortion ...`: extract, collect, compare and plot distortion tables.
 use super::{print_json, ModelArgs};
 use crate::distortion::extract::{self, Extracted, Extraction, Job};
-use crate::distortion::{collect, DistortionTables, Estimator, PlanOptions, Shard};
+use crate::distortion::{collect, DistortionTables, PlanOptions, Settings, Shard};
+use crate::experiment::Experiment;
 use crate::hash::fnv_hex;
 use crate::knapsack::budget_from_ratio;
 use crate::knapsack::compare::compare;
-use crate::models::{find, sites as model_sites, Model};
+use crate::models::{find, sites as model_sites};
+use crate::ops::DeviceChoice;
 use crate::spec::{Catalog, PatchOption, Spec};
-use crate::train::{self, Config};
+use crate::train::Config;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::cell::Cell;
@@ -52,30 +54,8 @@ pub struct ExtractArgs {
     /// for benchmarks and smoke tests only.
     #[arg(long, conflicts_with = "weights")]
     pub random_init: bool,
-    /// Number of samples.
-    #[arg(long, default_value_t = 256)]
-    pub samples: usize,
-    /// Seed of the sample choice (and of the first-order probes).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// exact (network output), snr (block output over its power) or first-order (gradient
-    /// probes; about 100x faster).
-    #[arg(long, default_value = "exact")]
-    pub estimator: Estimator,
-    /// Samples per unit of work (and per forward pass).
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    /// Perturbed copies stacked on the batch axis per forward pass (1 = one perturbation per
-    /// forward).
-    #[arg(long, default_value_t = 8)]
-    pub stack: usize,
-    /// Channels per unit of work (exact and snr).
-    #[arg(long, default_value_t = 32)]
-    pub chunk: usize,
-    /// Probe vectors for first-order (default: one per logit for classification up to 128
-    /// classes, which makes the first-order term exact; else 64 random probes).
-    #[arg(long)]
-    pub probes: Option<usize>,
+    #[command(flatten)]
+    pub settings: Settings,
     /// Measure on top of this spec (default: ordinary ReLU everywhere).
     #[arg(long)]
     pub baseline_spec: Option<PathBuf>,
@@ -110,7 +90,7 @@ pub struct ExtractArgs {
     pub shard_count: Option<usize>,
     /// Devices, one worker each: cpu (default), cuda:0,cuda:1, ...
     #[arg(long, value_delimiter = ',')]
-    pub devices: Vec<String>,
+    pub devices: Vec<DeviceChoice>,
     /// Do not write the tables at the end even when every unit is done.
     #[arg(long)]
     pub no_collect: bool,
@@ -251,12 +231,15 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         }
     }
     let (shard, shard_from) = resolve_shard(&a)?;
+    if let Some(k) = a.settings.zero_field() {
+        bail!("--{k} must be at least 1");
+    }
     let devices: Vec<Device> = if a.devices.is_empty() {
         vec![Device::Cpu]
     } else {
         a.devices
             .iter()
-            .map(|d| crate::ops::parse_device(Some(d)))
+            .map(|d| d.resolve(None))
             .collect::<crate::error::Result<_>>()?
     };
     let catalog = match &a.catalog {
@@ -271,18 +254,13 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         }
         None => None,
     };
-    let make_model = |device: Device| -> crate::error::Result<Model> {
-        let mut m = train::build_model(&cfg, device)?;
-        if let Some(w) = &a.weights {
-            m.load_weights(w)?;
-        }
-        if let (Some(p), Some(text)) = (&a.baseline_spec, &baseline_text) {
-            let spec = Spec::from_json_str(text, Some(p))?;
-            spec.validate(m.name(), m.config().input, m.sites())?;
-            m.apply_spec(&spec)?;
-        }
-        Ok(m)
+    // The spec is read once: its text is what the job's hash names.
+    let baseline = match (&a.baseline_spec, &baseline_text) {
+        (Some(p), Some(text)) => Some(Spec::from_json_str(text, Some(p))?),
+        _ => None,
     };
+    let exp = Experiment::of_config(&cfg).with_weights(a.weights.as_deref());
+    let make_model = |device: Device| exp.model_with(device, baseline.as_ref());
     let model = make_model(Device::Cpu).with_context(|| match &a.weights {
         Some(w) => format!("loading {} with weights {}", cfg.model, w.display()),
         None => format!("building {}", cfg.model),
@@ -290,21 +268,15 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
     if a.random_init {
         eprintln!("warning: --random-init: measuring a freshly initialised network");
     }
-    let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
+    let samples = extract::training_samples(cfg.source(), a.settings.samples, a.settings.seed)
         .context("choosing the samples")?;
-    let probes = a.probes.unwrap_or(cfg.default_probes());
     let opts = PlanOptions {
-        estimator: a.estimator,
-        seed: a.seed,
-        batch: a.batch,
-        stack: a.stack,
-        chunk: a.chunk,
-        probes,
         sites: a.sites.clone(),
         zero: a.zero,
         skip_unchanged: !a.no_skip,
         baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
         against_relu: a.against_relu,
+        ..a.settings.plan_options(cfg.default_probes())
     };
     let pb = crate::progress::bar(true, 0, "extraction", "units");
     let x = Extraction {

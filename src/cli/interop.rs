@@ -1,8 +1,8 @@
 //! `brelu import onnx` and `brelu export onnx`: networks in and out of brelu.
 use super::print_json;
+use crate::experiment::Experiment;
 use crate::models::onnx::{self, export::ExportInfo};
 use crate::models::{Architecture, Model};
-use crate::spec::Spec;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -124,18 +124,15 @@ pub fn import(c: ImportCommand) -> Result<()> {
 pub fn export(c: ExportCommand) -> Result<()> {
     let ExportCommand::Onnx(a) = c;
     let cfg = crate::train::Config::load(&a.config).context("reading the configuration")?;
-    let mut model = crate::train::build_model(&cfg, Device::Cpu)?;
-    model
-        .load_weights(&a.weights)
-        .with_context(|| format!("loading weights {}", a.weights.display()))?;
+    let exp = Experiment::of_config(&cfg)
+        .with_weights(Some(&a.weights))
+        .with_spec(a.spec.as_deref());
+    let mut model = exp.load_model()?;
     let mut info = ExportInfo::default();
     let norm = cfg.dataset.normalization();
     info.normalization = Some((norm.mean, norm.std));
     let mut spec_out = None;
-    if let Some(s) = &a.spec {
-        let spec = Spec::load(s, model.name(), model.config().input, model.sites())
-            .with_context(|| format!("loading spec {}", s.display()))?;
-        model.apply_spec(&spec)?;
+    if let Some(spec) = exp.load_spec(&model)? {
         info.spec_json = Some(spec.to_json_string());
         spec_out = Some((super::beside(&a.output, "spec.json"), spec));
     }

@@ -1,10 +1,8 @@
 //! `brelu iterate`: the iterative knapsack (re-extract on top of the chosen spec, re-solve).
 use super::print_json;
-use crate::distortion::{extract, Estimator, PlanOptions};
+use crate::distortion::{extract, Estimator, Settings};
 use crate::knapsack::budget_from_ratio;
 use crate::knapsack::iterative::{iterate, IterOptions};
-use crate::models::Model;
-use crate::train;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -28,24 +26,9 @@ pub struct IterateArgs {
     /// Re-extractions.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Estimator of the re-extractions (exact or first-order).
-    #[arg(long, default_value = "first-order")]
-    pub estimator: Estimator,
-    /// First-order probes (default: the number of outputs, at most 64).
-    #[arg(long)]
-    pub probes: Option<usize>,
-    /// Samples each round measures on (and the specs are judged on).
-    #[arg(long, default_value_t = 64)]
-    pub samples: usize,
-    /// Seed of the sample choice and the probes.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Samples per forward pass.
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    /// Perturbed copies per forward pass (exact).
-    #[arg(long, default_value_t = 8)]
-    pub stack: usize,
+    /// How each round re-measures (the estimator exact or first-order).
+    #[command(flatten)]
+    pub settings: Settings,
     /// Where to write the spec; `<stem>.iterate.json` (the rounds) goes beside it and the
     /// rounds' extractions under `<stem>.iterate/` (a rerun resumes them).
     #[arg(long, short)]
@@ -56,13 +39,17 @@ pub struct IterateArgs {
 }
 
 pub fn run(a: IterateArgs) -> Result<()> {
-    if a.rounds == 0 || a.samples == 0 || a.batch == 0 || a.stack == 0 {
-        bail!("--rounds, --samples, --batch and --stack must be at least 1");
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
     }
-    if a.estimator == Estimator::Snr {
+    if let Some(k) = a.settings.zero_field() {
+        bail!("--{k} must be at least 1");
+    }
+    if a.settings.estimator == Estimator::Snr {
         bail!("--estimator: the iterative knapsack measures against the network's output; use exact or first-order");
     }
-    let (cfg, tables, mut model) = a.measured.load()?;
+    let (exp, tables, mut model) = a.measured.load()?;
+    let cfg = exp.data()?;
     let relus: u64 = model.sites().iter().map(|s| s.relus() as u64).sum();
     let budget = match (a.ratio, a.budget) {
         (Some(r), _) => budget_from_ratio(relus, r)?,
@@ -73,30 +60,14 @@ pub fn run(a: IterateArgs) -> Result<()> {
         .start_ratio
         .map(|r| budget_from_ratio(relus, r))
         .transpose()?;
-    let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
+    let samples = extract::training_samples(cfg.source(), a.settings.samples, a.settings.seed)
         .context("choosing the samples")?;
-    let make_model = |device: Device| -> crate::error::Result<Model> {
-        let mut m = train::build_model(&cfg, device)?;
-        m.load_weights(&a.measured.weights)?;
-        Ok(m)
-    };
+    let make_model = |device: Device| exp.model_on(device);
     let opts = IterOptions {
         rounds: a.rounds,
         start_budget,
-        plan: PlanOptions {
-            estimator: a.estimator,
-            seed: a.seed,
-            batch: a.batch,
-            stack: a.stack,
-            chunk: a.batch,
-            probes: a.probes.unwrap_or(cfg.default_probes()),
-            sites: None,
-            zero: false,
-            skip_unchanged: true,
-            baseline: None,
-            against_relu: true,
-        },
-        batch: a.batch,
+        plan: a.settings.plan_options(cfg.default_probes()),
+        batch: a.settings.batch,
     };
     let work = a.output.with_extension("iterate");
     let (spec, report) = iterate(

@@ -23,7 +23,7 @@ pub struct PipelineArgs {
     /// writes the report while the others wait. The run directory must be on a file system
     /// every rank sees.
     #[arg(long)]
-    pub device: Option<String>,
+    pub device: Option<crate::ops::DeviceChoice>,
     /// A training image that cannot be decoded: error (stop, naming the file) or substitute
     /// (replace it, warn and count it); default: the configuration's `bad_images`, else error.
     #[arg(long, value_enum)]
@@ -32,9 +32,9 @@ pub struct PipelineArgs {
 
 pub fn run(a: PipelineArgs) -> Result<()> {
     let mut cfg = PipelineConfig::load(&a.config).context("reading the pipeline configuration")?;
-    let device = a.device.clone().or(cfg.device_setting.clone());
+    let device = a.device.or(cfg.device_setting).unwrap_or_default();
     // Under torchrun or srun every rank runs every stage the way the stage runs alone.
-    let (device, group) = crate::dist::Group::from_env(device.as_deref())?;
+    let (device, group) = crate::dist::Group::from_env(device)?;
     let leader = group.as_ref().is_none_or(|g| g.is_leader());
     cfg.device = device;
     cfg.bad_images = a.bad_images.unwrap_or(cfg.bad_images);

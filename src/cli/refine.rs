@@ -48,7 +48,7 @@ pub fn run(a: RefineArgs) -> Result<()> {
     if a.steps == 0 || a.samples == 0 || a.batch == 0 || a.candidates == 0 {
         bail!("--steps, --samples, --batch and --candidates must be at least 1");
     }
-    let (cfg, tables, mut model) = a.measured.load()?;
+    let (exp, tables, mut model) = a.measured.load()?;
     let start = Spec::load(&a.spec, model.name(), model.config().input, model.sites())
         .with_context(|| format!("loading spec {}", a.spec.display()))?;
     let cost = crate::spec::spec_cost(&start, model.sites());
@@ -57,7 +57,7 @@ pub fn run(a: RefineArgs) -> Result<()> {
         (None, Some(b)) => b,
         (None, None) => cost.drelus as u64,
     };
-    let samples = extract::training_samples(cfg.source(), a.samples, a.seed)
+    let samples = extract::training_samples(exp.data()?.source(), a.samples, a.seed)
         .context("choosing the samples")?;
     let opts = SearchOptions {
         steps: a.steps,

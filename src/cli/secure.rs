@@ -2,15 +2,14 @@
 //! party of a multi-host session) and benchmark the ring GEMM.
 use super::table::{human_bytes, thousands, Table};
 use super::{parse_input, print_json};
-use crate::data::Split;
-use crate::models::{find, ArchConfig, Model};
+use crate::experiment::Experiment;
+use crate::models::{find, Model};
 use crate::secure::engine::{run_party, ClientInput};
 use crate::secure::noise::{fingerprint, Identity, Trust};
 use crate::secure::party::{connect_retry, Join, Role};
 use crate::secure::plan::{argmax, DreluProtocol, Plan, Settings};
 use crate::secure::ring::Fixed;
 use crate::secure::{run_compare, LinkConfig, RunReport};
-use crate::spec::Spec;
 use crate::train::Config;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -194,39 +193,21 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         Some(p) => Some(Config::load(p).context("reading the data configuration")?),
         None => None,
     };
-    let name = match (&a.model, &cfg) {
-        (Some(m), _) => m.clone(),
-        (None, Some(c)) => c.model.clone(),
+    let mut exp = match (&a.model, &cfg) {
+        (_, Some(c)) => Experiment::of_config(c),
+        (Some(m), None) => Experiment::of_model(m, None, None)?,
         (None, None) => bail!("give --model or --data"),
     };
-    let arch = find(&name)?;
-    let input = a
-        .input
-        .or(cfg.as_ref().map(|c| c.input))
-        .unwrap_or_else(|| arch.default_input());
-    let classes = a
-        .classes
-        .or(cfg.as_ref().map(|c| c.num_classes))
-        .unwrap_or_else(|| arch.default_classes());
-    tch::manual_seed(a.seed as i64);
-    let mut model = Model::new(
-        arch,
-        ArchConfig {
-            input,
-            num_classes: classes,
-        },
-        Device::Cpu,
-    )?;
-    if let Some(w) = &a.weights {
-        model
-            .load_weights(w)
-            .with_context(|| format!("loading weights {}", w.display()))?;
+    if let Some(m) = &a.model {
+        exp.model = find(m)?.name().to_string();
     }
-    if let Some(s) = &a.spec {
-        let spec = Spec::load(s, model.name(), input, model.sites())
-            .with_context(|| format!("loading spec {}", s.display()))?;
-        model.apply_spec(&spec)?;
-    }
+    exp.input = a.input.unwrap_or(exp.input);
+    exp.classes = a.classes.unwrap_or(exp.classes);
+    exp.seed = a.seed;
+    let exp = exp
+        .with_weights(a.weights.as_deref())
+        .with_spec(a.spec.as_deref());
+    let model = exp.load_model()?;
     let settings = Settings {
         fixed: Fixed { frac: a.frac_bits },
         drelu: a.drelu_protocol,
@@ -249,38 +230,13 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         max_ahead: a.max_ahead_mb << 20,
         ahead_batches: a.dealer_ahead,
     };
-    let (images, labels) = if !need_images {
-        (Vec::new(), None)
-    } else if let Some(cfg) = &cfg {
-        let mut test = cfg
-            .source()
-            .load_split(Split::Test)
-            .context("loading the test set")?;
-        test.truncate(a.images);
-        let all: Vec<i64> = (0..test.len() as i64).collect();
-        let x = cfg.dataset.normalization().apply(&test.select(&all)?);
-        // Segmentation sets have masks, not one label per image.
-        let labels = match test.seg {
-            Some(_) => None,
-            None => Some(
-                Vec::<i64>::try_from(&test.labels)?
-                    .into_iter()
-                    .map(|l| l as usize)
-                    .collect(),
-            ),
-        };
-        (split_images(&x)?, labels)
+    let (images, labels) = if need_images {
+        let t = exp
+            .test_images(a.images)
+            .context("loading the test images")?;
+        (t.images, t.labels)
     } else {
-        let x = Tensor::randn(
-            [
-                a.images as i64,
-                input[0] as i64,
-                input[1] as i64,
-                input[2] as i64,
-            ],
-            (Kind::Float, Device::Cpu),
-        );
-        (split_images(&x)?, None)
+        (Vec::new(), None)
     };
     Ok(Session {
         model,
@@ -289,13 +245,6 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
         settings,
         link,
     })
-}
-
-fn split_images(x: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let n = x.size()[0];
-    (0..n)
-        .map(|i| Ok(Vec::<f32>::try_from(x.get(i).flatten(0, -1))?))
-        .collect()
 }
 
 fn run_cmd(a: RunArgs) -> Result<()> {

@@ -3,8 +3,9 @@
 use super::print_json;
 use crate::data::Split;
 use crate::dist::Group;
-use crate::models::Model;
-use crate::spec::{spec_cost, Spec};
+use crate::experiment::Experiment;
+use crate::ops::DeviceChoice;
+use crate::spec::spec_cost;
 use crate::train::{self, Config, TrainOptions};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -41,9 +42,9 @@ pub struct TrainArgs {
     /// Override the configuration's seed (initialisation, data order, augmentation).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// cpu (default), cuda or cuda:N.
-    #[arg(long)]
-    pub device: Option<String>,
+    /// cpu, cuda (under a launcher: each rank's GPU, cuda:LOCAL_RANK) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Teacher weights for a configuration with `[distill]` (fine-tuning: default the
     /// starting weights, i.e. the original network).
     #[arg(long)]
@@ -114,9 +115,9 @@ pub struct EvalArgs {
     /// Block-ReLU spec to evaluate with (default: ordinary ReLU).
     #[arg(long, short)]
     pub spec: Option<PathBuf>,
-    /// cpu (default), cuda or cuda:N.
-    #[arg(long)]
-    pub device: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -181,11 +182,6 @@ fn metric_text(r: &train::EvalResult) -> String {
     }
 }
 
-fn load_spec(path: &Path, model: &Model) -> Result<Spec> {
-    Spec::load(path, model.name(), model.config().input, model.sites())
-        .with_context(|| format!("loading spec {}", path.display()))
-}
-
 fn loader_options(a: &TrainArgs) -> crate::data::LoaderOptions {
     crate::data::LoaderOptions {
         workers: a.workers,
@@ -196,7 +192,7 @@ fn loader_options(a: &TrainArgs) -> crate::data::LoaderOptions {
 
 fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> Result<()> {
     let cfg = load_config(&a.config, Some(a))?;
-    let (device, group) = Group::from_env(a.device.as_deref())?;
+    let (device, group) = Group::from_env(a.device)?;
     let leader = group.as_ref().is_none_or(|g| g.is_leader());
     let run_dir = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -206,16 +202,10 @@ fn run_training(a: &TrainArgs, weights: Option<&Path>, spec: Option<&Path>) -> R
             .unwrap_or_else(|| "run".into());
         PathBuf::from("runs").join(stem)
     });
-    let mut model = train::build_model(&cfg, device)?;
-    if let Some(w) = weights {
-        model
-            .load_weights(w)
-            .with_context(|| format!("loading weights {}", w.display()))?;
-    }
-    if let Some(s) = spec {
-        let spec = load_spec(s, &model)?;
-        model.apply_spec(&spec)?;
-    }
+    let mut model = Experiment::of_config(&cfg)
+        .with_weights(weights)
+        .with_spec(spec)
+        .model_on(device)?;
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
         resume: a.resume,
@@ -290,18 +280,16 @@ struct EvalReport {
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let cfg = load_config(&a.config, None)?;
-    let device = crate::ops::parse_device(a.device.as_deref())?;
-    let mut model = train::build_model(&cfg, device)?;
-    model
-        .load_weights(&a.weights)
-        .with_context(|| format!("loading weights {}", a.weights.display()))?;
+    let exp = Experiment::of_config(&cfg)
+        .with_weights(Some(&a.weights))
+        .with_spec(a.spec.as_deref())
+        .with_device(a.device);
+    let model = exp.load_model()?;
     let relus: usize = model.sites().iter().map(|s| s.relus()).sum();
-    let mut drelus = relus;
-    if let Some(s) = &a.spec {
-        let spec = load_spec(s, &model)?;
-        drelus = spec_cost(&spec, model.sites()).drelus;
-        model.apply_spec(&spec)?;
-    }
+    let drelus = match exp.load_spec(&model)? {
+        Some(spec) => spec_cost(&spec, model.sites()).drelus,
+        None => relus,
+    };
     let test = cfg
         .source()
         .load_split(Split::Test)

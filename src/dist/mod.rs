@@ -18,6 +18,7 @@
 mod ffi;
 
 use crate::error::{Error, Result};
+use crate::ops::DeviceChoice;
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
@@ -189,14 +190,8 @@ impl Launch {
     /// The device this rank computes on: `cuda` means `cuda:LOCAL_RANK`, or
     /// `cuda:(LOCAL_RANK mod devices)` when the launcher shows each task fewer GPUs than its
     /// local rank (Slurm's `--gpus-per-task=1` shows one).
-    pub fn device(&self, device: Option<&str>) -> Result<tch::Device> {
-        match device {
-            Some("cuda") => {
-                let n = tch::Cuda::device_count().max(1) as usize;
-                crate::ops::parse_device(Some(&format!("cuda:{}", self.local_rank % n)))
-            }
-            d => crate::ops::parse_device(d),
-        }
+    pub fn device(&self, device: DeviceChoice) -> Result<tch::Device> {
+        device.resolve(Some(self.local_rank))
     }
 }
 
@@ -268,9 +263,9 @@ impl Group {
 
     /// The device and, under a launcher, the process group (Gloo on the CPU, NCCL on CUDA,
     /// where `--device cuda` is this rank's GPU: [`Launch::device`]).
-    pub fn from_env(device: Option<&str>) -> Result<(tch::Device, Option<std::rc::Rc<Group>>)> {
+    pub fn from_env(device: DeviceChoice) -> Result<(tch::Device, Option<std::rc::Rc<Group>>)> {
         let Some(l) = Launch::from_env()? else {
-            return Ok((crate::ops::parse_device(device)?, None));
+            return Ok((device.resolve(None)?, None));
         };
         let device = l.device(device)?;
         let g = Group::join(&l, device, Timeouts::from_env()?)?;

@@ -23,7 +23,7 @@ pub mod cuda;
 #[path = "cuda_stub.rs"]
 pub mod cuda;
 
-pub use device::parse_device;
+pub use device::DeviceChoice;
 
 use crate::error::{Error, Result};
 use crate::spec::PatchOption;

@@ -1,58 +1,12 @@
 //! The pipeline configuration: a TOML file naming the baseline and fine-tune training
 //! configurations (paths relative to it), the budget sweep, and the extraction and secure
 //! inference settings.
+use crate::distortion::{Estimator, Settings};
 use crate::error::{Error, Result};
+use crate::ops::DeviceChoice;
 use crate::train::Config;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DistortionSettings {
-    #[serde(default = "first_order")]
-    pub estimator: String,
-    #[serde(default = "d_samples")]
-    pub samples: usize,
-    #[serde(default = "d_batch")]
-    pub batch: usize,
-    #[serde(default = "d_stack")]
-    pub stack: usize,
-    #[serde(default = "d_batch")]
-    pub chunk: usize,
-    #[serde(default)]
-    pub seed: u64,
-    /// First-order probes (default: the full basis for classification up to 128 classes,
-    /// else 64 random probes; `train::Config::default_probes`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub probes: Option<usize>,
-}
-
-fn first_order() -> String {
-    "first-order".into()
-}
-fn d_samples() -> usize {
-    256
-}
-fn d_batch() -> usize {
-    32
-}
-fn d_stack() -> usize {
-    8
-}
-
-impl Default for DistortionSettings {
-    fn default() -> Self {
-        DistortionSettings {
-            estimator: first_order(),
-            samples: d_samples(),
-            batch: d_batch(),
-            stack: d_stack(),
-            chunk: d_batch(),
-            seed: 0,
-            probes: None,
-        }
-    }
-}
 
 /// Local search from each knapsack spec (`brelu refine`), as the extra method `refine`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -135,7 +89,7 @@ struct File {
     #[serde(default = "yes")]
     baselines: bool,
     #[serde(default)]
-    distortion: DistortionSettings,
+    distortion: Settings,
     #[serde(default)]
     refine: RefineSettings,
     #[serde(default)]
@@ -150,7 +104,7 @@ struct File {
     /// Where every stage computes: cpu (default), cuda (under a launcher: each rank's GPU)
     /// or cuda:N; `brelu pipeline --device` overrides it. Secure inference stays on the CPU.
     #[serde(default)]
-    device: Option<String>,
+    device: Option<DeviceChoice>,
     /// A training image that cannot be decoded: "error" (default: stop, naming the file) or
     /// "substitute" (replace and count it, `brelu train --bad-images`). Not part of the stage
     /// hashes: a stage that finished under "error" met no bad image, so it is what
@@ -161,14 +115,6 @@ struct File {
 
 fn yes() -> bool {
     true
-}
-
-/// `cpu`, `cuda` or `cuda:N` (whether the device exists is checked when the run starts).
-fn device_name(d: &str) -> bool {
-    d == "cpu"
-        || d == "cuda"
-        || d.strip_prefix("cuda:")
-            .is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
 /// A loaded, checked pipeline configuration.
@@ -183,14 +129,14 @@ pub struct PipelineConfig {
     pub ratios: Vec<f64>,
     pub budgets: Vec<u64>,
     pub baselines: bool,
-    pub distortion: DistortionSettings,
+    pub distortion: Settings,
     pub refine: RefineSettings,
     pub iterative: IterativeSettings,
     /// See `File::bytes`.
     pub bytes: bool,
     pub secure: SecureSettings,
     /// The file's `device` (the CLI resolves it into `device` and `group`).
-    pub device_setting: Option<String>,
+    pub device_setting: Option<DeviceChoice>,
     /// See `File::bad_images`.
     pub bad_images: crate::data::BadImages,
     /// Show progress (set by the CLI on rank 0; see [`crate::progress`]).
@@ -252,23 +198,8 @@ impl PipelineConfig {
         {
             return Err(bad("ratios", format!("{q} is not a fraction in (0, 1]")));
         }
-        if let Err(e) = f
-            .distortion
-            .estimator
-            .parse::<crate::distortion::Estimator>()
-        {
-            return Err(bad("distortion.estimator", e));
-        }
-        for (k, v) in [
-            ("distortion.samples", f.distortion.samples),
-            ("distortion.batch", f.distortion.batch),
-            ("distortion.stack", f.distortion.stack),
-            ("distortion.chunk", f.distortion.chunk),
-            ("distortion.probes", f.distortion.probes.unwrap_or(1)),
-        ] {
-            if v == 0 {
-                return Err(bad(k, "must be at least 1".into()));
-            }
+        if let Some(k) = f.distortion.zero_field() {
+            return Err(bad(&format!("distortion.{k}"), "must be at least 1".into()));
         }
         if !(f.iterative.start.is_finite() && f.iterative.start >= 1.0) {
             return Err(bad(
@@ -279,18 +210,12 @@ impl PipelineConfig {
                 ),
             ));
         }
-        if f.iterative.rounds > 0 && f.distortion.estimator == "snr" {
+        if f.iterative.rounds > 0 && f.distortion.estimator == Estimator::Snr {
             return Err(bad(
                 "iterative.rounds",
                 "the iterative knapsack re-measures against the network's output: set \
                  distortion.estimator to exact or first-order"
                     .into(),
-            ));
-        }
-        if let Some(d) = f.device.as_deref().filter(|d| !device_name(d)) {
-            return Err(bad(
-                "device",
-                format!("'{d}': expected cpu, cuda or cuda:N"),
             ));
         }
         let weights = f.weights.as_deref().map(rel);

@@ -3,8 +3,9 @@ use super::runner::{file_hash, read_json, write_json, Runner};
 use super::{PipelineConfig, Row, SecureSummary, SpecEntry};
 use crate::data::{Dataset, Normalize};
 use crate::distortion::extract::{self, Extraction};
-use crate::distortion::{DistortionTables, PlanOptions, Samples, Shard};
+use crate::distortion::{DistortionTables, Samples, Shard};
 use crate::error::{Error, Result};
+use crate::experiment::{Experiment, TestImages};
 use crate::hash::of_json;
 use crate::knapsack::iterative::{iterate, IterOptions};
 use crate::knapsack::local::{search, SearchOptions};
@@ -45,26 +46,15 @@ impl Network {
     }
 }
 
+/// The baseline recipe with `weights`: the experiment every stage builds its models from.
+fn experiment(cfg: &PipelineConfig, weights: &Path) -> Experiment {
+    Experiment::of_config(&cfg.train_config).with_weights(Some(weights))
+}
+
 /// The baseline recipe's model with `weights` and, if given, a spec applied, on the pipeline's
 /// device.
 fn load_model(cfg: &PipelineConfig, weights: &Path, spec: Option<&Spec>) -> Result<Model> {
-    recipe_model(&cfg.train_config, weights, spec, cfg.device)
-}
-
-/// The model of `recipe` with `weights` and `spec` on `device` (what the extraction's worker
-/// threads build: nothing of the process group).
-fn recipe_model(
-    recipe: &train::Config,
-    weights: &Path,
-    spec: Option<&Spec>,
-    device: Device,
-) -> Result<Model> {
-    let mut m = train::build_model(recipe, device)?;
-    m.load_weights(weights)?;
-    if let Some(s) = spec {
-        m.apply_spec(s)?;
-    }
-    Ok(m)
+    experiment(cfg, weights).model_with(cfg.device, spec)
 }
 
 /// The training loader: default threads and queue, the configured bad-image policy.
@@ -124,32 +114,13 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
     })
 }
 
-/// How the pipeline measures distortion (`[distortion]`), around the all-ReLU network.
-fn plan_options(cfg: &PipelineConfig) -> Result<PlanOptions> {
-    let d = &cfg.distortion;
-    Ok(PlanOptions {
-        estimator: d.estimator.parse().map_err(Error::InvalidArgument)?,
-        seed: d.seed,
-        batch: d.batch,
-        stack: d.stack,
-        chunk: d.chunk,
-        probes: cfg
-            .distortion
-            .probes
-            .unwrap_or(cfg.train_config.default_probes()),
-        sites: None,
-        zero: false,
-        skip_unchanged: true,
-        baseline: None,
-        against_relu: false,
-    })
-}
-
 /// 2. Distortion tables of the baseline network; returns the stage's output hash.
 pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) -> Result<String> {
     let base_cfg = &cfg.train_config;
     let ddir = r.dir.join("distortion");
-    let opts = plan_options(cfg)?;
+    let opts = cfg
+        .distortion
+        .plan_options(cfg.train_config.default_probes());
     // The probes actually used: their default follows the task (`default_probes`).
     let dist_in = of_json(&(&base.hash, &cfg.distortion, opts.probes));
     // Every rank measures its shard of the units; rank 0 prepares the directory first and
@@ -171,8 +142,8 @@ pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) 
             }
             g.barrier()?;
         }
-        let (recipe, w) = (&cfg.train_config, &base.weights);
-        let make = move |dev: Device| recipe_model(recipe, w, None, dev);
+        let exp = experiment(cfg, &base.weights);
+        let make = move |dev: Device| exp.model_with(dev, None);
         let bar = crate::progress::bar(cfg.progress, 0, "distortion", "units");
         let x = Extraction {
             dir: &ddir,
@@ -245,8 +216,8 @@ pub(super) fn specs(
             }),
             None => None,
         };
-        let (recipe, w) = (&cfg.train_config, &base.weights);
-        let make = move |dev: Device| recipe_model(recipe, w, None, dev);
+        let exp = experiment(cfg, &base.weights);
+        let make = move |dev: Device| exp.model_with(dev, None);
         let iterative = match iterative {
             Some((it, dist)) => Some(Iterative {
                 model: load_model(cfg, &base.weights, None)?,
@@ -259,7 +230,7 @@ pub(super) fn specs(
                 opts: IterOptions {
                     rounds: it.rounds,
                     start_budget: None,
-                    plan: plan_options(cfg)?,
+                    plan: dist.plan_options(cfg.train_config.default_probes()),
                     batch: dist.batch,
                 },
                 start: it.start,
@@ -424,30 +395,14 @@ fn secure_inference(
         let model = if model.device() == Device::Cpu {
             model
         } else {
-            cpu_model = recipe_model(&cfg.train_config, weights, spec, Device::Cpu)?;
+            cpu_model = experiment(cfg, weights).model_with(Device::Cpu, spec)?;
             &cpu_model
         };
-        let n = cfg.secure.images.min(test.data.len());
-        let first: Vec<i64> = (0..n as i64).collect();
-        let x = test.norm.apply(&test.data.select(&first)?);
-        let per: usize = x.size()[1..].iter().product::<i64>() as usize;
-        let flat = Vec::<f32>::try_from(x.flatten(0, -1))?;
-        let images: Vec<Vec<f32>> = flat.chunks(per).map(|c| c.to_vec()).collect();
-        // Segmentation: the images come at the input size (fixed transform) and
-        // there is no per-image label to compare with.
-        let labels: Option<Vec<usize>> = match test.data.seg {
-            Some(_) => None,
-            None => Some(
-                Vec::<i64>::try_from(test.data.labels.narrow(0, 0, n as i64))?
-                    .into_iter()
-                    .map(|l| l as usize)
-                    .collect(),
-            ),
-        };
+        let first = TestImages::of(&test.data, &test.norm, cfg.secure.images)?;
         let rep = secure::report::run_compare(
             model,
-            &images,
-            labels.as_deref(),
+            &first.images,
+            first.labels.as_deref(),
             secure::plan::Settings::default(),
             false,
             secure::link::LinkConfig::default(),

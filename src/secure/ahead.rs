@@ -8,10 +8,105 @@
 //! deadlock: batch `c - ahead` needs only material produced before batch `c`.
 //!
 //! [`Carry`] moves the values the offline part keeps for the online part (the masks whose bits
-//! it shared) in order, within one thread or between the two.
+//! it shared) in order, within one thread or between the two. [`Dealer`] holds all of this:
+//! the state only the dealer has.
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
-use std::sync::{mpsc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+
+/// What the dealer does in a protocol call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Both parts in each call (protocol tests).
+    Inline,
+    /// Only the input-independent part: correlated randomness, sent ahead.
+    Offline,
+    /// Only the part that needs the other parties' messages (the comparisons).
+    Online,
+}
+
+/// The dealer's own state in a session.
+pub struct Dealer {
+    /// Which part of each protocol to run.
+    pub phase: Phase,
+    /// Private values the offline part keeps for the online part, in order.
+    pub carry: Carry,
+    /// While the offline part runs on its own thread: the bound on its lead.
+    gate: Option<Arc<Gate>>,
+    /// DReLU batches of the current image seen by this part so far.
+    batches: u64,
+    /// DReLU batches the offline thread may run ahead.
+    ahead: u64,
+}
+
+impl Dealer {
+    /// Both parts inline; `ahead`: the lead allowed once [`Dealer::split`] runs them apart.
+    pub fn new(ahead: u64) -> Dealer {
+        Dealer {
+            phase: Phase::Inline,
+            carry: Carry::Local(VecDeque::new()),
+            gate: None,
+            batches: 0,
+            ahead,
+        }
+    }
+
+    /// This part becomes the online one of an image; returns the offline one, which sends it
+    /// the carried values and waits at the shared gate.
+    pub fn split(&mut self) -> Dealer {
+        let gate = Arc::new(Gate::new(self.ahead));
+        let (tx, rx) = mpsc::channel();
+        self.carry = Carry::Recv(rx);
+        self.gate = Some(gate.clone());
+        self.phase = Phase::Online;
+        self.batches = 0;
+        Dealer {
+            phase: Phase::Offline,
+            carry: Carry::Send(tx),
+            gate: Some(gate),
+            batches: 0,
+            ahead: self.ahead,
+        }
+    }
+
+    /// The image is done: both parts on this one again.
+    pub fn rejoin(&mut self) {
+        self.carry = Carry::Local(VecDeque::new());
+        self.gate = None;
+    }
+
+    pub fn does_offline(&self) -> bool {
+        self.phase != Phase::Online
+    }
+
+    pub fn does_online(&self) -> bool {
+        self.phase != Phase::Offline
+    }
+
+    /// Offline part: waits until the next DReLU batch may be produced.
+    pub fn batch_ahead(&mut self) -> Result<()> {
+        let c = self.batches;
+        self.batches += 1;
+        match &self.gate {
+            Some(g) => g.wait(c),
+            None => Ok(()),
+        }
+    }
+
+    /// Online part: a DReLU batch is done (the client has used its material).
+    pub fn batch_done(&self) {
+        if let Some(g) = &self.gate {
+            g.pass();
+        }
+    }
+
+    /// Online part: stopped; a waiting offline part gives up.
+    pub fn stop(&self) {
+        if let Some(g) = &self.gate {
+            g.stop();
+        }
+    }
+}
 
 /// Online progress in DReLU batches, shared by the dealer's two threads.
 pub struct Gate {
@@ -103,7 +198,6 @@ fn unreachable_carry<T>(what: &str) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     /// The offline side never gets more than `ahead` batches in front; stopping releases it.
     #[test]

@@ -3,7 +3,7 @@
 //! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
 use super::link::LinkConfig;
 use super::noise::ephemeral_session;
-use super::party::{loopback_streams, Join, LayerStats, Party, Role, TAG_SESSION};
+use super::party::{local_streams, Join, LayerStats, LocalNet, Party, Role, TAG_SESSION};
 use super::plan::{Layer, Plan, Weights};
 use super::proto::{self, LinOp, LinearMask};
 use super::ring;
@@ -195,11 +195,13 @@ fn dealer_image(
     last_use: &[usize],
     argmax_only: bool,
 ) -> Result<ImageRun> {
-    let mut off = p.split_offline();
+    let mut off = p.split_offline()?;
     let (offline, online) = std::thread::scope(|s| {
         let h = s.spawn(|| run_image(&mut off, plan, weights, masks, last_use, None, argmax_only));
         let r = run_image(p, plan, weights, masks, last_use, None, argmax_only);
-        p.stop_ahead();
+        if let Some(d) = &p.dealer {
+            d.stop();
+        }
         (h.join(), r)
     });
     p.rejoin(off);
@@ -330,7 +332,7 @@ pub fn run_local(
     cfg: LinkConfig,
 ) -> Result<[PartyRun; 3]> {
     let hash = plan.hash();
-    let [sc, ss, sd] = loopback_streams()?;
+    let [sc, ss, sd] = local_streams(LocalNet::Tcp)?;
     let [kc, ks, kd] = ephemeral_session()?;
     let join = |(identity, trust)| Join {
         identity,
@@ -372,13 +374,13 @@ pub fn run_local(
     }
 }
 
-/// Runs `f` once per role, each on its own thread with a connected [`Party`] (loopback TCP,
-/// real handshake): the harness for protocol tests. Results in role order.
+/// Runs `f` once per role, each on its own thread with a connected [`Party`] (in-memory
+/// connections, real handshake): the harness for protocol tests. Results in role order.
 pub fn with_parties<T: Send>(
     settings: super::plan::Settings,
     f: impl Fn(&mut Party) -> Result<T> + Sync,
 ) -> Result<[T; 3]> {
-    let [sc, ss, sd] = loopback_streams()?;
+    let [sc, ss, sd] = local_streams(LocalNet::Memory)?;
     let keys = ephemeral_session()?;
     let f = &f;
     let keys = &keys;

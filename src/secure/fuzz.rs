@@ -8,18 +8,19 @@
 //! established link. Whatever arrives must end in an error or in a message of exactly the
 //! expected length: never a panic, a hang, an allocation beyond the limits, or a reply to an
 //! unauthenticated peer.
+use super::conn::{mem_pair, Conn, MemConn};
 use super::link::{Link, LinkConfig};
 use super::noise::{ephemeral_session, handshake_pair, respond, RecordWriter};
 use super::party::Role;
 use super::wire::Kind;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
-    let a = TcpStream::connect(l.local_addr().expect("an address")).expect("connect");
-    let (b, _) = l.accept().expect("accept");
+/// An in-memory connection whose far end never blocks its writer for long (the fuzzer writes
+/// a whole input before the link reads it).
+fn pair() -> (MemConn, MemConn) {
+    let (a, b) = mem_pair();
+    let _ = b.set_write_timeout(Some(CFG.timeout));
     (a, b)
 }
 
@@ -66,9 +67,9 @@ pub fn receives(ctl: u8) -> Vec<(Kind, u32, usize)> {
 /// Bytes from an unauthenticated peer: refused, and nothing is sent back.
 fn handshake(bytes: &[u8]) {
     let [(client, trust), _, _] = ephemeral_session().expect("keys");
-    let (mut a, mut b) = tcp_pair();
+    let (mut a, mut b) = pair();
     let _ = b.write_all(bytes);
-    let _ = b.shutdown(Shutdown::Write);
+    b.close_write();
     let deadline = Instant::now() + CFG.timeout;
     let allowed = [Role::Server, Role::Dealer];
     let r = respond(&mut a, &client, &trust, &allowed, deadline, |_, _| {
@@ -88,17 +89,17 @@ fn handshake(bytes: &[u8]) {
 /// Bytes inside (`sealed`) or injected into an authenticated link, then a few receives.
 fn frames(bytes: &[u8], sealed: bool) -> usize {
     let (ctl, body) = bytes.split_at(bytes.len().min(2));
-    let (mut a, mut b) = tcp_pair();
+    let (mut a, mut b) = pair();
     let (ta, tb) = handshake_pair(&mut a, &mut b).expect("handshake");
-    let mut link = Link::new(a, "peer", CFG, ta).expect("link");
+    let mut link = Link::new(Box::new(a), "peer", CFG, ta).expect("link");
     link.accepts_offline = ctl.first().is_some_and(|c| c & 1 == 1);
     if sealed {
-        let mut w = RecordWriter::new(b.try_clone().expect("clone"), tb, CFG.timeout);
+        let mut w = RecordWriter::new(b.try_clone_conn().expect("clone"), tb, CFG.timeout);
         let _ = w.write_all(body).and_then(|_| w.flush());
     } else {
         let _ = b.write_all(body);
     }
-    let _ = b.shutdown(Shutdown::Both);
+    let _ = b.shutdown_both();
     let mut accepted = 0;
     for (kind, tag, len) in receives(ctl.get(1).copied().unwrap_or(4)) {
         match link.recv(kind, tag, len) {

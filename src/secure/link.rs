@@ -5,11 +5,11 @@
 //! exchanges cannot deadlock on full socket buffers. There is no acknowledgement: TCP is
 //! reliable, the AEAD catches any change on the way, and the per-direction sequence number in
 //! every header catches protocol bugs.
+use super::conn::Stream;
 use super::noise::{AuthFailed, RecordReader, RecordWriter, Transport, MAX_PLAIN};
 use super::wire::{Header, Kind, HEADER_LEN};
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -66,7 +66,7 @@ pub fn wire_len(n: usize) -> u64 {
 /// A framed, counted, encrypted connection to one peer.
 pub struct Link {
     peer: String,
-    stream: TcpStream,
+    stream: Stream,
     reader: RecordReader,
     sender: Option<LinkSender>,
     writer: Option<JoinHandle<std::io::Result<()>>>,
@@ -171,12 +171,7 @@ fn write_messages(
 impl Link {
     /// Wraps a stream whose handshake gave `transport`; `peer` names the other party in
     /// errors.
-    pub fn new(
-        stream: TcpStream,
-        peer: &str,
-        cfg: LinkConfig,
-        transport: Transport,
-    ) -> Result<Link> {
+    pub fn new(stream: Stream, peer: &str, cfg: LinkConfig, transport: Transport) -> Result<Link> {
         let err = |e: std::io::Error| Error::Link {
             peer: peer.to_string(),
             msg: e.to_string(),
@@ -187,9 +182,12 @@ impl Link {
                 cfg.max_frame
             )));
         }
-        stream.set_nodelay(true).map_err(err)?;
-        let reader = RecordReader::new(stream.try_clone().map_err(err)?, transport.clone());
-        let mut w = RecordWriter::new(stream.try_clone().map_err(err)?, transport, cfg.timeout);
+        let reader = RecordReader::new(stream.try_clone_conn().map_err(err)?, transport.clone());
+        let mut w = RecordWriter::new(
+            stream.try_clone_conn().map_err(err)?,
+            transport,
+            cfg.timeout,
+        );
         let (tx, rx) = mpsc::channel::<Message>();
         let (done_tx, writer_done) = mpsc::channel::<()>();
         let max_frame = cfg.max_frame;
@@ -402,7 +400,7 @@ impl Link {
             Some(Err(_)) => Err(self.link_err("writer thread panicked")),
             _ => Ok(()),
         };
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.shutdown_both();
         r
     }
 }
@@ -419,7 +417,7 @@ impl Drop for Link {
         if self.writer.is_some() {
             self.sender = None;
             let _ = self.writer_done.recv_timeout(DROP_GRACE);
-            let _ = self.stream.shutdown(Shutdown::Both);
+            let _ = self.stream.shutdown_both();
             if let Some(h) = self.writer.take() {
                 let _ = h.join();
             }

@@ -12,12 +12,12 @@
 //! Wire format after the preamble: records of `u16 LE length | ciphertext` (at most 65,535
 //! bytes, 16 of them the Poly1305 tag). Nonces count records per direction and are implicit, so
 //! a tampered, dropped, replayed or reordered record fails to decrypt.
+use super::conn::{Conn, Stream};
 use super::wire::Role;
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use snow::{Builder, StatelessTransportState};
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -285,7 +285,7 @@ pub fn remaining(deadline: Instant) -> std::io::Result<Duration> {
 
 /// `read_exact` that gives up at `deadline` however the bytes trickle in.
 pub fn read_exact_by(
-    s: &mut TcpStream,
+    s: &mut dyn Conn,
     mut buf: &mut [u8],
     deadline: Instant,
 ) -> std::io::Result<()> {
@@ -302,7 +302,7 @@ pub fn read_exact_by(
 }
 
 /// `write_all` that gives up at `deadline` however slowly the peer reads.
-pub fn write_all_by(s: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+pub fn write_all_by(s: &mut dyn Conn, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
     while !buf.is_empty() {
         s.set_write_timeout(Some(remaining(deadline)?))?;
         match s.write(buf) {
@@ -357,14 +357,14 @@ fn preamble(from: Role, to: Role) -> [u8; PREAMBLE_LEN] {
     p
 }
 
-fn send_record(s: &mut TcpStream, msg: &[u8], deadline: Instant) -> std::io::Result<()> {
+fn send_record(s: &mut dyn Conn, msg: &[u8], deadline: Instant) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(2 + msg.len());
     out.extend_from_slice(&(msg.len() as u16).to_le_bytes());
     out.extend_from_slice(msg);
     write_all_by(s, &out, deadline)
 }
 
-fn recv_record(s: &mut TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
+fn recv_record(s: &mut dyn Conn, deadline: Instant) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 2];
     read_exact_by(s, &mut len, deadline)?;
     let mut msg = vec![0u8; u16::from_le_bytes(len) as usize];
@@ -375,7 +375,7 @@ fn recv_record(s: &mut TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>>
 /// Dials side: authenticates to `peer` (whose pinned key is `peer_key`) and exchanges the
 /// handshake payloads (ours first). Returns the transport and the peer's payload.
 pub fn initiate(
-    s: &mut TcpStream,
+    s: &mut dyn Conn,
     me: &Identity,
     peer: Role,
     peer_key: &[u8; 32],
@@ -420,17 +420,14 @@ pub fn initiate(
 /// `reply(role, peer_payload)`. Refuses (without sending anything) a bad preamble, a role not
 /// allowed, and a first message that does not authenticate.
 pub fn respond(
-    s: &mut TcpStream,
+    s: &mut dyn Conn,
     me: &Identity,
     trust: &Trust,
     allowed: &[Role],
     deadline: Instant,
     reply: impl FnOnce(Role, &[u8]) -> Vec<u8>,
 ) -> Result<(Role, Transport, Vec<u8>)> {
-    let addr = s
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "peer".into());
+    let addr = s.peer_name();
     let mut pre = [0u8; PREAMBLE_LEN];
     read_exact_by(s, &mut pre, deadline).map_err(|e| handshake_io(&addr, e, "a preamble"))?;
     if pre[..4] != PREAMBLE_MAGIC || pre[4] != PREAMBLE_VERSION || pre[7] != 0 {
@@ -494,7 +491,7 @@ pub fn respond(
 /// Runs the handshake between the two ends of one connection in this process with fresh keys
 /// (`a` answers as the client, `b` dials as the server): for tests of what travels inside an
 /// established link.
-pub fn handshake_pair(a: &mut TcpStream, b: &mut TcpStream) -> Result<(Transport, Transport)> {
+pub fn handshake_pair(a: &mut dyn Conn, b: &mut dyn Conn) -> Result<(Transport, Transport)> {
     let [(client, trust), (server, _), _] = ephemeral_session()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let key = client.public;
@@ -527,7 +524,7 @@ impl std::error::Error for AuthFailed {}
 /// Decrypting reader of a link. Each read waits at most until `deadline` (set per exchange by
 /// the link), however slowly bytes arrive.
 pub struct RecordReader {
-    stream: TcpStream,
+    stream: Stream,
     transport: Transport,
     nonce: u64,
     /// Decrypted bytes not yet handed out are `plain[pos..end]`.
@@ -539,7 +536,7 @@ pub struct RecordReader {
 }
 
 impl RecordReader {
-    pub fn new(stream: TcpStream, transport: Transport) -> RecordReader {
+    pub fn new(stream: Stream, transport: Transport) -> RecordReader {
         RecordReader {
             stream,
             transport,
@@ -554,7 +551,7 @@ impl RecordReader {
 
     fn fill(&mut self) -> std::io::Result<usize> {
         let mut len = [0u8; 2];
-        read_exact_by(&mut self.stream, &mut len, self.deadline)?;
+        read_exact_by(&mut *self.stream, &mut len, self.deadline)?;
         let len = u16::from_le_bytes(len) as usize;
         if len <= TAG_LEN {
             return Err(std::io::Error::new(
@@ -563,7 +560,7 @@ impl RecordReader {
             ));
         }
         self.cipher.resize(len, 0);
-        read_exact_by(&mut self.stream, &mut self.cipher, self.deadline)?;
+        read_exact_by(&mut *self.stream, &mut self.cipher, self.deadline)?;
         let n = self
             .transport
             .state
@@ -594,7 +591,7 @@ impl Read for RecordReader {
 /// bytes; `flush` seals the last partial record. Every write of a record must finish within
 /// `timeout` of its start.
 pub struct RecordWriter {
-    stream: TcpStream,
+    stream: Stream,
     transport: Transport,
     nonce: u64,
     plain: Vec<u8>,
@@ -603,7 +600,7 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
-    pub fn new(stream: TcpStream, transport: Transport, timeout: Duration) -> RecordWriter {
+    pub fn new(stream: Stream, transport: Transport, timeout: Duration) -> RecordWriter {
         RecordWriter {
             stream,
             transport,
@@ -627,7 +624,7 @@ impl RecordWriter {
         self.out[..2].copy_from_slice(&(n as u16).to_le_bytes());
         self.plain.clear();
         let deadline = Instant::now() + self.timeout;
-        write_all_by(&mut self.stream, &self.out[..2 + n], deadline)?;
+        write_all_by(&mut *self.stream, &self.out[..2 + n], deadline)?;
         Ok(())
     }
 
@@ -664,20 +661,20 @@ mod timing {
     #[ignore]
     fn record_throughput() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut b, _) = l.accept().unwrap();
         let (ta, tb) = handshake_pair(&mut a, &mut b).unwrap();
         let total = 64usize << 20;
         let data = vec![7u8; 1 << 20];
         let t = Instant::now();
         let writer = std::thread::spawn(move || {
-            let mut w = RecordWriter::new(b, tb, Duration::from_secs(60));
+            let mut w = RecordWriter::new(Box::new(b), tb, Duration::from_secs(60));
             for _ in 0..total >> 20 {
                 w.write_all(&data).unwrap();
             }
             w.flush().unwrap();
         });
-        let mut r = RecordReader::new(a, ta);
+        let mut r = RecordReader::new(Box::new(a), ta);
         r.deadline = Instant::now() + Duration::from_secs(60);
         let mut buf = vec![0u8; 1 << 20];
         for _ in 0..total >> 20 {

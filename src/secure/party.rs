@@ -2,7 +2,8 @@
 //! counters, and the session handshake: each link authenticates with the parties' static keys
 //! ([`super::noise`]), and the handshake payloads carry the role, an ephemeral X25519 key for
 //! the pair's PRF and the hash of model + spec + settings.
-use super::ahead::{Carry, Gate};
+use super::ahead::Dealer;
+use super::conn::{self, Stream};
 use super::keys::{KeyPair, Prf};
 use super::link::{Link, LinkConfig, LinkSender};
 use super::noise::{self, Identity, Transport, Trust};
@@ -25,17 +26,6 @@ pub struct LayerStats {
     pub drelus: u64,
 }
 
-/// What the dealer does in a protocol call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Both parts in each call (protocol tests).
-    Inline,
-    /// Only the input-independent part: correlated randomness, sent ahead.
-    Offline,
-    /// Only the part that needs the other parties' messages (the comparisons).
-    Online,
-}
-
 /// A party in a running session.
 pub struct Party {
     pub role: Role,
@@ -49,16 +39,8 @@ pub struct Party {
     /// ... and the PRF of offline draws (the dealer's correlated randomness), so the dealer
     /// can produce all of an image's offline values before its online part.
     prfs_off: [Option<Prf>; 3],
-    /// Dealer only: which part of each protocol to run.
-    pub phase: Phase,
-    /// Dealer only: private values the offline part keeps for the online part, in order.
-    pub carry: Carry,
-    /// Dealer only, while its offline part runs on its own thread: the bound on its lead.
-    gate: Option<std::sync::Arc<Gate>>,
-    /// Dealer only: DReLU batches of the current image seen by this part so far.
-    batches: u64,
-    /// Dealer only: DReLU batches the offline thread may run ahead.
-    ahead: u64,
+    /// The dealer's own state (absent for the client and the server).
+    pub dealer: Option<Dealer>,
     /// Private randomness of this party.
     pub own: Prf,
     pub settings: Settings,
@@ -113,7 +95,7 @@ impl Join<'_> {
     fn finish_link(
         &self,
         peer: Role,
-        stream: TcpStream,
+        stream: Stream,
         transport: Transport,
         ours: KeyPair,
         theirs: &[u8],
@@ -149,7 +131,7 @@ impl Join<'_> {
     }
 
     /// Dials side of one link: `stream` is connected to `peer` (a lower role).
-    fn initiate(&self, peer: Role, mut stream: TcpStream) -> Result<Joined> {
+    fn initiate(&self, peer: Role, mut stream: Stream) -> Result<Joined> {
         let key = self.trust.get(peer).ok_or_else(|| Error::Refused {
             peer: peer.name().into(),
             msg: format!("no pinned key for the {peer}"),
@@ -157,21 +139,16 @@ impl Join<'_> {
         let keys = KeyPair::generate();
         let deadline = Instant::now() + self.cfg.connect_timeout;
         let ours = hello(self.role(), &keys.public, self.session_hash);
-        let (t, theirs) = noise::initiate(&mut stream, self.identity, peer, key, &ours, deadline)?;
+        let (t, theirs) = noise::initiate(&mut *stream, self.identity, peer, key, &ours, deadline)?;
         self.finish_link(peer, stream, t, keys, &theirs)
     }
 
     /// Answering side of one link: `stream` comes from one of the `allowed` roles.
-    fn respond(
-        &self,
-        mut stream: TcpStream,
-        allowed: &[Role],
-        deadline: Instant,
-    ) -> Result<Joined> {
+    fn respond(&self, mut stream: Stream, allowed: &[Role], deadline: Instant) -> Result<Joined> {
         let keys = KeyPair::generate();
         let ours = hello(self.role(), &keys.public, self.session_hash);
         let (peer, t, theirs) = noise::respond(
-            &mut stream,
+            &mut *stream,
             self.identity,
             self.trust,
             allowed,
@@ -183,7 +160,7 @@ impl Join<'_> {
 
     /// Joins over streams already connected to each peer (loopback sessions): a party dials
     /// the lower roles and answers the higher ones.
-    pub fn connected(&self, streams: Vec<(Role, TcpStream)>) -> Result<Party> {
+    pub fn connected(&self, streams: Vec<(Role, Stream)>) -> Result<Party> {
         let mut joined = Vec::new();
         for (peer, s) in streams {
             joined.push(if peer < self.role() {
@@ -200,7 +177,7 @@ impl Join<'_> {
     /// `on_refused`, sent nothing) and the listener keeps waiting until the timeout.
     pub fn listening(
         &self,
-        dialed: Vec<(Role, TcpStream)>,
+        dialed: Vec<(Role, Stream)>,
         listener: &TcpListener,
         on_refused: &mut dyn FnMut(&Error),
     ) -> Result<Party> {
@@ -221,6 +198,7 @@ impl Join<'_> {
             match listener.accept() {
                 Ok((s, _)) => {
                     s.set_nonblocking(false).map_err(io)?;
+                    let s = conn::tcp(s).map_err(io)?;
                     let by = deadline.min(Instant::now() + HANDSHAKE_PER_CONNECTION);
                     match self.respond(s, &needed, by) {
                         Ok(j) => {
@@ -304,11 +282,7 @@ impl Join<'_> {
             out,
             prfs,
             prfs_off,
-            phase: Phase::Inline,
-            carry: Carry::Local(std::collections::VecDeque::new()),
-            gate: None,
-            batches: 0,
-            ahead: self.cfg.ahead_batches,
+            dealer: (role == Role::Dealer).then(|| Dealer::new(self.cfg.ahead_batches)),
             own: Prf::private(),
             settings: self.settings,
             tag: TAG_SESSION,
@@ -347,13 +321,21 @@ impl Party {
             .expect("a PRF with every other party")
     }
 
-    /// Dealer: whether this call runs the offline / the online part.
+    /// Whether this call runs the offline / the online part (only the dealer splits them).
     pub fn does_offline(&self) -> bool {
-        self.phase != Phase::Online
+        self.dealer.as_ref().is_none_or(Dealer::does_offline)
     }
 
     pub fn does_online(&self) -> bool {
-        self.phase != Phase::Offline
+        self.dealer.as_ref().is_none_or(Dealer::does_online)
+    }
+
+    /// The dealer's state; an error on another role (a protocol ran the dealer's part).
+    pub fn dealer(&mut self) -> Result<&mut Dealer> {
+        let role = self.role;
+        self.dealer.as_mut().ok_or_else(|| {
+            Error::InvalidArgument(format!("the {role} ran a part only the dealer runs"))
+        })
     }
 
     fn link(&mut self, peer: Role) -> &mut Link {
@@ -471,29 +453,20 @@ impl Party {
 
     /// Dealer: a second party for the offline part of one image, to run on its own thread
     /// while this one runs the online part; the offline PRFs move to it until [`Party::rejoin`].
-    pub fn split_offline(&mut self) -> Party {
-        let gate = std::sync::Arc::new(Gate::new(self.ahead));
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.carry = Carry::Recv(rx);
-        self.gate = Some(gate.clone());
-        self.phase = Phase::Online;
-        self.batches = 0;
-        Party {
+    pub fn split_offline(&mut self) -> Result<Party> {
+        let off = self.dealer()?.split();
+        Ok(Party {
             role: self.role,
             links: [None, None, None],
             out: self.out.clone(),
             prfs: [None, None, None],
             prfs_off: std::mem::take(&mut self.prfs_off),
-            phase: Phase::Offline,
-            carry: Carry::Send(tx),
-            gate: Some(gate),
-            batches: 0,
-            ahead: self.ahead,
+            dealer: Some(off),
             own: Prf::private(),
             settings: self.settings,
             tag: self.tag,
             stats: vec![LayerStats::default(); self.stats.len()],
-        }
+        })
     }
 
     /// Dealer: takes back the offline PRFs and adds the offline part's bytes to the counters.
@@ -502,31 +475,8 @@ impl Party {
         for (s, o) in self.stats.iter_mut().zip(&off.stats) {
             s.bytes_sent += o.bytes_sent;
         }
-        self.carry = Carry::Local(std::collections::VecDeque::new());
-        self.gate = None;
-    }
-
-    /// Dealer, offline part: waits until the next DReLU batch may be produced.
-    pub fn batch_ahead(&mut self) -> Result<()> {
-        let c = self.batches;
-        self.batches += 1;
-        match &self.gate {
-            Some(g) => g.wait(c),
-            None => Ok(()),
-        }
-    }
-
-    /// Dealer, online part: a DReLU batch is done (the client has used its material).
-    pub fn batch_done(&mut self) {
-        if let Some(g) = &self.gate {
-            g.pass();
-        }
-    }
-
-    /// Dealer, online part: stopped; a waiting offline part gives up.
-    pub fn stop_ahead(&self) {
-        if let Some(g) = &self.gate {
-            g.stop();
+        if let Some(d) = &mut self.dealer {
+            d.rejoin();
         }
     }
 
@@ -546,10 +496,18 @@ impl Party {
     }
 }
 
-/// Connected streams for the three links of a session on loopback: per role, its streams to
-/// the two others, each labelled with the peer's role.
-pub fn loopback_streams() -> Result<[Vec<(Role, TcpStream)>; 3]> {
-    let mut out: [Vec<(Role, TcpStream)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+/// Where the three parties of one process talk: loopback TCP (the network stack a deployment
+/// uses) or in-memory pipes (tests of everything above the network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalNet {
+    Tcp,
+    Memory,
+}
+
+/// Connected streams for the three links of a session in this process: per role, its streams
+/// to the two others, each labelled with the peer's role.
+pub fn local_streams(net: LocalNet) -> Result<[Vec<(Role, Stream)>; 3]> {
+    let mut out: [Vec<(Role, Stream)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for (a, b) in [
         (Role::Client, Role::Server),
         (Role::Client, Role::Dealer),
@@ -559,10 +517,19 @@ pub fn loopback_streams() -> Result<[Vec<(Role, TcpStream)>; 3]> {
             peer: "loopback".into(),
             msg: e.to_string(),
         };
-        let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
-        let addr = l.local_addr().map_err(io)?;
-        let s = TcpStream::connect(addr).map_err(io)?;
-        let (t, _) = l.accept().map_err(io)?;
+        let (s, t): (Stream, Stream) = match net {
+            LocalNet::Tcp => {
+                let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+                let addr = l.local_addr().map_err(io)?;
+                let s = TcpStream::connect(addr).map_err(io)?;
+                let (t, _) = l.accept().map_err(io)?;
+                (conn::tcp(s).map_err(io)?, conn::tcp(t).map_err(io)?)
+            }
+            LocalNet::Memory => {
+                let (s, t) = conn::mem_pair();
+                (Box::new(s), Box::new(t))
+            }
+        };
         out[a as usize].push((b, t));
         out[b as usize].push((a, s));
     }
@@ -570,7 +537,7 @@ pub fn loopback_streams() -> Result<[Vec<(Role, TcpStream)>; 3]> {
 }
 
 /// Connects to `addr`, retrying until `timeout` (the peer may not listen yet).
-pub fn connect_retry(addr: &str, peer: &str, timeout: Duration) -> Result<TcpStream> {
+pub fn connect_retry(addr: &str, peer: &str, timeout: Duration) -> Result<Stream> {
     use std::net::ToSocketAddrs;
     let deadline = Instant::now() + timeout;
     loop {
@@ -593,7 +560,12 @@ pub fn connect_retry(addr: &str, peer: &str, timeout: Duration) -> Result<TcpStr
             Err(last)
         });
         match attempt {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                return conn::tcp(s).map_err(|e| Error::Link {
+                    peer: format!("{peer} at {addr}"),
+                    msg: e.to_string(),
+                })
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Link {
                     peer: format!("{peer} at {addr}"),

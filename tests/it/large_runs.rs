@@ -664,7 +664,10 @@ fn launcher_variables_name_the_store_and_the_attempt() {
         (9, 1, "gpu03")
     );
     assert!(!l.agent_store, "only torchrun has an agent store");
-    assert_eq!(l.device(Some("cpu")).unwrap(), tch::Device::Cpu);
+    assert_eq!(
+        l.device(brelu::ops::DeviceChoice::Cpu).unwrap(),
+        tch::Device::Cpu
+    );
     assert!(from(&[("RANK", "0"), ("WORLD_SIZE", "1")])
         .unwrap()
         .is_none());

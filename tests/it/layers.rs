@@ -17,6 +17,7 @@ const STAGES: &[&[&str]] = &[
     &["models"],
     &["data"],
     &["train"],
+    &["experiment"],
     &["distortion"],
     &["knapsack"],
     &["secure"],

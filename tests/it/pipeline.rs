@@ -146,7 +146,10 @@ fn pipeline_config_errors_name_the_field() {
     )
     .unwrap();
     let c = PipelineConfig::load(&p).unwrap();
-    assert_eq!(c.device_setting.as_deref(), Some("cuda:1"));
+    assert_eq!(
+        c.device_setting,
+        Some(brelu::ops::DeviceChoice::Cuda(Some(1)))
+    );
     assert_eq!(c.bad_images, brelu::data::BadImages::Substitute);
 }
 

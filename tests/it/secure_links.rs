@@ -2,9 +2,10 @@
 //! replay, deadlines, chunked messages, and the authenticated handshake against hostile peers
 //! (wrong key, duplicate role, garbage, a silent connection). Nothing hangs, every failure is
 //! named, and a refused connection receives nothing.
+use brelu::secure::conn::{mem_pair, Conn, MemConn};
 use brelu::secure::link::{Link, LinkConfig};
 use brelu::secure::noise::{self, handshake_pair, Identity, RecordWriter, Trust};
-use brelu::secure::party::{loopback_streams, Join, Party};
+use brelu::secure::party::{local_streams, Join, LocalNet, Party};
 use brelu::secure::wire::{Header, Kind};
 use brelu::secure::{Role, Settings};
 use brelu::Error;
@@ -12,11 +13,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    (a, b)
+/// Links are tested over in-memory connections: what they carry, not the network.
+fn pair() -> (MemConn, MemConn) {
+    mem_pair()
 }
 
 fn short() -> LinkConfig {
@@ -30,11 +29,11 @@ fn short() -> LinkConfig {
 
 /// A link on one end of a fresh authenticated connection, an encrypting writer on the other
 /// end (to send hand-made frames) and that end's raw stream (to send bytes past the cipher).
-fn authenticated(cfg: LinkConfig) -> (Link, RecordWriter, TcpStream) {
-    let (mut a, mut b) = tcp_pair();
+fn authenticated(cfg: LinkConfig) -> (Link, RecordWriter, MemConn) {
+    let (mut a, mut b) = pair();
     let (ta, tb) = handshake_pair(&mut a, &mut b).unwrap();
-    let link = Link::new(a, "peer", cfg, ta).unwrap();
-    let w = RecordWriter::new(b.try_clone().unwrap(), tb, Duration::from_secs(5));
+    let link = Link::new(Box::new(a), "peer", cfg, ta).unwrap();
+    let w = RecordWriter::new(b.try_clone_conn().unwrap(), tb, Duration::from_secs(5));
     (link, w, b)
 }
 
@@ -152,15 +151,15 @@ fn malformed_oversize_and_closed_frames_are_errors() {
 #[test]
 fn tampered_and_replayed_records_are_refused() {
     // Capture one genuine record as it travels.
-    let (mut a, mut b) = tcp_pair();
+    let (mut a, mut b) = pair();
     let (ta, tb) = handshake_pair(&mut a, &mut b).unwrap();
-    let mut w = RecordWriter::new(b.try_clone().unwrap(), tb, Duration::from_secs(5));
+    let mut w = RecordWriter::new(b.try_clone_conn().unwrap(), tb, Duration::from_secs(5));
     send(&mut w, &frame(Kind::Data, 0, 0, &[1, 2, 3, 4]));
     let mut record = vec![0u8; 2 + 16 + 4 + 16];
     a.read_exact(&mut record).unwrap();
     let cfg = short();
     // Replayed: the genuine record, twice.
-    let mut link = Link::new(a, "server", cfg, ta.clone()).unwrap();
+    let mut link = Link::new(Box::new(a), "server", cfg, ta.clone()).unwrap();
     w.write_raw(&record).unwrap();
     w.write_raw(&record).unwrap();
     assert_eq!(link.recv(Kind::Data, 0, 4).unwrap(), vec![1, 2, 3, 4]);
@@ -188,7 +187,7 @@ fn tampered_and_replayed_records_are_refused() {
 #[test]
 fn a_trickling_peer_times_out() {
     let (mut link, _w, b) = authenticated(short());
-    let mut raw = b.try_clone().unwrap();
+    let mut raw = b.try_clone_conn().unwrap();
     let trickle = std::thread::spawn(move || {
         // A record of 65,535 bytes announced, then a byte every 100 ms for 3 s, then the
         // connection closed: with a timeout per read the link would see that close (a Link
@@ -199,7 +198,7 @@ fn a_trickling_peer_times_out() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = raw.shutdown(std::net::Shutdown::Both);
+        let _ = raw.shutdown_both();
     });
     let e = link.recv(Kind::Data, 0, 4).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
@@ -210,14 +209,14 @@ fn a_trickling_peer_times_out() {
 /// A message larger than the maximum frame travels as several frames and arrives whole.
 #[test]
 fn large_messages_travel_in_frames() {
-    let (mut a, mut b) = tcp_pair();
+    let (mut a, mut b) = pair();
     let (ta, tb) = handshake_pair(&mut a, &mut b).unwrap();
     let cfg = LinkConfig {
         max_frame: 1000,
         ..short()
     };
-    let mut rx = Link::new(a, "client", cfg, ta).unwrap();
-    let mut tx = Link::new(b, "server", cfg, tb).unwrap();
+    let mut rx = Link::new(Box::new(a), "client", cfg, ta).unwrap();
+    let mut tx = Link::new(Box::new(b), "server", cfg, tb).unwrap();
     let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
     tx.send(Kind::Data, 1, &big).unwrap();
     tx.send(Kind::Data, 2, &[]).unwrap();
@@ -255,7 +254,7 @@ fn join<'a>(k: &'a (Identity, Trust), hash: &'a str, cfg: LinkConfig) -> Join<'a
 
 #[test]
 fn session_hash_mismatch_is_named() {
-    let [c, s, d] = loopback_streams().unwrap();
+    let [c, s, d] = local_streams(LocalNet::Memory).unwrap();
     let (k, _) = keys();
     let cfg = short();
     let (rc, rs, rd) = std::thread::scope(|sc| {

@@ -39,8 +39,9 @@ use std::str::FromStr;
 use std::time::Instant;
 use tch::Device;
 
-/// How D is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How D is computed. Written as its name (`"first-order"`) in files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Estimator {
     /// Mean squared change of the logits, by running the network on from the site.
     Exact,
@@ -69,6 +70,25 @@ impl FromStr for Estimator {
             "first-order" => Ok(Estimator::FirstOrder),
             _ => Err(format!("expected exact, snr or first-order, got '{s}'")),
         }
+    }
+}
+
+impl std::fmt::Display for Estimator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl TryFrom<String> for Estimator {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Estimator> for String {
+    fn from(e: Estimator) -> String {
+        e.name().to_string()
     }
 }
 

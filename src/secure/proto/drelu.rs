@@ -111,7 +111,7 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     let mo = Modulus::odd(bits);
     let w = width(bits);
     if p.does_offline() {
-        p.batch_ahead()?;
+        p.dealer()?.batch_ahead()?;
         // Correlated randomness, sent ahead: z in Z_2^k with shares in Z_2^k and
         // Z_(2^k-1) and bit shares; x in Z_(2^k-1) with shares and bit shares.
         let z = p.own.ring_mod(n, me);
@@ -135,12 +135,12 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
         msg.extend(wire::pack_u64(&x0, w));
         msg.extend(bit_shares(&x, k, &xb1));
         p.send_bytes(Role::Client, wire::Kind::Offline, &msg)?;
-        p.carry.push(x)?;
+        p.dealer()?.carry.push(x)?;
     }
     if !p.does_online() {
         return Ok(Vec::new());
     }
-    let x = p.carry.pop()?;
+    let x = p.dealer()?.carry.pop()?;
     // ShareConvert: g' = beta1 XOR [z > c], shared in Z_(2^k-1).
     let g = pc_dealer(p, n, k)?;
     let g1 = p.prf(Role::Server).ring_mod(n, mo);
@@ -152,7 +152,7 @@ fn drelu_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     p.send_ring(Role::Client, &g0, w)?;
     // ComputeMSB: h = beta2 XOR [x > r] XOR lsb(x), shared in Z_2^64.
     let bp = pc_dealer(p, n, k)?;
-    p.batch_done();
+    p.dealer()?.batch_done();
     let h1 = p.prf(Role::Server).ring(n);
     let h0: Vec<u64> = (0..n)
         .map(|e| ((bp[e] as u64) ^ (x[e] & 1)).wrapping_sub(h1[e]))
@@ -407,7 +407,7 @@ fn drelu_msb_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
     let bits = p.settings.drelu_bits;
     let (k, me, w) = (bits as usize - 1, Modulus::even(bits), width(bits));
     if p.does_offline() {
-        p.batch_ahead()?;
+        p.dealer()?.batch_ahead()?;
         let r = p.own.ring_mod(n, me);
         let sd = p.prf_off(Role::Server);
         let r1 = sd.ring_mod(n, me);
@@ -416,14 +416,14 @@ fn drelu_msb_dealer(p: &mut Party, n: usize) -> Result<Vec<u64>> {
         let mut msg = wire::pack_u64(&r0, w);
         msg.extend(bit_shares(&r, k, &rb1));
         p.send_bytes(Role::Client, wire::Kind::Offline, &msg)?;
-        p.carry.push(r)?;
+        p.dealer()?.carry.push(r)?;
     }
     if !p.does_online() {
         return Ok(Vec::new());
     }
-    let r = p.carry.pop()?;
+    let r = p.dealer()?.carry.pop()?;
     let t = pc_dealer(p, n, k)?;
-    p.batch_done();
+    p.dealer()?.batch_done();
     let u1 = p.prf(Role::Server).ring(n);
     let u0: Vec<u64> = (0..n)
         .map(|e| ((t[e] as u64) ^ ((r[e] >> k) & 1)).wrapping_sub(u1[e]))
