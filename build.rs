@@ -67,7 +67,10 @@ fn compile_shim(manifest: &Path, libtorch: &Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         // libtorch's headers warn a lot under -Wall; the shim itself is small.
         .warnings(false)
-        .flag_if_supported("-w");
+        .flag_if_supported("-w")
+        // Glue over libtorch: debug info of libtorch's headers would double the compile time,
+        // and nobody steps through them.
+        .debug(false);
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
         let cuda_inc = Path::new(&nvcc)

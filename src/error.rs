@@ -107,6 +107,11 @@ pub enum Error {
         ours: String,
         theirs: String,
     },
+    /// An authenticated link that belongs to another session (its session id or handshake
+    /// transcript differs): links of two sessions combined by a relay, or a peer of another
+    /// run.
+    #[error("secure: {peer} belongs to another session: {msg}; session ended (links of two sessions combined by a relay, or a peer of another run)")]
+    OtherSession { peer: String, msg: String },
 
     // ---- backends ----
     /// libtorch failed. Like `Io`, the cause is in the message rather than a `source`.

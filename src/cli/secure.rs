@@ -5,8 +5,9 @@ use super::{parse_input, print_json};
 use crate::experiment::Experiment;
 use crate::models::{find, Model};
 use crate::secure::engine::{run_party, ClientInput};
+use crate::secure::join::{connect_retry, Join};
 use crate::secure::noise::{fingerprint, Identity, Trust};
-use crate::secure::party::{connect_retry, Join, Role};
+use crate::secure::party::Role;
 use crate::secure::plan::{argmax, DreluProtocol, Plan, Settings};
 use crate::secure::ring::Fixed;
 use crate::secure::{run_compare, LinkConfig, RunReport};
@@ -80,8 +81,8 @@ pub struct SessionArgs {
     /// memory whatever the model's size (all parties must agree).
     #[arg(long, default_value_t = crate::secure::plan::DEFAULT_DRELU_BATCH)]
     pub drelu_batch: usize,
-    /// Seconds to wait for each frame from a peer (and for each frame to go out) before
-    /// giving up.
+    /// Seconds to wait for each message from a peer (all of its frames) and for each frame
+    /// to go out before giving up.
     #[arg(long, default_value_t = crate::secure::link::DEFAULT_TIMEOUT_S)]
     pub timeout: f64,
     /// Seconds to wait for the other parties to connect and authenticate at session start.
@@ -137,6 +138,15 @@ pub struct PartyArgs {
     /// Server: run with seeded random weights instead of --weights (demos and tests).
     #[arg(long)]
     pub random_weights: bool,
+    /// Server: the most images the pinned client key may have classified, counted across
+    /// sessions in --query-state (a bound on model extraction by querying; docs/method.md
+    /// 8.8). Each image counts when it starts.
+    #[arg(long)]
+    pub max_queries: Option<u64>,
+    /// Server: the file counting images per client key for --max-queries (JSON, written
+    /// atomically; one server process per file).
+    #[arg(long, default_value = "brelu-queries.json", requires = "max_queries")]
+    pub query_state: PathBuf,
     /// Print the client's result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -464,7 +474,36 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
              --random-weights for a demo with seeded random weights)"
         );
     }
+    if a.max_queries.is_some() && role != Role::Server {
+        bail!("--max-queries is the server's policy; the {role} cannot set it");
+    }
     let (identity, trust) = load_keys(&a, role)?;
+    let budget = match a.max_queries {
+        Some(max) => {
+            let client = trust.get(Role::Client).context("the client's pinned key")?;
+            let b = crate::secure::budget::QueryBudget {
+                path: a.query_state.clone(),
+                client: fingerprint(client),
+                max,
+            };
+            let used = b.used().context("reading the query state")?;
+            if used >= max {
+                bail!(
+                    "the client (key {}) has used its {max} queries ({}); raise --max-queries \
+                     or use another --query-state",
+                    b.client,
+                    b.path.display()
+                );
+            }
+            eprintln!(
+                "server: client key {} has {} of {max} queries left",
+                b.client,
+                max - used
+            );
+            Some(b)
+        }
+        None => None,
+    };
     let s = load_session(&a.session, role == Role::Client)?;
     let (plan, weights) = Plan::from_model(&s.model, s.settings)?;
     // Checked before any peer is contacted: a bad image must not cost the others a session.
@@ -500,6 +539,8 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
         join.listening(dialed, &l, &mut on_refused)
     }
     .with_context(|| format!("{role}: session handshake"))?;
+    let mut p = p;
+    p.budget = budget;
     eprintln!("{role}: session started (hash {})", &hash[..16]);
     let w = (role == Role::Server).then_some(&weights);
     let run = run_party(p, &plan, w, (role == Role::Client).then_some(&input))

@@ -52,6 +52,48 @@ impl Conn for TcpStream {
     }
 }
 
+/// Time left until `deadline`, or a timeout error.
+pub fn remaining(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(std::io::ErrorKind::TimedOut.into())
+    } else {
+        Ok(left)
+    }
+}
+
+/// `read_exact` that gives up at `deadline` however the bytes trickle in.
+pub fn read_exact_by(
+    s: &mut dyn Conn,
+    mut buf: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        s.set_read_timeout(Some(remaining(deadline)?))?;
+        match s.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that gives up at `deadline` however slowly the peer reads.
+pub fn write_all_by(s: &mut dyn Conn, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        s.set_write_timeout(Some(remaining(deadline)?))?;
+        match s.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A TCP connection as a link's stream: Nagle off, since every frame is flushed when whole.
 pub fn tcp(s: TcpStream) -> io::Result<Stream> {
     s.set_nodelay(true)?;

@@ -1,9 +1,10 @@
 //! Walks a [`Plan`] layer by layer for one party: session setup (weight masks), then per image
 //! input sharing, every layer's protocol, and the output reveal; counts time, bytes, rounds
 //! and DReLUs per layer. [`run_local`] runs all three parties in one process on loopback TCP.
+use super::join::{local_streams, Join, LocalNet};
 use super::link::LinkConfig;
 use super::noise::ephemeral_session;
-use super::party::{local_streams, Join, LayerStats, LocalNet, Party, Role, TAG_SESSION};
+use super::party::{LayerStats, Party, Role, TAG_SESSION};
 use super::plan::{Layer, Plan, Weights};
 use super::proto::{self, LinOp, LinearMask};
 use super::ring;
@@ -141,6 +142,9 @@ pub fn run_party(
         let more = control(&mut p, input.map(|i| next < i.images.len()), argmax_only)?;
         if !more {
             break;
+        }
+        if let Some(b) = &p.budget {
+            b.admit()?;
         }
         let start = Instant::now();
         let bytes0 = p.bytes_sent();

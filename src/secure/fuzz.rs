@@ -2,16 +2,19 @@
 //! seeded property test of the same that runs with `make test`.
 //!
 //! The first byte picks what the bytes attack: the handshake of a listening party (bytes
-//! before any authentication), the frames inside an authenticated link (bytes sealed by the
-//! peer's genuine cipher, so they reach the frame decoder, the sequence check, the pending
-//! buffer of early offline frames and message reassembly), or raw bytes injected into an
-//! established link. Whatever arrives must end in an error or in a message of exactly the
+//! before any authentication), the key confirmation behind a valid handshake (the fuzzer
+//! holds the dealer's real key, so its bytes are sealed records the listener decrypts and
+//! parses), the frames inside an authenticated link (bytes sealed by the peer's genuine
+//! cipher, so they reach the frame decoder, the sequence check, the pending buffer of early
+//! offline frames and message reassembly), or raw bytes injected into an established link. Whatever arrives must end in an error or in a message of exactly the
 //! expected length: never a panic, a hang, an allocation beyond the limits, or a reply to an
 //! unauthenticated peer.
 use super::conn::{mem_pair, Conn, MemConn};
+use super::join::Join;
 use super::link::{Link, LinkConfig};
-use super::noise::{ephemeral_session, handshake_pair, respond, RecordWriter};
+use super::noise::{ephemeral_session, handshake_pair, initiate, respond, RecordWriter};
 use super::party::Role;
+use super::plan::Settings;
 use super::wire::Kind;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -39,13 +42,14 @@ pub fn link_recv(data: &[u8]) -> usize {
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
     };
-    match mode % 3 {
+    match mode % 4 {
         0 => {
             handshake(rest);
             0
         }
         1 => frames(rest, true),
-        _ => frames(rest, false),
+        2 => frames(rest, false),
+        _ => keyed(rest) as usize,
     }
 }
 
@@ -72,9 +76,14 @@ fn handshake(bytes: &[u8]) {
     b.close_write();
     let deadline = Instant::now() + CFG.timeout;
     let allowed = [Role::Server, Role::Dealer];
-    let r = respond(&mut a, &client, &trust, &allowed, deadline, |_, _| {
-        Vec::new()
-    });
+    let r = respond(
+        &mut a,
+        &client,
+        &trust,
+        &allowed,
+        (deadline, deadline),
+        |_, _| Vec::new(),
+    );
     assert!(r.is_err(), "bytes without the key authenticated");
     drop(a);
     let mut got = Vec::new();
@@ -84,6 +93,43 @@ fn handshake(bytes: &[u8]) {
         "an unauthenticated peer got {} bytes",
         got.len()
     );
+}
+
+/// A valid handshake by the real dealer, then `bytes` sealed under the new keys as what follows
+/// (the key confirmation the listener waits for). Returns whether the listener answered the
+/// handshake, i.e. whether the bytes reached its transport layer.
+fn keyed(bytes: &[u8]) -> bool {
+    let keys = ephemeral_session().expect("keys");
+    let (a, mut b) = pair();
+    let join = Join {
+        identity: &keys[0].0,
+        trust: &keys[0].1,
+        settings: Settings::default(),
+        session_hash: "fuzz",
+        cfg: CFG,
+        layers: 1,
+    };
+    std::thread::scope(|sc| {
+        let listener = sc.spawn(|| {
+            let by = Instant::now() + CFG.timeout;
+            join.answer_one(Box::new(a), &[Role::Dealer], (by, by))
+        });
+        let by = Instant::now() + CFG.timeout;
+        let dealer = &keys[2].0;
+        let reached = match initiate(&mut b, dealer, Role::Client, &keys[0].0.public, &[], by) {
+            Ok(hs) => {
+                let stream = b.try_clone_conn().expect("clone");
+                let mut w = RecordWriter::new(stream, hs.transport, CFG.timeout);
+                let _ = w.write_all(bytes).and_then(|_| w.flush());
+                true
+            }
+            Err(_) => false,
+        };
+        let _ = b.shutdown_both();
+        // Refused or (for a well-formed confirmation) accepted: either way it returns.
+        let _ = listener.join().expect("listener thread");
+        reached
+    })
 }
 
 /// Bytes inside (`sealed`) or injected into an authenticated link, then a few receives.
@@ -177,30 +223,50 @@ mod tests {
         out
     }
 
-    /// The fuzz target's property on 300 seeded inputs: random bytes in each mode, and
-    /// plausible frame streams sealed by the genuine cipher.
+    /// The fuzz target's property on 320 seeded inputs: random bytes in each mode, plausible
+    /// frame streams sealed by the genuine cipher, and key confirmations behind a valid
+    /// handshake.
     #[test]
     fn receive_side_survives_hostile_input() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(18);
-        let mut accepted = 0;
-        for case in 0..300 {
-            let mut data = vec![(case % 3) as u8, rng.gen(), rng.gen()];
-            if case % 3 == 1 && case % 2 == 0 {
+        let (mut accepted, mut reached) = (0, 0);
+        for case in 0..320 {
+            let mut data = vec![(case % 4) as u8, rng.gen(), rng.gen()];
+            if case % 4 == 3 {
+                // A confirmation-shaped frame (kind, tag, length right) or random bytes.
+                if rng.gen_bool(0.5) {
+                    let h = Header {
+                        kind: Kind::Session,
+                        more: false,
+                        tag: u32::MAX,
+                        seq: 0,
+                        len: rng.gen_range(100..120),
+                    };
+                    data.extend(h.encode());
+                }
+                let n = rng.gen_range(0..160);
+                data.extend((0..n).map(|_| rng.gen::<u8>()));
+                reached += link_recv(&data);
+                continue;
+            }
+            if case % 4 == 1 && (case / 4) % 2 == 0 {
                 data.extend(frame_stream(&mut rng, data[2]));
             } else {
                 let n = rng.gen_range(0..200);
                 data.extend((0..n).map(|_| rng.gen::<u8>()));
-                if case % 3 == 0 && rng.gen_bool(0.5) {
+                if case % 4 == 0 && rng.gen_bool(0.5) {
                     // A genuine preamble, so the bytes reach the Noise message.
                     data[1..]
                         .iter_mut()
-                        .zip(b"BRNK\x01\x01\x00\x00")
+                        .zip(b"BRNK\x02\x01\x00\x00")
                         .for_each(|(d, p)| *d = *p);
                 }
             }
             accepted += link_recv(&data);
         }
-        // The structured inputs reach complete messages, not only the first checks.
+        // The structured inputs reach complete messages, not only the first checks, and every
+        // keyed case reaches the transport layer behind the handshake.
         assert!(accepted >= 20, "only {accepted} messages accepted");
+        assert_eq!(reached, 80, "keyed cases past the handshake");
     }
 }

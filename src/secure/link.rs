@@ -1,34 +1,42 @@
-//! One authenticated, encrypted TCP connection to a peer ([`super::noise`]): framed messages
-//! cut into frames of at most `max_frame` bytes, deadlines per frame, byte counters. Sending
-//! never blocks the protocol: frames go to a writer thread (which also encrypts) through a
-//! queue, so both halves of an exchange are sent before either side receives and large
-//! exchanges cannot deadlock on full socket buffers. There is no acknowledgement: TCP is
+//! One authenticated, encrypted connection to a peer ([`super::noise`] over a
+//! [`super::conn::Conn`]): framed messages cut into frames of at most `max_frame` bytes, a
+//! deadline per received message and per written frame, byte counters. Sending rarely blocks
+//! the protocol: frames go to a writer thread (which also encrypts) through a queue of at most
+//! `max_ahead` bytes (1 GiB at least), so both halves of an exchange are sent before either side receives and
+//! large exchanges cannot deadlock on full socket buffers. There is no acknowledgement: TCP is
 //! reliable, the AEAD catches any change on the way, and the per-direction sequence number in
 //! every header catches protocol bugs.
+//!
+//! What a hostile peer can make a link hold is bounded: frames kept ahead count their headers
+//! against `max_ahead` and are at most [`MAX_AHEAD_FRAMES`]; an empty frame announcing more is
+//! refused (a message's frames must make progress); a message must arrive whole within the
+//! timeout, however it is cut.
 use super::conn::Stream;
 use super::noise::{AuthFailed, RecordReader, RecordWriter, Transport, MAX_PLAIN};
 use super::wire::{Header, Kind, HEADER_LEN};
 use crate::error::{Error, Result};
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Link settings shared by all links of a party.
 #[derive(Clone, Copy, Debug)]
 pub struct LinkConfig {
-    /// Longest wait for each frame from a peer (from the request to its last byte) and for
-    /// each frame to be written.
+    /// Longest wait for each message from a peer (from the request to its last byte, all of
+    /// its frames) and for each frame to be written.
     pub timeout: Duration,
     /// Longest wait for the peers to connect and authenticate at session start (they may
     /// still be loading their model).
     pub connect_timeout: Duration,
     /// Largest frame payload in bytes; larger messages travel as several frames.
     pub max_frame: usize,
-    /// Most bytes of the dealer's offline frames kept while an online frame is awaited (the
-    /// dealer sends an image's whole offline part ahead: 0.34 GB for ResNet50 at 224x224 and
-    /// 6%).
+    /// Most bytes of the dealer's offline frames (headers included) kept while an online
+    /// frame is awaited (the dealer sends an image's whole offline part ahead: 0.34 GB for
+    /// ResNet50 at 224x224 and 6%); also the most bytes queued for sending on one link (at
+    /// least 1 GiB).
     pub max_ahead: usize,
     /// DReLU batches the dealer's offline thread may produce ahead of its online part (see
     /// `secure::ahead`); with `max_ahead` it bounds the client's buffer.
@@ -44,6 +52,13 @@ pub const DEFAULT_MAX_FRAME_MB: usize = 16;
 pub const DEFAULT_MAX_AHEAD_MB: usize = 4096;
 /// DReLU batches the dealer may prepare ahead.
 pub const DEFAULT_AHEAD_BATCHES: u64 = 2;
+/// The send queue holds at least this much (more when `max_ahead` is larger): both sides of
+/// an exchange may queue large messages before either reads, and a queue smaller than what one
+/// step sends would stall both until the timeout.
+const MIN_SEND_QUEUE: usize = 1 << 30;
+/// Most frames kept ahead (whatever their size): the dealer sends one per offline message
+/// and `max_frame` bytes, tens per image.
+pub const MAX_AHEAD_FRAMES: usize = 1 << 16;
 
 impl Default for LinkConfig {
     fn default() -> Self {
@@ -77,14 +92,19 @@ pub struct Link {
     /// Whether the peer may send offline frames ahead (only the dealer does).
     pub accepts_offline: bool,
     /// Offline frames that arrived before they were asked for (the dealer's offline frames
-    /// run ahead of its online ones on the same connection), in arrival order.
-    pending: std::collections::VecDeque<(Header, Vec<u8>)>,
+    /// run ahead of its online ones on the same connection), per (kind, tag) in arrival order.
+    pending: HashMap<(Kind, u32), VecDeque<Frame>>,
+    pending_frames: usize,
+    /// Bytes kept in `pending`, frame headers included.
     pending_bytes: usize,
     /// The most bytes ever kept ahead in `pending`.
     pub peak_pending: usize,
     /// Frame bytes read from this link (headers included).
     pub bytes_recv: u64,
 }
+
+/// A received frame: its header and payload.
+type Frame = (Header, Vec<u8>);
 
 /// One message queued for the writer thread, which cuts it into frames and numbers them.
 struct Message {
@@ -103,12 +123,39 @@ pub struct LinkSender {
     max_frame: usize,
     bytes: Arc<AtomicU64>,
     frames: Arc<AtomicU64>,
+    queue: Arc<Queue>,
+    /// Most bytes queued (`max_ahead`) and the longest wait for room (`timeout`).
+    cap: usize,
+    timeout: Duration,
+}
+
+/// Payload bytes waiting for the writer thread, and whether it stopped.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<(usize, bool)>,
+    room: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer thread wrote `n` bytes (or stopped): wakes waiting senders.
+    fn done(&self, n: usize, stopped: bool) {
+        let mut s = self.lock();
+        s.0 = s.0.saturating_sub(n);
+        s.1 |= stopped;
+        drop(s);
+        self.room.notify_all();
+    }
 }
 
 impl LinkSender {
     /// Queues one message (as frames of at most `max_frame` bytes); returns at once with the
     /// bytes it will take on the wire.
     pub fn send(&self, kind: Kind, tag: u32, payload: &[u8]) -> Result<u64> {
+        self.reserve(payload.len())?;
         let frames = payload.len().div_ceil(self.max_frame).max(1);
         let wire = (0..frames)
             .map(|i| {
@@ -130,6 +177,30 @@ impl LinkSender {
         Ok(wire)
     }
 
+    /// Waits until `n` more bytes fit the queue (one message always does), at most the
+    /// timeout: a peer that stops reading cannot make this side's memory grow without bound.
+    fn reserve(&self, n: usize) -> Result<()> {
+        let by = Instant::now() + self.timeout;
+        let mut s = self.queue.lock();
+        while s.0 > 0 && s.0 + n > self.cap && !s.1 {
+            let left = by.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    peer: self.peer.clone(),
+                    secs: self.timeout.as_secs_f64(),
+                });
+            }
+            s = self
+                .queue
+                .room
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.0 += n;
+        Ok(())
+    }
+
     /// Bytes queued so far on this connection (by every clone; frame headers, record
     /// lengths and tags included).
     pub fn bytes_sent(&self) -> u64 {
@@ -141,11 +212,14 @@ impl LinkSender {
     }
 }
 
-/// The writer thread: frames, numbers, encrypts and writes each queued message.
+/// The writer thread: frames, numbers, encrypts and writes each queued message; each frame
+/// must be written within `timeout`.
 fn write_messages(
     rx: mpsc::Receiver<Message>,
     w: &mut RecordWriter,
     max_frame: usize,
+    timeout: Duration,
+    queue: &Queue,
 ) -> std::io::Result<()> {
     let mut seq = 0u32;
     for m in rx {
@@ -160,10 +234,12 @@ fn write_messages(
                 len: chunk.len() as u32,
             };
             seq = seq.wrapping_add(1);
+            w.deadline = Some(Instant::now() + timeout);
             w.write_all(&h.encode())?;
             w.write_all(chunk)?;
             w.flush()?;
         }
+        queue.done(m.payload.len(), false);
     }
     Ok(())
 }
@@ -191,10 +267,14 @@ impl Link {
         let (tx, rx) = mpsc::channel::<Message>();
         let (done_tx, writer_done) = mpsc::channel::<()>();
         let max_frame = cfg.max_frame;
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
+        let timeout = cfg.timeout;
         let writer = std::thread::Builder::new()
             .name(format!("link-writer-{peer}"))
             .spawn(move || {
-                let r = write_messages(rx, &mut w, max_frame);
+                let r = write_messages(rx, &mut w, max_frame, timeout, &q);
+                q.done(0, true);
                 let _ = done_tx.send(());
                 r
             })
@@ -209,17 +289,27 @@ impl Link {
                 max_frame,
                 bytes: Arc::new(AtomicU64::new(0)),
                 frames: Arc::new(AtomicU64::new(0)),
+                queue,
+                cap: cfg.max_ahead.max(MIN_SEND_QUEUE),
+                timeout: cfg.timeout,
             }),
             writer: Some(writer),
             writer_done,
             cfg,
             recv_seq: 0,
             accepts_offline: false,
-            pending: std::collections::VecDeque::new(),
+            pending: HashMap::new(),
+            pending_frames: 0,
             pending_bytes: 0,
             peak_pending: 0,
             bytes_recv: 0,
         })
+    }
+
+    /// Sets how long a message may take to arrive (the listener shortens it while it waits
+    /// for a key confirmation).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.cfg.timeout = t;
     }
 
     fn link_err(&self, msg: impl Into<String>) -> Error {
@@ -291,9 +381,10 @@ impl Link {
     /// any other frame out of order is an error. No frame longer than what is still expected
     /// (or than `max_frame`, for frames kept ahead) is ever allocated.
     pub fn recv(&mut self, kind: Kind, tag: u32, len: usize) -> Result<Vec<u8>> {
+        let by = Instant::now() + self.cfg.timeout;
         let mut out: Vec<u8> = Vec::new();
         loop {
-            let (h, chunk) = self.next_chunk(kind, tag, len - out.len())?;
+            let (h, chunk) = self.next_chunk(kind, tag, len - out.len(), by)?;
             if out.is_empty() && !h.more && chunk.len() == len {
                 return Ok(chunk);
             }
@@ -314,29 +405,35 @@ impl Link {
         Ok(out)
     }
 
-    /// The next frame of (`kind`, `tag`), from those kept ahead or from the socket; its
-    /// payload may have at most `room` bytes.
-    fn next_chunk(&mut self, kind: Kind, tag: u32, room: usize) -> Result<(Header, Vec<u8>)> {
+    /// The next frame of (`kind`, `tag`), from those kept ahead or from the socket by `by`;
+    /// its payload may have at most `room` bytes.
+    fn next_chunk(
+        &mut self,
+        kind: Kind,
+        tag: u32,
+        room: usize,
+        by: Instant,
+    ) -> Result<(Header, Vec<u8>)> {
         let too_long = |s: &Self, h: &Header| {
             s.malformed(format!(
                 "{:?} frame for step {} has {} bytes, at most {room} expected",
                 h.kind, h.tag, h.len
             ))
         };
-        if let Some(i) = self
+        let kept = self
             .pending
-            .iter()
-            .position(|(h, _)| h.kind == kind && h.tag == tag)
-        {
-            let f = self.pending.remove(i).expect("index from position");
-            self.pending_bytes -= f.1.len();
+            .get_mut(&(kind, tag))
+            .and_then(VecDeque::pop_front);
+        if let Some(f) = kept {
+            self.pending_frames -= 1;
+            self.pending_bytes -= HEADER_LEN + f.1.len();
             if f.0.len as usize > room {
                 return Err(too_long(self, &f.0));
             }
             return Ok(f);
         }
         loop {
-            let h = self.read_header()?;
+            let h = self.read_header(by)?;
             if h.kind == kind && h.tag == tag {
                 if h.len as usize > room {
                     return Err(too_long(self, &h));
@@ -352,22 +449,29 @@ impl Link {
                     h.kind, h.tag, kind, tag
                 )));
             }
-            if self.pending_bytes + h.len as usize > self.cfg.max_ahead {
+            if self.pending_bytes + HEADER_LEN + h.len as usize > self.cfg.max_ahead
+                || self.pending_frames >= MAX_AHEAD_FRAMES
+            {
                 return Err(self.malformed(format!(
-                    "more than {} bytes sent ahead while waiting for {:?} of step {}",
+                    "more than {} bytes or {MAX_AHEAD_FRAMES} frames sent ahead while waiting \
+                     for {:?} of step {}",
                     self.cfg.max_ahead, kind, tag
                 )));
             }
             let payload = self.read_payload(&h)?;
-            self.pending_bytes += payload.len();
+            self.pending_frames += 1;
+            self.pending_bytes += HEADER_LEN + payload.len();
             self.peak_pending = self.peak_pending.max(self.pending_bytes);
-            self.pending.push_back((h, payload));
+            self.pending
+                .entry((h.kind, h.tag))
+                .or_default()
+                .push_back((h, payload));
         }
     }
 
-    /// Reads and checks one frame header; the frame must arrive within the timeout.
-    fn read_header(&mut self) -> Result<Header> {
-        self.reader.deadline = Instant::now() + self.cfg.timeout;
+    /// Reads and checks one frame header; the frame must arrive by `by`.
+    fn read_header(&mut self, by: Instant) -> Result<Header> {
+        self.reader.deadline = by;
         let mut hb = [0u8; HEADER_LEN];
         self.reader
             .read_exact(&mut hb)
@@ -377,6 +481,13 @@ impl Link {
             return Err(self.malformed(format!(
                 "sequence number {} (expected {})",
                 h.seq, self.recv_seq
+            )));
+        }
+        if h.more && h.len == 0 {
+            return Err(self.malformed(format!(
+                "an empty {:?} frame for step {} announcing more (a message's frames must \
+                 carry bytes)",
+                h.kind, h.tag
             )));
         }
         Ok(h)

@@ -42,10 +42,12 @@
 //! those ulps of zero may decide differently; the approximate DReLU (`drelu_bits` < 64) is
 //! only correct for values inside its window.
 pub mod ahead;
+pub mod budget;
 pub mod conn;
 pub mod engine;
 pub mod fuzz;
 pub mod gemm;
+pub mod join;
 pub mod keys;
 pub mod link;
 pub mod noise;

@@ -12,7 +12,7 @@
 //! Wire format after the preamble: records of `u16 LE length | ciphertext` (at most 65,535
 //! bytes, 16 of them the Poly1305 tag). Nonces count records per direction and are implicit, so
 //! a tampered, dropped, replayed or reordered record fails to decrypt.
-use super::conn::{Conn, Stream};
+use super::conn::{read_exact_by, write_all_by, Conn, Stream};
 use super::wire::Role;
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -27,7 +27,8 @@ use zeroize::Zeroize;
 /// BLAKE2s.
 pub const PATTERN: &str = "Noise_KK_25519_ChaChaPoly_BLAKE2s";
 const PREAMBLE_MAGIC: [u8; 4] = *b"BRNK";
-const PREAMBLE_VERSION: u8 = 1;
+/// 2: the handshake payloads moved into a key-confirmation record, and a session id.
+const PREAMBLE_VERSION: u8 = 2;
 const PREAMBLE_LEN: usize = 8;
 pub use crate::spec::framing::{MAX_PLAIN, MAX_RECORD};
 use crate::spec::framing::{RECORD_LEN_PREFIX, RECORD_TAG_LEN as TAG_LEN};
@@ -273,52 +274,35 @@ pub fn ephemeral_session() -> Result<[(Identity, Trust); 3]> {
     Ok(ids.map(|id| (id, trust.clone())))
 }
 
-/// Time left until `deadline`, or a timeout error.
-pub fn remaining(deadline: Instant) -> std::io::Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        Err(std::io::ErrorKind::TimedOut.into())
-    } else {
-        Ok(left)
-    }
-}
-
-/// `read_exact` that gives up at `deadline` however the bytes trickle in.
-pub fn read_exact_by(
-    s: &mut dyn Conn,
-    mut buf: &mut [u8],
-    deadline: Instant,
-) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        s.set_read_timeout(Some(remaining(deadline)?))?;
-        match s.read(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => buf = &mut buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// `write_all` that gives up at `deadline` however slowly the peer reads.
-pub fn write_all_by(s: &mut dyn Conn, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        s.set_write_timeout(Some(remaining(deadline)?))?;
-        match s.write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// The keys of an established link, shared by its reader and its writer thread.
 #[derive(Clone)]
 pub struct Transport {
     state: Arc<StatelessTransportState>,
+}
+
+/// A finished handshake: the link's keys, the peer's payload and the handshake hash (which
+/// names this one link of this one session: it covers both static and ephemeral keys).
+pub struct Handshake {
+    pub transport: Transport,
+    pub payload: Vec<u8>,
+    pub hash: [u8; 32],
+}
+
+fn finish(
+    hs: snow::HandshakeState,
+    payload: Vec<u8>,
+    snow_err: impl Fn(snow::Error) -> Error,
+) -> Result<Handshake> {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&hs.get_handshake_hash()[..32]);
+    let state = hs.into_stateless_transport_mode().map_err(snow_err)?;
+    Ok(Handshake {
+        transport: Transport {
+            state: Arc::new(state),
+        },
+        payload,
+        hash,
+    })
 }
 
 /// Why a handshake was refused, as the error names it.
@@ -373,7 +357,8 @@ fn recv_record(s: &mut dyn Conn, deadline: Instant) -> std::io::Result<Vec<u8>> 
 }
 
 /// Dials side: authenticates to `peer` (whose pinned key is `peer_key`) and exchanges the
-/// handshake payloads (ours first). Returns the transport and the peer's payload.
+/// handshake payloads (ours first). The responder cannot tell our first message from a
+/// recording of it: the caller confirms the keys with a first record only we can seal.
 pub fn initiate(
     s: &mut dyn Conn,
     me: &Identity,
@@ -381,7 +366,7 @@ pub fn initiate(
     peer_key: &[u8; 32],
     payload: &[u8],
     deadline: Instant,
-) -> Result<(Transport, Vec<u8>)> {
+) -> Result<Handshake> {
     let name = peer.name();
     let pre = preamble(me.role, peer);
     let snow_err = |e: snow::Error| refused(name, format!("handshake: {e}"));
@@ -406,30 +391,26 @@ pub fn initiate(
         )
     })?;
     let theirs = buf[..n].to_vec();
-    let state = hs.into_stateless_transport_mode().map_err(snow_err)?;
-    Ok((
-        Transport {
-            state: Arc::new(state),
-        },
-        theirs,
-    ))
+    finish(hs, theirs, snow_err)
 }
 
 /// Answering side: reads the preamble and first message of a connection that claims one of the
-/// `allowed` roles, checks them against that role's pinned key and replies with
-/// `reply(role, peer_payload)`. Refuses (without sending anything) a bad preamble, a role not
-/// allowed, and a first message that does not authenticate.
+/// `allowed` roles (both by `first_by`: a silent connection is dropped early), checks them
+/// against that role's pinned key and replies with `reply(role, peer_payload)` by
+/// `deadline`. Refuses (without sending anything) a bad preamble, a role not allowed, and a
+/// first message that does not authenticate. A replayed first message authenticates: only
+/// the initiator's first record under the new keys proves it live (the caller's job).
 pub fn respond(
     s: &mut dyn Conn,
     me: &Identity,
     trust: &Trust,
     allowed: &[Role],
-    deadline: Instant,
+    (first_by, deadline): (Instant, Instant),
     reply: impl FnOnce(Role, &[u8]) -> Vec<u8>,
-) -> Result<(Role, Transport, Vec<u8>)> {
+) -> Result<(Role, Handshake)> {
     let addr = s.peer_name();
     let mut pre = [0u8; PREAMBLE_LEN];
-    read_exact_by(s, &mut pre, deadline).map_err(|e| handshake_io(&addr, e, "a preamble"))?;
+    read_exact_by(s, &mut pre, first_by).map_err(|e| handshake_io(&addr, e, "a preamble"))?;
     if pre[..4] != PREAMBLE_MAGIC || pre[4] != PREAMBLE_VERSION || pre[7] != 0 {
         return Err(refused(
             &addr,
@@ -461,7 +442,7 @@ pub fn respond(
         .and_then(|b| b.prologue(&pre))
         .and_then(|b| b.build_responder())
         .map_err(snow_err)?;
-    let first = recv_record(s, deadline)
+    let first = recv_record(s, first_by)
         .map_err(|e| handshake_io(&who, e, "the first handshake message"))?;
     let mut buf = vec![0u8; MAX_RECORD];
     let n = hs.read_message(&first, &mut buf).map_err(|_| {
@@ -478,14 +459,7 @@ pub fn respond(
     let n = hs.write_message(&ours, &mut buf).map_err(snow_err)?;
     send_record(s, &buf[..n], deadline)
         .map_err(|e| handshake_io(&who, e, "the reply to go out"))?;
-    let state = hs.into_stateless_transport_mode().map_err(snow_err)?;
-    Ok((
-        claimed,
-        Transport {
-            state: Arc::new(state),
-        },
-        theirs,
-    ))
+    Ok((claimed, finish(hs, theirs, snow_err)?))
 }
 
 /// Runs the handshake between the two ends of one connection in this process with fresh keys
@@ -497,14 +471,19 @@ pub fn handshake_pair(a: &mut dyn Conn, b: &mut dyn Conn) -> Result<(Transport, 
     let key = client.public;
     let (ra, rb) = std::thread::scope(|sc| {
         let h = sc.spawn(|| {
-            respond(a, &client, &trust, &[Role::Server], deadline, |_, _| {
-                Vec::new()
-            })
+            respond(
+                a,
+                &client,
+                &trust,
+                &[Role::Server],
+                (deadline, deadline),
+                |_, _| Vec::new(),
+            )
         });
         let rb = initiate(b, &server, Role::Client, &key, &[], deadline);
         (h.join().expect("handshake thread"), rb)
     });
-    Ok((ra?.1, rb?.0))
+    Ok((ra?.1.transport, rb?.transport))
 }
 
 /// Marks an io::Error as a record that failed authentication.
@@ -588,8 +567,8 @@ impl Read for RecordReader {
 }
 
 /// Encrypting writer of a link: bytes are gathered into records of at most [`MAX_PLAIN`]
-/// bytes; `flush` seals the last partial record. Every write of a record must finish within
-/// `timeout` of its start.
+/// bytes; `flush` seals the last partial record. Records are written by `deadline` (the
+/// link sets one per frame), or else each within `timeout` of its start.
 pub struct RecordWriter {
     stream: Stream,
     transport: Transport,
@@ -597,6 +576,7 @@ pub struct RecordWriter {
     plain: Vec<u8>,
     out: Vec<u8>,
     timeout: Duration,
+    pub deadline: Option<Instant>,
 }
 
 impl RecordWriter {
@@ -608,6 +588,7 @@ impl RecordWriter {
             plain: Vec::with_capacity(MAX_PLAIN),
             out: vec![0u8; RECORD_LEN_PREFIX + MAX_RECORD],
             timeout,
+            deadline: None,
         }
     }
 
@@ -623,7 +604,9 @@ impl RecordWriter {
         self.nonce += 1;
         self.out[..2].copy_from_slice(&(n as u16).to_le_bytes());
         self.plain.clear();
-        let deadline = Instant::now() + self.timeout;
+        let deadline = self
+            .deadline
+            .unwrap_or_else(|| Instant::now() + self.timeout);
         write_all_by(&mut *self.stream, &self.out[..2 + n], deadline)?;
         Ok(())
     }

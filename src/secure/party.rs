@@ -1,19 +1,17 @@
 //! One party of a session: its role, its links and PRFs with the two others, per-layer
-//! counters, and the session handshake: each link authenticates with the parties' static keys
-//! ([`super::noise`]), and the handshake payloads carry the role, an ephemeral X25519 key for
-//! the pair's PRF and the hash of model + spec + settings.
+//! counters and the messages of the protocols. `secure::join` makes the links.
 use super::ahead::Dealer;
-use super::conn::{self, Stream};
-use super::keys::{KeyPair, Prf};
-use super::link::{Link, LinkConfig, LinkSender};
-use super::noise::{self, Identity, Transport, Trust};
+use super::keys::Prf;
+use super::link::{Link, LinkSender};
 use super::plan::Settings;
 pub use super::wire::Role;
+
+/// Tag of the session control frames.
+pub const TAG_SESSION: u32 = u32::MAX;
 use super::wire::{pack_u64, unpack_u64, Kind};
 use crate::error::{Error, Result};
 use serde::Serialize;
-use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Counters of one layer as seen by one party.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -41,6 +39,8 @@ pub struct Party {
     prfs_off: [Option<Prf>; 3],
     /// The dealer's own state (absent for the client and the server).
     pub dealer: Option<Dealer>,
+    /// The server's budget of images for this client (`--max-queries`), checked before each.
+    pub budget: Option<super::budget::QueryBudget>,
     /// Private randomness of this party.
     pub own: Prf,
     pub settings: Settings,
@@ -50,212 +50,18 @@ pub struct Party {
     pub stats: Vec<LayerStats>,
 }
 
-const HELLO_LEN: usize = 1 + 32 + 64;
-/// Tag of the session control frames.
-pub const TAG_SESSION: u32 = u32::MAX;
-/// Longest a listener spends on one incoming connection's handshake, so a silent impostor
-/// cannot hold the port for the whole session timeout.
-const HANDSHAKE_PER_CONNECTION: Duration = Duration::from_secs(10);
-
-fn hello(role: Role, ephemeral: &[u8; 32], session_hash: &str) -> Vec<u8> {
-    let mut h = Vec::with_capacity(HELLO_LEN);
-    h.push(role as u8);
-    h.extend_from_slice(ephemeral);
-    h.extend_from_slice(session_hash.as_bytes());
-    h.resize(HELLO_LEN, b' ');
-    h
-}
-
-/// Everything a party needs to join a session.
-pub struct Join<'a> {
-    pub identity: &'a Identity,
-    /// The pinned keys of the two other roles.
-    pub trust: &'a Trust,
-    pub settings: Settings,
-    /// Hash of model, spec and settings: every party must have the same.
-    pub session_hash: &'a str,
-    pub cfg: LinkConfig,
-    /// Layers of the plan (sizes the per-layer counters).
-    pub layers: usize,
-}
-
-/// One authenticated link before the party is assembled.
-struct Joined {
-    peer: Role,
-    link: Link,
-    prf: Prf,
-}
-
-impl Join<'_> {
-    fn role(&self) -> Role {
-        self.identity.role
-    }
-
-    /// Checks the peer's hello, derives the pair's PRF and wraps the link.
-    fn finish_link(
-        &self,
-        peer: Role,
-        stream: Stream,
-        transport: Transport,
-        ours: KeyPair,
-        theirs: &[u8],
-    ) -> Result<Joined> {
-        let malformed = |msg: String| Error::Malformed {
-            peer: peer.name().into(),
-            msg,
-        };
-        if theirs.len() != HELLO_LEN || theirs[0] != peer as u8 {
-            return Err(malformed(format!(
-                "bad handshake payload ({} bytes)",
-                theirs.len()
-            )));
-        }
-        let hash = String::from_utf8_lossy(&theirs[33..]).trim().to_string();
-        if hash != self.session_hash {
-            return Err(Error::SessionMismatch {
-                peer: peer.name().into(),
-                ours: self.session_hash.into(),
-                theirs: hash,
-            });
-        }
-        let mut pk = [0u8; 32];
-        pk.copy_from_slice(&theirs[1..33]);
-        let prf = ours.agree(
-            &pk,
-            (self.role() as u8) < (peer as u8),
-            self.session_hash.as_bytes(),
-        );
-        let mut link = Link::new(stream, peer.name(), self.cfg, transport)?;
-        link.accepts_offline = peer == Role::Dealer;
-        Ok(Joined { peer, link, prf })
-    }
-
-    /// Dials side of one link: `stream` is connected to `peer` (a lower role).
-    fn initiate(&self, peer: Role, mut stream: Stream) -> Result<Joined> {
-        let key = self.trust.get(peer).ok_or_else(|| Error::Refused {
-            peer: peer.name().into(),
-            msg: format!("no pinned key for the {peer}"),
-        })?;
-        let keys = KeyPair::generate();
-        let deadline = Instant::now() + self.cfg.connect_timeout;
-        let ours = hello(self.role(), &keys.public, self.session_hash);
-        let (t, theirs) = noise::initiate(&mut *stream, self.identity, peer, key, &ours, deadline)?;
-        self.finish_link(peer, stream, t, keys, &theirs)
-    }
-
-    /// Answering side of one link: `stream` comes from one of the `allowed` roles.
-    fn respond(&self, mut stream: Stream, allowed: &[Role], deadline: Instant) -> Result<Joined> {
-        let keys = KeyPair::generate();
-        let ours = hello(self.role(), &keys.public, self.session_hash);
-        let (peer, t, theirs) = noise::respond(
-            &mut *stream,
-            self.identity,
-            self.trust,
-            allowed,
-            deadline,
-            |_, _| ours,
-        )?;
-        self.finish_link(peer, stream, t, keys, &theirs)
-    }
-
-    /// Joins over streams already connected to each peer (loopback sessions): a party dials
-    /// the lower roles and answers the higher ones.
-    pub fn connected(&self, streams: Vec<(Role, Stream)>) -> Result<Party> {
-        let mut joined = Vec::new();
-        for (peer, s) in streams {
-            joined.push(if peer < self.role() {
-                self.initiate(peer, s)?
-            } else {
-                self.respond(s, &[peer], Instant::now() + self.cfg.connect_timeout)?
-            });
-        }
-        self.assemble(joined)
-    }
-
-    /// Joins with `dialed` streams to the lower roles and a listener for the higher ones.
-    /// Connections that do not authenticate as an expected role are refused (reported to
-    /// `on_refused`, sent nothing) and the listener keeps waiting until the timeout.
-    pub fn listening(
-        &self,
-        dialed: Vec<(Role, Stream)>,
-        listener: &TcpListener,
-        on_refused: &mut dyn FnMut(&Error),
+impl Party {
+    /// The party over its confirmed links (one per other role) and their PRFs
+    /// (`secure::join` makes them), after the transcript check.
+    pub(super) fn assemble(
+        role: Role,
+        links: [Option<Link>; 3],
+        mut prfs: [Option<Prf>; 3],
+        transcripts: &[[u8; 32]; 3],
+        settings: Settings,
+        ahead_batches: u64,
+        layers: usize,
     ) -> Result<Party> {
-        let mut joined = Vec::new();
-        for (peer, s) in dialed {
-            joined.push(self.initiate(peer, s)?);
-        }
-        let mut needed: Vec<Role> = Role::ALL.into_iter().filter(|r| *r > self.role()).collect();
-        let io = |e: std::io::Error| Error::Link {
-            peer: "listener".into(),
-            msg: e.to_string(),
-        };
-        listener.set_nonblocking(true).map_err(io)?;
-        let deadline = Instant::now() + self.cfg.connect_timeout;
-        let mut last_refusal: Option<String> = None;
-        let mut refusals = 0usize;
-        while !needed.is_empty() {
-            match listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false).map_err(io)?;
-                    let s = conn::tcp(s).map_err(io)?;
-                    let by = deadline.min(Instant::now() + HANDSHAKE_PER_CONNECTION);
-                    match self.respond(s, &needed, by) {
-                        Ok(j) => {
-                            needed.retain(|r| *r != j.peer);
-                            joined.push(j);
-                        }
-                        Err(e @ (Error::Refused { .. } | Error::Malformed { .. })) => {
-                            on_refused(&e);
-                            refusals += 1;
-                            last_refusal = Some(e.to_string());
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let who = needed
-                            .iter()
-                            .map(|r| r.name())
-                            .collect::<Vec<_>>()
-                            .join(" and the ");
-                        let secs = self.cfg.connect_timeout.as_secs_f64();
-                        return Err(match last_refusal {
-                            Some(last) => Error::Refused {
-                                peer: format!("every connection claiming to be the {who}"),
-                                msg: format!(
-                                    "none authenticated within {secs} s ({refusals} refused;                                      the last: {last})"
-                                ),
-                            },
-                            None => Error::Timeout {
-                                peer: format!("the {who} (never connected)"),
-                                secs,
-                            },
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(io(e)),
-            }
-        }
-        self.assemble(joined)
-    }
-
-    fn assemble(&self, joined: Vec<Joined>) -> Result<Party> {
-        let role = self.role();
-        let mut links: [Option<Link>; 3] = [None, None, None];
-        let mut prfs: [Option<Prf>; 3] = [None, None, None];
-        for j in joined {
-            if j.peer == role || links[j.peer as usize].is_some() {
-                return Err(Error::Refused {
-                    peer: j.peer.name().into(),
-                    msg: format!("a second {} connected", j.peer),
-                });
-            }
-            links[j.peer as usize] = Some(j.link);
-            prfs[j.peer as usize] = Some(j.prf);
-        }
         let mut prfs_off: [Option<Prf>; 3] = [None, None, None];
         for (off, prf) in prfs_off.iter_mut().zip(prfs.iter_mut()) {
             if let Some(prf) = prf {
@@ -276,22 +82,51 @@ impl Join<'_> {
             }
         }
         let out = links.each_ref().map(|l| l.as_ref().and_then(Link::sender));
-        Ok(Party {
+        let mut p = Party {
             role,
             links,
             out,
             prfs,
             prfs_off,
-            dealer: (role == Role::Dealer).then(|| Dealer::new(self.cfg.ahead_batches)),
+            dealer: (role == Role::Dealer).then(|| Dealer::new(ahead_batches)),
+            budget: None,
             own: Prf::private(),
-            settings: self.settings,
+            settings,
             tag: TAG_SESSION,
-            stats: vec![LayerStats::default(); self.layers + 2],
-        })
+            stats: vec![LayerStats::default(); layers + 2],
+        };
+        p.check_transcripts(transcripts)?;
+        Ok(p)
     }
-}
 
-impl Party {
+    /// Every link's handshake hash is checked by the third party: each party tells each peer
+    /// its hash of the link with the other peer, and the two peers' accounts of the link
+    /// between them must agree. Links of different sessions spliced together by a relay
+    /// cannot.
+    fn check_transcripts(&mut self, ours: &[[u8; 32]; 3]) -> Result<()> {
+        let [q, r] = [0, 1].map(|i| {
+            Role::ALL
+                .into_iter()
+                .filter(|x| *x != self.role)
+                .nth(i)
+                .expect("two peers")
+        });
+        self.send_bytes(q, Kind::Session, &ours[r as usize])?;
+        self.send_bytes(r, Kind::Session, &ours[q as usize])?;
+        let from_q = self.recv_bytes(q, Kind::Session, 32)?;
+        let from_r = self.recv_bytes(r, Kind::Session, 32)?;
+        if from_q != from_r {
+            return Err(Error::OtherSession {
+                peer: format!("the link between the {q} and the {r}"),
+                msg: format!(
+                    "the {q} and the {r} report different handshakes for it (one of them is \
+                     connected to a party of another session)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Arithmetic party index: 0 for the client, 1 for the server.
     pub fn j(&self) -> u64 {
         match self.role {
@@ -462,6 +297,7 @@ impl Party {
             prfs: [None, None, None],
             prfs_off: std::mem::take(&mut self.prfs_off),
             dealer: Some(off),
+            budget: None,
             own: Prf::private(),
             settings: self.settings,
             tag: self.tag,
@@ -493,86 +329,5 @@ impl Party {
             }
         }
         first
-    }
-}
-
-/// Where the three parties of one process talk: loopback TCP (the network stack a deployment
-/// uses) or in-memory pipes (tests of everything above the network).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LocalNet {
-    Tcp,
-    Memory,
-}
-
-/// Connected streams for the three links of a session in this process: per role, its streams
-/// to the two others, each labelled with the peer's role.
-pub fn local_streams(net: LocalNet) -> Result<[Vec<(Role, Stream)>; 3]> {
-    let mut out: [Vec<(Role, Stream)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-    for (a, b) in [
-        (Role::Client, Role::Server),
-        (Role::Client, Role::Dealer),
-        (Role::Server, Role::Dealer),
-    ] {
-        let io = |e: std::io::Error| Error::Link {
-            peer: "loopback".into(),
-            msg: e.to_string(),
-        };
-        let (s, t): (Stream, Stream) = match net {
-            LocalNet::Tcp => {
-                let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
-                let addr = l.local_addr().map_err(io)?;
-                let s = TcpStream::connect(addr).map_err(io)?;
-                let (t, _) = l.accept().map_err(io)?;
-                (conn::tcp(s).map_err(io)?, conn::tcp(t).map_err(io)?)
-            }
-            LocalNet::Memory => {
-                let (s, t) = conn::mem_pair();
-                (Box::new(s), Box::new(t))
-            }
-        };
-        out[a as usize].push((b, t));
-        out[b as usize].push((a, s));
-    }
-    Ok(out)
-}
-
-/// Connects to `addr`, retrying until `timeout` (the peer may not listen yet).
-pub fn connect_retry(addr: &str, peer: &str, timeout: Duration) -> Result<Stream> {
-    use std::net::ToSocketAddrs;
-    let deadline = Instant::now() + timeout;
-    loop {
-        // Each attempt waits only until the deadline: a host that drops the handshake (a
-        // firewall, a full accept queue) must not hold the party for the kernel's minutes.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let attempt = addr.to_socket_addrs().and_then(|addrs| {
-            let mut last = std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the address resolves to nothing",
-            );
-            for sa in addrs {
-                match TcpStream::connect_timeout(&sa, left) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
-        });
-        match attempt {
-            Ok(s) => {
-                return conn::tcp(s).map_err(|e| Error::Link {
-                    peer: format!("{peer} at {addr}"),
-                    msg: e.to_string(),
-                })
-            }
-            Err(e) if Instant::now() >= deadline => {
-                return Err(Error::Link {
-                    peer: format!("{peer} at {addr}"),
-                    msg: e.to_string(),
-                })
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
     }
 }

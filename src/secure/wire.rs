@@ -18,9 +18,11 @@ const MORE: u8 = 0x80;
 pub const HEADER_LEN: usize = crate::spec::framing::FRAME_HEADER_LEN;
 
 /// What a frame carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Kind {
+    /// Joining: the initiator's key confirmation and the transcript check.
+    Session = 1,
     /// Session setup: the opened weight masks F = W - B.
     Setup = 2,
     /// Protocol data of one layer.
@@ -36,6 +38,7 @@ pub enum Kind {
 impl Kind {
     pub fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
+            1 => Kind::Session,
             2 => Kind::Setup,
             3 => Kind::Data,
             4 => Kind::Control,

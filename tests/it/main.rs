@@ -17,6 +17,7 @@ mod models;
 mod onnx;
 mod pipeline;
 mod secure;
+mod secure_attacks;
 mod secure_links;
 mod secure_parties;
 mod seg_data;

@@ -654,9 +654,8 @@ fn dialling_a_silent_host_ends_at_the_connect_timeout() {
         return;
     }
     let t0 = Instant::now();
-    let e =
-        brelu::secure::party::connect_retry(&addr.to_string(), "server", Duration::from_secs(1))
-            .unwrap_err();
+    let e = brelu::secure::join::connect_retry(&addr.to_string(), "server", Duration::from_secs(1))
+        .unwrap_err();
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(5), "gave up after {took:?}");
     assert!(e.to_string().contains("server at 127.0.0.1"), "{e}");
