@@ -14,7 +14,7 @@
 //!
 //! 1. Utilities: [`error`] (the typed error), [`fs`] (atomic writes), [`hash`] (fingerprints),
 //!    [`npy`] (the table file format), [`plot`], [`progress`] (bars on a terminal, lines in a
-//!    log).
+//!    log), [`stats`] (paired differences with confidence intervals).
 //! 2. [`spec`]: options, catalogs, spec files, cost model.
 //! 3. [`ops`]: block-ReLU operators, device selection; [`dist`]: data-parallel process groups
 //!    (PyTorch's c10d through a C++ shim), launcher variables, sharding, gradient buckets.
@@ -46,6 +46,7 @@ pub mod plot;
 pub mod progress;
 pub mod secure;
 pub mod spec;
+pub mod stats;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -55,6 +55,12 @@ pub struct Config {
     /// per-pixel cross-entropy added with this weight (published: 0.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aux_loss_weight: Option<f64>,
+    /// Before the first step of a fresh run: re-estimate every batch norm's running
+    /// statistics on this many shuffled training batches in train mode, weights untouched
+    /// (`train::recalibrate_bn`; for block-ReLU fine-tunes, whose spec changes what each layer
+    /// sees).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recalibrate_bn: Option<usize>,
 }
 
 /// loss = cross-entropy + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
@@ -326,6 +332,12 @@ impl Config {
                     );
                 }
             }
+        }
+        if self.recalibrate_bn == Some(0) {
+            return bad(
+                "recalibrate_bn",
+                "the number of batches must be at least 1 (leave it out for none)".into(),
+            );
         }
         if let Some(w) = self.aux_loss_weight {
             if !seg {

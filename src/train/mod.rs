@@ -27,6 +27,7 @@
 //! channels-last.
 pub mod config;
 pub mod precision;
+pub mod recalibrate;
 mod run;
 pub use run::host_syncs;
 pub mod schedule;
@@ -34,6 +35,7 @@ pub mod segment;
 pub mod sgd;
 
 pub use config::{Config, OptimizerConfig, ScheduleConfig, ScheduleKind};
+pub use recalibrate::recalibrate_bn;
 pub use schedule::{lr_at, lr_at_iteration, lr_at_progress, lr_for_batch};
 
 use crate::data::{self, BatchIter, Dataset, Normalize, Split, Task};
@@ -457,6 +459,42 @@ fn report_batches(cfg: &Config, model: &Model, opts: &TrainOptions, micro: usize
     }
 }
 
+/// [`recalibrate_bn`] on each rank's own batches (seed + rank), then the statistics averaged
+/// over the ranks so every rank starts from the same network. A later resume keeps them (the
+/// checkpoint holds them).
+fn recalibrate_on_ranks(
+    cfg: &Config,
+    model: &Model,
+    opts: &TrainOptions,
+    train_set: &Dataset,
+    batches: usize,
+) -> Result<()> {
+    let rank = opts.group.as_ref().map_or(0, |g| g.rank);
+    let batch = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
+    let norm = cfg.dataset.normalization();
+    let used = recalibrate_bn(
+        model,
+        train_set,
+        &norm,
+        batch,
+        batches,
+        cfg.seed + rank as u64,
+    )?;
+    if let Some(g) = &opts.group {
+        for (n, t) in model.named_tensors() {
+            if n.ends_with("running_mean") || n.ends_with("running_var") {
+                let mean = t.to_device(g.device);
+                g.all_reduce_sum(&mean)?;
+                tch::no_grad(|| t.shallow_clone().copy_(&(mean / g.world as f64)));
+            }
+        }
+    }
+    if opts.group.as_ref().is_none_or(|g| g.is_leader()) && opts.progress {
+        eprintln!("batch norm recalibrated on {used} batches of {batch} images per rank");
+    }
+    Ok(())
+}
+
 /// [`train`] on data sets already in memory.
 pub fn train_on(
     cfg: &Config,
@@ -496,6 +534,9 @@ pub fn train_on(
             start = ck.epoch;
             start_it = ck.iteration.unwrap_or(0);
         }
+    }
+    if let (Some(n), 0, 0) = (cfg.recalibrate_bn, start, start_it) {
+        recalibrate_on_ranks(cfg, model, opts, train_set, n)?;
     }
     if leader {
         trim_metrics(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const STAGES: &[&[&str]] = &[
     &["error"],
     &["fs"],
-    &["hash", "npy", "plot", "progress"],
+    &["hash", "npy", "plot", "progress", "stats"],
     &["spec"],
     &["ops"],
     &["dist"],

@@ -661,3 +661,65 @@ fn dialling_a_silent_host_ends_at_the_connect_timeout() {
     assert!(e.to_string().contains("server at 127.0.0.1"), "{e}");
     drop(l);
 }
+
+/// The server's `--max-queries` counts the pinned client key's images across sessions in its
+/// state file: the image over the budget is refused by the server, naming it, and a later
+/// session is refused before it starts.
+#[test]
+fn the_servers_query_budget_holds_across_sessions() {
+    let keys = tempfile::tempdir().unwrap();
+    keygen(keys.path());
+    let state = keys.path().join("queries.json");
+    let session = |images: usize| -> Vec<PartyProc> {
+        let args = role_args(common::free_port(), common::free_port());
+        ["client", "server", "dealer"]
+            .iter()
+            .enumerate()
+            .map(|(i, role)| {
+                let mut a = args[i].clone();
+                a.extend(keys_arg(keys.path()));
+                a.extend(["--connect-timeout".into(), "10".into()]);
+                if i == 1 {
+                    a.extend(["--max-queries", "3", "--query-state"].map(String::from));
+                    a.push(state.to_str().unwrap().into());
+                }
+                PartyProc::spawn(role, images, 20.0, &a)
+            })
+            .collect()
+    };
+    for mut p in session(2) {
+        assert!(p.wait_within(Duration::from_secs(60)), "{}", p.stderr());
+    }
+    // Two more: the third image is served, the fourth refused.
+    let mut ps = session(2);
+    let ok: Vec<bool> = ps
+        .iter_mut()
+        .map(|p| p.wait_within(Duration::from_secs(60)))
+        .collect();
+    assert!(!ok[1], "the server served past its budget");
+    let err = ps[1].stderr();
+    assert!(
+        err.contains("budget is spent") && err.contains("3"),
+        "{err}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let counts: Vec<u64> = st["clients"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![3], "{st}");
+    // A later session with the same client key: the server refuses before it listens.
+    let mut ps = session(1);
+    assert!(!ps[1].wait_within(Duration::from_secs(30)));
+    assert!(
+        ps[1].stderr().contains("has used its 3 queries"),
+        "{}",
+        ps[1].stderr()
+    );
+    for p in ps.iter_mut() {
+        let _ = p.child.kill();
+    }
+}

@@ -662,3 +662,68 @@ fn fused_sgd_follows_the_update_rule() {
         }
     }
 }
+
+/// Batch-norm recalibration (issue 31) changes only the running statistics; the first batch
+/// norm's become the average over the batches of its input's per-channel mean and unbiased
+/// variance, computed here from the stem convolution directly. A spec applied downstream
+/// does not matter to it; an error in the configuration names the field.
+#[test]
+fn batch_norm_recalibration_changes_only_running_statistics() {
+    let _serial = common::torch_rng();
+    let c = cfg(TINY);
+    let data = toy(48, 1);
+    let mut m = train::build_model(&c, tch::Device::Cpu).unwrap();
+    common::mixed_spec(&mut m);
+    let before: Vec<(String, tch::Tensor)> = m
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    let norm = c.dataset.normalization();
+    assert_eq!(train::recalibrate_bn(&m, &data, &norm, 8, 4, 7).unwrap(), 4);
+    let after = m.named_tensors();
+    let mut changed = 0;
+    for (n, t) in &before {
+        let stat = n.ends_with("running_mean") || n.ends_with("running_var");
+        assert_eq!(t.equal(&after[n]), !stat, "{n}");
+        changed += stat as usize;
+    }
+    assert!(changed >= 4, "{changed} statistics");
+    let w = &after["conv1.weight"];
+    let (mut mean, mut var) = (
+        tch::Tensor::zeros([w.size()[0]], tch::kind::FLOAT_CPU),
+        None,
+    );
+    for b in
+        brelu::data::BatchIter::train(&data, 8, 7, 0, None, norm.clone(), tch::Device::Cpu).take(4)
+    {
+        let (x, _) = b.unwrap();
+        // resnet18-cifar-light's stem: 3x3, stride 2, padding 1.
+        let y = x.conv2d(w, None::<tch::Tensor>, [2, 2], [1, 1], [1, 1], 1);
+        mean += y.mean_dim([0i64, 2, 3].as_slice(), false, tch::Kind::Float) / 4.0;
+        let v = y.var_dim([0i64, 2, 3].as_slice(), true, false) / 4.0;
+        var = Some(match var {
+            Some(acc) => acc + v,
+            None => v,
+        });
+    }
+    let close = |a: &tch::Tensor, b: &tch::Tensor| {
+        let err = (a - b).abs().max().double_value(&[]);
+        let scale = b.abs().max().double_value(&[]).max(1e-6);
+        assert!(err <= 1e-4 * scale, "max error {err} (scale {scale})");
+    };
+    close(&after["bn1.running_mean"], &mean);
+    close(&after["bn1.running_var"], &var.unwrap());
+    // More batches asked than the split has: all of them, once.
+    assert_eq!(
+        train::recalibrate_bn(&m, &data, &norm, 8, 100, 7).unwrap(),
+        6
+    );
+    let e = Config::from_toml_str(
+        &TINY.replacen("seed = 3", "seed = 3\nrecalibrate_bn = 0", 1),
+        Path::new("tiny.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("recalibrate_bn"), "{e}");
+}
