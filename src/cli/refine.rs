@@ -27,10 +27,11 @@ pub struct RefineArgs {
     /// Random channels considered to pay for each upgrade.
     #[arg(long, default_value_t = 64)]
     pub candidates: usize,
-    /// Samples the moves are judged on.
+    /// Samples the moves are judged on: training images after the tables' own in their
+    /// seeded order, so held out from what the tables measured.
     #[arg(long, default_value_t = 64)]
     pub samples: usize,
-    /// Seed of the sample choice and of the moves.
+    /// Seed of the proposed moves.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Samples per forward pass.
@@ -57,8 +58,13 @@ pub fn run(a: RefineArgs) -> Result<()> {
         (None, Some(b)) => b,
         (None, None) => cost.drelus as u64,
     };
-    let samples = extract::training_samples(exp.data()?.source(), a.samples, a.seed)
-        .context("choosing the samples")?;
+    let samples = extract::held_out_samples(
+        exp.data()?.source(),
+        a.samples,
+        tables.seed,
+        tables.samples as usize,
+    )
+    .context("choosing the held-out samples")?;
     let opts = SearchOptions {
         steps: a.steps,
         candidates: a.candidates,

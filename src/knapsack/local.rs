@@ -1,9 +1,10 @@
 //! Local search on measured distortion: the knapsack adds up per-channel distortions, but a
 //! spec's true distortion is far from additive (see [`super::additivity`]). Starting from a
-//! spec (the knapsack's), each step moves DReLUs between two channels: one channel takes the
-//! option its table says distorts least among those it does not use yet, and, when the budget
-//! has no room for that, the cheapest-in-table downgrade among a few random channels pays for
-//! it. The move is kept only when the *measured* distortion of the whole spec on the sample
+//! spec (the knapsack's), each step moves DReLUs between two channels: one channel takes a
+//! random option its table says distorts less than its current one (any of them, not only the
+//! least: the smallest patch is always the table's best, so intermediate patch sizes would
+//! never be tried), and, when the budget has no room for that, the cheapest-in-table
+//! downgrade among a few random channels pays for it. The move is kept only when the *measured* distortion of the whole spec on the sample
 //! batch goes down, so the result is never worse than the start on that batch and never over
 //! budget.
 use super::additivity::{distortion, outputs};
@@ -167,9 +168,9 @@ pub fn search(
     Ok((spec, report))
 }
 
-/// A move as (free channel, new option index) pairs: an upgrade of a random channel to its
-/// least-distorting unused option, paid for, when the budget's slack does not cover it, by the
-/// downgrade with the smallest table increase among `candidates` random channels.
+/// A move as (free channel, new option index) pairs: an upgrade of a random channel to a random
+/// option that its table says distorts less, paid for, when the budget's slack does not cover
+/// it, by the downgrade with the smallest table increase among `candidates` random channels.
 fn propose(
     free: &[Free],
     cost: u64,
@@ -179,12 +180,16 @@ fn propose(
 ) -> Option<Vec<(usize, usize)>> {
     let a = rng.gen_range(0..free.len());
     let fa = &free[a];
-    let (ka, up) = fa
+    let better: Vec<(usize, &(PatchOption, u64, f64))> = fa
         .options
         .iter()
         .enumerate()
         .filter(|(k, x)| *k != fa.current && x.2 < fa.table())
-        .min_by(|x, y| x.1 .2.total_cmp(&y.1 .2))?;
+        .collect();
+    if better.is_empty() {
+        return None;
+    }
+    let (ka, up) = better[rng.gen_range(0..better.len())];
     let slack = budget - cost;
     let need = (up.1 + cost).saturating_sub(fa.cost() + budget);
     if up.1 <= fa.cost() + slack {

@@ -15,9 +15,11 @@ pub struct RefineSettings {
     /// Moves tried per budget; 0 (the default) leaves the method out.
     #[serde(default)]
     pub steps: usize,
-    /// Training samples the moves are judged on (default 256).
+    /// Training samples the moves are judged on (default 256), held out from the tables'
+    /// samples (the next ones in their seeded order).
     #[serde(default)]
     pub samples: Option<usize>,
+    /// Seed of the proposed moves.
     #[serde(default)]
     pub seed: u64,
 }

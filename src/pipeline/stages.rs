@@ -202,10 +202,11 @@ pub(super) fn specs(
         let refiner = match refine {
             Some(rs) => Some(Refiner {
                 model: load_model(cfg, &base.weights, None)?,
-                samples: extract::training_samples(
+                samples: extract::held_out_samples(
                     cfg.train_config.source(),
                     rs.samples.unwrap_or(256),
-                    rs.seed,
+                    tables.seed,
+                    tables.samples as usize,
                 )?,
                 opts: SearchOptions {
                     steps: rs.steps,

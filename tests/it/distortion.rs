@@ -819,4 +819,21 @@ fn local_search_stays_in_budget_and_never_measures_worse() {
     // A start over the budget is refused.
     let e = search(&mut m, &s, &t, &specs[0].1, budget / 2, &o).unwrap_err();
     assert!(e.to_string().contains("over the budget"), "{e}");
+    // Every channel without ReLU and a budget of 3 DReLUs: the table's best option, ReLU, is
+    // affordable only on the smallest maps, so what the search keeps elsewhere is an
+    // intermediate patch, which it proposes since it tries every option that is better.
+    let none = Spec::uniform(m.name(), INPUT, &infos, PatchOption::Identity);
+    let (best, r) = search(&mut m, &s, &t, &none, 3, &o).unwrap();
+    assert!(r.accepted > 0 && r.result < r.start, "{r:?}");
+    let kept: Vec<PatchOption> = best
+        .sites
+        .values()
+        .flatten()
+        .copied()
+        .filter(|o| !matches!(o, PatchOption::Identity))
+        .collect();
+    assert!(
+        kept.iter().any(|o| *o != PatchOption::RELU),
+        "no intermediate option kept: {kept:?}"
+    );
 }

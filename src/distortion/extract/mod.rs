@@ -29,7 +29,7 @@ mod worker;
 pub use collect::collect;
 pub use job::{init_dir, plan, Job, JobSite, PlanOptions, Shard, Unit};
 pub use run::{run, RunReport};
-pub use samples::{training_samples, Samples};
+pub use samples::{held_out_samples, training_samples, Samples};
 
 use crate::error::{Error, Result};
 use crate::models::Model;

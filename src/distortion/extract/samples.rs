@@ -57,16 +57,37 @@ impl Samples {
 /// The samples of docs/method.md section 5: a seeded subset of the training split of `source`, in a
 /// seeded order, with the evaluation transform (normalisation only).
 pub fn training_samples(source: Source<'_>, n: usize, seed: u64) -> Result<Samples> {
+    samples_after(source, n, seed, 0)
+}
+
+/// `n` training samples none of which the tables' extraction measured on: the same seeded
+/// order as theirs, after their `tables_samples` (what local search judges its moves on).
+pub fn held_out_samples(
+    source: Source<'_>,
+    n: usize,
+    tables_seed: u64,
+    tables_samples: usize,
+) -> Result<Samples> {
+    samples_after(source, n, tables_seed, tables_samples)
+}
+
+fn samples_after(source: Source<'_>, n: usize, seed: u64, skip: usize) -> Result<Samples> {
     let data = source.load_split(Split::Train)?;
-    if n == 0 || n > data.len() {
+    let room = data.len().saturating_sub(skip);
+    if n == 0 || n > room {
         return Err(Error::InvalidArgument(format!(
-            "{n} samples requested: the training split has {} images (need 1..={})",
+            "{n} samples requested: the training split has {} images{} (need 1..={room})",
             data.len(),
-            data.len()
+            if skip > 0 {
+                format!(", {skip} of them the tables' own")
+            } else {
+                String::new()
+            }
         )));
     }
     let mut order: Vec<i64> = (0..data.len() as i64).collect();
     Rng::for_epoch(seed, 0, 7).shuffle(&mut order);
+    order.drain(..skip);
     order.truncate(n);
     let x = data.select(&order)?;
     Samples::from_tensor(&source.normalization().apply(&x))
