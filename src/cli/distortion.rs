@@ -276,7 +276,7 @@ fn extract_cmd(a: ExtractArgs) -> Result<()> {
         skip_unchanged: !a.no_skip,
         baseline: baseline_text.as_ref().map(|t| fnv_hex(t.bytes())),
         against_relu: a.against_relu,
-        ..a.settings.plan_options(cfg.default_probes())
+        ..a.settings.plan_options(&cfg)
     };
     let pb = crate::progress::bar(true, 0, "extraction", "units");
     let x = Extraction {

@@ -66,7 +66,7 @@ pub fn run(a: IterateArgs) -> Result<()> {
     let opts = IterOptions {
         rounds: a.rounds,
         start_budget,
-        plan: a.settings.plan_options(cfg.default_probes()),
+        plan: a.settings.plan_options(cfg),
         batch: a.settings.batch,
     };
     let work = a.output.with_extension("iterate");

@@ -1,6 +1,8 @@
 //! How distortion is measured: the one settings type of `brelu distortion extract`,
 //! `brelu iterate` and the pipeline's `[distortion]` table, with one set of defaults.
 use super::{Estimator, PlanOptions};
+use crate::data::Task;
+use crate::train::Config;
 use serde::{Deserialize, Serialize};
 
 /// The estimator, the samples and how the work is cut. The field order is the pipeline's
@@ -40,6 +42,18 @@ pub struct Settings {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<usize>,
+}
+
+/// First-order probes when none are given (BENCHMARKS.md, "Estimators against exact"): the
+/// full basis (one probe per logit, which makes the first-order term exact) for
+/// classification up to 128 classes, since 3 random probes of 10 cost 12-14% in the knapsack
+/// objective judged by exact tables; 64 random probes where the outputs are more (ImageNet,
+/// segmentation maps).
+pub fn default_probes(cfg: &Config) -> usize {
+    match cfg.task() {
+        Task::Classification if cfg.num_classes <= 128 => cfg.num_classes,
+        _ => 64,
+    }
 }
 
 const SAMPLES: usize = 256;
@@ -87,16 +101,16 @@ impl Settings {
         .find_map(|(k, v)| (v == 0).then_some(k))
     }
 
-    /// The plan around the all-ReLU network, every site, unchanged rows skipped;
-    /// `default_probes` is the task's (`train::Config::default_probes`).
-    pub fn plan_options(&self, default_probes: usize) -> PlanOptions {
+    /// The plan around the all-ReLU network of `cfg`'s task, every site, unchanged rows
+    /// skipped.
+    pub fn plan_options(&self, cfg: &Config) -> PlanOptions {
         PlanOptions {
             estimator: self.estimator,
             seed: self.seed,
             batch: self.batch,
             stack: self.stack,
             chunk: self.chunk,
-            probes: self.probes.unwrap_or(default_probes),
+            probes: self.probes.unwrap_or_else(|| default_probes(cfg)),
             sites: None,
             zero: false,
             skip_unchanged: true,

@@ -118,10 +118,8 @@ pub(super) fn baseline(r: &mut Runner, cfg: &PipelineConfig) -> Result<Baseline>
 pub(super) fn distortion(r: &mut Runner, cfg: &PipelineConfig, base: &Baseline) -> Result<String> {
     let base_cfg = &cfg.train_config;
     let ddir = r.dir.join("distortion");
-    let opts = cfg
-        .distortion
-        .plan_options(cfg.train_config.default_probes());
-    // The probes actually used: their default follows the task (`default_probes`).
+    let opts = cfg.distortion.plan_options(&cfg.train_config);
+    // The probes actually used: their default follows the task (`distortion::settings::default_probes`).
     let dist_in = of_json(&(&base.hash, &cfg.distortion, opts.probes));
     // Every rank measures its shard of the units; rank 0 prepares the directory first and
     // collects the tables after all shards are done (the tables do not depend on the split).
@@ -231,7 +229,7 @@ pub(super) fn specs(
                 opts: IterOptions {
                     rounds: it.rounds,
                     start_budget: None,
-                    plan: dist.plan_options(cfg.train_config.default_probes()),
+                    plan: dist.plan_options(&cfg.train_config),
                     batch: dist.batch,
                 },
                 start: it.start,

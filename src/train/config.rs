@@ -476,17 +476,6 @@ impl Config {
     }
 
     /// The task implied by the data set.
-    /// First-order probes by default (BENCHMARKS.md, "Estimators against exact"): the full
-    /// basis (one probe per logit) for classification up to 128 classes, since 3 random probes
-    /// of 10 cost 12-14% in the knapsack objective judged by exact tables; 64 random probes
-    /// where the outputs are more (ImageNet, segmentation maps).
-    pub fn default_probes(&self) -> usize {
-        match self.task() {
-            Task::Classification if self.num_classes <= 128 => self.num_classes,
-            _ => 64,
-        }
-    }
-
     pub fn task(&self) -> Task {
         self.dataset.kind.task()
     }
