@@ -819,21 +819,31 @@ fn local_search_stays_in_budget_and_never_measures_worse() {
     // A start over the budget is refused.
     let e = search(&mut m, &s, &t, &specs[0].1, budget / 2, &o).unwrap_err();
     assert!(e.to_string().contains("over the budget"), "{e}");
-    // Every channel without ReLU and a budget of 3 DReLUs: the table's best option, ReLU, is
-    // affordable only on the smallest maps, so what the search keeps elsewhere is an
-    // intermediate patch, which it proposes since it tries every option that is better.
-    let none = Spec::uniform(m.name(), INPUT, &infos, PatchOption::Identity);
-    let (best, r) = search(&mut m, &s, &t, &none, 3, &o).unwrap();
+    // The first site's channels without ReLU, the other sites fixed at ReLU, 3 DReLUs to
+    // spend: a ReLU costs 16 on the first site's 4x4 map, so every move the search can make
+    // is to an intermediate patch. (Proposing only the table's best option, ReLU, it made
+    // none.)
+    let mut t1 = t.clone();
+    t1.sites.truncate(1);
+    let first = infos[0].name.clone();
+    assert_eq!((infos[0].height, infos[0].width), (4, 4));
+    let mut start = Spec::uniform(m.name(), INPUT, &infos, PatchOption::RELU);
+    start.sites.insert(
+        first.clone(),
+        vec![PatchOption::Identity; infos[0].channels],
+    );
+    let budget = brelu::spec::spec_cost(&start, &infos).drelus as u64 + 3;
+    let o = SearchOptions { steps: 300, ..o };
+    let (best, r) = search(&mut m, &s, &t1, &start, budget, &o).unwrap();
     assert!(r.accepted > 0 && r.result < r.start, "{r:?}");
-    let kept: Vec<PatchOption> = best
-        .sites
-        .values()
-        .flatten()
+    let kept: Vec<PatchOption> = best.sites[&first]
+        .iter()
         .copied()
-        .filter(|o| !matches!(o, PatchOption::Identity))
+        .filter(|o| *o != PatchOption::Identity)
         .collect();
     assert!(
-        kept.iter().any(|o| *o != PatchOption::RELU),
-        "no intermediate option kept: {kept:?}"
+        !kept.is_empty() && kept.iter().all(|o| *o != PatchOption::RELU),
+        "{kept:?}"
     );
+    assert!(r.drelus <= budget);
 }
