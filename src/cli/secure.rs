@@ -259,15 +259,8 @@ fn load_session(a: &SessionArgs, need_images: bool) -> Result<Session> {
 
 fn run_cmd(a: RunArgs) -> Result<()> {
     let s = load_session(&a.session, true)?;
-    let r = run_compare(
-        &s.model,
-        &s.images,
-        s.labels.as_deref(),
-        s.settings,
-        a.session.argmax_only,
-        s.link,
-    )
-    .context("secure inference")?;
+    let r = run_compare(&s.model, &s.images, s.labels.as_deref(), s.settings, s.link)
+        .context("secure inference")?;
     if a.json {
         return print_json(&r);
     }
@@ -531,7 +524,7 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
         dialed.push((peer, connect_retry(addr, peer.name(), timeout)?));
     }
     let mut on_refused = |e: &crate::error::Error| eprintln!("{role}: {e}; still waiting");
-    let p = if role == Role::Dealer {
+    let mut p = if role == Role::Dealer {
         join.connected(dialed)
     } else {
         let addr = a.listen.as_deref().context("missing --listen HOST:PORT")?;
@@ -539,7 +532,6 @@ fn party_cmd(a: PartyArgs) -> Result<()> {
         join.listening(dialed, &l, &mut on_refused)
     }
     .with_context(|| format!("{role}: session handshake"))?;
-    let mut p = p;
     p.budget = budget;
     eprintln!("{role}: session started (hash {})", &hash[..16]);
     let w = (role == Role::Server).then_some(&weights);

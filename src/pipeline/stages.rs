@@ -403,7 +403,6 @@ fn secure_inference(
             &first.images,
             first.labels.as_deref(),
             secure::plan::Settings::default(),
-            false,
             secure::link::LinkConfig::default(),
         )?;
         let sum = SecureSummary {

@@ -28,7 +28,7 @@ pub enum Phase {
 /// The dealer's own state in a session.
 pub struct Dealer {
     /// Which part of each protocol to run.
-    pub phase: Phase,
+    phase: Phase,
     /// Private values the offline part keeps for the online part, in order.
     pub carry: Carry,
     /// While the offline part runs on its own thread: the bound on its lead.

@@ -125,29 +125,25 @@ impl Pipe {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a change until `deadline`; false when it passed.
+    /// Waits for a change until `deadline`; `WouldBlock` (as a socket's timeout) when it
+    /// passed.
     fn wait<'a>(
         &self,
         g: MutexGuard<'a, PipeState>,
         deadline: Option<Instant>,
-    ) -> (MutexGuard<'a, PipeState>, bool) {
-        match deadline {
-            None => (
-                self.changed.wait(g).unwrap_or_else(|p| p.into_inner()),
-                true,
-            ),
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return (g, false);
-                }
-                let (g, _) = self
-                    .changed
-                    .wait_timeout(g, left)
-                    .unwrap_or_else(|p| p.into_inner());
-                (g, true)
-            }
+    ) -> io::Result<MutexGuard<'a, PipeState>> {
+        let Some(d) = deadline else {
+            return Ok(self.changed.wait(g).unwrap_or_else(|p| p.into_inner()));
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::WouldBlock.into());
         }
+        let (g, _) = self
+            .changed
+            .wait_timeout(g, left)
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(g)
     }
 
     fn close(&self, reader: bool) {
@@ -241,11 +237,7 @@ impl Read for MemConn {
             if g.writer_closed {
                 return Ok(0);
             }
-            let (ng, in_time) = pipe.wait(g, by);
-            g = ng;
-            if !in_time {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
+            g = pipe.wait(g, by)?;
         }
     }
 }
@@ -270,11 +262,7 @@ impl Write for MemConn {
                 pipe.changed.notify_all();
                 return Ok(n);
             }
-            let (ng, in_time) = pipe.wait(g, by);
-            g = ng;
-            if !in_time {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
+            g = pipe.wait(g, by)?;
         }
     }
 

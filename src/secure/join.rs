@@ -114,17 +114,16 @@ impl Join<'_> {
             });
         }
         if theirs.sid != *sid {
-            return Err(Self::other_session(peer, sid, &theirs.sid));
+            return Err(Error::OtherSession {
+                peer: format!("the {peer}"),
+                msg: format!(
+                    "its session id is {}, ours {}",
+                    noise::hex(&theirs.sid),
+                    noise::hex(sid)
+                ),
+            });
         }
         Ok(())
-    }
-
-    fn other_session(peer: Role, ours: &SessionId, theirs: &SessionId) -> Error {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        Error::OtherSession {
-            peer: format!("the {peer}"),
-            msg: format!("its session id is {}, ours {}", hex(theirs), hex(ours)),
-        }
     }
 
     /// The pair's PRF (bound to this link's handshake) and the link, ready.
@@ -210,7 +209,8 @@ impl Join<'_> {
                 e => Error::Refused {
                     peer: format!("{peer} at {who}"),
                     msg: format!(
-                        "no key confirmation within {:.1} s (a recording of an earlier                          handshake, or a peer that stopped): {e}",
+                        "no key confirmation within {:.1} s (a recording of an earlier handshake, \
+                         or a peer that stopped): {e}",
                         left.as_secs_f64()
                     ),
                 },
@@ -327,20 +327,12 @@ impl Join<'_> {
         listener.set_nonblocking(true).map_err(io)?;
         let deadline = Instant::now() + self.cfg.connect_timeout;
         let (tx, rx) = std::sync::mpsc::channel::<(u64, Result<Joined>)>();
-        // Handshakes in progress: id (oldest first) -> (address, a handle to end it).
-        let mut running: std::collections::BTreeMap<u64, (std::net::IpAddr, Stream)> =
-            Default::default();
+        let mut running = Running::new();
         let mut next_id = 0u64;
         let mut missing = needed.to_vec();
         let mut joined = Vec::new();
         let mut last_refusal: Option<String> = None;
         let mut refusals = 0usize;
-        let end_all =
-            |running: &mut std::collections::BTreeMap<u64, (std::net::IpAddr, Stream)>| {
-                for (_, (_, h)) in std::mem::take(running) {
-                    let _ = h.shutdown_both();
-                }
-            };
         let result = loop {
             match listener.accept() {
                 Ok((s, addr)) => {
@@ -425,6 +417,7 @@ impl Join<'_> {
         result
     }
 
+    /// The party over its confirmed links (`Party::assemble` checks the transcripts).
     fn assemble(&self, joined: Vec<Joined>) -> Result<Party> {
         let role = self.role();
         let mut links: [Option<Link>; 3] = [None, None, None];
@@ -450,6 +443,16 @@ impl Join<'_> {
             self.cfg.ahead_batches,
             self.layers,
         )
+    }
+}
+
+/// A listener's handshakes in progress: id (oldest first) -> (address, a handle to end it).
+type Running = std::collections::BTreeMap<u64, (std::net::IpAddr, Stream)>;
+
+/// Ends every handshake in `running`: its reads and writes fail at once.
+fn end_all(running: &mut Running) {
+    for (_, (_, h)) in std::mem::take(running) {
+        let _ = h.shutdown_both();
     }
 }
 

@@ -2,10 +2,10 @@
 //! [`super::conn::Conn`]): framed messages cut into frames of at most `max_frame` bytes, a
 //! deadline per received message and per written frame, byte counters. Sending rarely blocks
 //! the protocol: frames go to a writer thread (which also encrypts) through a queue of at most
-//! `max_ahead` bytes (1 GiB at least), so both halves of an exchange are sent before either side receives and
-//! large exchanges cannot deadlock on full socket buffers. There is no acknowledgement: TCP is
-//! reliable, the AEAD catches any change on the way, and the per-direction sequence number in
-//! every header catches protocol bugs.
+//! `max_ahead` bytes (1 GiB at least), so both halves of an exchange are sent before either
+//! side receives and large exchanges cannot deadlock on full socket buffers. There is no
+//! acknowledgement: TCP is reliable, the AEAD catches any change on the way, and the
+//! per-direction sequence number in every header catches protocol bugs.
 //!
 //! What a hostile peer can make a link hold is bounded: frames kept ahead count their headers
 //! against `max_ahead` and are at most [`MAX_AHEAD_FRAMES`]; an empty frame announcing more is

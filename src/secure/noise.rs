@@ -37,7 +37,7 @@ fn params() -> snow::params::NoiseParams {
     PATTERN.parse().expect("a valid Noise protocol name")
 }
 
-fn hex(b: &[u8]) -> String {
+pub(super) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -5,13 +5,13 @@ use super::keys::Prf;
 use super::link::{Link, LinkSender};
 use super::plan::Settings;
 pub use super::wire::Role;
-
-/// Tag of the session control frames.
-pub const TAG_SESSION: u32 = u32::MAX;
 use super::wire::{pack_u64, unpack_u64, Kind};
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::time::Duration;
+
+/// Tag of the session control frames.
+pub const TAG_SESSION: u32 = u32::MAX;
 
 /// Counters of one layer as seen by one party.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -104,13 +104,11 @@ impl Party {
     /// between them must agree. Links of different sessions spliced together by a relay
     /// cannot.
     fn check_transcripts(&mut self, ours: &[[u8; 32]; 3]) -> Result<()> {
-        let [q, r] = [0, 1].map(|i| {
-            Role::ALL
-                .into_iter()
-                .filter(|x| *x != self.role)
-                .nth(i)
-                .expect("two peers")
-        });
+        let mut peers = Role::ALL.into_iter().filter(|x| *x != self.role);
+        let (q, r) = (
+            peers.next().expect("two peers"),
+            peers.next().expect("two peers"),
+        );
         self.send_bytes(q, Kind::Session, &ours[r as usize])?;
         self.send_bytes(r, Kind::Session, &ours[q as usize])?;
         let from_q = self.recv_bytes(q, Kind::Session, 32)?;

@@ -115,11 +115,9 @@ pub fn run_compare(
     model: &Model,
     images: &[Vec<f32>],
     labels: Option<&[usize]>,
-    mut settings: Settings,
-    argmax_only: bool,
+    settings: Settings,
     cfg: LinkConfig,
 ) -> Result<RunReport> {
-    settings.argmax_only = argmax_only;
     let (plan, weights) = Plan::from_model(model, settings)?;
     let fx = settings.fixed;
     let encoded: Vec<Vec<u64>> = images
@@ -202,7 +200,7 @@ pub fn run_compare(
         frac_bits: fx.frac,
         drelu_bits: settings.drelu_bits,
         drelu_protocol: settings.drelu,
-        argmax_only,
+        argmax_only: settings.argmax_only,
         session_hash: plan.hash(),
         relus,
         drelus_per_image: plan.drelus(),

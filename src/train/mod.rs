@@ -481,12 +481,10 @@ fn recalibrate_on_ranks(
         cfg.seed + rank as u64,
     )?;
     if let Some(g) = &opts.group {
-        for (n, t) in model.named_tensors() {
-            if n.ends_with("running_mean") || n.ends_with("running_var") {
-                let mean = t.to_device(g.device);
-                g.all_reduce_sum(&mean)?;
-                tch::no_grad(|| t.shallow_clone().copy_(&(mean / g.world as f64)));
-            }
+        for t in recalibrate::running_stats(model) {
+            let sum = t.to_device(g.device);
+            g.all_reduce_sum(&sum)?;
+            tch::no_grad(|| t.shallow_clone().copy_(&(sum / g.world as f64)));
         }
     }
     if opts.group.as_ref().is_none_or(|g| g.is_leader()) && opts.progress {

@@ -10,6 +10,16 @@ use tch::Tensor;
 /// The momentum every batch norm of brelu's models uses (`models::norm`).
 const MOMENTUM: f64 = 0.1;
 
+/// Every batch norm's running mean and variance (sharing storage with the model).
+pub fn running_stats(model: &Model) -> Vec<Tensor> {
+    model
+        .named_tensors()
+        .into_iter()
+        .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+        .map(|(_, t)| t)
+        .collect()
+}
+
 /// Replaces every batch norm's running mean and variance by their averages over the first
 /// `batches` shuffled training batches (`seed`, no augmentation), as PyTorch's cumulative
 /// average (`momentum=None`) computes them; parameters do not change. Returns the batches
@@ -27,12 +37,7 @@ pub fn recalibrate_bn(
             "batch-norm recalibration: the batch size must be at least 1".into(),
         ));
     }
-    let stats: Vec<Tensor> = model
-        .named_tensors()
-        .into_iter()
-        .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
-        .map(|(_, t)| t)
-        .collect();
+    let stats = running_stats(model);
     if stats.is_empty() || batches == 0 {
         return Ok(0);
     }

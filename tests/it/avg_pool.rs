@@ -111,7 +111,6 @@ fn secure_avg_pool_uses_the_ops_divisor() {
             &images,
             None,
             Settings::default(),
-            false,
             LinkConfig::default(),
         )
         .unwrap();

@@ -217,7 +217,6 @@ fn bytes_budget_spec_stays_within_budget_in_the_secure_engine() {
             std::slice::from_ref(&s.data),
             None,
             Settings::default(),
-            false,
             LinkConfig::default(),
         )
         .unwrap();

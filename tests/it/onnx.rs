@@ -241,7 +241,7 @@ fn imported_segmenter_runs_securely() {
         fixed: Fixed { frac: 16 },
         ..Settings::default()
     };
-    let r = run_compare(&m, &[img], None, settings, false, LinkConfig::default()).unwrap();
+    let r = run_compare(&m, &[img], None, settings, LinkConfig::default()).unwrap();
     let im = &r.images[0];
     let big = im
         .plaintext_logits

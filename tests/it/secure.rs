@@ -520,15 +520,7 @@ fn end_to_end_block_relu_network_matches_plaintext() {
         fixed: Fixed { frac: 16 },
         ..Settings::default()
     };
-    let r = run_compare(
-        &model,
-        &images,
-        None,
-        settings,
-        false,
-        LinkConfig::default(),
-    )
-    .unwrap();
+    let r = run_compare(&model, &images, None, settings, LinkConfig::default()).unwrap();
     assert!(r.drelus_per_image < r.relus);
     // One DReLU per patch, none for identity and zero channels (docs/method.md 2).
     let expected: usize = model
@@ -573,7 +565,6 @@ fn end_to_end_argmax_only_and_relu_network() {
         &images,
         None,
         Settings::default(),
-        false,
         LinkConfig::default(),
     )
     .unwrap();
@@ -581,8 +572,10 @@ fn end_to_end_argmax_only_and_relu_network() {
         &model,
         &images,
         None,
-        Settings::default(),
-        true,
+        Settings {
+            argmax_only: true,
+            ..Settings::default()
+        },
         LinkConfig::default(),
     )
     .unwrap();
@@ -618,7 +611,6 @@ fn end_to_end_every_model_in_the_zoo() {
             &images,
             None,
             Settings::default(),
-            false,
             LinkConfig::default(),
         )
         .unwrap();
@@ -655,7 +647,6 @@ fn fashion_mnist_trained_model_matches_plaintext() {
         &images,
         None,
         Settings::default(),
-        false,
         LinkConfig::default(),
     )
     .unwrap();
@@ -713,7 +704,7 @@ fn truncation_failures_are_counted_in_real_runs() {
             fixed: Fixed { frac },
             ..Settings::default()
         };
-        run_compare(&model, &images, None, s, false, LinkConfig::default()).unwrap()
+        run_compare(&model, &images, None, s, LinkConfig::default()).unwrap()
     };
     let bad = run(28);
     assert!(bad.far_off_images >= 1, "no failure at 28 fractional bits");
@@ -834,7 +825,7 @@ fn the_dealer_runs_a_bounded_number_of_batches_ahead() {
         drelu_batch: 256,
         ..Settings::default()
     };
-    let r = run_compare(&model, &images, None, batched, false, tight).unwrap();
+    let r = run_compare(&model, &images, None, batched, tight).unwrap();
     for im in &r.images {
         check_image(im, "batched");
     }

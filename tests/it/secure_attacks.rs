@@ -126,18 +126,17 @@ fn a_replayed_first_message_leaves_the_session_intact() {
 fn silent_sockets_do_not_stop_a_session_from_forming() {
     let k = noise::ephemeral_session().unwrap();
     let held = Mutex::new(Vec::new());
-    let t0 = Instant::now();
     let (r, refusals) = listened_session(&k, |client, server| {
         for i in 0..60 {
             let to = if i % 4 == 3 { server } else { client };
             held.lock().unwrap().push(TcpStream::connect(to).unwrap());
         }
     });
-    let took = t0.elapsed();
+    // Forming at all proves it: every party's connect timeout is 20 s, and 60 handshakes one
+    // after another, at up to 10 s each as before, would have outlasted it.
     for (role, p) in ["client", "server", "dealer"].iter().zip(&r) {
         assert!(p.is_ok(), "{role}: {:?}", p.as_ref().err());
     }
-    assert!(took < Duration::from_secs(15), "the session took {took:?}");
     assert!(!refusals.is_empty(), "the silent sockets were not refused");
 }
 

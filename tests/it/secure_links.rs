@@ -291,33 +291,24 @@ fn hostile_frame_streams_are_bounded() {
     send(&mut w, &f);
     let e = link.recv(Kind::Data, 0, 4).unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
-    // Empty offline frames ahead: their headers count against max_ahead ...
-    let cfg = LinkConfig {
-        max_ahead: 1000,
-        ..short()
+    // Empty offline frames ahead: their headers count against max_ahead, and their number is
+    // capped whatever the byte limit.
+    let flood = |max_ahead: usize, frames: u32| {
+        let (mut link, mut w, _b) = authenticated(LinkConfig {
+            max_ahead,
+            ..short()
+        });
+        link.accepts_offline = true;
+        let all: Vec<u8> = (0..frames)
+            .flat_map(|seq| header(Kind::Offline, false, 7, seq, 0))
+            .collect();
+        send(&mut w, &all);
+        link.recv(Kind::Data, 0, 1).unwrap_err().to_string()
     };
-    let (mut link, mut w, _b) = authenticated(cfg);
-    link.accepts_offline = true;
-    let flood: Vec<u8> = (0..100u32)
-        .flat_map(|seq| header(Kind::Offline, false, 7, seq, 0))
-        .collect();
-    send(&mut w, &flood);
-    let e = link.recv(Kind::Data, 0, 1).unwrap_err();
-    assert!(e.to_string().contains("sent ahead"), "{e}");
-    // ... and their number is capped whatever the byte limit.
-    let cfg = LinkConfig {
-        max_ahead: 64 << 20,
-        ..short()
-    };
-    let (mut link, mut w, _b) = authenticated(cfg);
-    link.accepts_offline = true;
-    let n = brelu::secure::link::MAX_AHEAD_FRAMES as u32 + 1;
-    let flood: Vec<u8> = (0..n)
-        .flat_map(|seq| header(Kind::Offline, false, 7, seq, 0))
-        .collect();
-    send(&mut w, &flood);
-    let e = link.recv(Kind::Data, 0, 1).unwrap_err();
-    assert!(e.to_string().contains("65536 frames"), "{e}");
+    let e = flood(1000, 100);
+    assert!(e.contains("sent ahead"), "{e}");
+    let e = flood(64 << 20, brelu::secure::link::MAX_AHEAD_FRAMES as u32 + 1);
+    assert!(e.contains("65536 frames"), "{e}");
     // A 3-frame message whose frames come 0.3 s apart, each well within a 0.5 s timeout: the
     // message as a whole is not.
     let cfg = LinkConfig {
@@ -336,14 +327,8 @@ fn hostile_frame_streams_are_bounded() {
             std::thread::sleep(Duration::from_millis(300));
         }
     });
-    let t = Instant::now();
     let e = link.recv(Kind::Data, 0, 30).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
     drop(link);
     let _ = slow.join();
 }

@@ -748,7 +748,6 @@ fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
         std::slice::from_ref(&img),
         None,
         settings,
-        false,
         LinkConfig::default(),
     )
     .unwrap();
@@ -786,7 +785,17 @@ fn secure_check(name: &str, input: [usize; 3], check_argmax_error: bool) {
         return;
     }
     // Arg-max-only mode reveals one class per pixel, the classes of the plaintext pass.
-    let a = run_compare(&m, &[img], None, settings, true, LinkConfig::default()).unwrap();
+    let a = run_compare(
+        &m,
+        &[img],
+        None,
+        Settings {
+            argmax_only: true,
+            ..settings
+        },
+        LinkConfig::default(),
+    )
+    .unwrap();
     let im = &a.images[0];
     assert!(im.max_logit_error.is_none());
     let agree = im.pixel_agreement.unwrap();
